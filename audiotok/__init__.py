@@ -1,0 +1,9 @@
+"""audiotok: audio to discrete tokens and back, with the Improved RVQGAN (DAC) codec."""
+
+from .config import PRESETS, DACConfig
+from .model import DAC
+from .tokenizer import AudioTokenizer, EncodedAudio
+
+__version__ = "0.1.0"
+
+__all__ = ["AudioTokenizer", "EncodedAudio", "DACConfig", "DAC", "PRESETS", "__version__"]

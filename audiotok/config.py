@@ -1,0 +1,139 @@
+"""Model configuration for the Improved RVQGAN (DAC) generator."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DACConfig:
+    """Architecture of a DAC generator.
+
+    Encoder and decoder rates are independent lists; their products must be equal
+    (the hop length). ``latent_dim`` defaults to ``encoder_dim * 2**len(encoder_rates)``.
+    """
+
+    sample_rate: int = 44100
+    encoder_dim: int = 64
+    encoder_rates: list[int] = field(default_factory=lambda: [2, 4, 8, 8])
+    latent_dim: int | None = None
+    decoder_dim: int = 1536
+    decoder_rates: list[int] = field(default_factory=lambda: [8, 8, 4, 2])
+    n_codebooks: int = 9
+    codebook_size: int = 1024
+    codebook_dim: int = 8
+    quantizer_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.encoder_rates = [int(r) for r in self.encoder_rates]
+        self.decoder_rates = [int(r) for r in self.decoder_rates]
+        if self.latent_dim is None:
+            self.latent_dim = self.encoder_dim * 2 ** len(self.encoder_rates)
+        # Early published configs store quantizer_dropout as a bool.
+        self.quantizer_dropout = float(self.quantizer_dropout)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if the configuration cannot describe a working model."""
+        ints = {
+            "sample_rate": self.sample_rate,
+            "encoder_dim": self.encoder_dim,
+            "latent_dim": self.latent_dim,
+            "decoder_dim": self.decoder_dim,
+            "n_codebooks": self.n_codebooks,
+            "codebook_size": self.codebook_size,
+            "codebook_dim": self.codebook_dim,
+        }
+        for name, value in ints.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"DACConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("encoder_rates", "decoder_rates"):
+            rates = getattr(self, name)
+            if not rates or any(r <= 0 for r in rates):
+                raise ValueError(f"DACConfig.{name} must be a non-empty list of positive integers, got {rates}")
+        if math.prod(self.encoder_rates) != math.prod(self.decoder_rates):
+            raise ValueError(
+                f"encoder_rates {self.encoder_rates} and decoder_rates {self.decoder_rates} must have the same "
+                f"product (the hop length): {math.prod(self.encoder_rates)} != {math.prod(self.decoder_rates)}"
+            )
+        if self.decoder_dim % 2 ** len(self.decoder_rates):
+            raise ValueError(
+                f"decoder_dim {self.decoder_dim} must be divisible by 2**len(decoder_rates) = {2 ** len(self.decoder_rates)}"
+            )
+        if not 0.0 <= self.quantizer_dropout <= 1.0:
+            raise ValueError(f"quantizer_dropout must be in [0, 1], got {self.quantizer_dropout}")
+
+    @property
+    def hop_length(self) -> int:
+        """Audio samples per code frame."""
+        return math.prod(self.encoder_rates)
+
+    @property
+    def frame_rate(self) -> float:
+        """Code frames per second of audio."""
+        return self.sample_rate / self.hop_length
+
+    @property
+    def bits_per_codebook(self) -> float:
+        return math.log2(self.codebook_size)
+
+    def bitrate(self, n_codebooks: int | None = None) -> float:
+        """Bits per second when coding with the first ``n_codebooks`` codebooks (all by default)."""
+        n = self.n_codebooks if n_codebooks is None else n_codebooks
+        return self.frame_rate * n * self.bits_per_codebook
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DACConfig:
+        """Build a config from a dict; unknown keys raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown DACConfig fields: {unknown}")
+        return cls(**data)
+
+    def architecture_hash(self) -> str:
+        """Short hash of everything that decides which codes mean what (not training-only settings)."""
+        arch = self.to_dict()
+        arch.pop("quantizer_dropout")
+        blob = json.dumps(arch, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> DACConfig:
+        """A published or test configuration by name (see ``PRESETS``)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The published Descript models (dac-spec.md, "Published models").
+    "44khz": dict(sample_rate=44100, encoder_rates=[2, 4, 8, 8], decoder_rates=[8, 8, 4, 2], n_codebooks=9),
+    "44khz-16kbps": dict(
+        sample_rate=44100, encoder_rates=[2, 4, 8, 8], decoder_rates=[8, 8, 4, 2], latent_dim=128, n_codebooks=18
+    ),
+    "24khz": dict(sample_rate=24000, encoder_rates=[2, 4, 5, 8], decoder_rates=[8, 5, 4, 2], n_codebooks=32),
+    "16khz": dict(sample_rate=16000, encoder_rates=[2, 4, 5, 8], decoder_rates=[8, 5, 4, 2], n_codebooks=12),
+    # Small models with the published rate structures, for tests and CPU experiments.
+    "tiny-44khz": dict(
+        sample_rate=44100, encoder_dim=4, encoder_rates=[2, 4, 8, 8], decoder_dim=32,
+        decoder_rates=[8, 8, 4, 2], n_codebooks=4, codebook_size=64, codebook_dim=4,
+    ),
+    "tiny-24khz": dict(
+        sample_rate=24000, encoder_dim=4, encoder_rates=[2, 4, 5, 8], decoder_dim=32,
+        decoder_rates=[8, 5, 4, 2], n_codebooks=4, codebook_size=64, codebook_dim=4,
+    ),
+    "tiny-16khz": dict(
+        sample_rate=16000, encoder_dim=4, encoder_rates=[2, 4, 5, 8], decoder_dim=32,
+        decoder_rates=[8, 5, 4, 2], n_codebooks=4, codebook_size=64, codebook_dim=4,
+    ),
+}
+PRESETS["44khz-8kbps"] = PRESETS["44khz"]

@@ -1,0 +1,60 @@
+"""Resolving a ``from_pretrained`` source to a local checkpoint path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .checkpoint import looks_like_hub_id
+
+# Short names for the published Descript models on the Hugging Face hub.
+ALIASES = {
+    "dac_44khz": "descript/dac_44khz",
+    "dac_24khz": "descript/dac_24khz",
+    "dac_16khz": "descript/dac_16khz",
+}
+
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+DEFAULT_MODEL = "default"
+
+
+def default_model_path() -> Path:
+    """The model folder that ships inside the package; a clear error while none ships yet."""
+    path = PRETRAINED_DIR / DEFAULT_MODEL
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            "this audiotok build ships no default model yet (it is trained with recipes/train.py and bundled "
+            "in a later release). Pass a source instead: a model folder, an original DAC .pth file, or a hub "
+            "id such as 'descript/dac_44khz'."
+        )
+    return path
+
+
+def resolve(source: str | os.PathLike | None) -> Path:
+    """A local file or folder for ``source``: the default model, a path, or a hub id (cached or downloaded)."""
+    if source is None:
+        return default_model_path()
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    name = ALIASES.get(str(source), str(source))
+    if not looks_like_hub_id(name):
+        raise FileNotFoundError(f"{source}: no such file or folder, and not a hub id like 'descript/dac_44khz'")
+    return Path(_download(name))
+
+
+def _download(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "*.safetensors", "*.pth"]
+    try:  # the cache first: works offline once downloaded
+        return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        pass
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns)
+    except Exception as e:
+        raise FileNotFoundError(
+            f"could not load {repo_id!r} from the Hugging Face hub and it is not in the local cache "
+            f"({type(e).__name__}: {e}). Connect to the internet once to cache it, or pass a local path."
+        ) from e

@@ -1,0 +1,172 @@
+"""The generator: shapes, presets, weight norm, residual VQ and quantizer dropout."""
+
+import math
+
+import pytest
+import torch
+
+from audiotok import DAC, DACConfig
+from audiotok.config import PRESETS
+from conftest import randomize_
+
+TINY = ["tiny-44khz", "tiny-24khz", "tiny-16khz"]
+
+
+@pytest.mark.parametrize("preset", TINY)
+@pytest.mark.parametrize("num_samples", [1, 319, 320, 513, 5000])
+def test_exact_lengths(preset, num_samples):
+    model = DAC(DACConfig.preset(preset)).eval()
+    x = torch.randn(2, 1, num_samples)
+    with torch.no_grad():
+        q = model.encode(x)
+        frames = math.ceil(num_samples / model.hop_length)
+        assert q.codes.shape == (2, model.config.n_codebooks, frames)
+        assert model.decode(q.z).shape == (2, 1, frames * model.hop_length)
+        assert model.decode_codes(q.codes).shape == (2, 1, frames * model.hop_length)
+        assert model(x)[0].shape == x.shape
+
+
+def test_published_presets():
+    expected = {  # hop, frames/s, kbps from the paper's table
+        "44khz": (512, 86.13, 7.75), "44khz-16kbps": (512, 86.13, 15.5),
+        "24khz": (320, 75.0, 24.0), "16khz": (320, 50.0, 6.0),
+    }
+    for name, (hop, fps, kbps) in expected.items():
+        c = DACConfig.preset(name)
+        assert c.hop_length == hop
+        assert c.frame_rate == pytest.approx(fps, abs=0.01)
+        assert c.bitrate() / 1000 == pytest.approx(kbps, abs=0.01)
+    assert DACConfig.preset("44khz-16kbps").latent_dim == 128
+    assert DACConfig.preset("44khz").latent_dim == 1024
+
+
+def test_44khz_parameter_counts():
+    # The paper's count is of the trainable model, weight-norm magnitudes included.
+    model = DAC(DACConfig.preset("44khz"))
+    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    assert count(model) == pytest.approx(76.65, abs=0.01)
+    assert count(model.encoder) == pytest.approx(22.3, abs=0.1)
+    assert count(model.quantizer) == pytest.approx(0.23, abs=0.01)
+    assert count(model.decoder) == pytest.approx(54.1, abs=0.1)
+
+
+def test_independent_decoder_rates():
+    # The paper's downsampling ablations: six decoder stages against four encoder stages.
+    config = DACConfig(encoder_dim=4, encoder_rates=[2, 4, 8, 8], decoder_dim=64, decoder_rates=[2, 2, 2, 4, 4, 4],
+                       n_codebooks=2, codebook_size=16, codebook_dim=4)
+    model = DAC(config).eval()
+    assert len(model.decoder.block) == 6
+    x = torch.randn(1, 1, 2048)
+    with torch.no_grad():
+        assert model(x)[0].shape == x.shape
+
+
+@pytest.mark.parametrize("bad", [
+    dict(encoder_rates=[2, 4], decoder_rates=[4, 4]),
+    dict(n_codebooks=0),
+    dict(quantizer_dropout=1.5),
+    dict(decoder_dim=100, decoder_rates=[8, 8, 4, 2]),
+])
+def test_config_validation(bad):
+    with pytest.raises(ValueError):
+        DACConfig.from_dict({**PRESETS["tiny-44khz"], **bad})
+
+
+def test_config_rejects_unknown_fields_and_round_trips():
+    c = DACConfig.preset("tiny-24khz")
+    assert DACConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown"):
+        DACConfig.from_dict({**c.to_dict(), "hop": 3})
+    assert c.architecture_hash() == DACConfig.preset("tiny-24khz", quantizer_dropout=0.5).architecture_hash()
+    assert c.architecture_hash() != DACConfig.preset("tiny-16khz").architecture_hash()
+
+
+def test_weight_norm_is_trainable_then_folds_exactly():
+    torch.manual_seed(0)
+    model = DAC(DACConfig.preset("tiny-44khz"))
+    keys = list(model.state_dict())
+    assert any(k.endswith("parametrizations.weight.original0") for k in keys)
+    names = [n for n, _ in model.named_parameters()]
+    assert "encoder.conv1.parametrizations.weight.original0" in names  # g is trained
+    with torch.no_grad():  # make g differ from ||v|| so that folding has something to do
+        for n, p in model.named_parameters():
+            if n.endswith("original0"):
+                p.mul_(1.7)
+    model.eval()
+    x = torch.randn(1, 1, 4096)
+    with torch.no_grad():
+        before = model(x)[0]
+        assert not model.is_folded
+        model.fold_weight_norm()
+        assert model.is_folded
+        after = model(x)[0]
+    assert not any("parametrizations" in k for k in model.state_dict())
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+
+
+def _partial_sums(model, x):
+    """z for each depth 1..N in eval mode, [N, B, D, F]."""
+    with torch.no_grad():
+        return torch.stack([model.encode(x, n).z for n in range(1, model.config.n_codebooks + 1)])
+
+
+def test_n_quantizers_in_eval_and_training():
+    model = randomize_(DAC(DACConfig.preset("tiny-44khz")).fold_weight_norm())
+    x = torch.randn(3, 1, 4096)
+    model.eval()
+    with torch.no_grad():
+        full = model.encode(x)
+        two = model.encode(x, 2)
+    assert two.codes.shape[1] == 2
+    assert torch.equal(two.codes, full.codes[:, :2])
+    partial = _partial_sums(model, x)
+    torch.testing.assert_close(two.z, partial[1])
+    model.train()  # the reference ignores n_quantizers in training; we do not
+    with torch.no_grad():
+        train_two = model.encode(x, 2)
+    assert train_two.codes.shape[1] == 2
+    torch.testing.assert_close(train_two.z, partial[1])
+    with pytest.raises(ValueError):
+        model.encode(x, 5)
+
+
+def test_quantizer_dropout_gives_random_depths_per_item():
+    config = DACConfig.preset("tiny-44khz", quantizer_dropout=0.5)
+    model = randomize_(DAC(config).fold_weight_norm())
+    torch.manual_seed(1)
+    x = torch.randn(16, 1, 2048)
+    partial = _partial_sums(model.eval(), x)  # [N, B, D, F]
+    model.train()
+    seen = set()
+    for _ in range(6):
+        with torch.no_grad():
+            z = model.encode(x).z
+        for b in range(16):
+            depths = [d + 1 for d in range(config.n_codebooks) if torch.allclose(z[b], partial[d, b], atol=1e-5)]
+            assert len(depths) == 1, "each item must be coded at exactly one depth"
+            seen.add(depths[0])
+            if b >= 8:  # the second half of the batch keeps every codebook
+                assert depths[0] == config.n_codebooks
+    assert len(seen) > 2
+
+
+def test_vq_losses_and_straight_through_gradients():
+    model = DAC(DACConfig.preset("tiny-44khz"))
+    model.train()
+    x = torch.randn(2, 1, 2048)
+    y, q = model(x)
+    assert q.commitment_loss.item() > 0
+    torch.testing.assert_close(q.commitment_loss, q.codebook_loss)  # same value, different gradients
+    ((y - x).abs().mean() + 0.25 * q.commitment_loss + q.codebook_loss).backward()
+    assert model.encoder.conv1.parametrizations.weight.original1.grad.abs().sum() > 0  # straight-through
+    assert model.quantizer.quantizers[0].codebook.weight.grad.abs().sum() > 0
+
+
+def test_codebook_lookup_is_nearest_normalized_code():
+    model = randomize_(DAC(DACConfig.preset("tiny-44khz")).fold_weight_norm())
+    vq = model.quantizer.quantizers[0]
+    latents = torch.randn(2, vq.codebook_dim, 50)
+    codes = vq.lookup(latents)
+    cos = torch.nn.functional.normalize(latents.transpose(1, 2), dim=-1) @ torch.nn.functional.normalize(
+        vq.codebook.weight, dim=-1).t()
+    assert torch.equal(codes, cos.argmax(-1))
