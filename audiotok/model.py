@@ -6,6 +6,7 @@ Module names follow ``transformers.DacModel`` so that folded weights load either
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,32 @@ from .layers import Snake1d, fold_weight_norm, has_weight_norm, wn_conv1d, wn_co
 from .quantize import QuantizerOutput, ResidualVectorQuantize
 
 
+Lengths = Optional[list[int]]
+
+
+def zero_tail(x: torch.Tensor, lengths: Lengths) -> torch.Tensor:
+    """Zero ``x[b, :, lengths[b]:]`` for every item: activations past an item's end stay zero, so a
+    padded batch computes exactly what each item computes alone (where convs pad with zeros)."""
+    if lengths is None:
+        return x
+    if x.requires_grad:
+        mask = torch.arange(x.shape[-1], device=x.device) < torch.tensor(lengths, device=x.device)[:, None]
+        return x * mask[:, None, :]
+    for b, n in enumerate(lengths):
+        if n < x.shape[-1]:
+            x[b, :, n:] = 0
+    return x
+
+
+def _scale(lengths: Lengths, num: int, den: int = 1) -> Lengths:
+    return None if lengths is None else [n * num // den for n in lengths]
+
+
 class ResidualUnit(nn.Module):
-    """Snake, dilated conv k7, Snake, conv k1, plus the input. ``[B, C, T]`` -> ``[B, C, T]``."""
+    """Snake, dilated conv k7, Snake, conv k1, plus the input. ``[B, C, T]`` -> ``[B, C, T]``.
+
+    With ``lengths`` (valid samples per item), activations past each item's end are kept at zero.
+    """
 
     def __init__(self, channels: int, dilation: int):
         super().__init__()
@@ -26,8 +51,9 @@ class ResidualUnit(nn.Module):
         self.snake2 = Snake1d(channels)
         self.conv2 = wn_conv1d(channels, channels, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv2(self.snake2(self.conv1(self.snake1(x))))
+    def forward(self, x: torch.Tensor, lengths: Lengths = None) -> torch.Tensor:
+        y = zero_tail(self.conv1(self.snake1(x)), lengths)
+        y = zero_tail(self.conv2(self.snake2(y)), lengths)
         crop = (x.shape[-1] - y.shape[-1]) // 2
         if crop > 0:
             x = x[..., crop:-crop]
@@ -42,15 +68,17 @@ class EncoderBlock(nn.Module):
 
     def __init__(self, dim: int, stride: int):
         super().__init__()
+        self.stride = stride
         self.res_unit1 = ResidualUnit(dim // 2, 1)
         self.res_unit2 = ResidualUnit(dim // 2, 3)
         self.res_unit3 = ResidualUnit(dim // 2, 9)
         self.snake1 = Snake1d(dim // 2)
         self.conv1 = wn_conv1d(dim // 2, dim, kernel_size=2 * stride, stride=stride, padding=math.ceil(stride / 2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.res_unit3(self.res_unit2(self.res_unit1(x)))
-        return self.conv1(self.snake1(x))
+    def forward(self, x: torch.Tensor, lengths: Lengths = None) -> torch.Tensor:
+        for unit in (self.res_unit1, self.res_unit2, self.res_unit3):
+            x = unit(x, lengths)
+        return zero_tail(self.conv1(self.snake1(x)), _scale(lengths, 1, self.stride))
 
 
 class Encoder(nn.Module):
@@ -67,11 +95,13 @@ class Encoder(nn.Module):
         self.snake1 = Snake1d(dim)
         self.conv2 = wn_conv1d(dim, latent_dim, kernel_size=3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
+    def forward(self, x: torch.Tensor, lengths: Lengths = None) -> torch.Tensor:
+        """``lengths``: valid samples per item (multiples of the hop); padding stays out of every item."""
+        x = zero_tail(self.conv1(x), lengths)
         for block in self.block:
-            x = block(x)
-        return self.conv2(self.snake1(x))
+            x = block(x, lengths)
+            lengths = _scale(lengths, 1, block.stride)
+        return zero_tail(self.conv2(self.snake1(x)), lengths)
 
 
 class DecoderBlock(nn.Module):
@@ -83,6 +113,7 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, stride: int):
         super().__init__()
+        self.stride = stride
         self.snake1 = Snake1d(in_dim)
         self.conv_t1 = wn_conv_transpose1d(
             in_dim, out_dim, kernel_size=2 * stride, stride=stride,
@@ -92,9 +123,13 @@ class DecoderBlock(nn.Module):
         self.res_unit2 = ResidualUnit(out_dim, 3)
         self.res_unit3 = ResidualUnit(out_dim, 9)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_t1(self.snake1(x))
-        return self.res_unit3(self.res_unit2(self.res_unit1(x)))
+    def forward(self, x: torch.Tensor, lengths: Lengths = None) -> torch.Tensor:
+        """``lengths``: valid input positions per item."""
+        lengths = _scale(lengths, self.stride)
+        x = zero_tail(self.conv_t1(self.snake1(x)), lengths)
+        for unit in (self.res_unit1, self.res_unit2, self.res_unit3):
+            x = unit(x, lengths)
+        return x
 
 
 class Decoder(nn.Module):
@@ -111,10 +146,12 @@ class Decoder(nn.Module):
         self.snake1 = Snake1d(dim)
         self.conv2 = wn_conv1d(dim, 1, kernel_size=7, padding=3)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(z)
+    def forward(self, z: torch.Tensor, lengths: Lengths = None) -> torch.Tensor:
+        """``lengths``: valid frames per item; padding frames never reach an item's samples."""
+        x = zero_tail(self.conv1(zero_tail(z, lengths)), lengths)
         for block in self.block:
-            x = block(x)
+            x = block(x, lengths)
+            lengths = _scale(lengths, block.stride)
         return torch.tanh(self.conv2(self.snake1(x)))
 
 
@@ -152,19 +189,70 @@ class DAC(nn.Module):
         """Right-pad ``[B, 1, T]`` with zeros to a multiple of the hop length."""
         return F.pad(audio, (0, -audio.shape[-1] % self.hop_length))
 
-    def encode(self, audio: torch.Tensor, n_quantizers: int | None = None) -> QuantizerOutput:
-        """audio ``[B, 1, T]`` -> quantizer output with codes ``[B, K, ceil(T / hop)]``."""
-        return self.quantizer(self.encoder(self.pad(audio)), n_quantizers)
+    def encode(self, audio: torch.Tensor, n_quantizers: int | None = None, lengths: Lengths = None) -> QuantizerOutput:
+        """audio ``[B, 1, T]`` -> quantizer output with codes ``[B, K, ceil(T / hop)]``.
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Quantized latents ``[B, D, F]`` -> audio ``[B, 1, F * hop]``."""
-        return self.decoder(z)
+        ``lengths``: valid samples per item of a padded batch; each item then gets the codes it gets
+        alone (frames past ``ceil(lengths[b] / hop)`` are padding).
+        """
+        if lengths is not None:  # each item is padded to whole frames, as it is when encoded alone
+            lengths = [-(-n // self.hop_length) * self.hop_length for n in lengths]
+        return self.quantizer(self.encoder(self.pad(audio), lengths), n_quantizers)
 
-    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes ``[B, K, F]`` (first K codebooks) -> audio ``[B, 1, F * hop]``."""
-        return self.decoder(self.quantizer.from_codes(codes))
+    def decode(self, z: torch.Tensor, lengths: Lengths = None) -> torch.Tensor:
+        """Quantized latents ``[B, D, F]`` -> audio ``[B, 1, F * hop]``; ``lengths``: valid frames per item."""
+        return self.decoder(z, lengths)
+
+    def decode_codes(self, codes: torch.Tensor, lengths: Lengths = None) -> torch.Tensor:
+        """codes ``[B, K, F]`` (first K codebooks) -> audio ``[B, 1, F * hop]``; ``lengths``: valid frames."""
+        return self.decoder(self.quantizer.from_codes(codes), lengths)
 
     def forward(self, audio: torch.Tensor, n_quantizers: int | None = None) -> tuple[torch.Tensor, QuantizerOutput]:
         """Reconstruct ``[B, 1, T]`` -> (audio ``[B, 1, T]``, quantizer output)."""
         q = self.encode(audio, n_quantizers)
         return self.decode(q.z)[..., : audio.shape[-1]], q
+
+
+# ---------------------------------------------------------------------------------------------
+# Receptive fields, for exact chunked encoding and decoding
+
+_Conv = tuple[int, int, int, int, bool]  # kernel, stride, padding, dilation, transposed
+
+
+def _res_units() -> list[_Conv]:
+    return [c for d in (1, 3, 9) for c in ((7, 1, 3 * d, d, False), (1, 1, 0, 1, False))]
+
+
+def _encoder_convs(config: DACConfig) -> list[_Conv]:
+    convs = [(7, 1, 3, 1, False)]
+    for s in config.encoder_rates:
+        convs += _res_units() + [(2 * s, s, math.ceil(s / 2), 1, False)]
+    return convs + [(3, 1, 1, 1, False)]
+
+
+def _decoder_convs(config: DACConfig) -> list[_Conv]:
+    convs = [(7, 1, 3, 1, False)]
+    for s in config.decoder_rates:
+        convs += [(2 * s, s, math.ceil(s / 2), 1, True)] + _res_units()
+    return convs + [(7, 1, 3, 1, False)]
+
+
+def _input_span(convs: list[_Conv], lo: int, hi: int) -> tuple[int, int]:
+    """Input positions that outputs ``lo..hi`` of a conv stack depend on (residual paths are
+    covered, as each unit's conv path spans its identity path)."""
+    for k, s, p, d, transposed in reversed(convs):
+        if transposed:  # output o receives input i when o = i * s - p + j, 0 <= j < k
+            lo, hi = -((-(lo + p - k + 1)) // s), (hi + p) // s
+        else:
+            lo, hi = lo * s - p, hi * s - p + (k - 1) * d
+    return lo, hi
+
+
+def context_frames(config: DACConfig) -> dict[str, tuple[int, int]]:
+    """Frames of context (left, right) that the encoder and decoder need around a span of frames
+    for its codes / samples to equal those of the whole signal."""
+    hop = config.hop_length
+    lo, hi = _input_span(_encoder_convs(config), 0, 0)  # samples feeding frame 0
+    encoder = (-(lo // hop), -(-(hi - hop + 1) // hop))
+    lo, hi = _input_span(_decoder_convs(config), 0, hop - 1)  # frames feeding frame 0's samples
+    return {"encoder": encoder, "decoder": (max(0, -lo), max(0, hi))}

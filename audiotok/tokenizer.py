@@ -13,7 +13,8 @@ from . import audio as audio_utils
 from .checkpoint import Checkpoint, build_model, load_checkpoint, save_folder, save_original, save_transformers
 from .config import DACConfig
 from .hub import resolve
-from .model import DAC
+from .model import DAC, context_frames
+from .segments import make_batches, plan_segments
 
 
 @dataclass
@@ -21,7 +22,8 @@ class EncodedAudio:
     """Codes for a batch of clips.
 
     Attributes:
-        codes: ``[B, K, F]`` int64 code indices; frames past ``lengths[b]`` are padding.
+        codes: ``[B, K, F]`` int64 code indices (``[B, C, K, F]`` when channels were coded one by
+            one); frames past ``lengths[b]`` are padding (zeros).
         lengths: ``[B]`` valid frames per item.
         num_samples: ``[B]`` samples per item in the input, at ``sample_rate``.
         sample_rate: rate of the audio that was encoded (before resampling to the model rate).
@@ -42,28 +44,34 @@ class AudioTokenizer:
     Weight norm is folded, the model is in eval mode and all work runs under ``torch.inference_mode``.
     """
 
-    def __init__(self, model: DAC, model_id: str = "dac", device: str | torch.device | None = None):
+    def __init__(self, model: DAC, model_id: str = "dac", device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32):
         if not model.is_folded:
             model.fold_weight_norm()
         self.model = model.eval()
         self.model_id = model_id
+        self.dtype = dtype
         self.to(device or "cpu")
 
     # -- construction and saving -------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike | None = None,
-                        device: str | torch.device | None = None) -> AudioTokenizer:
-        """Load a model.
+    def from_pretrained(cls, source: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype = torch.float32) -> AudioTokenizer:
+        """Load a model for inference.
 
-        ``source``: ``None`` for the model that ships with the package; an audiotok folder; a
-        transformers DAC folder; an original descript ``.pth`` file; or a Hugging Face hub id
-        (e.g. ``descript/dac_44khz``), taken from the local cache when present.
+        Args:
+            source: ``None`` for the model that ships with the package; an audiotok folder; a
+                transformers DAC folder; an original descript ``.pth`` file; or a Hugging Face hub id
+                (e.g. ``descript/dac_44khz``), taken from the local cache when present.
+            device: where the model runs (default CPU).
+            dtype: weights and activations; ``torch.bfloat16`` / ``torch.float16`` trade exactness for
+                speed on GPUs (code lookups always run in fp32).
         """
         checkpoint = load_checkpoint(resolve(source))
         if source is not None and not Path(str(source)).expanduser().exists():
             checkpoint.model_id = str(source)
-        return cls(build_model(checkpoint, folded=True), checkpoint.model_id, device)
+        return cls(build_model(checkpoint, folded=True), checkpoint.model_id, device, dtype)
 
     @classmethod
     def from_config(cls, config: DACConfig | str, device: str | torch.device | None = None,
@@ -90,9 +98,11 @@ class AudioTokenizer:
         """Write an original descript-audio-codec ``.pth`` file (weight_g / weight_v keys)."""
         save_original(self.checkpoint(), path)
 
-    def to(self, device: str | torch.device) -> AudioTokenizer:
-        self.model.to(device)
-        self.device = torch.device(device)
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> AudioTokenizer:
+        """Move the model to ``device`` and/or cast it to ``dtype``, in place."""
+        self.dtype = dtype or self.dtype
+        self.device = torch.device(device) if device is not None else self.device
+        self.model.to(self.device, self.dtype)
         return self
 
     # -- properties ------------------------------------------------------------------------------
@@ -128,45 +138,81 @@ class AudioTokenizer:
 
     # -- encode / decode -------------------------------------------------------------------------
 
-    def _prepare(self, audio: audio_utils.AudioInput, sample_rate: int) -> tuple[list[np.ndarray], list[int]]:
+    def _default_seconds(self) -> tuple[float, float]:
+        """(chunk, batch) seconds: bounded activation memory per forward pass on each device type."""
+        return DEFAULT_SECONDS.get(self.device.type, DEFAULT_SECONDS["cpu"])
+
+    def _budgets(self, chunk_seconds: float | None, batch_seconds: float | None) -> tuple[int | None, int]:
+        default_chunk, default_batch = self._default_seconds()
+        chunk_seconds = default_chunk if chunk_seconds is None else chunk_seconds
+        batch_seconds = max(chunk_seconds, default_batch) if batch_seconds is None else batch_seconds
+        if chunk_seconds <= 0 or batch_seconds <= 0:
+            raise ValueError(f"chunk_seconds and batch_seconds must be positive, got {chunk_seconds}, {batch_seconds}")
+        chunk = None if chunk_seconds == float("inf") else max(1, round(chunk_seconds * self.frame_rate))
+        batch = max(1, round(min(batch_seconds, 1e9) * self.frame_rate))
+        return chunk, batch
+
+    def _prepare(self, audio: audio_utils.AudioInput, sample_rate: int,
+                 mono: bool) -> tuple[list[np.ndarray], list[int], int]:
+        """-> (items ``[T]`` at the model rate, original sample counts, channels per clip)."""
         sample_rate = audio_utils.check_sample_rate(sample_rate)
         clips = audio_utils.split_clips(audio)
-        lengths = [c.shape[-1] for c in clips]
-        prepared = []
+        channels = {c.shape[0] for c in clips}
+        if not mono and len(channels) > 1:
+            raise ValueError(f"with mono=False every clip needs the same channel count, got {sorted(channels)}")
+        items = []
         for i, clip in enumerate(clips):
-            clip = audio_utils.resample(audio_utils.downmix(clip), sample_rate, self.sample_rate)
+            clip = audio_utils.resample(audio_utils.downmix(clip) if mono else clip, sample_rate, self.sample_rate)
             if clip.shape[-1] == 0:
                 raise ValueError(f"clip {i} is too short to resample from {sample_rate} to {self.sample_rate} Hz")
-            prepared.append(clip)
-        return prepared, lengths
+            items.extend(clip)
+        return items, [c.shape[-1] for c in clips], 1 if mono else channels.pop()
 
     @torch.inference_mode()
-    def encode(self, audio: audio_utils.AudioInput, sample_rate: int,
-               n_quantizers: int | None = None) -> EncodedAudio:
+    def encode(self, audio: audio_utils.AudioInput, sample_rate: int, n_quantizers: int | None = None, *,
+               mono: bool = True, chunk_seconds: float | None = None,
+               batch_seconds: float | None = None) -> EncodedAudio:
         """Encode audio to code indices.
+
+        Clips of different lengths are batched with padding that never reaches any clip's codes, and
+        long clips are encoded in chunks with enough context that their codes equal whole-clip
+        encoding; in fp32 the codes are the same whatever the batch or chunk sizes.
 
         Args:
             audio: ``[T]``, ``[C, T]`` or ``[B, C, T]`` tensor or array (float, or int PCM), or a list
-                of ``[T]`` / ``[C, T]`` clips of different lengths. Channels are averaged to mono.
+                of ``[T]`` / ``[C, T]`` clips of different lengths.
             sample_rate: rate of ``audio`` in Hz; it is resampled to :attr:`sample_rate`.
             n_quantizers: code with the first K codebooks only (default: all).
+            mono: average channels (default); ``False`` codes each channel on its own.
+            chunk_seconds: longest stretch of audio per forward pass (default per device; ``inf``
+                for none). Bounds peak memory; does not change the codes.
+            batch_seconds: most audio (padding included) per forward pass (default per device).
 
         Returns:
-            :class:`EncodedAudio` with ``codes`` ``[B, K, F]``.
+            :class:`EncodedAudio` with ``codes`` ``[B, K, F]`` (``[B, C, K, F]`` with ``mono=False``).
         """
-        clips, num_samples = self._prepare(audio, sample_rate)
-        frames = [-(-c.shape[-1] // self.hop_length) for c in clips]
-        codes = torch.zeros(len(clips), n_quantizers or self.n_codebooks, max(frames), dtype=torch.long)
-        # Items of equal length go through the model together; unequal ones one at a time so that
-        # no item's codes depend on another's padding.
-        by_length: dict[int, list[int]] = {}
-        for i, c in enumerate(clips):
-            by_length.setdefault(c.shape[-1], []).append(i)
-        for idx in by_length.values():
-            x = torch.from_numpy(np.stack([clips[i] for i in idx])).to(self.device)
-            out = self.model.encode(x, n_quantizers).codes
-            codes[idx, :, : out.shape[-1]] = out.cpu()
-        return EncodedAudio(codes, torch.tensor(frames), torch.tensor(num_samples), int(sample_rate))
+        if n_quantizers is not None and not 1 <= n_quantizers <= self.n_codebooks:
+            raise ValueError(f"n_quantizers must be in 1..{self.n_codebooks}, got {n_quantizers}")
+        items, num_samples, channels = self._prepare(audio, sample_rate, mono)
+        chunk, max_frames = self._budgets(chunk_seconds, batch_seconds)
+        hop = self.hop_length
+        frames = [-(-len(x) // hop) for x in items]
+        codes = torch.zeros(len(items), n_quantizers or self.n_codebooks, max(frames), dtype=torch.long)
+        segments = plan_segments(frames, chunk, context_frames(self.config)["encoder"])
+        for batch in make_batches(segments, max_frames):
+            lengths = [min(len(items[s.item]), s.stop * hop) - s.start * hop for s in batch]
+            x = torch.zeros(len(batch), 1, max(lengths))
+            for j, (s, n) in enumerate(zip(batch, lengths)):
+                x[j, 0, :n] = torch.from_numpy(items[s.item][s.start * hop: s.start * hop + n])
+            padded = any(n != x.shape[-1] for n in lengths)
+            out = self.model.encode(x.to(self.device, self.dtype), n_quantizers, lengths if padded else None).codes
+            out = out.cpu()
+            for j, s in enumerate(batch):
+                codes[s.item, :, s.keep_start:s.keep_stop] = out[j, :, s.keep_start - s.start:s.keep_stop - s.start]
+        lengths = torch.tensor(frames[::channels])
+        if not mono:
+            codes = codes.reshape(len(num_samples), channels, *codes.shape[1:])
+        return EncodedAudio(codes, lengths, torch.tensor(num_samples), int(sample_rate))
 
     def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
         if isinstance(codes, np.ndarray):
@@ -177,12 +223,12 @@ class AudioTokenizer:
             raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
         if codes.ndim == 2:
             codes = codes[None]
-        if codes.ndim != 3:
-            raise ValueError(f"codes must be [B, K, F] or [K, F], got shape {tuple(codes.shape)}")
-        b, k, f = codes.shape
+        if codes.ndim not in (3, 4):
+            raise ValueError(f"codes must be [K, F], [B, K, F] or [B, C, K, F], got shape {tuple(codes.shape)}")
+        k, f = codes.shape[-2:]
         if k < 1 or k > self.n_codebooks:
             raise ValueError(f"codes have {k} codebooks; this model has 1..{self.n_codebooks}")
-        if f == 0 or b == 0:
+        if codes.numel() == 0:
             raise ValueError(f"codes are empty (shape {tuple(codes.shape)})")
         lo, hi = int(codes.min()), int(codes.max())
         if lo < 0 or hi >= self.codebook_size:
@@ -190,30 +236,49 @@ class AudioTokenizer:
         return codes.long()
 
     @torch.inference_mode()
-    def decode(self, codes: EncodedAudio | torch.Tensor | np.ndarray) -> torch.Tensor:
+    def decode(self, codes: EncodedAudio | torch.Tensor | np.ndarray, *, chunk_seconds: float | None = None,
+               batch_seconds: float | None = None) -> torch.Tensor:
         """Decode codes to audio at :attr:`sample_rate`.
 
         Args:
-            codes: :class:`EncodedAudio` (items are cropped to their original duration and zero
-                past it), or a code tensor ``[B, K, F]`` / ``[K, F]`` (all F frames decoded). K may
-                be fewer than :attr:`n_codebooks`: the first K codebooks are used.
+            codes: :class:`EncodedAudio` (each item cropped to its original duration, zero past it),
+                or a code tensor ``[K, F]``, ``[B, K, F]`` or ``[B, C, K, F]`` (all F frames decoded).
+                K may be fewer than :attr:`n_codebooks`: the first K codebooks are used.
+            chunk_seconds, batch_seconds: as in :meth:`encode`; long code sequences are decoded in
+                chunks with context, equal to whole decoding within float rounding.
 
         Returns:
-            float32 audio ``[B, 1, T]`` on the CPU.
+            float32 audio ``[B, C, T]`` on the CPU (C = 1 unless coded per channel).
         """
-        if not isinstance(codes, EncodedAudio):
-            return self.model.decode_codes(self._check_codes(codes).to(self.device)).float().cpu()
-        encoded = codes
-        codes = self._check_codes(encoded.codes)
-        n_out = [round(int(n) * self.sample_rate / encoded.sample_rate) for n in encoded.num_samples]
-        audio = torch.zeros(codes.shape[0], 1, max(n_out))
-        # Decode items of equal frame count together, each on its own frames only.
-        by_frames: dict[int, list[int]] = {}
-        for i, f in enumerate(encoded.lengths.tolist()):
-            by_frames.setdefault(f, []).append(i)
-        for f, idx in by_frames.items():
-            out = self.model.decode_codes(codes[idx, :, :f].to(self.device)).float().cpu()
-            for j, i in enumerate(idx):
-                n = min(n_out[i], out.shape[-1])
-                audio[i, :, :n] = out[j, :, :n]
-        return audio
+        encoded = codes if isinstance(codes, EncodedAudio) else None
+        codes = self._check_codes(encoded.codes if encoded is not None else codes)
+        batch, channels = codes.shape[0], codes.shape[1] if codes.ndim == 4 else 1
+        codes = codes.reshape(batch * channels, *codes.shape[-2:])
+        hop = self.hop_length
+        if encoded is None:
+            frames = [codes.shape[-1]] * codes.shape[0]
+            n_out = [f * hop for f in frames]
+        else:
+            frames = [int(f) for f in encoded.lengths for _ in range(channels)]
+            n_out = [round(int(n) * self.sample_rate / encoded.sample_rate) for n in encoded.num_samples]
+            n_out = [min(n, f * hop) for n, f in zip(np.repeat(n_out, channels), frames)]
+        chunk, max_frames = self._budgets(chunk_seconds, batch_seconds)
+        audio = torch.zeros(len(frames), max(n_out))
+        segments = plan_segments(frames, chunk, context_frames(self.config)["decoder"])
+        for group in make_batches(segments, max_frames):
+            size = max(s.size for s in group)
+            x = torch.zeros(len(group), codes.shape[1], size, dtype=torch.long)
+            for j, s in enumerate(group):
+                x[j, :, : s.size] = codes[s.item, :, s.start:s.stop]
+            lengths = [s.size for s in group]
+            out = self.model.decode_codes(x.to(self.device), None if min(lengths) == size else lengths)
+            out = out[:, 0].float().cpu()
+            for j, s in enumerate(group):
+                a, b = s.keep_start * hop, min(s.keep_stop * hop, n_out[s.item])
+                if b > a:
+                    audio[s.item, a:b] = out[j, a - s.start * hop: b - s.start * hop]
+        return audio.reshape(batch, channels, -1)
+
+
+# Default (chunk, batch) seconds of audio per forward pass.
+DEFAULT_SECONDS = {"cpu": (20.0, 20.0), "cuda": (60.0, 600.0), "mps": (20.0, 60.0)}

@@ -1,0 +1,159 @@
+"""AudioTokenizer: input handling, encode/decode contracts and errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from audiotok import AudioTokenizer, EncodedAudio
+from conftest import make_audio, random_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return random_tokenizer("tiny-24khz")
+
+
+def test_inference_setup(tok):
+    assert not tok.model.training
+    assert tok.model.is_folded
+    enc = tok.encode(make_audio(3000), 24000)
+    assert not enc.codes.requires_grad and enc.codes.dtype == torch.int64
+    assert tok.decode(enc).requires_grad is False
+    assert tok.to("cpu").device == torch.device("cpu")
+    assert next(tok.model.parameters()).device.type == "cpu"
+
+
+def test_input_ranks_and_types_agree(tok):
+    x = make_audio(4000)  # [1, T]
+    ref = tok.encode(x, 24000).codes
+    assert ref.shape == (1, tok.n_codebooks, 13)
+    for variant in (x[0], torch.from_numpy(x), torch.from_numpy(x)[None], [x[0]], [torch.from_numpy(x)]):
+        assert torch.equal(tok.encode(variant, 24000).codes, ref)
+    batch = make_audio(4000, batch=3)
+    codes = tok.encode(batch, 24000).codes
+    assert codes.shape == (3, tok.n_codebooks, 13)
+    assert torch.equal(codes[1:2], tok.encode(batch[1], 24000).codes)
+
+
+def test_pcm_is_scaled(tok):
+    x = make_audio(3000)[0]
+    pcm16 = np.round(x * 32767).astype(np.int16)
+    pcm32 = pcm16.astype(np.int32) << 16
+    ref = tok.encode(pcm16.astype(np.float32) / 32768, 24000).codes
+    assert torch.equal(tok.encode(pcm16, 24000).codes, ref)
+    assert torch.equal(tok.encode(torch.from_numpy(pcm16), 24000).codes, ref)
+    assert torch.equal(tok.encode(pcm32, 24000).codes, ref)
+
+
+def test_downmix_is_channel_mean(tok):
+    stereo = make_audio(3000, channels=2)
+    assert torch.equal(tok.encode(stereo, 24000).codes, tok.encode(stereo.mean(0), 24000).codes)
+
+
+def test_resampling_and_original_lengths(tok):
+    x = make_audio(4800)  # 0.1 s at 48 kHz
+    enc = tok.encode(x, 48000)
+    assert enc.sample_rate == 48000 and enc.num_samples.tolist() == [4800]
+    assert enc.lengths.tolist() == [8]  # 2400 samples at 24 kHz / hop 320 -> 7.5 -> 8 frames
+    y = tok.decode(enc)
+    assert y.shape == (1, 1, 2400)
+    # Resampling goes through soxr, not a naive decimation.
+    import soxr
+
+    expected = soxr.resample(x[0], 48000, 24000, quality="VHQ")
+    assert torch.equal(enc.codes, tok.encode(expected, 24000).codes)
+
+
+def test_clips_of_different_lengths(tok):
+    clips = [make_audio(n, seed=n)[0] for n in (1000, 5000, 333, 5000)]
+    enc = tok.encode(clips, 24000)
+    assert enc.codes.shape == (4, tok.n_codebooks, 16)
+    assert enc.lengths.tolist() == [4, 16, 2, 16]
+    assert enc.num_samples.tolist() == [1000, 5000, 333, 5000]
+    audio = tok.decode(enc)
+    assert audio.shape == (4, 1, 5000)
+    for i, clip in enumerate(clips):
+        alone = tok.encode(clip, 24000)
+        n = enc.lengths[i]
+        assert torch.equal(enc.codes[i, :, :n], alone.codes[0])
+        torch.testing.assert_close(audio[i, :, : len(clip)], tok.decode(alone)[0])
+        assert (audio[i, :, len(clip):] == 0).all()
+
+
+def test_n_quantizers_and_partial_decode(tok):
+    x = make_audio(6000)
+    full = tok.encode(x, 24000)
+    two = tok.encode(x, 24000, n_quantizers=2)
+    assert two.codes.shape[1] == 2
+    assert torch.equal(two.codes, full.codes[:, :2])
+    coarse = tok.decode(full.codes[:, :2])
+    assert coarse.shape == (1, 1, 19 * 320)
+    torch.testing.assert_close(coarse, tok.decode(two.codes))
+    assert not torch.allclose(coarse, tok.decode(full.codes))
+    assert tok.decode(full.codes[0]).shape == (1, 1, 19 * 320)  # [K, F] is accepted
+
+
+def test_reconstruction_quality_is_not_the_point_but_decode_is_deterministic(tok):
+    x = make_audio(5000)
+    a = tok.decode(tok.encode(x, 24000))
+    b = tok.decode(tok.encode(x, 24000))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("audio, match", [
+    (np.zeros(0, np.float32), "empty"),
+    (np.zeros((1, 0), np.float32), "empty"),
+    (np.array([0.0, np.nan, 0.1], np.float32), "NaN or Inf"),
+    (np.array([0.0, np.inf, 0.1], np.float32), "NaN or Inf"),
+    (np.zeros((1, 1, 1, 100), np.float32), "expected"),
+    (np.zeros((1, 2, 100), np.float32)[:, :, :0], "empty"),
+    ([np.zeros((1, 1, 10), np.float32)], "clip 0"),
+    ([], "empty list"),
+    (np.zeros(10, np.complex64), "unsupported audio dtype"),
+])
+def test_bad_audio(tok, audio, match):
+    with pytest.raises(ValueError, match=match):
+        tok.encode(audio, 24000)
+
+
+@pytest.mark.parametrize("rate", [0, -16000, 44100.5, None, "44100", float("nan"), True])
+def test_bad_sample_rate(tok, rate):
+    with pytest.raises(ValueError, match="sample_rate"):
+        tok.encode(make_audio(100), rate)
+
+
+def test_bad_n_quantizers(tok):
+    with pytest.raises(ValueError, match="n_quantizers"):
+        tok.encode(make_audio(1000), 24000, n_quantizers=tok.n_codebooks + 1)
+    with pytest.raises(ValueError, match="n_quantizers"):
+        tok.encode(make_audio(1000), 24000, n_quantizers=0)
+
+
+@pytest.mark.parametrize("codes, match", [
+    (torch.full((1, 2, 5), 64), r"\[0, 64\)"),
+    (torch.full((1, 2, 5), -1), r"\[0, 64\)"),
+    (torch.zeros(1, 5, 5, dtype=torch.long), "5 codebooks"),
+    (torch.zeros(1, 2, 5), "integers"),
+    (torch.zeros(5, dtype=torch.long), "shape"),
+    (torch.zeros(1, 2, 0, dtype=torch.long), "empty"),
+])
+def test_bad_codes(tok, codes, match):
+    with pytest.raises(ValueError, match=match):
+        tok.decode(codes)
+
+
+def test_too_short_to_resample(tok):
+    with pytest.raises(ValueError, match="too short"):
+        tok.encode(np.ones(1, np.float32) * 0.1, 96000)
+
+
+def test_encoded_audio_moves_between_devices(tok):
+    enc = tok.encode(make_audio(1000), 24000)
+    moved = enc.to("cpu")
+    assert isinstance(moved, EncodedAudio) and torch.equal(moved.codes, enc.codes)
+
+
+def test_from_config_preset_and_repr():
+    tok = AudioTokenizer.from_config("tiny-16khz", seed=0)
+    assert tok.sample_rate == 16000 and tok.hop_length == 320 and tok.frame_rate == 50
+    assert "tiny" not in repr(tok) and "sample_rate=16000" in repr(tok)
