@@ -1,0 +1,127 @@
+"""Exact padded batching, exact chunking of long audio, per-channel coding, determinism."""
+
+import numpy as np
+import pytest
+import torch
+
+from audiotok.model import _encoder_convs, _input_span, context_frames
+from audiotok.segments import make_batches, plan_segments
+from conftest import make_audio, random_tokenizer
+
+INF = float("inf")
+
+
+@pytest.fixture(scope="module", params=["tiny-44khz", "tiny-24khz"])
+def tok(request):
+    return random_tokenizer(request.param)
+
+
+def test_padded_batch_equals_each_clip_alone(tok):
+    hop = tok.hop_length
+    lengths = [1, hop - 1, hop, hop + 1, 7 * hop + 13, 40 * hop, 40 * hop - 5, 3 * hop]
+    clips = [make_audio(n, seed=i)[0] for i, n in enumerate(lengths)]
+    batched = tok.encode(clips, tok.sample_rate, batch_seconds=INF)
+    decoded = tok.decode(batched, batch_seconds=INF)
+    for i, clip in enumerate(clips):
+        alone = tok.encode(clip, tok.sample_rate)
+        n = int(batched.lengths[i])
+        assert torch.equal(batched.codes[i, :, :n], alone.codes[0]), f"clip {i} ({len(clip)} samples)"
+        assert (batched.codes[i, :, n:] == 0).all()
+        torch.testing.assert_close(decoded[i, :, : len(clip)], tok.decode(alone)[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_seconds", [0.1, 0.45])
+def test_chunked_encoding_equals_whole(tok, chunk_seconds):
+    sr = tok.sample_rate
+    x = make_audio(int(1.6 * sr) + 17, seed=1)
+    whole = tok.encode(x, sr, chunk_seconds=INF)
+    chunked = tok.encode(x, sr, chunk_seconds=chunk_seconds, batch_seconds=chunk_seconds)
+    assert torch.equal(chunked.codes, whole.codes)
+    assert torch.equal(chunked.lengths, whole.lengths)
+    y_whole = tok.decode(whole, chunk_seconds=INF)
+    y_chunked = tok.decode(whole, chunk_seconds=chunk_seconds, batch_seconds=chunk_seconds)
+    assert y_chunked.shape == y_whole.shape == (1, 1, x.shape[-1])
+    torch.testing.assert_close(y_chunked, y_whole, rtol=0, atol=1e-4)
+
+
+def test_codes_do_not_depend_on_batch_or_chunk_or_repetition(tok):
+    sr = tok.sample_rate
+    clips = [make_audio(int(sr * s), seed=i)[0] for i, s in enumerate([0.4, 1.3, 0.07, 2.2])]
+    ref = tok.encode(clips, sr, chunk_seconds=INF, batch_seconds=INF).codes
+    for chunk, batch in [(0.2, 0.2), (0.5, 3.0), (1.0, 0.1), (INF, 0.5)]:
+        assert torch.equal(tok.encode(clips, sr, chunk_seconds=chunk, batch_seconds=batch).codes, ref)
+    assert torch.equal(tok.encode(clips, sr, chunk_seconds=INF, batch_seconds=INF).codes, ref)
+
+
+def test_each_forward_pass_is_bounded_by_the_chunk(tok, monkeypatch):
+    sr, hop = tok.sample_rate, tok.hop_length
+    seen = []
+    encode = tok.model.encode
+
+    def spy(x, *args, **kwargs):
+        seen.append(x.shape)
+        return encode(x, *args, **kwargs)
+
+    monkeypatch.setattr(tok.model, "encode", spy)
+    tok.encode(make_audio(int(5 * sr)), sr, chunk_seconds=0.5, batch_seconds=0.5)
+    left, right = context_frames(tok.config)["encoder"]
+    bound = (round(0.5 * tok.frame_rate) + left + right) * hop
+    assert len(seen) > 5
+    assert max(s[0] * s[-1] for s in seen) <= bound
+
+
+def test_per_channel_coding(tok):
+    sr = tok.sample_rate
+    stereo = make_audio(int(0.5 * sr), channels=2, seed=4)
+    stereo[1] *= -0.5
+    enc = tok.encode(stereo, sr, mono=False)
+    assert enc.codes.shape == (1, 2, tok.n_codebooks, enc.lengths[0])
+    for c in range(2):
+        assert torch.equal(enc.codes[0, c], tok.encode(stereo[c], sr).codes[0])
+    audio = tok.decode(enc)
+    assert audio.shape == (1, 2, stereo.shape[-1])
+    for c in range(2):
+        torch.testing.assert_close(audio[0, c], tok.decode(tok.encode(stereo[c], sr))[0, 0], rtol=0, atol=1e-4)
+    assert torch.equal(tok.encode(stereo, sr).codes, tok.encode(stereo.mean(0), sr).codes)  # mono default
+    with pytest.raises(ValueError, match="channel count"):
+        tok.encode([stereo, stereo[0]], sr, mono=False)
+
+
+def test_receptive_field_is_exact():
+    """Samples just outside the computed span leave frame 0's latent unchanged; the edge ones change it."""
+    tok = random_tokenizer("tiny-44khz")
+    lo, hi = _input_span(_encoder_convs(tok.config), 0, 0)
+    hop = tok.hop_length
+    x = torch.from_numpy(make_audio(40 * hop, batch=1, seed=2))
+    frame = 20
+    with torch.inference_mode():
+        ref = tok.model.encoder(x)[..., frame]
+        for offset, changes in [(lo - 1, False), (lo, True), (hi, True), (hi + 1, False)]:
+            y = x.clone()
+            y[..., frame * hop + offset] += 1.0
+            assert (not torch.equal(tok.model.encoder(y)[..., frame], ref)) == changes, offset
+
+
+def test_segments_partition_every_item():
+    frames = [1, 9, 10, 11, 57]
+    for chunk in (None, 1, 4, 10):
+        segments = plan_segments(frames, chunk, (3, 2))
+        for item, n in enumerate(frames):
+            kept = sorted((s.keep_start, s.keep_stop) for s in segments if s.item == item)
+            assert kept[0][0] == 0 and kept[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(kept, kept[1:]))  # no gap, no overlap
+            for s in segments:
+                if s.item == item:
+                    assert s.start == max(0, s.keep_start - 3) and s.stop == min(n, s.keep_stop + 2)
+                    assert chunk is None or s.keep_stop - s.keep_start <= chunk
+        batches = make_batches(segments, 20)
+        assert sorted(map(id, segments)) == sorted(id(s) for b in batches for s in b)
+        for b in batches:
+            assert len(b) == 1 or len(b) * max(s.size for s in b) <= 20
+    with pytest.raises(ValueError):
+        plan_segments([5], 0, (1, 1))
+
+
+def test_bad_budgets(tok):
+    with pytest.raises(ValueError, match="chunk_seconds"):
+        tok.encode(np.zeros(100, np.float32), tok.sample_rate, chunk_seconds=0)
