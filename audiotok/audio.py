@@ -1,0 +1,154 @@
+"""Turning user audio (tensors, arrays, PCM, lists of clips) into float clips at the model rate."""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+AudioLike = Union[torch.Tensor, np.ndarray]
+AudioInput = Union[AudioLike, Sequence[AudioLike]]
+
+_PCM_SCALE = {np.dtype("int16"): 2.0**15, np.dtype("int32"): 2.0**31, np.dtype("int8"): 2.0**7}
+
+
+def to_float_array(audio: AudioLike) -> np.ndarray:
+    """One tensor or array -> float32 numpy with integer PCM scaled to [-1, 1)."""
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().cpu()
+        if audio.dtype in (torch.bfloat16, torch.float16):
+            audio = audio.float()
+        audio = audio.numpy()
+    elif not isinstance(audio, np.ndarray):
+        raise TypeError(f"audio must be a torch.Tensor, a numpy array or a list of them, got {type(audio).__name__}")
+    if audio.dtype in _PCM_SCALE:
+        return (audio.astype(np.float64) / _PCM_SCALE[audio.dtype]).astype(np.float32)
+    if audio.dtype == np.uint8:  # 8-bit WAV is unsigned, centred on 128
+        return ((audio.astype(np.float32) - 128.0) / 128.0).astype(np.float32)
+    if not np.issubdtype(audio.dtype, np.floating):
+        raise ValueError(f"unsupported audio dtype {audio.dtype}: use float, int16, int32, int8 or uint8 PCM")
+    return audio.astype(np.float32, copy=False)
+
+
+def split_clips(audio: AudioInput) -> list[np.ndarray]:
+    """Audio ``[T]``, ``[C, T]``, ``[B, C, T]`` or a list of ``[T]``/``[C, T]`` clips -> list of ``[C, T]`` float32.
+
+    Raises ``ValueError`` for wrong ranks, empty clips, NaN or Inf.
+    """
+    if isinstance(audio, (list, tuple)):
+        if not audio:
+            raise ValueError("got an empty list of clips")
+        clips = []
+        for i, item in enumerate(audio):
+            x = to_float_array(item)
+            if x.ndim not in (1, 2):
+                raise ValueError(f"clip {i} has shape {tuple(x.shape)}; each clip in a list must be [T] or [C, T]")
+            clips.append(x[None] if x.ndim == 1 else x)
+    else:
+        x = to_float_array(audio)
+        if x.ndim == 1:
+            clips = [x[None]]
+        elif x.ndim == 2:
+            clips = [x]
+        elif x.ndim == 3:
+            clips = list(x)
+        else:
+            raise ValueError(f"audio has shape {tuple(x.shape)}; expected [T], [C, T] or [B, C, T]")
+        if not clips:
+            raise ValueError("audio has an empty batch dimension")
+    for i, clip in enumerate(clips):
+        if clip.shape[0] == 0 or clip.shape[-1] == 0:
+            raise ValueError(f"clip {i} is empty (shape {tuple(clip.shape)}); give at least one sample per channel")
+        if not np.isfinite(clip).all():
+            raise ValueError(f"clip {i} contains NaN or Inf samples; clean the audio before encoding")
+    return clips
+
+
+def check_sample_rate(sample_rate: object) -> int:
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer, np.floating)):
+        raise ValueError(f"sample_rate must be a positive number, got {sample_rate!r}")
+    if not np.isfinite(sample_rate) or sample_rate <= 0 or int(sample_rate) != sample_rate:
+        raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}")
+    return int(sample_rate)
+
+
+def resample(clip: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Resample ``[C, T]`` float32 with soxr (very high quality); a no-op when the rates match."""
+    if orig_sr == target_sr:
+        return clip
+    import soxr
+
+    out = soxr.resample(np.ascontiguousarray(clip.T), orig_sr, target_sr, quality="VHQ")
+    if out.ndim == 1:
+        out = out[:, None]
+    return np.ascontiguousarray(out.T, dtype=np.float32)
+
+
+def downmix(clip: np.ndarray) -> np.ndarray:
+    """``[C, T]`` -> ``[1, T]`` by averaging channels."""
+    return clip if clip.shape[0] == 1 else clip.mean(axis=0, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio files
+
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+#: File extensions :func:`save_audio` writes, and the libsndfile format and default subtype used.
+#: WAV is written as 32-bit float, so a decoded file holds exactly what the model produced (every
+#: common tool reads float WAV); FLAC cannot hold floats and is written as 24-bit PCM, whose
+#: quantization noise (about -144 dBFS) is far below any codec's error.
+AUDIO_WRITE_FORMATS = {".wav": ("WAV", "FLOAT"), ".flac": ("FLAC", "PCM_24")}
+
+
+def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Read an audio file with soundfile: ``(float32 array [C, T], sample_rate)``.
+
+    Any format libsndfile reads (WAV, FLAC, OGG/Vorbis, Opus, MP3, AIFF, ...). Raises
+    ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file when it cannot be
+    decoded. The samples are returned as stored: empty files and NaN samples are not rejected here.
+    """
+    import soundfile as sf
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile.LibsndfileError, RuntimeError, struct errors on odd headers
+        raise ValueError(f"{path}: cannot read audio file: {e}") from e
+    return np.ascontiguousarray(data.T), int(sample_rate)
+
+
+def save_audio(path: str | os.PathLike, audio: AudioLike, sample_rate: int, subtype: str | None = None) -> None:
+    """Write float audio ``[C, T]`` (or ``[T]``) to ``path``, creating parent folders.
+
+    The format follows the extension (see :data:`AUDIO_WRITE_FORMATS`): ``.wav`` as 32-bit float
+    by default, ``.flac`` as 24-bit PCM. ``subtype`` overrides that (e.g. ``"PCM_16"``); samples
+    are clipped to [-1, 1] for PCM subtypes. Raises ``ValueError`` for other extensions, bad shapes
+    and NaN or Inf samples.
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in AUDIO_WRITE_FORMATS:
+        raise ValueError(f"{path}: cannot write audio with extension {ext!r}; use one of {sorted(AUDIO_WRITE_FORMATS)}")
+    fmt, default_subtype = AUDIO_WRITE_FORMATS[ext]
+    subtype = subtype or default_subtype
+    x = to_float_array(audio)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"audio to write must be [C, T] or [T], got shape {tuple(x.shape)}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path}: audio contains NaN or Inf samples")
+    if subtype.upper().startswith("PCM"):
+        x = np.clip(x, -1.0, 1.0)
+    sample_rate = check_sample_rate(sample_rate)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        sf.write(str(path), np.ascontiguousarray(x.T), sample_rate, format=fmt, subtype=subtype)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot write audio ({fmt}, {subtype}): {e}") from e

@@ -1,0 +1,188 @@
+"""The ``audiotok`` command line: encode, decode, info and convert.
+
+Exit status: 0 on success; 1 when a folder run skipped some files (listed in the summary);
+2 for errors the user can fix (bad arguments, missing files, a model that does not fit the codes),
+printed as ``audiotok: error: ...`` without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+
+_EPILOG = ("exit status: 0 success, 1 some files in a folder were skipped (see the summary), "
+           "2 usage or input error")
+
+
+class _StderrHandler(logging.Handler):
+    """Log lines on the current ``sys.stderr``, without breaking a tqdm progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(f"audiotok: {record.levelname.lower()}: {self.format(record)}", file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def _setup_logging(verbose: int) -> None:
+    logger = logging.getLogger("audiotok")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .files import DEFAULT_EXTENSIONS
+    from .modelinfo import CONVERT_FORMATS
+
+    parser = argparse.ArgumentParser(
+        prog="audiotok", description="Audio to discrete DAC codes and back.", epilog=_EPILOG)
+    parser.add_argument("--version", action="version", version=f"audiotok {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model_help = ("model source: a model folder, an original DAC .pth file or a hub id "
+                  "(default: the model that ships with audiotok)")
+
+    p = sub.add_parser("encode", help="audio file or folder -> .atok code files", epilog=_EPILOG,
+                       description="Encode an audio file to an .atok file, or every audio file under a folder "
+                                   "to a mirrored tree of .atok files.")
+    p.add_argument("input", type=Path, metavar="INPUT", help="audio file or folder")
+    p.add_argument("output", type=Path, metavar="OUTPUT", help=".atok file (or existing folder) for a file; "
+                                                               "output folder for a folder")
+    p.add_argument("--model", default=None, metavar="SRC", help=model_help)
+    p.add_argument("--n-quantizers", type=_positive_int, default=None, metavar="K",
+                   help="store only the first K codebooks (default: all)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--pack-10bit", action="store_true",
+                   help="bit-pack the codes, 10 bits each (codebook_size <= 1024)")
+    p.add_argument("--per-channel", action="store_true",
+                   help="code each channel separately instead of averaging them to mono")
+    p.add_argument("--extensions", default=",".join(DEFAULT_EXTENSIONS), metavar="LIST",
+                   help="comma-separated audio extensions to pick up in folders (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_encode)
+
+    p = sub.add_parser("decode", help=".atok file or folder -> audio", epilog=_EPILOG,
+                       description="Decode an .atok file, or every .atok file under a folder, to audio at the "
+                                   "model's sample rate, cropped to the original duration.")
+    p.add_argument("input", type=Path, metavar="INPUT", help=".atok file or folder")
+    p.add_argument("output", type=Path, metavar="OUTPUT", help="audio file (or existing folder) for a file; "
+                                                               "output folder for a folder")
+    p.add_argument("--model", default=None, metavar="SRC",
+                   help="model source (default: the model_id stored in each file)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--format", choices=("wav", "flac"), default=None,
+                   help="output format (default: the output file's extension; wav for folders). "
+                        "WAV is 32-bit float, FLAC 24-bit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_decode)
+
+    p = sub.add_parser("info", help="describe a model or an .atok file", epilog=_EPILOG)
+    p.add_argument("source", metavar="SRC", help="model source or .atok file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("convert", help="convert a model between checkpoint formats", epilog=_EPILOG)
+    p.add_argument("source", metavar="SRC", help="model source")
+    p.add_argument("dst", type=Path, metavar="DST", help="output folder (audiotok, transformers) or .pth file")
+    p.add_argument("--to", required=True, choices=CONVERT_FORMATS, help="target format")
+    p.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _load_model(source: str | None, device: str):
+    from .files import resolve_device
+    from .tokenizer import AudioTokenizer
+
+    return AudioTokenizer.from_pretrained(source, device=resolve_device(device))
+
+
+def _finish(report, verb: str, single: bool) -> int:
+    if single and report.done:
+        print(f"wrote {report.done[0][1]}")
+    else:
+        print(report.summary(verb))
+    return 0 if report.ok else 1
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from .files import encode_path
+
+    if not args.input.exists():
+        raise FileNotFoundError(f"{args.input}: no such file or folder")
+    tokenizer = _load_model(args.model, args.device)
+    report = encode_path(tokenizer, args.input, args.output, n_quantizers=args.n_quantizers,
+                         per_channel=args.per_channel, pack_10bit=args.pack_10bit, extensions=args.extensions,
+                         progress=False if args.no_progress else None)
+    return _finish(report, "encoded", args.input.is_file())
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    from .files import decode_path, resolve_device
+
+    tokenizer = None if args.model is None else _load_model(args.model, args.device)
+    report = decode_path(args.input, args.output, tokenizer, format=args.format,
+                         device=resolve_device(args.device), progress=False if args.no_progress else None)
+    return _finish(report, "decoded", args.input.is_file())
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .codefile import SUFFIX
+    from .modelinfo import code_file_info, model_info
+
+    path = Path(args.source).expanduser()
+    info = code_file_info(path) if path.is_file() and path.suffix == SUFFIX else model_info(args.source)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            if isinstance(value, list):
+                value = " x ".join(str(v) for v in value)
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .modelinfo import convert_model
+
+    dst = convert_model(args.source, args.dst, args.to)
+    print(f"wrote {args.to} checkpoint to {dst}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (argparse usage errors exit with 2)."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:  # FileNotFoundError, PermissionError, ... are OSErrors
+        print(f"audiotok: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("audiotok: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

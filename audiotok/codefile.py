@@ -1,0 +1,437 @@
+"""``.atok`` files: the codes of one encoded audio file, in a safe, documented container.
+
+Format (``format_version`` 1)
+=============================
+
+An ``.atok`` file is a `safetensors <https://github.com/huggingface/safetensors>`_ file. Nothing in
+it is executable (no pickle). Layout, as in every safetensors file:
+
+1. 8 bytes: ``N``, the header length, an unsigned 64-bit little-endian integer.
+2. ``N`` bytes: a UTF-8 JSON object (the header). Its ``"__metadata__"`` entry is an object of
+   string keys to **string** values (listed below); every other entry describes one tensor as
+   ``{"dtype": ..., "shape": [...], "data_offsets": [begin, end]}`` with offsets relative to the
+   start of the data section.
+3. The data section, from byte ``8 + N`` to the end of the file: the raw tensor bytes,
+   little-endian, C (row-major) order. The file ends exactly where the last tensor ends.
+
+The ``N`` header bytes may end with spaces (padding to a multiple of 8 bytes); JSON parsers skip them.
+
+Metadata (all values are strings; integers are written in decimal ASCII):
+
+======================== ======================================================================
+key                      meaning
+======================== ======================================================================
+``format``               always ``"audiotok-codes"``
+``format_version``       ``"1"``. A reader must refuse a version newer than it knows.
+``model_id``             name of the model that wrote the codes (informational, may be ``"random"``)
+``config_hash``          ``DACConfig.architecture_hash()`` of that model: 16 lowercase hex digits.
+                         Codes are only meaningful to a model with the same hash.
+``sample_rate``          the model's sample rate in Hz (decoded audio comes out at this rate)
+``hop_length``           audio samples (at ``sample_rate``) per code frame
+``n_codebooks``          ``K``, the number of codebooks stored (may be fewer than the model has:
+                         residual codebooks are ordered, the first ``K`` are stored)
+``codebook_size``        number of entries per codebook; every code is in ``[0, codebook_size)``
+``num_samples``          length of the original audio in samples, at ``source_sample_rate``
+``source_sample_rate``   sample rate in Hz of the original audio file
+``channels``             channel count of the original audio file
+``packing``              ``"none"`` or ``"10bit"`` (how the codes tensor is stored, see below)
+``shape``                ``"C,K,F"``: the code array's shape as three comma-separated decimal integers
+======================== ======================================================================
+
+Readers must ignore metadata keys and tensors they do not know.
+
+The codes form a ``[C, K, F]`` array of integers:
+
+* ``C`` coded channels: 1 when the file's channels were averaged to mono before coding (the
+  default), or ``channels`` when each channel was coded on its own.
+* ``K`` codebooks, equal to ``n_codebooks``.
+* ``F`` frames: ``ceil(T / hop_length)`` where ``T`` is the audio length after resampling to
+  ``sample_rate``, i.e. ``T = round(num_samples * sample_rate / source_sample_rate)`` up to the
+  resampler's rounding (this reader allows a difference of one frame).
+
+``packing = "none"``: one tensor ``codes``, dtype ``U16``, shape ``[C, K, F]``.
+
+``packing = "10bit"`` (only when ``codebook_size <= 1024``): one tensor ``codes_packed``, dtype
+``U8``, shape ``[5 * ceil(C*K*F / 4)]``. Take the codes in C order (``c`` slowest, then ``k``, then
+``f``), append zeros up to a multiple of 4, and write each group of four codes ``a, b, c, d`` as
+the 40-bit integer ``a | b << 10 | c << 20 | d << 30`` in 5 bytes, least significant byte first
+(equivalently: one little-endian bit stream, 10 bits per code, least significant bit first). The
+padding codes must be zero. To read, reverse this and keep the first ``C*K*F`` codes.
+
+The original duration in seconds is ``num_samples / source_sample_rate``; a decoder produces
+``F * hop_length`` samples at ``sample_rate`` per channel and crops them to
+``round(num_samples * sample_rate / source_sample_rate)`` (nearest integer, ties to even, as Python's
+``round``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .tokenizer import AudioTokenizer, EncodedAudio
+
+FORMAT_NAME = "audiotok-codes"
+FORMAT_VERSION = 1
+SUFFIX = ".atok"
+PACKINGS = ("none", "10bit")
+
+_INT_FIELDS = ("sample_rate", "hop_length", "n_codebooks", "codebook_size", "num_samples",
+               "source_sample_rate", "channels")
+_STR_FIELDS = ("model_id", "config_hash", "packing")
+REQUIRED_METADATA = ("format", "format_version", *_STR_FIELDS, *_INT_FIELDS, "shape")
+
+
+# ---------------------------------------------------------------------------------------------
+# 10-bit packing
+
+
+def pack_codes_10bit(codes: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Integer codes in ``[0, 1024)`` (any shape, read in C order) -> ``uint8`` bytes, 4 codes in 5 bytes."""
+    flat = np.asarray(codes).reshape(-1).astype(np.int64)
+    if flat.size and (flat.min() < 0 or flat.max() >= 1024):
+        raise ValueError(f"10-bit packing needs codes in [0, 1024), found range [{flat.min()}, {flat.max()}]")
+    groups = np.zeros(-(-flat.size // 4) * 4, dtype=np.uint64)
+    groups[: flat.size] = flat
+    groups = groups.reshape(-1, 4)
+    word = groups[:, 0] | groups[:, 1] << np.uint64(10) | groups[:, 2] << np.uint64(20) | groups[:, 3] << np.uint64(30)
+    shifts = np.arange(0, 40, 8, dtype=np.uint64)
+    return ((word[:, None] >> shifts) & np.uint64(0xFF)).astype(np.uint8).reshape(-1)
+
+
+def unpack_codes_10bit(packed: np.ndarray, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes_10bit`: the first ``count`` codes as ``int64``.
+
+    Raises ``ValueError`` if ``packed`` has the wrong length or non-zero padding.
+    """
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8 or packed.ndim != 1:
+        raise ValueError(f"packed codes must be a 1-D uint8 array, got {packed.dtype} with shape {packed.shape}")
+    expected = 5 * -(-count // 4)
+    if packed.size != expected:
+        raise ValueError(f"packed codes have {packed.size} bytes; {count} codes need {expected}")
+    rows = packed.reshape(-1, 5).astype(np.uint64)
+    word = np.zeros(rows.shape[0], dtype=np.uint64)
+    for i in range(5):
+        word |= rows[:, i] << np.uint64(8 * i)
+    shifts = np.arange(0, 40, 10, dtype=np.uint64)
+    codes = ((word[:, None] >> shifts) & np.uint64(0x3FF)).astype(np.int64).reshape(-1)
+    if codes[count:].any():
+        raise ValueError("packed codes have non-zero padding after the last code (corrupt data)")
+    return codes[:count]
+
+
+# ---------------------------------------------------------------------------------------------
+# Header
+
+
+@dataclass
+class CodeHeader:
+    """The metadata of an ``.atok`` file (see the module docstring), without the codes."""
+
+    model_id: str
+    config_hash: str
+    sample_rate: int
+    hop_length: int
+    n_codebooks: int
+    codebook_size: int
+    num_samples: int
+    source_sample_rate: int
+    channels: int
+    packing: str
+    shape: tuple[int, int, int]
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def duration(self) -> float:
+        """Duration of the original audio in seconds."""
+        return self.num_samples / self.source_sample_rate
+
+    @property
+    def output_samples(self) -> int:
+        """Samples per channel that decoding yields, at the model's ``sample_rate``."""
+        return round(self.num_samples * self.sample_rate / self.source_sample_rate)
+
+    def check_compatible(self, tokenizer: AudioTokenizer) -> None:
+        """Raise ``ValueError`` unless ``tokenizer`` is a model these codes were made for."""
+        _check_compatible(self, tokenizer)
+
+
+def _check_compatible(h: CodeHeader | CodeFile, tokenizer: AudioTokenizer) -> None:
+    model_hash = tokenizer.config.architecture_hash()
+    if h.config_hash != model_hash:
+        raise ValueError(
+            f"codes were written by model {h.model_id!r} (config hash {h.config_hash}) but the model in use is "
+            f"{tokenizer.model_id!r} (config hash {model_hash}); these codes mean nothing to it. Decode them "
+            f"with the model that wrote them"
+        )
+    if h.n_codebooks > tokenizer.n_codebooks or h.codebook_size != tokenizer.codebook_size:
+        raise ValueError(
+            f"codes have {h.n_codebooks} codebooks of size {h.codebook_size}; model {tokenizer.model_id!r} has "
+            f"{tokenizer.n_codebooks} of size {tokenizer.codebook_size}"
+        )
+
+
+def _parse_metadata(meta: dict[str, str] | None, where: str) -> CodeHeader:
+    meta = meta or {}
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{where}: not an audiotok codes file (format={meta.get('format')!r}, "
+                         f"expected {FORMAT_NAME!r})")
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise ValueError(f"{where}: invalid format_version {meta.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{where}: written by a newer audiotok (format_version {version}); this version reads "
+                         f"format_version {FORMAT_VERSION} and older. Upgrade audiotok")
+    if version < 1:
+        raise ValueError(f"{where}: invalid format_version {version}")
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise ValueError(f"{where}: metadata is missing required fields: {', '.join(missing)}")
+    values: dict[str, object] = {k: meta[k] for k in _STR_FIELDS}
+    for key in _INT_FIELDS:
+        try:
+            values[key] = int(meta[key])
+        except ValueError:
+            raise ValueError(f"{where}: metadata field {key}={meta[key]!r} is not an integer") from None
+        if values[key] <= 0:
+            raise ValueError(f"{where}: metadata field {key}={values[key]} must be positive")
+    try:
+        shape = tuple(int(s) for s in meta["shape"].split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) <= 0:
+        raise ValueError(f"{where}: metadata shape={meta['shape']!r} is not three positive integers 'C,K,F'")
+    header = CodeHeader(**values, shape=shape, format_version=version)  # type: ignore[arg-type]
+    if header.packing not in PACKINGS:
+        raise ValueError(f"{where}: unknown packing {header.packing!r}; expected one of {PACKINGS}")
+    c, k, f = shape
+    if k != header.n_codebooks:
+        raise ValueError(f"{where}: codes have {k} codebooks but the metadata says n_codebooks={header.n_codebooks}")
+    if c != 1 and c != header.channels:
+        raise ValueError(f"{where}: codes have {c} coded channels; expected 1 (mono mix) or channels={header.channels}")
+    expected_frames = -(-header.output_samples // header.hop_length)
+    if abs(f - expected_frames) > 1:
+        raise ValueError(
+            f"{where}: codes have {f} frames but num_samples={header.num_samples} at {header.source_sample_rate} Hz "
+            f"with hop {header.hop_length} at {header.sample_rate} Hz implies {expected_frames}"
+        )
+    return header
+
+
+def _open(path: Path):
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return safe_open(str(path), framework="np")
+    except Exception as e:  # SafetensorError for truncated or corrupt files, OSError, ...
+        raise ValueError(f"{path}: not a readable {SUFFIX} file (truncated or corrupt): {e}") from e
+
+
+def read_header(path: str | os.PathLike) -> CodeHeader:
+    """Read and check only the metadata of an ``.atok`` file (cheap; the codes are not read)."""
+    path = Path(path)
+    with _open(path) as f:
+        return _parse_metadata(f.metadata(), str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# CodeFile
+
+
+@dataclass
+class CodeFile:
+    """The codes of one audio file plus what is needed to decode them (see the module docstring).
+
+    ``codes`` is an int64 tensor ``[C, K, F]``. ``packing`` records how the file was stored when it
+    was loaded; :meth:`save` decides the packing by its own argument.
+    """
+
+    codes: torch.Tensor
+    model_id: str
+    config_hash: str
+    sample_rate: int
+    hop_length: int
+    n_codebooks: int
+    codebook_size: int
+    num_samples: int
+    source_sample_rate: int
+    channels: int
+    packing: str = "none"
+
+    def __post_init__(self) -> None:
+        codes = self.codes
+        if isinstance(codes, np.ndarray):
+            codes = torch.from_numpy(codes)
+        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
+            raise ValueError("CodeFile.codes must be an integer tensor [C, K, F]")
+        if codes.ndim != 3 or 0 in codes.shape:
+            raise ValueError(f"CodeFile.codes must be a non-empty [C, K, F] tensor, got shape {tuple(codes.shape)}")
+        self.codes = codes.to(torch.int64).cpu()
+        lo, hi = int(self.codes.min()), int(self.codes.max())
+        if lo < 0 or hi >= self.codebook_size:
+            raise ValueError(f"code values must be in [0, {self.codebook_size}), found range [{lo}, {hi}]")
+        if self.codebook_size > 65536:
+            raise ValueError(f"codebook_size {self.codebook_size} does not fit the uint16 code storage")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {PACKINGS}, got {self.packing!r}")
+        # Checks the remaining fields exactly as a reader would.
+        _parse_metadata(self._metadata(self.packing), "CodeFile")
+
+    # -- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_encoded(cls, tokenizer: AudioTokenizer, encoded: EncodedAudio, index: int | Sequence[int] = 0,
+                     channels: int = 1) -> CodeFile:
+        """The codes of item ``index`` of ``encoded`` (cropped to its valid frames).
+
+        ``encoded.codes`` is ``[B, K, F]`` (one coded channel per item) or ``[B, C, K, F]`` (channels
+        coded one by one). With ``[B, K, F]``, ``index`` may also be a list of items of equal length,
+        one per coded channel (for audio whose channels were encoded as a batch of clips).
+        ``channels`` is the channel count of the original audio file.
+        """
+        indices = [index] if isinstance(index, (int, np.integer)) else list(index)
+        batch = encoded.codes.shape[0]
+        if not indices or any(not 0 <= int(i) < batch for i in indices):
+            raise ValueError(f"index {index} out of range for a batch of {batch}")
+        frames = {int(encoded.lengths[i]) for i in indices}
+        samples = {int(encoded.num_samples[i]) for i in indices}
+        if len(frames) != 1 or len(samples) != 1:
+            raise ValueError("items coded as channels of one file must have equal lengths")
+        if encoded.codes.ndim == 4:
+            if len(indices) != 1:
+                raise ValueError("with per-channel codes [B, C, K, F], index must be a single item")
+            codes = encoded.codes[int(indices[0]), :, :, : frames.pop()]
+        else:
+            codes = encoded.codes[[int(i) for i in indices], :, : frames.pop()]
+        config = tokenizer.config
+        return cls(
+            codes=codes, model_id=str(tokenizer.model_id), config_hash=config.architecture_hash(),
+            sample_rate=config.sample_rate, hop_length=config.hop_length, n_codebooks=codes.shape[1],
+            codebook_size=config.codebook_size, num_samples=samples.pop(),
+            source_sample_rate=int(encoded.sample_rate), channels=int(channels),
+        )
+
+    def to_encoded(self) -> EncodedAudio:
+        """An :class:`~audiotok.tokenizer.EncodedAudio` with one batch item per coded channel."""
+        from .tokenizer import EncodedAudio
+
+        c, _, f = self.codes.shape
+        return EncodedAudio(self.codes.clone(), torch.full((c,), f), torch.full((c,), self.num_samples),
+                            self.source_sample_rate)
+
+    # -- properties ------------------------------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def duration(self) -> float:
+        """Duration of the original audio in seconds."""
+        return self.num_samples / self.source_sample_rate
+
+    @property
+    def header(self) -> CodeHeader:
+        return _parse_metadata(self._metadata(self.packing), "CodeFile")
+
+    def check_compatible(self, tokenizer: AudioTokenizer) -> None:
+        """Raise ``ValueError`` (naming both model ids and config hashes) unless ``tokenizer`` has the
+        architecture these codes were written with."""
+        _check_compatible(self, tokenizer)
+
+    # -- I/O ---------------------------------------------------------------------------------------
+
+    def _metadata(self, packing: str) -> dict[str, str]:
+        meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "packing": packing,
+                "shape": ",".join(str(s) for s in self.codes.shape)}
+        for f in fields(self):
+            if f.name not in ("codes", "packing"):
+                meta[f.name] = str(getattr(self, f.name))
+        return meta
+
+    def to_bytes(self, pack_10bit: bool = False) -> bytes:
+        """The file's contents (see the module docstring)."""
+        from safetensors.numpy import save
+
+        if pack_10bit:
+            if self.codebook_size > 1024:
+                raise ValueError(f"10-bit packing needs codebook_size <= 1024, this file has {self.codebook_size}")
+            tensors = {"codes_packed": pack_codes_10bit(self.codes.numpy())}
+        else:
+            tensors = {"codes": self.codes.numpy().astype(np.uint16)}
+        return save(tensors, metadata=self._metadata("10bit" if pack_10bit else "none"))
+
+    def save(self, path: str | os.PathLike, pack_10bit: bool = False) -> Path:
+        """Write the file atomically: a temporary file in the same folder, then ``os.replace``.
+
+        Parent folders are created. A crash leaves either the old file or the new one, never a
+        partial file at ``path``. Returns the path.
+        """
+        path = Path(path)
+        data = self.to_bytes(pack_10bit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CodeFile:
+        """Read an ``.atok`` file.
+
+        Raises ``FileNotFoundError`` if it does not exist and ``ValueError`` if it is truncated or
+        corrupt, is not an audiotok codes file, has a newer ``format_version``, lacks metadata, or
+        holds codes that disagree with its metadata.
+        """
+        path = Path(path)
+        where = str(path)
+        with _open(path) as f:
+            header = _parse_metadata(f.metadata(), where)
+            name = "codes" if header.packing == "none" else "codes_packed"
+            if name not in f.keys():
+                raise ValueError(f"{where}: packing={header.packing!r} but the file has no {name!r} tensor")
+            try:
+                data = f.get_tensor(name)
+            except Exception as e:
+                raise ValueError(f"{where}: cannot read tensor {name!r}: {e}") from e
+        if header.packing == "none":
+            if data.dtype != np.uint16:
+                raise ValueError(f"{where}: codes must be uint16, found {data.dtype}")
+            if tuple(data.shape) != header.shape:
+                raise ValueError(f"{where}: codes have shape {tuple(data.shape)} but the metadata says {header.shape}")
+            codes = data.astype(np.int64)
+        else:
+            if header.codebook_size > 1024:
+                raise ValueError(f"{where}: 10-bit packing with codebook_size {header.codebook_size} > 1024")
+            try:
+                codes = unpack_codes_10bit(data, math.prod(header.shape)).reshape(header.shape)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e} (metadata shape {header.shape})") from None
+        if codes.max() >= header.codebook_size:
+            raise ValueError(f"{where}: code value {codes.max()} out of range for codebook_size {header.codebook_size}")
+        return cls(
+            codes=torch.from_numpy(codes), model_id=header.model_id, config_hash=header.config_hash,
+            sample_rate=header.sample_rate, hop_length=header.hop_length, n_codebooks=header.n_codebooks,
+            codebook_size=header.codebook_size, num_samples=header.num_samples,
+            source_sample_rate=header.source_sample_rate, channels=header.channels, packing=header.packing,
+        )

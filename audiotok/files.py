@@ -1,0 +1,309 @@
+"""Encoding audio files to ``.atok`` code files and decoding them back, one file or a folder tree."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from .audio import AUDIO_WRITE_FORMATS, load_audio, save_audio
+from .codefile import SUFFIX, CodeFile, CodeHeader, read_header
+from .tokenizer import AudioTokenizer
+
+logger = logging.getLogger("audiotok")
+
+#: Extensions (lower case, without dot) that folder encoding picks up by default.
+DEFAULT_EXTENSIONS = ("wav", "flac", "ogg", "oga", "opus", "mp3", "aif", "aiff")
+
+
+@dataclass
+class BatchReport:
+    """What a file or folder run did: outputs written and inputs skipped (with the reason)."""
+
+    done: list[tuple[Path, Path]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.skipped
+
+    def summary(self, verb: str) -> str:
+        total = len(self.done) + len(self.skipped)
+        lines = [f"{verb} {len(self.done)} of {total} file{'s' if total != 1 else ''}"
+                 + (f"; skipped {len(self.skipped)}:" if self.skipped else "")]
+        lines += [f"  {path}: {reason}" for path, reason in self.skipped]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A ``torch.device`` for a user string; ``ValueError`` for unknown or unavailable devices."""
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} requested but MPS is not available")
+    return dev
+
+
+def parse_extensions(spec: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``"wav,flac"`` or ``["wav", ".FLAC"]`` -> ``(".wav", ".flac")``."""
+    if spec is None:
+        spec = DEFAULT_EXTENSIONS
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    exts = tuple(sorted({"." + e.strip().lower().lstrip(".") for e in items if e.strip().strip(".")}))
+    if not exts:
+        raise ValueError(f"no file extensions given in {spec!r}")
+    return exts
+
+
+def find_files(root: str | os.PathLike, extensions: Iterable[str]) -> list[Path]:
+    """Files under ``root`` (recursively, sorted) whose extension is in ``extensions`` (case-insensitive).
+
+    Hidden files and folders (names starting with ``.``, such as macOS ``._x.wav`` resource forks)
+    are left out.
+    """
+    root = Path(root)
+    exts = {e.lower() for e in extensions}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in exts:
+                found.append(Path(dirpath) / name)
+    return found
+
+
+def mirror_paths(inputs: list[Path], in_root: Path, out_root: Path, suffix: str) -> list[tuple[Path, Path]]:
+    """Map each input under ``in_root`` to the same relative path under ``out_root`` with ``suffix``.
+
+    Inputs that would land on the same output (``a.wav`` and ``a.flac``) keep their full name:
+    ``a.wav.atok`` and ``a.flac.atok``.
+    """
+    plain = [out_root / p.relative_to(in_root).with_suffix(suffix) for p in inputs]
+    counts: dict[Path, int] = {}
+    for out in plain:
+        counts[out] = counts.get(out, 0) + 1
+    pairs = []
+    for src, out in zip(inputs, plain):
+        if counts[out] > 1:
+            out = out_root / _with_extra_suffix(src.relative_to(in_root), suffix)
+        pairs.append((src, out))
+    return pairs
+
+
+def _with_extra_suffix(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _single_output(src: Path, output: Path, suffixes: tuple[str, ...], kind: str) -> Path:
+    """Output path for a single input: inside ``output`` when it is a folder, else ``output`` itself."""
+    if output.is_dir():
+        return output / (src.stem + suffixes[0])
+    if output.suffix.lower() not in suffixes:
+        raise ValueError(f"{output}: the output {kind} file must end with {' or '.join(suffixes)} "
+                         f"(or be an existing folder)")
+    return output
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode_file(tokenizer: AudioTokenizer, path: str | os.PathLike, n_quantizers: int | None = None,
+                per_channel: bool = False) -> CodeFile:
+    """Read and encode one audio file.
+
+    By default the channels are averaged to mono (``C = 1``); ``per_channel=True`` codes each
+    channel on its own (``C = channels``). Raises ``ValueError`` naming the file for unreadable or
+    empty audio and NaN / Inf samples.
+    """
+    audio, sample_rate = load_audio(path)
+    channels, num_samples = audio.shape
+    if num_samples == 0:
+        raise ValueError(f"{path}: empty audio file (0 samples)")
+    if not np.isfinite(audio).all():
+        raise ValueError(f"{path}: audio contains NaN or Inf samples")
+    try:
+        if per_channel and channels > 1:
+            encoded = tokenizer.encode([audio[c: c + 1] for c in range(channels)], sample_rate, n_quantizers)
+            return CodeFile.from_encoded(tokenizer, encoded, list(range(channels)), channels)
+        encoded = tokenizer.encode(audio, sample_rate, n_quantizers)
+        return CodeFile.from_encoded(tokenizer, encoded, 0, channels)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def _check_encode_args(tokenizer: AudioTokenizer, n_quantizers: int | None, pack_10bit: bool) -> None:
+    if n_quantizers is not None and not 1 <= n_quantizers <= tokenizer.n_codebooks:
+        raise ValueError(f"n_quantizers must be in 1..{tokenizer.n_codebooks} for this model, got {n_quantizers}")
+    if pack_10bit and tokenizer.codebook_size > 1024:
+        raise ValueError(f"10-bit packing needs codebook_size <= 1024; this model has {tokenizer.codebook_size}")
+
+
+def encode_path(tokenizer: AudioTokenizer, input: str | os.PathLike, output: str | os.PathLike,
+                n_quantizers: int | None = None, per_channel: bool = False, pack_10bit: bool = False,
+                extensions: str | Iterable[str] | None = None, progress: bool | None = None) -> BatchReport:
+    """Encode an audio file to an ``.atok`` file, or a folder tree to a mirrored tree of them.
+
+    A single file that fails raises ``ValueError``. In a folder, files that fail (unreadable,
+    empty, NaN) are logged, skipped and listed in the report. ``progress``: show a tqdm bar for
+    folders (``None``: only on a terminal).
+    """
+    src, out = Path(input), Path(output)
+    _check_encode_args(tokenizer, n_quantizers, pack_10bit)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    report = BatchReport()
+    if src.is_file():
+        dst = _single_output(src, out, (SUFFIX,), "code")
+        encode_file(tokenizer, src, n_quantizers, per_channel).save(dst, pack_10bit)
+        report.done.append((src, dst))
+        return report
+    if out.is_file():
+        raise ValueError(f"{out}: is a file; the output for a folder must be a folder")
+    exts = parse_extensions(extensions)
+    pairs = mirror_paths(find_files(src, exts), src, out, SUFFIX)
+    if not pairs:
+        logger.warning("no audio files with extensions %s under %s", ",".join(exts), src)
+
+    def work(a: Path, b: Path) -> None:
+        encode_file(tokenizer, a, n_quantizers, per_channel).save(b, pack_10bit)
+
+    _run_batch(pairs, work, report, "encoding", progress)
+    return report
+
+
+def _run_batch(pairs: list[tuple[Path, Path]], work: Callable[[Path, Path], None], report: BatchReport,
+               desc: str, progress: bool | None) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(pairs, desc=desc, unit="file", disable=None if progress is None else not progress)
+    for a, b in bar:
+        try:
+            work(a, b)
+        except (ValueError, OSError) as e:
+            reason = str(e)
+            prefix = f"{a}: "
+            reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+            logger.warning("skipped %s: %s", a, reason)
+            report.skipped.append((a, reason))
+        else:
+            report.done.append((a, b))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def decode_code_file(tokenizer: AudioTokenizer, code_file: CodeFile) -> np.ndarray:
+    """Decode to float32 ``[C, T]`` at the model's sample rate, cropped to the original duration."""
+    code_file.check_compatible(tokenizer)
+    audio = tokenizer.decode(code_file.to_encoded())
+    return audio[:, 0, :].numpy()
+
+
+class ModelCache:
+    """Tokenizers by source, so that files naming the same model load it once."""
+
+    def __init__(self, device: str | torch.device | None = None):
+        self.device = device
+        self._models: dict[str, AudioTokenizer] = {}
+
+    def get(self, source: str) -> AudioTokenizer:
+        if source not in self._models:
+            self._models[source] = AudioTokenizer.from_pretrained(source, device=self.device)
+        return self._models[source]
+
+
+def _model_for(header: CodeHeader, path: Path, tokenizer: AudioTokenizer | None, cache: ModelCache) -> AudioTokenizer:
+    if tokenizer is not None:
+        return tokenizer
+    try:
+        return cache.get(header.model_id)
+    except (ValueError, OSError) as e:
+        raise ValueError(
+            f"{path}: was written by model {header.model_id!r}, which could not be loaded as a model source "
+            f"({e}); give the model to decode with explicitly (--model on the command line)"
+        ) from None
+
+
+def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: AudioTokenizer | None = None,
+                format: str | None = None, device: str | torch.device | None = None,
+                progress: bool | None = None) -> BatchReport:
+    """Decode an ``.atok`` file to audio, or a folder tree of them to a mirrored tree of audio files.
+
+    Audio is written at the model's sample rate, cropped to the original duration. ``tokenizer``:
+    the model to decode with; ``None`` loads each file's ``model_id`` with ``from_pretrained``.
+    ``format``: ``"wav"`` or ``"flac"`` (for a single file, default: from the output's extension).
+
+    Before anything is decoded, every file's header is checked against its model: a config hash
+    mismatch (or a model that cannot be loaded) raises ``ValueError``. Files that are corrupt are
+    logged, skipped and listed in the report (for a single file: ``ValueError``).
+    """
+    src, out = Path(input), Path(output)
+    if format is not None:
+        format = format.lower().lstrip(".")
+        if "." + format not in AUDIO_WRITE_FORMATS:
+            raise ValueError(f"unknown audio format {format!r}; use one of "
+                             f"{', '.join(e[1:] for e in AUDIO_WRITE_FORMATS)}")
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    cache = ModelCache(device)
+    if src.is_file():
+        suffixes = ("." + format,) if format else tuple(AUDIO_WRITE_FORMATS)
+        dst = _single_output(src, out, suffixes, "audio")
+        code_file = CodeFile.load(src)
+        model = _model_for(code_file.header, src, tokenizer, cache)
+        _check(code_file, src, model)
+        save_audio(dst, decode_code_file(model, code_file), model.sample_rate)
+        return BatchReport(done=[(src, dst)])
+    if out.is_file():
+        raise ValueError(f"{out}: is a file; the output for a folder must be a folder")
+    suffix = "." + (format or "wav")
+    pairs = mirror_paths(find_files(src, (SUFFIX,)), src, out, suffix)
+    if not pairs:
+        logger.warning("no %s files under %s", SUFFIX, src)
+    # Check every readable header against its model first, so that a wrong model decodes nothing.
+    mismatched = []
+    for a, _ in pairs:
+        try:
+            header = read_header(a)
+        except (ValueError, OSError):
+            continue  # reported as skipped below
+        model = _model_for(header, a, tokenizer, cache)  # a model that cannot be loaded stops the run
+        try:
+            _check(header, a, model)
+        except ValueError as e:
+            mismatched.append(str(e))
+    if mismatched:
+        shown = "\n".join(mismatched[:5]) + (f"\n... ({len(mismatched)} files in all)" if len(mismatched) > 5 else "")
+        raise ValueError(f"refusing to decode: {len(mismatched)} file(s) do not fit the model:\n{shown}")
+
+    def work(a: Path, b: Path) -> None:
+        code_file = CodeFile.load(a)
+        model = _model_for(code_file.header, a, tokenizer, cache)
+        _check(code_file, a, model)
+        save_audio(b, decode_code_file(model, code_file), model.sample_rate)
+
+    report = BatchReport()
+    _run_batch(pairs, work, report, "decoding", progress)
+    return report
+
+
+def _check(codes: CodeHeader | CodeFile, path: Path, tokenizer: AudioTokenizer) -> None:
+    try:
+        codes.check_compatible(tokenizer)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -1,0 +1,126 @@
+"""Describing models and code files, and converting models between checkpoint formats."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CONFIG_FILE, FORMAT_NAME
+from .codefile import CodeFile
+from .hub import resolve
+from .tokenizer import AudioTokenizer
+
+#: Checkpoint formats :func:`convert_model` writes.
+CONVERT_FORMATS = ("audiotok", "transformers", "original")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The checkpoint format of a local path: ``"audiotok"``, ``"transformers"`` or ``"original"``.
+
+    Raises ``ValueError`` for anything else (``FileNotFoundError`` if missing).
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix in (".pth", ".pt"):
+        return "original"
+    if path.is_file() and path.name in (CONFIG_FILE, "model.safetensors"):
+        path = path.parent
+    if path.is_dir():
+        config = path / CONFIG_FILE
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, dict) and data.get("format") == FORMAT_NAME:
+            return "audiotok"
+        if isinstance(data, dict) and data.get("model_type") == "dac":
+            return "transformers"
+        raise ValueError(f"{path}: not an audiotok or transformers DAC model folder (no usable {CONFIG_FILE})")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    raise ValueError(f"{path}: not a model checkpoint (expected a model folder or an original DAC .pth file)")
+
+
+def model_info(source: str | os.PathLike | None, device: str | None = None) -> dict[str, Any]:
+    """Facts about a model (anything ``AudioTokenizer.from_pretrained`` takes), in display order."""
+    path = resolve(source)
+    fmt = detect_format(path)
+    tok = AudioTokenizer.from_pretrained(source, device=device)
+    c = tok.config
+    params = {name: sum(p.numel() for p in getattr(tok.model, name).parameters())
+              for name in ("encoder", "quantizer", "decoder")}
+    return {
+        "model_id": tok.model_id,
+        "format": fmt,
+        "path": str(path),
+        "sample_rate": c.sample_rate,
+        "hop_length": c.hop_length,
+        "frame_rate": round(c.frame_rate, 4),
+        "codebooks": f"{c.n_codebooks} x {c.codebook_size} x {c.codebook_dim}",
+        "n_codebooks": c.n_codebooks,
+        "codebook_size": c.codebook_size,
+        "codebook_dim": c.codebook_dim,
+        "latent_dim": c.latent_dim,
+        "bitrate_kbps": round(c.bitrate() / 1000, 3),
+        "params_encoder": params["encoder"],
+        "params_quantizer": params["quantizer"],
+        "params_decoder": params["decoder"],
+        "params_total": sum(params.values()),
+        "config_hash": c.architecture_hash(),
+    }
+
+
+def code_file_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The header fields and code shape of an ``.atok`` file (the whole file is read and checked)."""
+    path = Path(path)
+    cf = CodeFile.load(path)
+    c, k, f = cf.shape
+    return {
+        "file": str(path),
+        "format": "audiotok-codes",
+        "format_version": cf.header.format_version,
+        "model_id": cf.model_id,
+        "config_hash": cf.config_hash,
+        "sample_rate": cf.sample_rate,
+        "hop_length": cf.hop_length,
+        "n_codebooks": cf.n_codebooks,
+        "codebook_size": cf.codebook_size,
+        "num_samples": cf.num_samples,
+        "source_sample_rate": cf.source_sample_rate,
+        "channels": cf.channels,
+        "duration_s": round(cf.duration, 6),
+        "packing": cf.packing,
+        "code_shape": [c, k, f],
+        "file_bytes": path.stat().st_size,
+    }
+
+
+def convert_model(source: str | os.PathLike, dst: str | os.PathLike, to: str,
+                  device: str | None = None) -> Path:
+    """Load ``source`` and write it to ``dst`` in format ``to`` (see :data:`CONVERT_FORMATS`).
+
+    ``"audiotok"`` and ``"transformers"`` write a folder; ``"original"`` writes a ``.pth`` file.
+    """
+    if to not in CONVERT_FORMATS:
+        raise ValueError(f"unknown target format {to!r}; choose one of {', '.join(CONVERT_FORMATS)}")
+    dst = Path(dst)
+    src_path = resolve(source)
+    if dst.exists() and dst.resolve() == src_path.resolve():
+        raise ValueError(f"{dst}: the destination is the source; write the converted model elsewhere")
+    if to == "original":
+        if dst.suffix not in (".pth", ".pt"):
+            raise ValueError(f"{dst}: an original DAC checkpoint is a file ending in .pth")
+        if dst.is_dir():
+            raise ValueError(f"{dst}: is a folder; give a .pth file path")
+    elif dst.is_file():
+        raise ValueError(f"{dst}: is a file; the {to} format is a folder")
+    tok = AudioTokenizer.from_pretrained(source, device=device)
+    if to == "audiotok":
+        tok.save_pretrained(dst)
+    elif to == "transformers":
+        tok.export_transformers(dst)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tok.export_original(dst)
+    return dst

@@ -1,0 +1,317 @@
+"""The ``audiotok`` command line (audiotok.cli), run in-process and once as ``python -m audiotok``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from audiotok import AudioTokenizer, DACConfig, EncodedAudio
+from audiotok.cli import main
+from audiotok.codefile import CodeFile
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny model folder whose stored model_id is its own path, so decode can find it from the codes."""
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    tok = AudioTokenizer.from_config("tiny-44khz", seed=0)
+    tok.model_id = str(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir) -> AudioTokenizer:
+    return AudioTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory) -> Path:
+    """A model with another architecture (other config hash)."""
+    folder = tmp_path_factory.mktemp("other") / "wide"
+    AudioTokenizer.from_config(DACConfig.preset("tiny-44khz", codebook_dim=8), seed=1).save_pretrained(folder)
+    return folder
+
+
+def write_inputs(root: Path) -> dict[str, Path]:
+    """Short test files: mono 44.1 kHz, stereo (independent channels), 22050 Hz mono, and broken ones."""
+    rng = np.random.default_rng(0)
+    files = {
+        "mono": root / "mono.wav",
+        "stereo": root / "sub" / "stereo.wav",
+        "low": root / "sub" / "deeper" / "low.flac",
+    }
+    for f in files.values():
+        f.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(files["mono"], 0.3 * rng.standard_normal(9000), 44100)
+    sf.write(files["stereo"], 0.3 * rng.standard_normal((7000, 2)), 44100)
+    sf.write(files["low"], 0.3 * rng.standard_normal(5000), 22050)
+    (root / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt " + rng.bytes(40))
+    sf.write(root / "sub" / "empty.wav", np.zeros((0, 1)), 44100)
+    nan = 0.1 * rng.standard_normal(3000)
+    nan[100] = np.nan
+    sf.write(root / "sub" / "nan.wav", nan, 44100, subtype="FLOAT")
+    (root / "notes.txt").write_text("not audio")
+    (root / "._mono.wav").write_bytes(b"\x00\x05\x16\x07" + rng.bytes(60))  # macOS resource fork: ignored
+    (root / ".cache").mkdir()
+    sf.write(root / ".cache" / "hidden.wav", np.zeros(100), 44100)  # hidden folder: ignored
+    return files
+
+
+@pytest.fixture
+def inputs(tmp_path) -> dict[str, Path]:
+    return write_inputs(tmp_path / "in")
+
+
+def expected_codes(tok: AudioTokenizer, path: Path, n_quantizers=None) -> tuple[torch.Tensor, EncodedAudio]:
+    audio, sr = sf.read(path, dtype="float32", always_2d=True)
+    enc = tok.encode(audio.T, sr, n_quantizers)
+    return enc.codes[:, :, : int(enc.lengths[0])], enc
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---------------------------------------------------------------------------------------------
+# encode / decode of single files
+
+
+@pytest.mark.parametrize("name", ["mono", "stereo", "low"])
+def test_encode_decode_file(tmp_path, capsys, model_dir, tok, inputs, name):
+    src = inputs[name]
+    atok = tmp_path / "out" / f"{name}.atok"
+    rc, out, err = run(capsys, "encode", src, atok, "--model", model_dir)
+    assert rc == 0, err
+    assert str(atok) in out
+
+    cf = CodeFile.load(atok)
+    codes, enc = expected_codes(tok, src)
+    assert torch.equal(cf.codes, codes)
+    info = sf.info(src)
+    assert (cf.num_samples, cf.source_sample_rate, cf.channels) == (info.frames, info.samplerate, info.channels)
+    assert cf.config_hash == tok.config.architecture_hash() and cf.model_id == str(model_dir)
+
+    # Without --model the model is found through the file's model_id.
+    wav = tmp_path / "dec" / f"{name}.wav"
+    rc, _, err = run(capsys, "decode", atok, wav)
+    assert rc == 0, err
+    audio, sr = sf.read(wav, dtype="float32", always_2d=True)
+    assert sr == 44100 and audio.shape == (round(info.frames * 44100 / info.samplerate), 1)
+    expected = tok.decode(enc)[0, 0].numpy()
+    assert np.abs(expected).max() > 0
+    np.testing.assert_array_equal(audio[:, 0], expected)  # float WAV: exactly what the model produced
+
+
+def test_encode_options(tmp_path, capsys, model_dir, tok, inputs):
+    atok = tmp_path / "s.atok"
+    rc, _, err = run(capsys, "encode", inputs["stereo"], atok, "--model", model_dir, "--n-quantizers", "2",
+                     "--pack-10bit", "--per-channel")
+    assert rc == 0, err
+    cf = CodeFile.load(atok)
+    assert cf.packing == "10bit" and cf.shape[:2] == (2, 2) and cf.channels == 2
+    audio, sr = sf.read(inputs["stereo"], dtype="float32", always_2d=True)
+    for c in range(2):
+        enc = tok.encode(audio[:, c], sr, n_quantizers=2)
+        assert torch.equal(cf.codes[c], enc.codes[0])
+    assert not torch.equal(cf.codes[0], cf.codes[1])
+
+    rc, _, err = run(capsys, "decode", atok, tmp_path / "s.flac", "--model", model_dir)
+    assert rc == 0, err
+    info = sf.info(tmp_path / "s.flac")
+    assert (info.channels, info.frames, info.subtype) == (2, 7000, "PCM_24")
+
+
+def test_output_into_existing_folder(tmp_path, capsys, model_dir, inputs):
+    (tmp_path / "o").mkdir()
+    rc, _, err = run(capsys, "encode", inputs["mono"], tmp_path / "o", "--model", model_dir)
+    assert rc == 0, err
+    assert (tmp_path / "o" / "mono.atok").is_file()
+    rc, _, err = run(capsys, "decode", tmp_path / "o" / "mono.atok", tmp_path / "o", "--format", "flac")
+    assert rc == 0, err
+    assert (tmp_path / "o" / "mono.flac").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders
+
+
+def test_encode_decode_folder_with_bad_files(tmp_path, capsys, model_dir, tok, inputs):
+    src, out, dec = tmp_path / "in", tmp_path / "codes", tmp_path / "decoded"
+    rc, stdout, stderr = run(capsys, "encode", src, out, "--model", model_dir)
+    assert rc == 1
+    assert "encoded 3 of 6 files; skipped 3" in stdout
+    for name, reason in (("corrupt.wav", "cannot read audio"), ("empty.wav", "empty"), ("nan.wav", "NaN")):
+        assert any(name in line and reason in line for line in stdout.splitlines()), (name, stdout)
+        assert any(name in line and "warning" in line for line in stderr.splitlines()), (name, stderr)
+    assert "Traceback" not in stderr
+
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == ["mono.atok", "sub/deeper/low.atok", "sub/stereo.atok"]
+    for rel, path in zip(written, (inputs["mono"], inputs["low"], inputs["stereo"])):
+        assert torch.equal(CodeFile.load(out / rel).codes, expected_codes(tok, path)[0])
+
+    rc, stdout, stderr = run(capsys, "decode", out, dec, "--model", model_dir)
+    assert rc == 0, stderr
+    assert "decoded 3 of 3 files" in stdout
+    decoded = sorted(p.relative_to(dec).as_posix() for p in dec.rglob("*") if p.is_file())
+    assert decoded == ["mono.wav", "sub/deeper/low.wav", "sub/stereo.wav"]
+    assert sf.info(dec / "sub" / "deeper" / "low.wav").frames == 10000  # 5000 samples at 22050 -> 44100 Hz
+
+    # A corrupt code file in the folder is skipped and makes the exit status 1.
+    (out / "sub" / "broken.atok").write_bytes((out / "mono.atok").read_bytes()[:50])
+    rc, stdout, _ = run(capsys, "decode", out, tmp_path / "decoded2")
+    assert rc == 1
+    assert "broken.atok" in stdout and "decoded 3 of 4 files" in stdout
+
+
+def test_folder_all_good_and_extensions(tmp_path, capsys, model_dir):
+    src = tmp_path / "in"
+    files = write_inputs(src)
+    for f in src.rglob("*"):
+        if f.is_file() and f not in files.values():
+            f.unlink()
+    shutil.copy(files["mono"], src / "mono.flac.bak")
+    rc, stdout, _ = run(capsys, "encode", src, tmp_path / "a", "--model", model_dir)
+    assert rc == 0 and "encoded 3 of 3 files" in stdout
+    rc, stdout, _ = run(capsys, "encode", src, tmp_path / "b", "--model", model_dir, "--extensions", "FLAC")
+    assert rc == 0 and "encoded 1 of 1 file" in stdout
+    assert [p.name for p in (tmp_path / "b").rglob("*.atok")] == ["low.atok"]
+
+
+def test_same_stem_files_do_not_collide(tmp_path, capsys, model_dir):
+    src = tmp_path / "in"
+    src.mkdir()
+    sf.write(src / "a.wav", 0.1 * np.ones(3000), 44100)
+    sf.write(src / "a.flac", -0.1 * np.ones(4000), 44100)
+    rc, _, _ = run(capsys, "encode", src, tmp_path / "o", "--model", model_dir)
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.flac.atok", "a.wav.atok"]
+    assert CodeFile.load(tmp_path / "o" / "a.flac.atok").num_samples == 4000
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_wrong_model_is_refused(tmp_path, capsys, model_dir, other_model_dir, tok, inputs):
+    atok = tmp_path / "codes" / "x.atok"
+    assert run(capsys, "encode", inputs["mono"], atok, "--model", model_dir)[0] == 0
+    other_hash = AudioTokenizer.from_pretrained(other_model_dir).config.architecture_hash()
+    rc, _, err = run(capsys, "decode", atok, tmp_path / "x.wav", "--model", other_model_dir)
+    assert rc == 2
+    assert err.startswith("audiotok: error:") and "Traceback" not in err
+    assert tok.config.architecture_hash() in err and other_hash in err
+    assert not (tmp_path / "x.wav").exists()
+    # A folder is checked as a whole before anything is decoded.
+    rc, _, err = run(capsys, "decode", tmp_path / "codes", tmp_path / "dec", "--model", other_model_dir)
+    assert rc == 2 and other_hash in err
+    assert not (tmp_path / "dec").exists()
+
+
+def test_unloadable_model_id(tmp_path, capsys, inputs):
+    folder = tmp_path / "m"
+    AudioTokenizer.from_config("tiny-44khz", seed=0).save_pretrained(folder)  # model_id "random"
+    atok = tmp_path / "x.atok"
+    assert run(capsys, "encode", inputs["mono"], atok, "--model", folder)[0] == 0
+    rc, _, err = run(capsys, "decode", atok, tmp_path / "x.wav")
+    assert rc == 2 and "'random'" in err and "--model" in err
+    assert run(capsys, "decode", atok, tmp_path / "x.wav", "--model", folder)[0] == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["encode", "{in}/mono.wav", "{tmp}/x.atok"], "ships no default model"),
+        (["encode", "{in}/missing.wav", "{tmp}/x.atok", "--model", "{model}"], "no such file"),
+        (["encode", "{in}/corrupt.wav", "{tmp}/x.atok", "--model", "{model}"], "cannot read audio"),
+        (["encode", "{in}/mono.wav", "{tmp}/x.wav", "--model", "{model}"], "must end with .atok"),
+        (["encode", "{in}/mono.wav", "{tmp}/x.atok", "--model", "{model}", "--n-quantizers", "5"], "1..4"),
+        (["encode", "{in}/mono.wav", "{tmp}/x.atok", "--model", "{model}", "--device", "nonsense"], "device"),
+        (["decode", "{in}/mono.wav", "{tmp}/x.wav", "--model", "{model}"], "truncated or corrupt"),
+        (["info", "{tmp}/nothing-here"], "no such file"),
+        (["convert", "{model}", "{tmp}/x.bin", "--to", "original"], ".pth"),
+    ],
+)
+def test_user_errors_exit_2_without_traceback(tmp_path, capsys, model_dir, inputs, args, message):
+    fill = {"in": tmp_path / "in", "tmp": tmp_path, "model": model_dir}
+    rc, _, err = run(capsys, *(a.format(**fill) for a in args))
+    assert rc == 2
+    assert err.startswith("audiotok: error:") and message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "x.atok").exists()
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["encode", "a", "b", "--n-quantizers", "0"])
+    assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# info and convert
+
+
+def test_info_model_and_code_file(tmp_path, capsys, model_dir, tok, inputs):
+    rc, out, _ = run(capsys, "info", model_dir)
+    assert rc == 0
+    fields = dict(line.split(None, 1) for line in out.splitlines())
+    assert fields["format"] == "audiotok"
+    assert fields["config_hash"] == tok.config.architecture_hash()
+    assert fields["codebooks"] == "4 x 64 x 4" and fields["hop_length"] == "512"
+    params = [int(fields[f"params_{k}"]) for k in ("encoder", "quantizer", "decoder")]
+    assert sum(params) == int(fields["params_total"]) == sum(p.numel() for p in tok.model.parameters())
+    assert float(fields["bitrate_kbps"]) == pytest.approx(44100 / 512 * 4 * 6 / 1000, abs=1e-3)
+
+    atok = tmp_path / "x.atok"
+    assert run(capsys, "encode", inputs["stereo"], atok, "--model", model_dir, "--pack-10bit")[0] == 0
+    rc, out, _ = run(capsys, "info", atok, "--json")
+    assert rc == 0
+    info = json.loads(out)
+    assert info["code_shape"] == [1, 4, 14] and info["channels"] == 2 and info["packing"] == "10bit"
+    assert info["num_samples"] == 7000 and info["config_hash"] == tok.config.architecture_hash()
+
+
+def test_python_dash_m_info(model_dir, tok):
+    proc = subprocess.run([sys.executable, "-m", "audiotok", "info", str(model_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert tok.config.architecture_hash() in proc.stdout and "audiotok" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "audiotok", "info", str(model_dir / "nope")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_convert_all_formats_and_back(tmp_path, capsys, model_dir, tok, inputs):
+    audio, sr = sf.read(inputs["stereo"], dtype="float32", always_2d=True)
+    reference = tok.encode(audio.T, sr).codes
+    targets = {"audiotok": tmp_path / "a", "transformers": tmp_path / "t", "original": tmp_path / "o" / "m.pth"}
+    for fmt, dst in targets.items():
+        rc, _, err = run(capsys, "convert", model_dir, dst, "--to", fmt)
+        assert rc == 0, err
+        rc, out, _ = run(capsys, "info", dst, "--json")
+        assert json.loads(out)["format"] == fmt
+        back = tmp_path / f"back-{fmt}"
+        assert run(capsys, "convert", dst, back, "--to", "audiotok")[0] == 0
+        for source in (dst, back):
+            converted = AudioTokenizer.from_pretrained(source)
+            assert converted.config.architecture_hash() == tok.config.architecture_hash()
+            assert torch.equal(converted.encode(audio.T, sr).codes, reference), (fmt, source)
+        # Codes written with the converted model decode with the original one, and the other way round.
+        atok = tmp_path / f"{fmt}.atok"
+        assert run(capsys, "encode", inputs["stereo"], atok, "--model", dst)[0] == 0
+        assert torch.equal(CodeFile.load(atok).codes, reference)
+        assert run(capsys, "decode", atok, tmp_path / f"{fmt}.wav", "--model", model_dir)[0] == 0
