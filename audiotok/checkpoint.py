@@ -322,9 +322,12 @@ def save_transformers(checkpoint: Checkpoint, folder: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a local checkpoint of any supported format: a model folder or a ``.pth`` file."""
+    """Read a local checkpoint of any supported format: a model folder, a training run folder (its
+    ``latest`` generator) or a ``.pth`` file."""
     path = Path(path)
     if path.is_dir():
+        if not (path / CONFIG_FILE).exists() and (path / "latest" / CONFIG_FILE).exists():
+            path = path / "latest"  # a training run: its latest generator
         return load_folder(path)
     if path.is_file():
         if path.suffix in (".pth", ".pt"):

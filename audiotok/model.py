@@ -107,17 +107,19 @@ class Encoder(nn.Module):
 class DecoderBlock(nn.Module):
     """Snake, transposed conv upsampling by ``stride``, residual units.
 
-    ``[B, in_dim, F]`` -> ``[B, out_dim, F * stride]``. ``output_padding = stride % 2`` makes the
-    length exact for odd strides (the reference loses one sample per odd stage).
+    ``[B, in_dim, F]`` -> ``[B, out_dim, F * stride]``. The reference loses one sample per odd-stride
+    stage; ``output_padding = 1`` makes the length exact for odd strides above 1, and for stride 1
+    (where output_padding is not allowed) one zero input frame does the same.
     """
 
     def __init__(self, in_dim: int, out_dim: int, stride: int):
         super().__init__()
         self.stride = stride
+        self.extend = stride == 1
         self.snake1 = Snake1d(in_dim)
         self.conv_t1 = wn_conv_transpose1d(
             in_dim, out_dim, kernel_size=2 * stride, stride=stride,
-            padding=math.ceil(stride / 2), output_padding=stride % 2,
+            padding=math.ceil(stride / 2), output_padding=int(stride > 1 and stride % 2 == 1),
         )
         self.res_unit1 = ResidualUnit(out_dim, 1)
         self.res_unit2 = ResidualUnit(out_dim, 3)
@@ -126,7 +128,10 @@ class DecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, lengths: Lengths = None) -> torch.Tensor:
         """``lengths``: valid input positions per item."""
         lengths = _scale(lengths, self.stride)
-        x = zero_tail(self.conv_t1(self.snake1(x)), lengths)
+        x = self.snake1(x)
+        if self.extend:
+            x = F.pad(x, (0, 1))
+        x = zero_tail(self.conv_t1(x), lengths)
         for unit in (self.res_unit1, self.res_unit2, self.res_unit3):
             x = unit(x, lengths)
         return x

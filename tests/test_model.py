@@ -50,6 +50,22 @@ def test_44khz_parameter_counts():
     assert count(model.decoder) == pytest.approx(54.1, abs=0.1)
 
 
+@pytest.mark.parametrize("encoder_rates, decoder_rates", [
+    ([2, 4, 4, 4], [4, 4, 2, 2, 2, 1]),    # the paper's 128x ablation: a stride-1 decoder stage
+    ([2, 6, 8, 8], [6, 4, 4, 2, 2, 2]),    # 768x
+    ([2, 8, 8, 12], [12, 4, 4, 2, 2, 2]),  # 1536x
+    ([3, 5], [5, 3]),                      # odd strides only
+])
+def test_downsampling_ablation_lengths(encoder_rates, decoder_rates):
+    config = DACConfig(encoder_dim=2, encoder_rates=encoder_rates, decoder_dim=64, decoder_rates=decoder_rates,
+                       n_codebooks=2, codebook_size=16, codebook_dim=2)
+    model = DAC(config).eval()
+    x = torch.randn(1, 1, 3 * config.hop_length + 1)
+    with torch.no_grad():
+        assert model(x)[0].shape == x.shape
+        assert model.decode(model.encode(x).z).shape[-1] == 4 * config.hop_length
+
+
 def test_independent_decoder_rates():
     # The paper's downsampling ablations: six decoder stages against four encoder stages.
     config = DACConfig(encoder_dim=4, encoder_rates=[2, 4, 8, 8], decoder_dim=64, decoder_rates=[2, 2, 2, 4, 4, 4],

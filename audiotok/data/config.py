@@ -1,0 +1,173 @@
+"""Data configuration from plain dicts (YAML recipes), source specs, and the real-audio manifest."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .dataset import ExcerptDataset, Excerpt, SourceGroup, build_validation_set
+from .sources import AudioFileSource, AudioFolderSource, AudioSource, HFDatasetSource, WebDatasetSource
+
+#: Manifest categories (``make_manifest.py``) -> groups. ``speech8k`` (8 kHz telephone speech,
+#: eval only) stays apart so that it is not averaged with wide-band speech.
+MANIFEST_GROUPS = {
+    "speech": "speech", "music": "music", "instrument": "music", "general": "general", "speech8k": "speech8k",
+}
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Rows of a ``manifest.csv`` written by ``make_manifest.py`` (``path``: the file or its folder).
+
+    Columns: split, category, source, license, path (relative to the manifest's folder), sr,
+    channels, seconds, format, subtype.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.csv"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = {"split", "category", "path"} - set(rows[0] if rows else {"split", "category", "path"})
+    if missing:
+        raise ValueError(f"{path}: not a manifest, missing columns {sorted(missing)}")
+    return rows
+
+
+def sources_from_manifest(
+    path: str | os.PathLike,
+    split: str | Sequence[str] = "train",
+    groups: Mapping[str, str] = MANIFEST_GROUPS,
+) -> dict[str, AudioFileSource]:
+    """Group name -> :class:`AudioFileSource` over the manifest's files of ``split`` (one split
+    name or several). Categories are mapped to groups by ``groups``; others are left out."""
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    splits = {split} if isinstance(split, str) else set(split)
+    files: dict[str, list[str]] = {}
+    for row in read_manifest(path):
+        group = groups.get(row["category"])
+        if row["split"] in splits and group is not None:
+            files.setdefault(group, []).append(row["path"])
+    label = "+".join(sorted(splits))
+    return {g: AudioFileSource(f, root=root, name=f"manifest:{label}:{g}") for g, f in sorted(files.items())}
+
+
+def build_sources(spec: Mapping[str, Any]) -> list[AudioSource]:
+    """Sources from a spec dict; ``type`` selects the kind, other keys are its arguments:
+
+    * ``{"type": "folder", "root": ..., "extensions": [...], "name": ...}``
+    * ``{"type": "hf", "path": ..., "split": "train", "audio_column": "audio", "streaming": false, ...}``
+      (further keys go to ``load_dataset``)
+    * ``{"type": "webdataset", "urls": ..., "audio_keys": [...], "size": ...}``
+    * ``{"type": "manifest", "path": ..., "split": "train", "group": "speech"}`` (``group``: one
+      name or a list, of :data:`MANIFEST_GROUPS` values)
+    """
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    try:
+        if kind == "folder":
+            return [AudioFolderSource(**spec)]
+        if kind == "hf":
+            return [HFDatasetSource(spec.pop("path"), **spec)]
+        if kind == "webdataset":
+            return [WebDatasetSource(spec.pop("urls"), **spec)]
+        if kind == "manifest":
+            wanted = spec.pop("group")
+            found = sources_from_manifest(spec.pop("path"), **spec)
+            names = [wanted] if isinstance(wanted, str) else list(wanted)
+            absent = [n for n in names if n not in found]
+            if absent:
+                raise ValueError(f"manifest has no files for groups {absent}; it has {sorted(found)}")
+            return [found[n] for n in names]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"bad {kind} source spec {spec}: {e}") from e
+    raise ValueError(f"source spec type must be folder, hf, webdataset or manifest, got {kind!r}")
+
+
+@dataclass
+class GroupConfig:
+    """A group of sources: relative ``weight`` and a list of :func:`build_sources` specs."""
+
+    weight: float = 1.0
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _groups(value: Mapping[str, Any]) -> dict[str, GroupConfig]:
+    out = {}
+    for name, group in value.items():
+        if isinstance(group, GroupConfig):
+            out[name] = group
+        elif isinstance(group, Mapping) and set(group) <= {"weight", "sources"}:
+            out[name] = GroupConfig(float(group.get("weight", 1.0)), [dict(s) for s in group.get("sources", [])])
+        else:
+            raise ValueError(f"group {name!r} must be a mapping with 'weight' and 'sources', got {group!r}")
+        if not out[name].sources:
+            raise ValueError(f"group {name!r} has no sources")
+    return out
+
+
+@dataclass
+class DataConfig:
+    """Training and validation data (defaults: the DAC recipe).
+
+    ``groups`` / ``val_groups``: name -> ``{"weight": w, "sources": [spec, ...]}`` (see
+    :func:`build_sources`); ``balance=False`` weights sources by size instead of group weights.
+    """
+
+    sample_rate: int = 44100
+    duration: float = 0.38
+    groups: dict[str, GroupConfig] = field(default_factory=dict)
+    balance: bool = True
+    seed: int = 0
+    loudness_target: float = -16.0
+    min_loudness: float = -40.0
+    salient_tries: int = 8
+    phase_shift: bool = True
+    max_draws: int = 32
+    val_groups: dict[str, GroupConfig] = field(default_factory=dict)
+    val_duration: float = 5.0
+    val_per_group: int = 16
+
+    def __post_init__(self) -> None:
+        self.groups = _groups(self.groups)
+        self.val_groups = _groups(self.val_groups)
+        if self.sample_rate <= 0 or self.duration <= 0 or self.val_duration <= 0:
+            raise ValueError("sample_rate, duration and val_duration must be positive")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown data config keys {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def source_groups(self, validation: bool = False) -> dict[str, SourceGroup]:
+        groups = self.val_groups if validation else self.groups
+        return {
+            name: SourceGroup(group.weight, [src for spec in group.sources for src in build_sources(spec)])
+            for name, group in groups.items()
+        }
+
+    def train_dataset(self, rank: int = 0, world_size: int = 1, block_size: int = 1) -> ExcerptDataset:
+        """The training stream of one rank; ``block_size``: the per-rank DataLoader batch size."""
+        return ExcerptDataset(
+            self.source_groups(), self.sample_rate, self.duration, balance=self.balance, seed=self.seed,
+            rank=rank, world_size=world_size, block_size=block_size, min_loudness=self.min_loudness,
+            salient_tries=self.salient_tries, loudness_target=self.loudness_target,
+            phase_shift=self.phase_shift, max_draws=self.max_draws,
+        )
+
+    def validation_set(self) -> list[Excerpt]:
+        if not self.val_groups:
+            raise ValueError("no val_groups configured")
+        return build_validation_set(
+            self.source_groups(validation=True), self.sample_rate, self.val_duration, self.val_per_group,
+            seed=self.seed, min_loudness=self.min_loudness, salient_tries=self.salient_tries,
+            loudness_target=self.loudness_target,
+        )

@@ -1,0 +1,501 @@
+"""Raw audio sources for training: folders and file lists, Hugging Face datasets, WebDataset shards.
+
+Every source yields :class:`Record` ``(key, audio [C, T] float32, sample_rate)``. Audio is always
+decoded with soundfile (libsndfile), never with torchcodec/FFmpeg. A record that cannot be used
+(unreadable or corrupt data, no samples, NaN/Inf samples, no audio member) is never fatal: it is
+reported as a :class:`DecodeError`, skipped, and counted in the source's :class:`SkipCounter`.
+
+Two access patterns:
+
+* random access (``source.random_access`` is True): ``len(source)``, ``source.load(i)`` (full
+  decode) and ``source.clip(i)`` (a :class:`~audiotok.data.transforms.Clip` that reads only the
+  frames asked for, so an excerpt of a long file costs a seek, not a full decode);
+* streaming: ``source.records(part, num_parts, epoch, seed)`` iterates one disjoint part of the
+  data; parts ``0..num_parts-1`` together cover every record exactly once per epoch.
+
+``records()`` exists for both kinds and yields ``Record`` or ``DecodeError`` items; iterating a
+source (``for rec in source``) yields the good records of part 0 of 1 and counts the rest.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ..audio import load_audio, to_float_array
+from .transforms import ArrayClip, Clip
+
+logger = logging.getLogger(__name__)
+
+#: Extensions :class:`AudioFolderSource` lists (all read by libsndfile >= 1.1).
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One decoded item: ``audio`` is float32 ``[C, T]`` with ``C, T >= 1`` and finite samples."""
+
+    key: str
+    audio: np.ndarray
+    sample_rate: int
+
+
+class DecodeError(Exception):
+    """A record that cannot be used. ``reason`` is one of ``decode``, ``empty``, ``nonfinite``,
+    ``missing``, ``noaudio`` or ``shard`` (an unreadable WebDataset shard)."""
+
+    def __init__(self, key: str, reason: str, detail: str = ""):
+        super().__init__(f"{key}: {reason}" + (f" ({detail})" if detail else ""))
+        self.key, self.reason, self.detail = key, reason, detail
+
+
+class SkipCounter:
+    """Counts skipped records per reason and keeps the first few keys of each.
+
+    The first ``max_examples`` skips of each reason are logged as warnings, later ones at debug
+    level. With DataLoader workers each worker process has its own counter.
+    """
+
+    def __init__(self, name: str, max_examples: int = 5):
+        self.name = name
+        self.max_examples = max_examples
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, list[str]] = collections.defaultdict(list)
+
+    def add(self, error: DecodeError) -> None:
+        self.counts[error.reason] += 1
+        examples = self.examples[error.reason]
+        if len(examples) < self.max_examples:
+            examples.append(error.key)
+            logger.warning("%s: skipping %s", self.name, error)
+        else:
+            logger.debug("%s: skipping %s", self.name, error)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.name!r}, {dict(self.counts)})"
+
+
+def check_audio(key: str, audio: np.ndarray, sample_rate: int) -> Record:
+    """Validate decoded ``[C, T]`` (or ``[T]``) audio into a :class:`Record`; raise :class:`DecodeError`."""
+    try:
+        audio = to_float_array(np.asarray(audio))
+    except (TypeError, ValueError) as e:
+        raise DecodeError(key, "decode", str(e)) from e
+    if audio.ndim == 1:
+        audio = audio[None]
+    if audio.ndim != 2:
+        raise DecodeError(key, "decode", f"audio has shape {audio.shape}, expected [T] or [C, T]")
+    if audio.size == 0:
+        raise DecodeError(key, "empty")
+    if not np.isfinite(audio).all():
+        raise DecodeError(key, "nonfinite")
+    if int(sample_rate) <= 0:
+        raise DecodeError(key, "decode", f"sample rate {sample_rate}")
+    return Record(key, audio, int(sample_rate))
+
+
+def decode_bytes(key: str, data: bytes) -> Record:
+    """Decode an encoded audio file held in memory (any libsndfile format)."""
+    import soundfile as sf
+
+    if not data:
+        raise DecodeError(key, "empty", "0 bytes")
+    try:
+        audio, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as e:  # LibsndfileError, RuntimeError, struct errors on odd headers
+        raise DecodeError(key, "decode", str(e)) from e
+    return check_audio(key, audio.T, sample_rate)
+
+
+def decode_file(key: str, path: str | os.PathLike) -> Record:
+    """Decode an audio file with :func:`audiotok.audio.load_audio`."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise DecodeError(key, "empty", "0 bytes")
+        audio, sample_rate = load_audio(path)
+    except FileNotFoundError as e:
+        raise DecodeError(key, "missing", str(e)) from e
+    except ValueError as e:
+        raise DecodeError(key, "decode", str(e)) from e
+    return check_audio(key, audio, sample_rate)
+
+
+class FileClip:
+    """An audio file read on demand: the header is parsed at construction, ``read`` seeks.
+
+    Raises :class:`DecodeError` for missing, unreadable or empty files, and from ``read`` for
+    corrupt data or NaN/Inf samples in the frames read.
+    """
+
+    def __init__(self, key: str, path: str | os.PathLike):
+        import soundfile as sf
+
+        self.key, self.path = key, str(path)
+        try:
+            if os.path.getsize(self.path) == 0:
+                raise DecodeError(key, "empty", "0 bytes")
+            info = sf.info(self.path)
+        except FileNotFoundError as e:
+            raise DecodeError(key, "missing", str(e)) from e
+        except DecodeError:
+            raise
+        except Exception as e:
+            raise DecodeError(key, "decode", str(e)) from e
+        if info.frames <= 0 or info.channels <= 0:
+            raise DecodeError(key, "empty")
+        self.sample_rate, self.num_frames, self.num_channels = int(info.samplerate), int(info.frames), info.channels
+
+    def read(self, start: int, frames: int) -> np.ndarray:
+        """``[C, frames']`` float32 from frame ``start`` (fewer frames at the end of the file)."""
+        import soundfile as sf
+
+        try:
+            with sf.SoundFile(self.path) as f:
+                f.seek(start)
+                audio = f.read(frames, dtype="float32", always_2d=True)
+        except Exception as e:
+            raise DecodeError(self.key, "decode", str(e)) from e
+        return check_audio(self.key, audio.T, self.sample_rate).audio
+
+
+class AudioSource:
+    """Base class: see the module docstring. Subclasses set ``name`` and ``random_access`` and
+    implement ``records`` (streaming) or ``__len__``/``load``/``clip`` (random access)."""
+
+    name: str
+    random_access: bool = False
+    #: Number of records when known (``len`` for random-access sources); used for size weighting.
+    size: int | None = None
+
+    def __init__(self, name: str):
+        self.name = name
+        self.skipped = SkipCounter(name)
+
+    def records(
+        self, part: int = 0, num_parts: int = 1, epoch: int = 0, seed: int | None = None
+    ) -> Iterator[Record | DecodeError]:
+        """Random-access default: indices ``part, part + num_parts, ...`` of the listed order
+        (``seed=None``) or of a permutation drawn from ``(seed, epoch)``."""
+        order = np.arange(len(self)) if seed is None else np.random.default_rng([seed, epoch]).permutation(len(self))
+        for i in order[part::num_parts]:
+            try:
+                yield self.load(int(i))
+            except DecodeError as e:
+                yield e
+
+    def __iter__(self) -> Iterator[Record]:
+        for item in self.records():
+            if isinstance(item, DecodeError):
+                self.skipped.add(item)
+            else:
+                yield item
+
+    def __len__(self) -> int:
+        raise TypeError(f"{type(self).__name__} {self.name!r} is a streaming source without random access")
+
+    def load(self, index: int) -> Record:
+        raise TypeError(f"{type(self).__name__} {self.name!r} is a streaming source without random access")
+
+    def clip(self, index: int) -> Clip:
+        """A :class:`~audiotok.data.transforms.Clip` for record ``index`` (default: decoded fully)."""
+        record = self.load(index)
+        return ArrayClip(record.audio, record.sample_rate, record.key)
+
+    def __repr__(self) -> str:
+        n = f", {self.size} records" if self.size is not None else ""
+        return f"{type(self).__name__}({self.name!r}{n})"
+
+
+class AudioFileSource(AudioSource):
+    """Random access over a list of audio files. Keys are paths relative to ``root`` when given."""
+
+    random_access = True
+
+    def __init__(
+        self, files: Sequence[str | os.PathLike], root: str | os.PathLike | None = None, name: str | None = None
+    ):
+        super().__init__(name or (str(root) if root is not None else "files"))
+        self.root = Path(root) if root is not None else None
+        self.files = [Path(f) if self.root is None else self.root / f for f in files]
+        self.size = len(self.files)
+
+    def key(self, index: int) -> str:
+        path = self.files[index]
+        return path.relative_to(self.root).as_posix() if self.root is not None else str(path)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> Record:
+        return decode_file(self.key(index), self.files[index])
+
+    def clip(self, index: int) -> FileClip:
+        return FileClip(self.key(index), self.files[index])
+
+
+class AudioFolderSource(AudioFileSource):
+    """Every file under ``root`` (recursively) whose extension is in ``extensions``, sorted by path."""
+
+    def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = AUDIO_EXTENSIONS, name: str | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such folder")
+        exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+        files = sorted(
+            os.path.relpath(os.path.join(d, f), root)
+            for d, _, names in os.walk(root, followlinks=True)
+            for f in names
+            if f.lower().endswith(exts)
+        )
+        super().__init__(files, root=root, name=name or root.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face datasets
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+class HFDatasetSource(AudioSource):
+    """A Hugging Face dataset, decoded with soundfile.
+
+    ``path_or_name`` is a folder written by ``save_to_disk`` (read with ``load_from_disk``), a
+    folder of audio files (``load_dataset("audiofolder", data_dir=...)``, labels and metadata
+    dropped), or a dataset id / builder name for ``load_dataset`` (``**load_kwargs`` passed on).
+    ``streaming=True`` gives an ``IterableDataset`` read through :meth:`records` only.
+
+    The audio column is cast to ``datasets.Audio(decode=False)``, so rows give the stored
+    ``{"bytes", "path"}`` and datasets never calls torchcodec; bytes are decoded in memory and
+    local paths are read with soundfile (remote paths through ``datasets``' ``xopen``). A column
+    of plain ``{"array", "sampling_rate"}`` dicts (array ``[T]`` or ``[C, T]``) or of path
+    strings works as well.
+    """
+
+    def __init__(
+        self,
+        path_or_name: str | os.PathLike,
+        split: str = "train",
+        audio_column: str = "audio",
+        streaming: bool = False,
+        name: str | None = None,
+        **load_kwargs: Any,
+    ):
+        import datasets
+
+        super().__init__(name or f"{path_or_name}:{split}")
+        self.audio_column = audio_column
+        self.streaming = streaming
+        path = Path(path_or_name)
+        if _is_saved_dataset(path):
+            if load_kwargs:
+                raise ValueError(f"{path} is a saved dataset: load_dataset arguments {sorted(load_kwargs)} don't apply")
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+            if streaming:
+                ds = ds.to_iterable_dataset()
+        elif path.is_dir():
+            # The audiofolder builder encodes its rows through Audio.encode_example, which needs
+            # torchcodec even for plain paths: declare the column as strings instead.
+            features = datasets.Features({audio_column: datasets.Value("string")})
+            ds = datasets.load_dataset(
+                "audiofolder", data_dir=str(path), split=split, streaming=streaming,
+                features=features, drop_labels=True, drop_metadata=True, **load_kwargs,
+            )
+        else:
+            ds = datasets.load_dataset(str(path_or_name), split=split, streaming=streaming, **load_kwargs)
+        if audio_column not in (ds.features or {}):
+            raise ValueError(f"{self.name}: no column {audio_column!r}; columns: {list(ds.features or {})}")
+        if isinstance(ds.features[audio_column], datasets.Audio):
+            ds = ds.cast_column(audio_column, datasets.Audio(decode=False))
+        self.dataset = ds.select_columns([audio_column])
+        self.random_access = not streaming
+        if not streaming:
+            self.size = len(self.dataset)
+        elif ds.info.splits and split in ds.info.splits:
+            self.size = ds.info.splits[split].num_examples or None
+
+    def _decode(self, key: str, value: Any) -> Record:
+        if value is None:
+            raise DecodeError(key, "empty", "no audio")
+        if isinstance(value, str):
+            value = {"path": value, "bytes": None}
+        if isinstance(value, dict) and value.get("array") is not None:
+            if value.get("sampling_rate") is None:
+                raise DecodeError(key, "decode", "array without sampling_rate")
+            return check_audio(key, np.asarray(value["array"], dtype=np.float32), value["sampling_rate"])
+        if not isinstance(value, dict):
+            raise DecodeError(key, "decode", f"unsupported audio value of type {type(value).__name__}")
+        if value.get("bytes"):
+            return decode_bytes(key, value["bytes"])
+        path = value.get("path")
+        if not path:
+            raise DecodeError(key, "empty", "neither bytes nor path")
+        if os.path.exists(path):
+            return decode_file(key, path)
+        from datasets.utils.file_utils import xopen
+
+        try:
+            with xopen(path, "rb") as f:
+                data = f.read()
+        except Exception as e:
+            raise DecodeError(key, "missing", str(e)) from e
+        return decode_bytes(key, data)
+
+    @staticmethod
+    def _key(label: int | str, value: Any) -> str:
+        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        return f"{label}:{path}" if path else str(label)
+
+    def __len__(self) -> int:
+        if self.streaming:
+            return super().__len__()
+        return len(self.dataset)
+
+    def load(self, index: int) -> Record:
+        if self.streaming:
+            return super().load(index)
+        value = self.dataset[index][self.audio_column]
+        return self._decode(self._key(index, value), value)
+
+    def clip(self, index: int) -> Clip:
+        value = self.dataset[index][self.audio_column]
+        path = value if isinstance(value, str) else value.get("path") if isinstance(value, dict) else None
+        in_memory = isinstance(value, dict) and (value.get("bytes") or value.get("array") is not None)
+        if path and not in_memory and os.path.isfile(path):
+            return FileClip(self._key(index, value), path)
+        record = self._decode(self._key(index, value), value)
+        return ArrayClip(record.audio, record.sample_rate, record.key)
+
+    def records(
+        self, part: int = 0, num_parts: int = 1, epoch: int = 0, seed: int | None = None
+    ) -> Iterator[Record | DecodeError]:
+        """Map-style: see :meth:`AudioSource.records`. Streaming: ``split_dataset_by_node`` gives
+        the part (whole shards when they divide evenly, else every ``num_parts``-th row); rows come
+        in dataset order (``epoch`` and ``seed`` are not used)."""
+        if not self.streaming:
+            yield from super().records(part, num_parts, epoch, seed)
+            return
+        from datasets.distributed import split_dataset_by_node
+
+        ds = split_dataset_by_node(self.dataset, rank=part, world_size=num_parts) if num_parts > 1 else self.dataset
+        for i, row in enumerate(ds):
+            value = row[self.audio_column]
+            key = self._key(f"part{part}.{i}", value)
+            try:
+                yield self._decode(key, value)
+            except DecodeError as e:
+                yield e
+
+
+# ---------------------------------------------------------------------------------------------
+# WebDataset shards
+
+
+def expand_urls(urls: str | Iterable[str]) -> list[str]:
+    """Brace patterns (``data-{000..099}.tar``) and, for local paths, globs -> list of shards.
+
+    Lists are expanded item by item; glob matches are sorted; order is otherwise kept.
+    """
+    import braceexpand
+
+    out: list[str] = []
+    for pattern in [urls] if isinstance(urls, str) else urls:
+        for url in braceexpand.braceexpand(str(pattern)):
+            if "://" not in url and not url.startswith("pipe:") and glob.has_magic(url):
+                matches = sorted(glob.glob(url))
+                if not matches:
+                    raise FileNotFoundError(f"no files match {url}")
+                out.extend(matches)
+            else:
+                out.append(url)
+    return out
+
+
+class WebDatasetSource(AudioSource):
+    """Tar shards in WebDataset layout (members ``KEY.EXT`` grouped by key), opened with
+    ``webdataset`` (local paths, ``pipe:``, ``http(s)://`` ... via ``webdataset.gopen``).
+
+    The first member whose extension (last dotted part, lower case) is in ``audio_keys`` is
+    decoded with soundfile. A sample without one is skipped as ``noaudio``; an unreadable shard
+    (or the unreadable rest of one) is skipped as ``shard``. Streaming only; ``size`` (the number
+    of samples, when known) is used for size weighting.
+    """
+
+    def __init__(
+        self,
+        urls_or_glob: str | Sequence[str],
+        audio_keys: Sequence[str] = ("flac", "wav", "mp3", "ogg", "opus"),
+        size: int | None = None,
+        name: str | None = None,
+    ):
+        self.shards = expand_urls(urls_or_glob)
+        if not self.shards:
+            raise ValueError("WebDatasetSource needs at least one shard")
+        super().__init__(name or os.path.basename(os.path.dirname(self.shards[0])) or self.shards[0])
+        self.audio_keys = tuple(k.lower().lstrip(".") for k in audio_keys)
+        self.size = size
+
+    def _samples(self, url: str) -> Iterator[dict | DecodeError]:
+        from webdataset.tariterators import tarfile_samples
+
+        errors: list[Exception] = []
+
+        def handler(exn: Exception) -> bool:
+            errors.append(exn)
+            return True
+
+        for sample in tarfile_samples(iter([{"url": url}]), handler=handler):
+            yield from (DecodeError(url, "shard", str(e)) for e in errors)
+            errors.clear()
+            yield sample
+        yield from (DecodeError(url, "shard", str(e)) for e in errors)
+
+    def _decode(self, sample: dict) -> Record:
+        key = f"{sample['__url__']}:{sample['__key__']}"
+        for ext, value in sample.items():
+            if not ext.startswith("__") and ext.rsplit(".", 1)[-1] in self.audio_keys:
+                return decode_bytes(key, value)
+        raise DecodeError(key, "noaudio", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
+
+    def records(
+        self, part: int = 0, num_parts: int = 1, epoch: int = 0, seed: int | None = None
+    ) -> Iterator[Record | DecodeError]:
+        """Shards in listed order (``seed=None``) or in an order drawn from ``(seed, epoch)``.
+
+        With at least ``num_parts`` shards, part ``p`` reads shards ``p, p + num_parts, ...`` of
+        that order; with fewer, every part reads all shards and keeps samples ``n`` with
+        ``n % num_parts == p`` (shard-level errors are then reported by part 0 only).
+        """
+        n = len(self.shards)
+        order = range(n) if seed is None else np.random.default_rng([seed, epoch]).permutation(n)
+        shards = [self.shards[i] for i in order]
+        by_shard = n >= num_parts
+        count = 0
+        for url in shards[part::num_parts] if by_shard else shards:
+            for sample in self._samples(url):
+                if isinstance(sample, DecodeError):
+                    if by_shard or part == 0:
+                        yield sample
+                    continue
+                count += 1
+                if not by_shard and (count - 1) % num_parts != part:
+                    continue
+                try:
+                    yield self._decode(sample)
+                except DecodeError as e:
+                    yield e

@@ -1,0 +1,164 @@
+"""Training configuration: typed sections loaded from YAML, with includes and command-line overrides.
+
+A config file is a mapping of sections (``model``, ``discriminator``, ``loss``, ``optim``, ``train``,
+``data``). ``include: [other.yml, ...]`` (paths relative to the including file) are merged first,
+section by section (a key replaces the included value as a whole), so a config states only what it
+changes. Overrides such as
+``train.batch_size=4`` or ``model.n_codebooks=12`` are applied last; values are parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import DACConfig
+
+
+def _strict(cls, data: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(names)}")
+    return cls(**data)
+
+
+@dataclass
+class DiscriminatorConfig:
+    """Sub-discriminators: MPD periods, MRD STFT windows with frequency bands, MSD rates."""
+
+    periods: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])
+    fft_sizes: list[int] = field(default_factory=lambda: [2048, 1024, 512])
+    bands: list[list[float]] = field(
+        default_factory=lambda: [[0.0, 0.1], [0.1, 0.25], [0.25, 0.5], [0.5, 0.75], [0.75, 1.0]])
+    msd_rates: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LossConfig:
+    """Loss settings and weights (the paper's lambdas). A zero adversarial and feature weight turns
+    the GAN off (the no-adv ablation): no discriminator is trained."""
+
+    mel_window_lengths: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024, 2048])
+    mel_n_mels: list[int] = field(default_factory=lambda: [5, 10, 20, 40, 80, 160, 320])
+    mel_clamp_eps: float = 1e-5
+    mel_pow: float = 1.0
+    mel_mag_weight: float = 0.0
+    stft_window_lengths: list[int] = field(default_factory=lambda: [2048, 512])
+    mel: float = 15.0
+    feature: float = 2.0
+    adversarial: float = 1.0
+    commitment: float = 0.25
+    codebook: float = 1.0
+    waveform: float = 0.0
+
+    @property
+    def gan(self) -> bool:
+        return self.adversarial > 0 or self.feature > 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.8, 0.99])
+    gamma: float = 0.999996
+    clip_discriminator: float = 10.0
+    clip_generator: float = 1000.0
+
+
+@dataclass
+class LoopConfig:
+    """The loop: global batch (split across ranks), iterations, precision, logging and checkpoints."""
+
+    batch_size: int = 12
+    num_iters: int = 250_000
+    bf16: bool = False
+    seed: int = 0
+    num_workers: int = 4
+    log_every: int = 50
+    valid_every: int = 1000
+    save_every: int = 1000
+    milestones: list[int] = field(default_factory=lambda: [10_000, 50_000, 100_000, 200_000])
+
+
+@dataclass
+class TrainConfig:
+    model: DACConfig = field(default_factory=DACConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = copy.deepcopy(data)
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown config sections {unknown}")
+        model = dict(data.get("model") or {})
+        preset = model.pop("preset", None)
+        return cls(
+            model=DACConfig.preset(preset, **model) if preset else DACConfig.from_dict(model),
+            discriminator=_strict(DiscriminatorConfig, data.get("discriminator") or {}, "discriminator"),
+            loss=_strict(LossConfig, data.get("loss") or {}, "loss"),
+            optim=_strict(OptimConfig, data.get("optim") or {}, "optim"),
+            train=_strict(LoopConfig, data.get("train") or {}, "train"),
+            data=data.get("data") or {},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Merge configs section by section: a key set in ``top`` replaces that key of the section as a
+    whole (so ``data.groups`` in an ablation replaces every group of the base)."""
+    out = dict(base)
+    for section, values in top.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section] = {**out[section], **values}
+        else:
+            out[section] = values
+    return out
+
+
+def read_config_dict(path: str | Path) -> dict[str, Any]:
+    """A config file with its includes resolved (no overrides)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: cannot read config: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config must be a mapping of sections")
+    merged: dict[str, Any] = {}
+    for include in data.pop("include", None) or []:
+        merged = _merge(merged, read_config_dict(path.parent / include))
+    return _merge(merged, data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a config dict."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    return TrainConfig.from_dict(apply_overrides(read_config_dict(path), list(overrides)))

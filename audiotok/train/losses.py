@@ -1,0 +1,190 @@
+"""Training losses and metrics of the Improved RVQGAN: multi-scale mel and STFT distances, SI-SDR and
+the least-squares GAN losses.
+
+Spectral losses compute in float32 with autocast switched off, so they give the same values inside a
+bf16/fp16 autocast region. Audio is ``[B, C, T]`` (C = 1 for the codec); ``x`` is the estimate and
+``y`` the reference.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.audio_utils import mel_filter_bank
+
+from .discriminator import FeatureMaps
+
+
+class Spectrogram(nn.Module):
+    """Magnitude STFT: hann window, hop = window / 4, centered with reflect padding.
+    ``[B, C, T]`` -> float32 ``[B, C, window // 2 + 1, 1 + T // hop]``."""
+
+    def __init__(self, window_length: int):
+        super().__init__()
+        self.window_length = window_length
+        self.hop_length = window_length // 4
+        self.register_buffer("window", torch.hann_window(window_length), persistent=False)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(audio.device.type, enabled=False):
+            spec = torch.stft(
+                audio.float().reshape(-1, audio.shape[-1]),
+                n_fft=self.window_length,
+                hop_length=self.hop_length,
+                window=self.window,
+                center=True,
+                pad_mode="reflect",
+                return_complex=True,
+            )
+        return spec.abs().unflatten(0, audio.shape[:-1])
+
+
+def slaney_mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
+    """Slaney mel filter bank from 0 Hz to ``sample_rate / 2`` with Slaney area normalization (as
+    ``librosa.filters.mel``'s defaults). Returns ``[n_mels, n_fft // 2 + 1]`` float32.
+
+    Narrow windows with many mels give a few all-zero filters, exactly as in the reference loss.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
+        filters = mel_filter_bank(
+            num_frequency_bins=n_fft // 2 + 1,
+            num_mel_filters=n_mels,
+            min_frequency=0.0,
+            max_frequency=sample_rate / 2,
+            sampling_rate=sample_rate,
+            norm="slaney",
+            mel_scale="slaney",
+            dtype=np.float32,
+        )
+    return torch.from_numpy(np.ascontiguousarray(filters.T))
+
+
+class MelSpectrogram(nn.Module):
+    """Mel spectrogram of the magnitude (power 1) STFT of :class:`Spectrogram`.
+    ``[B, C, T]`` -> float32 ``[B, C, n_mels, 1 + T // hop]``."""
+
+    def __init__(self, sample_rate: int, window_length: int, n_mels: int):
+        super().__init__()
+        self.spectrogram = Spectrogram(window_length)
+        self.register_buffer("filters", slaney_mel_filters(sample_rate, window_length, n_mels), persistent=False)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        magnitude = self.spectrogram(audio)
+        with torch.autocast(audio.device.type, enabled=False):
+            return self.filters @ magnitude
+
+
+def spectral_distance(
+    x: torch.Tensor, y: torch.Tensor, clamp_eps: float, pow: float, log_weight: float, mag_weight: float
+) -> torch.Tensor:
+    """``log_weight * L1(log10(clamp(x)^pow), log10(clamp(y)^pow)) + mag_weight * L1(x, y)`` on
+    non-negative spectrograms."""
+    log_x = x.clamp(min=clamp_eps).pow(pow).log10()
+    log_y = y.clamp(min=clamp_eps).pow(pow).log10()
+    return log_weight * F.l1_loss(log_x, log_y) + mag_weight * F.l1_loss(x, y)
+
+
+class MelSpectrogramLoss(nn.Module):
+    """Multi-scale mel distance: :func:`spectral_distance` of mel spectrograms, summed over scales.
+
+    Defaults are the final 44 kHz recipe: 7 scales (windows 32 to 2048, 5 to 320 mels), log-mel L1.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int,
+        window_lengths: Sequence[int] = (32, 64, 128, 256, 512, 1024, 2048),
+        n_mels: Sequence[int] = (5, 10, 20, 40, 80, 160, 320),
+        clamp_eps: float = 1e-5,
+        pow: float = 1.0,
+        log_weight: float = 1.0,
+        mag_weight: float = 0.0,
+    ):
+        super().__init__()
+        if len(window_lengths) != len(n_mels):
+            raise ValueError(f"{len(window_lengths)} window lengths but {len(n_mels)} mel sizes")
+        self.mels = nn.ModuleList(MelSpectrogram(sample_rate, w, n) for w, n in zip(window_lengths, n_mels))
+        self.clamp_eps, self.pow = clamp_eps, pow
+        self.log_weight, self.mag_weight = log_weight, mag_weight
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Estimate ``x`` and reference ``y``, both ``[B, C, T]`` -> scalar."""
+        terms = [
+            spectral_distance(mel(x), mel(y), self.clamp_eps, self.pow, self.log_weight, self.mag_weight)
+            for mel in self.mels
+        ]
+        return torch.stack(terms).sum()
+
+
+class MultiScaleSTFTLoss(nn.Module):
+    """Multi-scale STFT distance: :func:`spectral_distance` of magnitude STFTs (log of the squared
+    magnitude plus linear magnitude), summed over scales. Logged in training; the "STFT distance"
+    metric of the paper."""
+
+    def __init__(
+        self,
+        window_lengths: Sequence[int] = (2048, 512),
+        clamp_eps: float = 1e-5,
+        pow: float = 2.0,
+        log_weight: float = 1.0,
+        mag_weight: float = 1.0,
+    ):
+        super().__init__()
+        self.spectrograms = nn.ModuleList(Spectrogram(w) for w in window_lengths)
+        self.clamp_eps, self.pow = clamp_eps, pow
+        self.log_weight, self.mag_weight = log_weight, mag_weight
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Estimate ``x`` and reference ``y``, both ``[B, C, T]`` -> scalar."""
+        terms = [
+            spectral_distance(spec(x), spec(y), self.clamp_eps, self.pow, self.log_weight, self.mag_weight)
+            for spec in self.spectrograms
+        ]
+        return torch.stack(terms).sum()
+
+
+def si_sdr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Scale-invariant SDR in dB per item, after removing each item's mean. ``[B, ...]`` -> ``[B]``.
+
+    ``eps`` keeps silence and exact matches finite (an exact match gives about ``10 log10(energy / eps)``).
+    """
+    with torch.autocast(estimate.device.type, enabled=False):
+        est = estimate.float().flatten(1)
+        ref = reference.float().flatten(1)
+        est = est - est.mean(dim=-1, keepdim=True)
+        ref = ref - ref.mean(dim=-1, keepdim=True)
+        scale = (est * ref).sum(dim=-1, keepdim=True) / (ref.pow(2).sum(dim=-1, keepdim=True) + eps)
+        target = scale * ref
+        residual = est - target
+        return 10 * torch.log10((target.pow(2).sum(dim=-1) + eps) / (residual.pow(2).sum(dim=-1) + eps))
+
+
+def discriminator_loss(d_fake: list[FeatureMaps], d_real: list[FeatureMaps]) -> torch.Tensor:
+    """Least-squares D loss: sum over sub-discriminators of ``mean(D(fake)^2) + mean((1 - D(real))^2)``
+    on their logits (last feature map). Pass ``d_fake`` computed from detached generator output."""
+    terms = [
+        fake[-1].float().pow(2).mean() + (1 - real[-1].float()).pow(2).mean() for fake, real in zip(d_fake, d_real)
+    ]
+    return torch.stack(terms).sum()
+
+
+def generator_adversarial_loss(d_fake: list[FeatureMaps]) -> torch.Tensor:
+    """Least-squares G loss: sum over sub-discriminators of ``mean((1 - D(fake))^2)``."""
+    return torch.stack([(1 - fake[-1].float()).pow(2).mean() for fake in d_fake]).sum()
+
+
+def feature_matching_loss(d_fake: list[FeatureMaps], d_real: list[FeatureMaps]) -> torch.Tensor:
+    """Sum of ``L1(fake, real)`` over sub-discriminators and all their feature maps but the logits;
+    real features are detached."""
+    terms = [
+        F.l1_loss(f.float(), r.detach().float())
+        for fake, real in zip(d_fake, d_real)
+        for f, r in zip(fake[:-1], real[:-1])
+    ]
+    return torch.stack(terms).sum()

@@ -1,0 +1,234 @@
+"""The Improved RVQGAN training loop: one readable function, top to bottom.
+
+Each step: the generator reconstructs a batch of excerpts; the discriminator takes a step on the
+detached reconstruction (least-squares GAN); then the generator takes a step on
+mel + adversarial + feature-matching + VQ losses. Only rank 0 logs, validates and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from ..checkpoint import Checkpoint, load_checkpoint, load_weights
+from ..hub import resolve
+from ..model import DAC
+from .config import TrainConfig
+from .discriminator import Discriminator
+from .distributed import Dist, barrier, init_distributed, shutdown
+from .losses import (MelSpectrogramLoss, MultiScaleSTFTLoss, discriminator_loss, feature_matching_loss,
+                     generator_adversarial_loss, si_sdr)
+from .state import load_train_state, save_run_checkpoint
+
+log = logging.getLogger("audiotok.train")
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    """Torch's RNG (quantizer dropout) is reseeded every step, so a resumed run continues exactly."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+
+
+class Logger:
+    """JSONL always; TensorBoard when installed. Rank 0 only."""
+
+    def __init__(self, folder: Path):
+        self.jsonl = open(folder / "metrics.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(folder / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(f"{split}/{key}", value, step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def build_generator(config: TrainConfig, init_from: str | None) -> DAC:
+    """A generator with trainable weight norm: fresh, or initialised from any loadable checkpoint
+    (its architecture wins over the config's; quantizer dropout comes from the config)."""
+    if init_from is None:
+        return DAC(config.model)
+    checkpoint = load_checkpoint(resolve(init_from))
+    checkpoint.config.quantizer_dropout = config.model.quantizer_dropout
+    if checkpoint.config != config.model:
+        log.warning("fine-tuning %s: using its architecture %s", init_from, checkpoint.config)
+        config.model = checkpoint.config
+    return load_weights(DAC(config.model), checkpoint.state_dict)
+
+
+@torch.no_grad()
+def validate(generator: DAC, excerpts: list[torch.Tensor], mel_loss, stft_loss, device: torch.device,
+             batch_size: int = 4) -> dict[str, float]:
+    """Mel distance, STFT distance and SI-SDR of reconstructions of held-out excerpts ``[1, N]``."""
+    generator.eval()
+    totals = {"mel_distance": 0.0, "stft_distance": 0.0, "si_sdr": 0.0}
+    for i in range(0, len(excerpts), batch_size):
+        x = torch.stack(excerpts[i:i + batch_size]).to(device)
+        y, _ = generator(x)
+        n = x.shape[0]
+        totals["mel_distance"] += mel_loss(y, x).item() * n
+        totals["stft_distance"] += stft_loss(y, x).item() * n
+        totals["si_sdr"] += si_sdr(y, x).sum().item()
+    generator.train()
+    return {k: v / len(excerpts) for k, v in totals.items()}
+
+
+def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = None, init_from: str | None = None,
+          device: str | None = None) -> dict[str, Any]:
+    """Train (or resume, when ``save_path`` holds a run) until ``min(num_iters, max_steps)`` steps.
+
+    Returns the last logged training metrics.
+    """
+    from ..data import DataConfig
+
+    env, dev = init_distributed(device)
+    save_path = Path(save_path)
+    loop, weights = config.train, config.loss
+    end = min(loop.num_iters, max_steps or loop.num_iters)
+    if loop.batch_size % env.world_size:
+        raise ValueError(f"global batch {loop.batch_size} does not split across {env.world_size} ranks")
+    batch_per_rank = loop.batch_size // env.world_size
+
+    # -- state: fresh, fine-tuned, or resumed -------------------------------------------------
+    resume = (save_path / "latest" / "train_state.pt").exists()
+    torch.manual_seed(loop.seed)  # the same initial networks on every rank and every run
+    generator = build_generator(config, None if resume else init_from).to(dev)
+    discriminator = Discriminator(config.model.sample_rate, config.discriminator.periods,
+                                  config.discriminator.fft_sizes, config.discriminator.bands,
+                                  config.discriminator.msd_rates).to(dev)
+    opt_g = torch.optim.AdamW(generator.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas))
+    opt_d = torch.optim.AdamW(discriminator.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas))
+    sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, config.optim.gamma)
+    sched_d = torch.optim.lr_scheduler.ExponentialLR(opt_d, config.optim.gamma)
+    data_config = DataConfig.from_dict({**config.data, "sample_rate": config.model.sample_rate})
+    dataset = data_config.train_dataset(env.rank, env.world_size, block_size=batch_per_rank)
+    step, best = 0, math.inf
+    if resume:
+        state = load_train_state(save_path / "latest")
+        generator.load_state_dict(state["generator"])
+        discriminator.load_state_dict(state["discriminator"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        sched_g.load_state_dict(state["sched_g"])
+        sched_d.load_state_dict(state["sched_d"])
+        dataset.load_state_dict(state["data"])
+        step, best = state["step"], state["best"]
+    gen = DDP(generator) if env.enabled else generator
+    disc = DDP(discriminator) if env.enabled else discriminator
+
+    mel_loss = MelSpectrogramLoss(config.model.sample_rate, weights.mel_window_lengths, weights.mel_n_mels,
+                                  clamp_eps=weights.mel_clamp_eps, pow=weights.mel_pow,
+                                  mag_weight=weights.mel_mag_weight).to(dev)
+    stft_loss = MultiScaleSTFTLoss(weights.stft_window_lengths).to(dev)
+    loader = DataLoader(dataset, batch_size=batch_per_rank, num_workers=loop.num_workers,
+                        persistent_workers=loop.num_workers > 0)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=loop.bf16)
+
+    logger = val_set = None
+    if env.is_main:
+        save_path.mkdir(parents=True, exist_ok=True)
+        (save_path / "config.yml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        logger = Logger(save_path)
+        if data_config.val_groups:
+            val_set = [e.audio for e in data_config.validation_set()]
+        log.info("%s at step %d of %d; generator %.2fM, discriminator %.2fM parameters; %d rank(s) x batch %d",
+                 "resuming" if resume else "starting", step, end, sum(p.numel() for p in generator.parameters()) / 1e6,
+                 sum(p.numel() for p in discriminator.parameters()) / 1e6, env.world_size, batch_per_rank)
+
+    def checkpoint(folder: str) -> None:
+        state = {"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
+                 "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(),
+                 "sched_d": sched_d.state_dict(), "data": dataset.state_dict(consumed=step * batch_per_rank),
+                 "step": step, "best": best, "config": config.to_dict()}
+        save_run_checkpoint(save_path / folder, Checkpoint(config.model, generator.state_dict(), save_path.name), state)
+
+    # -- the loop -------------------------------------------------------------------------------
+    progress = None
+    if env.is_main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=end, initial=step, desc="train", dynamic_ncols=True, disable=None)
+    metrics: dict[str, float] = {}
+    batches = iter(loader)
+    started, first_step = time.perf_counter(), step
+    generator.train()
+    while step < end:
+        torch.manual_seed(_step_seed(loop.seed, env.rank, step))
+        x = next(batches).to(dev, non_blocking=True)  # [B, 1, N]
+        with autocast:
+            y, q = gen(x)
+
+        out: dict[str, torch.Tensor] = {}
+        if weights.gan:  # discriminator step on the detached reconstruction
+            with autocast:
+                out["disc"] = discriminator_loss(disc(y.detach()), disc(x))
+            opt_d.zero_grad(set_to_none=True)
+            out["disc"].backward()
+            out["grad_norm_d"] = torch.nn.utils.clip_grad_norm_(discriminator.parameters(), config.optim.clip_discriminator)
+            opt_d.step()
+            sched_d.step()
+
+        with autocast:  # generator step
+            out["mel"] = mel_loss(y, x)
+            out["stft"] = stft_loss(y, x)
+            out["waveform"] = torch.nn.functional.l1_loss(y.float(), x.float())
+            out["commitment"] = q.commitment_loss
+            out["codebook"] = q.codebook_loss
+            if weights.gan:
+                d_fake, d_real = disc(y), disc(x)
+                out["adversarial"] = generator_adversarial_loss(d_fake)
+                out["feature"] = feature_matching_loss(d_fake, d_real)
+            out["loss"] = sum(getattr(weights, k) * out[k] for k in
+                              ("mel", "waveform", "commitment", "codebook", "adversarial", "feature") if k in out)
+        opt_g.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        out["grad_norm"] = torch.nn.utils.clip_grad_norm_(generator.parameters(), config.optim.clip_generator)
+        opt_g.step()
+        sched_g.step()
+        step += 1
+
+        if env.is_main:
+            progress.update(1)
+            if step % loop.log_every == 0 or step == end:
+                metrics = {k: float(v.detach()) for k, v in out.items()}
+                metrics["lr"] = sched_g.get_last_lr()[0]
+                metrics["steps_per_s"] = (step - first_step) / max(time.perf_counter() - started, 1e-9)
+                logger.write(step, "train", metrics)
+                progress.set_postfix(mel=f"{metrics['mel']:.3f}", loss=f"{metrics['loss']:.2f}")
+            if val_set and step % loop.valid_every == 0:
+                val = validate(generator, val_set, mel_loss, stft_loss, dev)
+                logger.write(step, "val", val)
+                if val["mel_distance"] < best:
+                    best = val["mel_distance"]
+                    checkpoint("best")
+            if step % loop.save_every == 0 or step == end:
+                checkpoint("latest")
+            if step in loop.milestones:
+                checkpoint(f"step_{step}")
+        if step % loop.save_every == 0 or step == end:
+            barrier(env)
+
+    if env.is_main:
+        progress.close()
+        logger.close()
+    shutdown()
+    return metrics

@@ -1,0 +1,139 @@
+"""Training recipe: configs, a few CPU steps, exact resume, DDP on gloo, bad data, fine-tuning."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+from audiotok import AudioTokenizer
+from audiotok.train.config import load_config
+from audiotok.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "recipes" / "configs" / "tiny.yml"
+CONFIGS = sorted((REPO / "recipes" / "configs").rglob("*.yml"))
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory):
+    """A few seconds of tones and noise at mixed rates, plus files that cannot be trained on."""
+    root = tmp_path_factory.mktemp("audio")
+    rng = np.random.default_rng(0)
+    for i, sr in enumerate([44100, 22050, 48000, 44100]):
+        t = np.arange(int(sr * 1.5)) / sr
+        x = 0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(t.size)
+        sf.write(root / f"clip{i}.wav", x.astype(np.float32), sr)
+    (root / "corrupt.wav").write_bytes(b"RIFF\x00\x00not audio at all" * 10)
+    sf.write(root / "empty.wav", np.zeros(0, np.float32), 44100)
+    return root
+
+
+def tiny_config(audio_dir, *overrides):
+    source = f"[{{type: folder, root: {audio_dir}}}]"
+    return load_config(TINY, [f"data.groups={{all: {{weight: 1, sources: {source}}}}}",
+                              f"data.val_groups={{all: {{weight: 1, sources: {source}}}}}",
+                              "discriminator.periods=[2]", "discriminator.fft_sizes=[256]", *overrides])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "recipes" / "configs")))
+def test_every_config_loads(path):
+    config = load_config(path)
+    bands = config.discriminator.bands
+    assert all(0 <= a < b <= 1 for a, b in bands) and bands == sorted(bands)
+    if path.parent.name in ("ablations", "final"):
+        assert config.data["groups"] and config.data["val_groups"]  # every recipe says what it trains on
+    if path.name.startswith("downsampling"):
+        assert 6.5 < config.model.bitrate() / 1000 < 8.5  # the sweep holds the bitrate near 8 kbps
+
+
+def test_configs_follow_the_paper():
+    configs = REPO / "recipes" / "configs"
+    base = load_config(configs / "ablations" / "baseline.yml")
+    assert (base.train.batch_size, base.train.num_iters, base.model.quantizer_dropout) == (12, 250_000, 1.0)
+    final = load_config(configs / "final" / "44khz.yml")
+    assert (final.train.batch_size, final.train.num_iters, final.model.quantizer_dropout) == (72, 400_000, 0.5)
+    assert load_config(configs / "final" / "24khz.yml").model.n_codebooks == 32
+    assert load_config(configs / "ablations" / "no-mpd.yml").discriminator.msd_rates == [1]
+    assert not load_config(configs / "ablations" / "no-adv.yml").loss.gan
+    speech = load_config(configs / "ablations" / "only-speech.yml")
+    assert list(speech.data["groups"]) == ["speech"] and list(speech.data["val_groups"]) == ["speech"]
+    d = load_config(configs / "ablations" / "downsampling-1536x.yml").model
+    assert (d.hop_length, len(d.decoder_rates), d.encoder_dim) == (1536, 6, 96)
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_config(configs / "tiny.yml", ["train.batch_sise=3"])
+
+
+def test_mel_loss_goes_down(audio_dir, tmp_path):
+    config = tiny_config(audio_dir, "optim.lr=0.002", "train.valid_every=1000", "train.save_every=1000")
+    train(config, tmp_path / "run", max_steps=24, device="cpu")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    mel = [r["mel"] for r in rows if r["split"] == "train"]
+    assert len(mel) == 24
+    assert np.mean(mel[-6:]) < 0.85 * np.mean(mel[:6])
+    tok = AudioTokenizer.from_pretrained(tmp_path / "run")  # a run folder loads its latest generator
+    assert tok.model.is_folded and tok.sample_rate == 44100
+
+
+def _final_weights(run):
+    return load_file(run / "latest" / "model.safetensors")
+
+
+def test_resume_continues_exactly(audio_dir, tmp_path):
+    config = tiny_config(audio_dir, "train.valid_every=1000", "train.save_every=3")
+    train(config, tmp_path / "straight", max_steps=6, device="cpu")
+    train(config, tmp_path / "resumed", max_steps=3, device="cpu")
+    train(config, tmp_path / "resumed", max_steps=6, device="cpu")
+    a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows = lambda run: [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["loss"] for r in rows(tmp_path / "straight")] == [r["loss"] for r in rows(tmp_path / "resumed")]
+
+
+def test_bad_files_are_skipped(audio_dir, tmp_path):
+    from audiotok.data import DataConfig
+
+    config = tiny_config(audio_dir)
+    dataset = DataConfig.from_dict({**config.data, "sample_rate": 44100}).train_dataset()
+    stream = iter(dataset)
+    batch = [next(stream) for _ in range(40)]
+    assert all(x.shape == (1, round(0.2 * 44100)) and torch.isfinite(x).all() for x in batch)
+    (source,) = {src for _, src in dataset.entries}
+    assert source.skipped.counts.get("decode", 0) >= 1 and source.skipped.counts.get("empty", 0) >= 1
+
+
+def test_finetune_from_a_pretrained_model(audio_dir, tmp_path):
+    from audiotok.config import DACConfig
+    from conftest import random_tokenizer
+
+    source = random_tokenizer(DACConfig.preset("tiny-44khz"), seed=5)
+    source.export_transformers(tmp_path / "hf")
+    config = tiny_config(audio_dir, "train.valid_every=1000", "optim.lr=0.0")
+    train(config, tmp_path / "ft", max_steps=1, init_from=str(tmp_path / "hf"), device="cpu")
+    tuned = AudioTokenizer.from_pretrained(tmp_path / "ft")
+    x = np.random.default_rng(1).standard_normal(8000).astype(np.float32) * 0.1
+    # lr 0: the generator is still the source model (weight norm re-derived from its plain weights)
+    torch.testing.assert_close(tuned.decode(tuned.encode(x, 44100)), source.decode(source.encode(x, 44100)),
+                               rtol=0, atol=1e-4)
+
+
+def test_two_process_gloo_run(audio_dir, tmp_path):
+    source = f"[{{type: folder, root: {audio_dir}}}]"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "recipes" / "train.py"), "--config", str(TINY), "--save-path", str(tmp_path / "ddp"),
+           "--max-steps", "3", "--device", "cpu", f"data.groups={{all: {{weight: 1, sources: {source}}}}}",
+           "data.val_groups={}", "discriminator.periods=[2]", "discriminator.fft_sizes=[256]", "train.save_every=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(s) for s in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # one writer: rank 0
+    assert AudioTokenizer.from_pretrained(tmp_path / "ddp").sample_rate == 44100
