@@ -165,6 +165,7 @@ class _Evil:
         return (os.system, ("touch /tmp/audiotok_pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pth_loading_never_runs_code(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:

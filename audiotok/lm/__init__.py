@@ -1,0 +1,39 @@
+"""Feeding audio codes to language models: codebook patterns, token ids, packing, code datasets.
+
+Token id layout (:class:`CodeVocabulary`, ``S = codebook_size``, ``K = n_codebooks``)::
+
+    offsets=True   code c of codebook k -> k*S + c        ids [0, K*S)
+                   special i            -> K*S + i        pad K*S, bos K*S+1, eos K*S+2 (default specials)
+    offsets=False  code c (any codebook) -> c             ids [0, S)
+                   special i            -> S + i          pad S, bos S+1, eos S+2
+
+Patterns (:class:`CodebookPattern`) for codes ``[K, F]``:
+
+* ``flatten``: ``[bos, c0f0, c1f0, ..., c(K-1)f0, c0f1, ..., eos]``, length ``K*F + 2``;
+* ``delay``: ``[K, F+K+1]``, row ``k`` = ``[bos, pad*k, codes[k], pad*(K-1-k), eos]``;
+* ``parallel``: ``[K, F+2]``, row ``k`` = ``[bos, codes[k], eos]``.
+
+Needs ``pyarrow`` (the ``data`` extra) to read Parquet shards.
+"""
+
+from .dataset import FORMAT, FORMAT_VERSION, CodeDataset, CodeRecord, LMTokenDataset
+from .packing import IGNORE_INDEX, pack_sequences, pad_to_length
+from .patterns import DELAY_PAD, CodebookPattern, apply_pattern, invert_pattern
+from .vocab import DEFAULT_SPECIAL, CodeVocabulary
+
+__all__ = [
+    "DEFAULT_SPECIAL",
+    "DELAY_PAD",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "IGNORE_INDEX",
+    "CodeDataset",
+    "CodeRecord",
+    "CodeVocabulary",
+    "CodebookPattern",
+    "LMTokenDataset",
+    "apply_pattern",
+    "invert_pattern",
+    "pack_sequences",
+    "pad_to_length",
+]
