@@ -28,7 +28,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -150,7 +150,8 @@ class CodeDataset:
         """A vocabulary for these codes: the model's ``codebook_size`` and ``n_codebooks`` (or the first
         ``n_codebooks``); the same for every pattern."""
         config = self.config
-        return CodeVocabulary(config.codebook_size, n_codebooks or config.n_codebooks, offsets, tuple(special))
+        n_codebooks = config.n_codebooks if n_codebooks is None else n_codebooks
+        return CodeVocabulary(config.codebook_size, n_codebooks, offsets, tuple(special))
 
     def split_by_rank(self, rank: int, world_size: int) -> CodeDataset:
         """The part of this dataset that process ``rank`` of ``world_size`` reads: shards ``rank``,
@@ -226,7 +227,7 @@ class LMTokenDataset(IterableDataset):
             raise ValueError(f"n_codebooks must be in [1, {vocab.n_codebooks}], got {self.n_codebooks}")
         self.pad_id = vocab.special_id("pad")
 
-    def sequences(self, records: CodeDataset) -> Iterator[np.ndarray]:
+    def sequences(self, records: Iterable[CodeRecord]) -> Iterator[np.ndarray]:
         """Token ids of each selected channel of each record, unpacked."""
         for record in records:
             channels = record.channel_codes
