@@ -9,11 +9,19 @@ Running again with the same --save-path resumes from its latest checkpoint. Trai
 ``section.key=value`` arguments override the config (values parsed as YAML).
 """
 
-import argparse
-import logging
+import os
+import sys
 
-from audiotok.train.config import load_config
-from audiotok.train.trainer import train
+# Python puts a script's folder first on sys.path, where recipes/tokenize.py would shadow the
+# standard library's tokenize module: drop it.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+
+from audiotok.train.config import load_config  # noqa: E402
+from audiotok.train.trainer import train  # noqa: E402
 
 
 def main() -> None:
