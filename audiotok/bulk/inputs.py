@@ -1,0 +1,302 @@
+"""The input side of a bulk job: which source, how it is split, and decoding in DataLoader workers.
+
+Partition. A job with ``world_size`` ranks and ``W = max(1, num_workers)`` DataLoader workers per
+rank splits the source into ``P = world_size * W`` *parts* with the sources' own partitioning:
+part ``p = rank * W + worker`` is ``source.records(p, P)`` (seed ``None``: listed order, no
+shuffle). Parts never overlap and together cover every record once. Each part is a deterministic,
+ordered stream; an item's *position* is its index in that stream, counting both good records and
+:class:`~audiotok.data.DecodeError` items (so failures are positions too).
+
+Random-access sources (folders, saved / non-streaming Hugging Face datasets) give part ``p`` the
+indices ``p, p + P, ...`` (as ``AudioSource.records`` does with ``seed=None``), so resuming at a
+position costs nothing. Streaming sources (WebDataset shards, streaming Hugging Face datasets) are
+read from the start of the part and the first ``start`` items are passed over without decoding
+their audio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..audio import downmix, resample
+from ..data.sources import (
+    AUDIO_EXTENSIONS,
+    AudioFolderSource,
+    AudioSource,
+    DecodeError,
+    HFDatasetSource,
+    Record,
+    WebDatasetSource,
+)
+
+INPUT_TYPES = ("folder", "hf", "webdataset")
+DEFAULT_WEBDATASET_KEYS = ("flac", "wav", "mp3", "ogg", "opus")
+
+
+@dataclass
+class InputSpec:
+    """What to read.
+
+    Attributes:
+        type: ``folder`` (audio files under a folder, sorted by path), ``hf`` (a Hugging Face dataset:
+            a ``save_to_disk`` folder, a folder of audio files read as ``audiofolder``, or a hub id /
+            builder name) or ``webdataset`` (tar shards: paths, globs or brace patterns).
+        path: the folder, dataset, or shard pattern(s) (a list for several patterns).
+        split: dataset split (``hf``).
+        audio_column: column holding the audio (``hf``).
+        audio_keys: extensions of the audio member (``webdataset``, default flac, wav, mp3, ogg,
+            opus) or of the files to list (``folder``, default every format libsndfile reads).
+        streaming: read a Hugging Face dataset as an ``IterableDataset`` (``hf``).
+    """
+
+    type: str
+    path: str | list[str]
+    split: str = "train"
+    audio_column: str = "audio"
+    audio_keys: list[str] | None = None
+    streaming: bool = False
+
+    def __post_init__(self) -> None:
+        if self.type not in INPUT_TYPES:
+            raise ValueError(f"input type must be one of {INPUT_TYPES}, got {self.type!r}")
+        if isinstance(self.path, (list, tuple)):
+            self.path = [str(p) for p in self.path]
+            if len(self.path) == 1:
+                self.path = self.path[0]
+        else:
+            self.path = str(self.path)
+        if isinstance(self.path, list) and self.type != "webdataset":
+            raise ValueError(f"a {self.type} input takes one path, got {len(self.path)}")
+        if self.audio_keys is not None:
+            keys = self.audio_keys.split(",") if isinstance(self.audio_keys, str) else self.audio_keys
+            self.audio_keys = [k.strip().lower().lstrip(".") for k in keys if k.strip().strip(".")]
+
+    def build(self) -> AudioSource:
+        """The :class:`~audiotok.data.AudioSource` that reads this input."""
+        if self.type == "folder":
+            exts = tuple("." + k for k in self.audio_keys) if self.audio_keys else AUDIO_EXTENSIONS
+            return AudioFolderSource(self.path, extensions=exts)
+        if self.type == "hf":
+            return HFDatasetSource(self.path, split=self.split, audio_column=self.audio_column,
+                                   streaming=self.streaming)
+        return WebDatasetSource(self.path, audio_keys=tuple(self.audio_keys or DEFAULT_WEBDATASET_KEYS))
+
+    def _where(self, path: str) -> str:
+        """Local paths made absolute (hub ids, URLs and ``pipe:`` commands as given)."""
+        if "://" in path or path.startswith("pipe:"):
+            return path
+        if self.type == "hf" and not os.path.exists(path):
+            return path
+        return os.path.abspath(path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings that apply to this input type (written to the manifest's ``input``; a
+        resumed job must have the same)."""
+        path = [self._where(p) for p in self.path] if isinstance(self.path, list) else self._where(self.path)
+        d: dict[str, Any] = {"type": self.type, "path": path}
+        if self.type == "hf":
+            d.update(split=self.split, audio_column=self.audio_column, streaming=self.streaming)
+        if self.type != "hf" and self.audio_keys:
+            d["audio_keys"] = list(self.audio_keys)
+        return d
+
+
+def source_fingerprint(source: AudioSource) -> dict[str, Any]:
+    """What must not change between a job and its resumption for positions to mean the same records."""
+    fp: dict[str, Any] = {"kind": type(source).__name__, "random_access": bool(source.random_access)}
+    if source.random_access:
+        fp["size"] = len(source)
+    if isinstance(source, WebDatasetSource):
+        fp["shards"] = list(source.shards)
+    return fp
+
+
+# ---------------------------------------------------------------------------------------------
+# One part of the source, as an ordered stream of (position, Record | DecodeError)
+
+
+def _placeholder(*args: Any, **kwargs: Any) -> Record:
+    raise DecodeError("", "skipped")
+
+
+@contextlib.contextmanager
+def _without_decoding(source: AudioSource) -> Iterator[None]:
+    """Streaming sources call ``self._decode`` once per item; shadowing it on the instance turns
+    each item into a cheap placeholder while the stream is advanced to the resume position."""
+    if getattr(type(source), "_decode", None) is None:
+        yield
+        return
+    source._decode = _placeholder  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        del source._decode
+
+
+def part_stream(source: AudioSource, part: int, num_parts: int, start: int = 0) -> Iterator[tuple[int, Record | DecodeError]]:
+    """``(position, Record | DecodeError)`` for positions ``start, start + 1, ...`` of part ``part``."""
+    if not 0 <= part < num_parts:
+        raise ValueError(f"part {part} out of range for {num_parts} parts")
+    if source.random_access:
+        indices = range(part, len(source), num_parts)
+        for position in range(start, len(indices)):
+            try:
+                yield position, source.load(indices[position])
+            except DecodeError as e:
+                yield position, e
+        if start > len(indices):
+            raise RuntimeError(f"{source.name}: part {part} has {len(indices)} records, fewer than the "
+                               f"{start} already done; the input changed since the job started")
+        return
+    stream = source.records(part, num_parts)
+    if start:
+        with _without_decoding(source):
+            skipped = sum(1 for _ in itertools.islice(stream, start))
+        if skipped < start:
+            raise RuntimeError(f"{source.name}: part {part} has {skipped} items, fewer than the {start} "
+                               f"already done; the input changed since the job started")
+    yield from zip(itertools.count(start), stream)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker-side items
+
+
+@dataclass
+class Decoded:
+    """A good record, resampled to the model rate (``audio`` ``[C', T']`` float32, ``C' = 1`` when
+    downmixed to mono), with what the output records about the source audio."""
+
+    part: int
+    position: int
+    key: str
+    audio: torch.Tensor
+    num_samples: int
+    sample_rate: int
+    channels: int
+
+    @property
+    def seconds(self) -> float:
+        return self.num_samples / self.sample_rate
+
+
+@dataclass
+class Failure:
+    """A position that yields no record: ``reason`` is a :class:`DecodeError` reason, ``short``
+    (shorter than ``min_seconds``, or no samples left after resampling), ``resample`` or ``encode``."""
+
+    part: int
+    position: int
+    key: str
+    reason: str
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"key": self.key, "reason": self.reason, "detail": self.detail}
+
+
+@dataclass
+class Bundle:
+    """Consecutive items of one part; ``end`` is the part's length once it is exhausted."""
+
+    part: int
+    items: list[Decoded | Failure] = field(default_factory=list)
+    end: int | None = None
+
+
+def prepare(part: int, position: int, item: Record | DecodeError, sample_rate: int, mono: bool,
+            min_seconds: float = 0.0) -> Decoded | Failure:
+    """A source item -> :class:`Decoded` (downmixed if ``mono``, resampled to ``sample_rate``
+    exactly as :meth:`AudioTokenizer.encode` does) or :class:`Failure`."""
+    if isinstance(item, DecodeError):
+        return Failure(part, position, item.key, item.reason, item.detail)
+    num_samples, channels = item.audio.shape[-1], item.audio.shape[0]
+    seconds = num_samples / item.sample_rate
+    if seconds < min_seconds:
+        return Failure(part, position, item.key, "short", f"{seconds:.3f} s < {min_seconds} s")
+    try:
+        audio = resample(downmix(item.audio) if mono else item.audio, item.sample_rate, sample_rate)
+    except Exception as e:  # soxr errors on odd rates
+        return Failure(part, position, item.key, "resample", f"{type(e).__name__}: {e}")
+    if audio.shape[-1] == 0:
+        return Failure(part, position, item.key, "short",
+                       f"{num_samples} samples at {item.sample_rate} Hz leave none at {sample_rate} Hz")
+    if not np.isfinite(audio).all():
+        return Failure(part, position, item.key, "nonfinite", "after resampling")
+    return Decoded(part, position, item.key, torch.from_numpy(np.ascontiguousarray(audio)), num_samples,
+                   item.sample_rate, channels)
+
+
+def _own_worker_info() -> tuple[int, int]:
+    """``(worker id, num_workers)``, then hide the worker info from the libraries the source uses.
+
+    A Hugging Face ``IterableDataset`` iterated inside a DataLoader worker splits itself among
+    the workers (``_iter_pytorch``); our parts are already per worker, so that second split would
+    drop records. Worker processes serve one iteration of this dataset only.
+    """
+    info = get_worker_info()
+    if info is None:
+        return 0, 1
+    from torch.utils.data._utils import worker as _worker
+
+    _worker._worker_info = None
+    return info.id, info.num_workers
+
+
+class PartReader(IterableDataset):
+    """The parts of one rank as a stream of :class:`Bundle`, decoded in DataLoader workers.
+
+    Worker ``w`` (``0`` without workers) reads part ``rank * workers_per_rank + w`` from position
+    ``starts[part]``; parts missing from ``starts`` (already finished) are not read. Bundles hold
+    about ``bundle_seconds`` of audio (or ``bundle_items`` items) and come in position order.
+    """
+
+    def __init__(self, source: AudioSource, starts: dict[int, int], rank: int, workers_per_rank: int,
+                 num_parts: int, sample_rate: int, mono: bool = True, min_seconds: float = 0.0,
+                 bundle_seconds: float = 60.0, bundle_items: int = 256):
+        self.source, self.starts = source, dict(starts)
+        self.rank, self.workers_per_rank, self.num_parts = rank, workers_per_rank, num_parts
+        self.sample_rate, self.mono, self.min_seconds = sample_rate, mono, min_seconds
+        self.bundle_seconds, self.bundle_items = bundle_seconds, bundle_items
+
+    def __iter__(self) -> Iterator[Bundle]:
+        worker, num_workers = _own_worker_info()
+        if num_workers != self.workers_per_rank:
+            raise RuntimeError(f"PartReader built for {self.workers_per_rank} workers runs with {num_workers}")
+        part = self.rank * self.workers_per_rank + worker
+        if part not in self.starts:
+            return
+        bundle, seconds, position = Bundle(part), 0.0, self.starts[part]
+        for position, item in part_stream(self.source, part, self.num_parts, self.starts[part]):
+            out = prepare(part, position, item, self.sample_rate, self.mono, self.min_seconds)
+            bundle.items.append(out)
+            seconds += out.seconds if isinstance(out, Decoded) else 0.0
+            if seconds >= self.bundle_seconds or len(bundle.items) >= self.bundle_items:
+                yield bundle
+                bundle, seconds = Bundle(part), 0.0
+            position += 1
+        bundle.end = position
+        yield bundle
+
+
+def identity_collate(x: Any) -> Any:
+    return x
+
+
+def fixed_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices grouped, longest first, so that ``len(group) * longest <= budget`` (a longer item alone)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups

@@ -1,0 +1,433 @@
+"""Bulk tokenization (audiotok.bulk, recipes/tokenize.py): exact codes, formats, manifest, resume, ranks."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from audiotok import AudioTokenizer
+from audiotok.bulk import BulkConfig, InputSpec, record_key, safe_name, tokenize_dataset
+from audiotok.bulk import job as bulk_job
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> (rate, channels, seconds); the 1.1 s file is chunked (chunk_seconds=0.5)
+GOOD = {
+    "a/mono16k.wav": (16000, 1, 0.3),
+    "a/stereo44k.flac": (44100, 2, 0.3),
+    "b/long22k.flac": (22050, 1, 1.1),
+    "b/tone48k.wav": (48000, 1, 0.3),
+    "c/v1.two.dots.wav": (8000, 1, 0.2),
+    "c/stereo24k.wav": (24000, 2, 0.25),
+}
+BAD = {"bad/corrupt.wav": "decode", "bad/empty.wav": "empty", "bad/nan.wav": "nonfinite",
+       "bad/noframes.wav": "empty", "bad/onesample96k.wav": "short"}
+
+
+def noise(rng, seconds, sr, channels):
+    t = np.arange(round(seconds * sr)) / sr
+    x = 0.3 * np.sin(2 * np.pi * 330 * t)[:, None] + 0.1 * rng.standard_normal((len(t), channels))
+    return x.astype(np.float32)
+
+
+def write_corpus(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name, (sr, ch, sec) in GOOD.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(root / name, noise(rng, sec, sr, ch), sr, subtype="PCM_16" if name.endswith(".wav") else "PCM_24")
+    (root / "bad").mkdir()
+    (root / "bad/corrupt.wav").write_bytes(rng.bytes(3000))
+    (root / "bad/empty.wav").write_bytes(b"")
+    sf.write(root / "bad/noframes.wav", np.zeros((0, 1), np.float32), 16000)
+    nan = noise(rng, 0.2, 16000, 1)
+    nan[50:60] = np.nan
+    sf.write(root / "bad/nan.wav", nan, 16000, subtype="FLOAT")
+    sf.write(root / "bad/onesample96k.wav", np.full((1, 1), 0.1, np.float32), 96000, subtype="FLOAT")
+    (root / "a/notes.txt").write_text("not audio")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny model gains nothing from more, and on a busy 2-core machine
+    OpenMP threads waiting for each other make every forward pass ~50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    AudioTokenizer.from_config("tiny-44khz", seed=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    return AudioTokenizer.from_pretrained(model_dir)
+
+
+_cache: dict = {}
+
+
+def direct_codes(tok, path, n_quantizers=None, mono=True) -> np.ndarray:
+    """What tokenizer.encode gives for the file alone: [K, F] (mono) or [C, K, F]."""
+    key = (str(path), n_quantizers, mono)
+    if key not in _cache:
+        audio, sr = sf.read(path, dtype="float32", always_2d=True)
+        enc = tok.encode(audio.T, sr, n_quantizers, mono=mono)
+        _cache[key] = enc.codes[0].numpy()
+    return _cache[key]
+
+
+def read_output(out: Path) -> tuple[dict, dict[str, tuple[dict, np.ndarray]]]:
+    """(manifest, {key: (metadata, codes)}) read back from the shards listed in the manifest."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    records: dict[str, tuple[dict, np.ndarray]] = {}
+    keys: list[str] = []
+    for shard in manifest["shards"]:
+        path = out / shard["path"]
+        n = 0
+        if path.suffix == ".tar":
+            members: dict[str, dict[str, bytes]] = {}
+            with tarfile.open(path) as tar:
+                for m in tar:
+                    key, ext = m.name.split(".", 1)
+                    members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+            for key, files in members.items():
+                assert set(files) == {"codes.npy", "json"}
+                meta = json.loads(files["json"])
+                codes = np.load(io.BytesIO(files["codes.npy"]), allow_pickle=False)
+                assert codes.dtype == np.uint16
+                records[key] = (meta, codes)
+                keys.append(key)
+                n += 1
+        else:
+            import pyarrow.parquet as pq
+
+            for row in pq.read_table(path).to_pylist():
+                codes = np.frombuffer(row["codes"], dtype="<u2").reshape(row["shape"])
+                meta = {k: v for k, v in row.items() if k not in ("codes", "shape")}
+                records[row["key"]] = (meta, codes)
+                keys.append(row["key"])
+                n += 1
+        assert n == shard["records"]
+        assert shard["frames"] == sum(records[k][0]["n_frames"] for k in keys[-n:])
+    assert len(keys) == len(set(keys)) == manifest["records"]
+    return manifest, records
+
+
+def check_against_direct(records, tok, path_of, n_quantizers=None, mono=True):
+    """Every record's codes equal the direct encode of its source file; every file appears once."""
+    seen = []
+    for key, (meta, codes) in records.items():
+        path = path_of(meta["source_key"])
+        want = direct_codes(tok, path, n_quantizers, mono)
+        np.testing.assert_array_equal(codes, want, err_msg=meta["source_key"])
+        info = sf.info(path)
+        assert (meta["num_samples"], meta["sample_rate"], meta["channels"]) == (info.frames, info.samplerate, info.channels)
+        assert meta["n_frames"] == codes.shape[-1] and meta["key"] == key and meta["model_id"] == "random"
+        assert "." not in key and "/" not in key
+        seen.append(os.path.basename(path))
+    return sorted(seen)
+
+
+def config(spec, out, model_dir, **kw) -> BulkConfig:
+    kw = {"num_workers": 2, "progress": False, "batch_seconds": 1.0, "chunk_seconds": 0.5, **kw}
+    return BulkConfig(spec, str(out), str(model_dir), **kw)
+
+
+def file_times(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.rglob("*"))}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_keys_are_webdataset_safe():
+    assert safe_name("a/b/song.v2.final.flac") == "song_v2_final"
+    assert safe_name("/data/shard-000.tar:sample.000") == "sample_000"
+    assert safe_name("17:clip.wav") == "clip" and safe_name("17") == "17" and safe_name("..") == "record"
+    assert record_key("x/y.wav", 3, 12) == "y_p3_12"
+    assert len(safe_name("n" * 500)) == 64
+
+
+@pytest.fixture(scope="module")
+def folder_job(corpus, model_dir, tmp_path_factory):
+    """The corpus folder tokenized to WebDataset shards of two records, with two workers."""
+    out = tmp_path_factory.mktemp("folder-job") / "out"
+    cfg = config(InputSpec("folder", str(corpus)), out, model_dir, shard_records=2)
+    return cfg, tokenize_dataset(cfg)
+
+
+def test_folder_to_webdataset_exact_and_rerun_does_nothing(corpus, tok, folder_job):
+    cfg, summary = folder_job
+    out = Path(cfg.output)
+    manifest, records = read_output(out)
+
+    assert check_against_direct(records, tok, lambda k: corpus / k) == sorted(os.path.basename(f) for f in GOOD)
+    assert manifest["format"] == "audiotok-code-dataset" and manifest["format_version"] == 1
+    assert manifest["config"] == tok.config.to_dict() and manifest["config_hash"] == tok.config.architecture_hash()
+    assert (manifest["hop_length"], manifest["frame_rate"]) == (512, tok.frame_rate)
+    assert (manifest["n_quantizers"], manifest["mono"], manifest["model_id"]) == (4, True, "random")
+    assert manifest["input"] == {"type": "folder", "path": str(corpus)}
+    assert manifest["records"] == len(GOOD) == summary.records == summary.run_records
+    hours = sum(round(sec * sr) / sr for sr, _, sec in GOOD.values()) / 3600
+    assert manifest["audio_hours"] == pytest.approx(hours) and summary.audio_hours == pytest.approx(hours)
+    assert {f["key"]: f["reason"] for f in manifest["failures"]} == BAD
+    assert all(set(f) == {"key", "reason", "detail"} for f in manifest["failures"])
+    assert summary.failures == len(BAD) and summary.throughput > 0
+    # two workers: two parts, each in shards of at most two records, nothing else in the folder
+    shards = sorted(p.name for p in out.glob("shard-*"))
+    assert shards == sorted(s["path"] for s in manifest["shards"]) and {s[:14] for s in shards} == {
+        "shard-r000-w00", "shard-r000-w01"}
+    assert all(s["records"] <= 2 for s in manifest["shards"])
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+    # readable with webdataset itself
+    import webdataset as wds
+
+    urls = [str(out / s["path"]) for s in manifest["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert sorted(s["__key__"] for s in samples) == sorted(records)
+    for s in samples:
+        np.testing.assert_array_equal(s["codes.npy"], records[s["__key__"]][1])
+
+    # a finished job run again does nothing
+    before = file_times(out)
+    again = tokenize_dataset(cfg)
+    assert file_times(out) == before
+    assert again.run_records == 0 and again.records == len(GOOD)
+    assert "nothing to do" in str(again)
+
+
+def test_saved_hf_dataset_to_parquet_per_channel(corpus, model_dir, tok, tmp_path):
+    from datasets import Audio, Dataset, load_dataset
+
+    files = [str(corpus / f) for f in sorted(GOOD)] + [str(corpus / "bad/corrupt.wav"), str(corpus / "bad/nan.wav")]
+    saved = tmp_path / "saved"
+    Dataset.from_dict({"sound": files}).cast_column("sound", Audio()).save_to_disk(str(saved))
+    out = tmp_path / "out"
+    spec = InputSpec("hf", str(saved), audio_column="sound")
+    tokenize_dataset(config(spec, out, model_dir, format="parquet", mono=False, n_quantizers=2, num_workers=1))
+    manifest, records = read_output(out)
+    by_name = {os.path.basename(f): f for f in files}
+    names = check_against_direct(records, tok, lambda k: by_name[k.split(":", 1)[1]], n_quantizers=2, mono=False)
+    assert names == sorted(os.path.basename(f) for f in GOOD)
+    assert all(codes.ndim == 3 and codes.shape[:2] == (meta["channels"], 2) for meta, codes in records.values())
+    assert (manifest["mono"], manifest["n_quantizers"]) == (False, 2)
+    assert manifest["input"] == {"type": "hf", "path": str(saved), "split": "train", "audio_column": "sound",
+                                 "streaming": False}
+    assert sorted(f["reason"] for f in manifest["failures"]) == ["decode", "nonfinite"]
+
+    import pyarrow.parquet as pq
+
+    shard = out / manifest["shards"][0]["path"]
+    assert [(f.name, str(f.type)) for f in pq.read_schema(shard)] == [
+        ("key", "string"), ("codes", "binary"), ("shape", "list<element: int32>"), ("n_frames", "int32"),
+        ("num_samples", "int64"), ("sample_rate", "int32"), ("channels", "int16"), ("source_key", "string"),
+        ("model_id", "string")]
+    ds = load_dataset("parquet", data_files=[str(out / s["path"]) for s in manifest["shards"]], split="train")
+    assert len(ds) == len(GOOD)
+    for row in ds:
+        want = records[row["key"]][1]
+        np.testing.assert_array_equal(np.frombuffer(row["codes"], "<u2").reshape(row["shape"]), want)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hf_audiofolder_and_streaming_with_workers(corpus, model_dir, tok, tmp_path, streaming):
+    """An audio folder through datasets' audiofolder builder; streaming with two DataLoader workers
+    (datasets would split a stream among workers a second time: every record must still come once)."""
+    out = tmp_path / "out"
+    spec = InputSpec("hf", str(corpus / "a"), streaming=streaming)
+    tokenize_dataset(config(spec, out, model_dir, num_workers=2, shard_records=1))
+    manifest, records = read_output(out)
+    check_against_direct(records, tok, lambda k: corpus / "a" / os.path.basename(k.split(":", 1)[1]))
+    assert sorted(os.path.basename(m["source_key"]) for m, _ in records.values()) == ["mono16k.wav", "stereo44k.flac"]
+    assert manifest["failures"] == []
+
+
+def write_tars(root: Path, corpus: Path) -> dict[str, str]:
+    """Two WebDataset shards of the good files (as flac / wav bytes), plus a sample without audio
+    and one with corrupt audio. Returns {sample key: source file}."""
+    import webdataset as wds
+
+    names = sorted(GOOD)
+    where = {}
+    for s in range(2):
+        with wds.TarWriter(str(root / f"in-{s:02d}.tar")) as w:
+            for i, name in enumerate(names[s::2]):
+                key = f"s{s}/item{i:03d}"
+                ext = name.rsplit(".", 1)[1]
+                w.write({"__key__": key, ext: (corpus / name).read_bytes(), "txt": b"caption"})
+                where[key] = str(corpus / name)
+            if s == 1:
+                w.write({"__key__": "s1/notes", "txt": b"hello"})
+                w.write({"__key__": "s1/junk", "flac": b"junk" * 100})
+    return where
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("workers", [2, 3])  # 2 tars: by tar for two workers, by sample for three
+def test_webdataset_input(corpus, model_dir, tok, tmp_path, workers):
+    where = write_tars(tmp_path, corpus)
+    out = tmp_path / "out"
+    spec = InputSpec("webdataset", str(tmp_path / "in-{00..01}.tar"))
+    tokenize_dataset(config(spec, out, model_dir, num_workers=workers, format="parquet"))
+    manifest, records = read_output(out)
+    names = check_against_direct(records, tok, lambda k: where[k.rsplit(":", 1)[1]])
+    assert names == sorted(os.path.basename(f) for f in GOOD)
+    assert sorted((f["key"].rsplit(":", 1)[1], f["reason"]) for f in manifest["failures"]) == [
+        ("s1/junk", "decode"), ("s1/notes", "noaudio")]
+    assert manifest["input"]["path"] == str(tmp_path / "in-{00..01}.tar")
+
+    # the audio member is a setting: with flac only, the wav samples have no audio
+    out2 = tmp_path / "flac-only"
+    spec = InputSpec("webdataset", [str(tmp_path / "in-00.tar"), str(tmp_path / "in-01.tar")], audio_keys="flac")
+    tokenize_dataset(config(spec, out2, model_dir, num_workers=0))
+    manifest2, records2 = read_output(out2)
+    assert all(m["source_key"].endswith(tuple(k for k, f in where.items() if f.endswith(".flac")))
+               for m, _ in records2.values())
+    n_wav = sum(f.endswith(".wav") for f in where.values())
+    assert [f["reason"] for f in manifest2["failures"]].count("noaudio") == n_wav + 1
+
+
+def test_min_seconds_skips_short_records(corpus, model_dir, tmp_path):
+    out = tmp_path / "out"
+    summary = tokenize_dataset(config(InputSpec("folder", str(corpus / "c")), out, model_dir, min_seconds=0.22))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["records"] == 1 and summary.failures == 1
+    assert manifest["failures"][0]["key"] == "v1.two.dots.wav" and manifest["failures"][0]["reason"] == "short"
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "hf-streaming", "folder"])
+def test_part_stream_resumes_at_a_position(corpus, tmp_path, monkeypatch, kind):
+    from audiotok.bulk import part_stream
+    from audiotok.data import sources
+
+    if kind == "webdataset":
+        write_tars(tmp_path, corpus)
+        source = InputSpec("webdataset", str(tmp_path / "in-*.tar")).build()
+    elif kind == "hf-streaming":
+        source = InputSpec("hf", str(corpus / "a"), streaming=True).build()
+    else:
+        source = InputSpec("folder", str(corpus)).build()
+    for part, num_parts in [(0, 1), (1, 2), (2, 3)]:
+        full = [(pos, type(x).__name__, x.key) for pos, x in part_stream(source, part, num_parts)]
+        assert [pos for pos, *_ in full] == list(range(len(full)))
+        calls = {"n": 0}
+        for name in ("decode_bytes", "decode_file"):
+            def counting(*args, _f=getattr(sources, name)):
+                calls["n"] += 1
+                return _f(*args)
+            monkeypatch.setattr(sources, name, counting)
+        start = (len(full) + 1) // 2
+        rest = [(pos, type(x).__name__, x.key) for pos, x in part_stream(source, part, num_parts, start)]
+        monkeypatch.undo()
+        assert rest == full[start:]
+        assert calls["n"] <= len(full) - start  # the first `start` items were not decoded
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind,where", [("folder", "mid-shard"), ("folder", "after-shard-rename"),
+                                        ("webdataset", "mid-shard")])
+def test_kill_and_resume(corpus, model_dir, folder_job, tmp_path, monkeypatch, kind, where):
+    if kind == "folder":
+        spec = InputSpec("folder", str(corpus))
+        _, want = read_output(Path(folder_job[0].output))  # the same job, uninterrupted
+        bad = sorted(BAD)
+    else:  # a streaming source: resuming passes over the done samples without decoding them
+        write_tars(tmp_path, corpus)
+        spec = InputSpec("webdataset", str(tmp_path / "in-*.tar"))
+        tokenize_dataset(config(spec, tmp_path / "reference", model_dir, shard_records=2))
+        reference, want = read_output(tmp_path / "reference")
+        bad = sorted(f["key"] for f in reference["failures"])
+
+    out = tmp_path / "out"
+    cfg = config(spec, out, model_dir, shard_records=2)
+    calls = {"n": 0}
+    # like a killed process, leave unfinished temporary files behind
+    monkeypatch.setattr(bulk_job.PartWriter, "abort", lambda self: None)
+    if where == "mid-shard":  # dies with a partial temporary shard on disk
+        original = bulk_job.PartWriter.add_record
+
+        def add_record(self, *args):
+            calls["n"] += 1
+            if calls["n"] == 5:  # the second record of the second part (three records per part)
+                raise Crash()
+            original(self, *args)
+
+        monkeypatch.setattr(bulk_job.PartWriter, "add_record", add_record)
+    else:  # dies after a shard file is in place but before the progress file records it
+        original = bulk_job.PartProgress.commit
+
+        def commit(self, shard, *args):
+            if shard is not None:
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    raise Crash()
+            original(self, shard, *args)
+
+        monkeypatch.setattr(bulk_job.PartProgress, "commit", commit)
+    with pytest.raises(Crash):
+        tokenize_dataset(cfg)
+    assert not (out / "manifest.json").exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    if where == "after-shard-rename":
+        assert len(kept) == 2  # one recorded, one orphan
+    else:
+        assert len(kept) == 2 and len(list(out.glob(".shard-*.tmp"))) == 1  # one part done, one shard open
+    monkeypatch.undo()
+
+    with pytest.raises(ValueError, match="other settings"):  # a different split of the work is refused
+        tokenize_dataset(config(spec, out, model_dir, shard_records=2, num_workers=1))
+    summary = tokenize_dataset(cfg)
+    manifest, records = read_output(out)
+    assert summary.run_records < len(GOOD)  # resumed, not redone
+    assert sorted(records) == sorted(want)
+    for key, (meta, codes) in records.items():
+        assert meta == want[key][0]
+        np.testing.assert_array_equal(codes, want[key][1])
+    assert sorted(f["key"] for f in manifest["failures"]) == bad
+    assert sorted(p.name for p in out.glob("shard-*")) == sorted(s["path"] for s in manifest["shards"])
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    recorded = {p.name for p in out.glob("shard-*")} & set(kept)
+    assert recorded and any(kept[n] == (out / n).stat().st_mtime_ns for n in recorded)  # committed shards kept
+
+
+def test_torchrun_two_processes(corpus, model_dir, tok, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "recipes/tokenize.py"), "--input", str(corpus), "--input-type", "folder",
+           "--output", str(out), "--model", str(model_dir), "--num-workers", "1", "--device", "cpu",
+           "--batch-seconds", "1", "--chunk-seconds", "0.5", "--shard-records", "2", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{len(GOOD)} records" in proc.stdout
+    manifest, records = read_output(out)
+    assert check_against_direct(records, tok, lambda k: corpus / k) == sorted(os.path.basename(f) for f in GOOD)
+    assert sorted(f["key"] for f in manifest["failures"]) == sorted(BAD)
+    assert {s["path"][:10] for s in manifest["shards"]} == {"shard-r000", "shard-r001"}
+    assert sorted(p.name for p in (out / ".bulk").glob("rank-*.json")) == ["rank-000.json", "rank-001.json"]
