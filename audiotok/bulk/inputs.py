@@ -235,20 +235,10 @@ def prepare(part: int, position: int, item: Record | DecodeError, sample_rate: i
                    item.sample_rate, channels)
 
 
-def _own_worker_info() -> tuple[int, int]:
-    """``(worker id, num_workers)``, then hide the worker info from the libraries the source uses.
-
-    A Hugging Face ``IterableDataset`` iterated inside a DataLoader worker splits itself among
-    the workers (``_iter_pytorch``); our parts are already per worker, so that second split would
-    drop records. Worker processes serve one iteration of this dataset only.
-    """
+def _worker_info() -> tuple[int, int]:
+    """``(worker id, num_workers)`` of this DataLoader worker, ``(0, 1)`` outside workers."""
     info = get_worker_info()
-    if info is None:
-        return 0, 1
-    from torch.utils.data._utils import worker as _worker
-
-    _worker._worker_info = None
-    return info.id, info.num_workers
+    return (0, 1) if info is None else (info.id, info.num_workers)
 
 
 class PartReader(IterableDataset):
@@ -268,7 +258,7 @@ class PartReader(IterableDataset):
         self.bundle_seconds, self.bundle_items = bundle_seconds, bundle_items
 
     def __iter__(self) -> Iterator[Bundle]:
-        worker, num_workers = _own_worker_info()
+        worker, num_workers = _worker_info()
         if num_workers != self.workers_per_rank:
             raise RuntimeError(f"PartReader built for {self.workers_per_rank} workers runs with {num_workers}")
         part = self.rank * self.workers_per_rank + worker

@@ -393,8 +393,10 @@ class HFDatasetSource(AudioSource):
         from datasets.distributed import split_dataset_by_node
 
         ds = split_dataset_by_node(self.dataset, rank=part, world_size=num_parts) if num_parts > 1 else self.dataset
-        for i, row in enumerate(ds):
-            value = row[self.audio_column]
+        # ``iter`` rather than ``__iter__``: inside a DataLoader worker, ``__iter__`` splits the data
+        # among the workers a second time, on top of our parts, and records would be lost.
+        for i, batch in enumerate(ds.iter(batch_size=1)):
+            value = batch[self.audio_column][0]
             key = self._key(f"part{part}.{i}", value)
             try:
                 yield self._decode(key, value)
