@@ -16,6 +16,8 @@ ALIASES = {
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_MODEL = "default"
+# The model_id the shipped model records (in its config.json and in every .atok file it writes).
+DEFAULT_MODEL_ID = "audiotok-24khz-v0"
 
 
 def default_model_path() -> Path:
@@ -31,8 +33,9 @@ def default_model_path() -> Path:
 
 
 def resolve(source: str | os.PathLike | None) -> Path:
-    """A local file or folder for ``source``: the default model, a path, or a hub id (cached or downloaded)."""
-    if source is None:
+    """A local file or folder for ``source``: the default model (``None`` or its id), a path, or a hub
+    id (cached or downloaded)."""
+    if source is None or str(source) == DEFAULT_MODEL_ID:
         return default_model_path()
     path = Path(source).expanduser()
     if path.exists():

@@ -12,7 +12,7 @@ import torch
 from . import audio as audio_utils
 from .checkpoint import Checkpoint, build_model, load_checkpoint, save_folder, save_original, save_transformers
 from .config import DACConfig
-from .hub import resolve
+from .hub import DEFAULT_MODEL_ID, resolve
 from .layers import use_fused_snake
 from .model import DAC, context_frames
 from .segments import make_batches, plan_segments
@@ -74,7 +74,7 @@ class AudioTokenizer:
                 per process). Results differ from eager mode in the last float bits.
         """
         checkpoint = load_checkpoint(resolve(source))
-        if source is not None and not Path(str(source)).expanduser().exists():
+        if source is not None and str(source) != DEFAULT_MODEL_ID and not Path(str(source)).expanduser().exists():
             checkpoint.model_id = str(source)
         return cls(build_model(checkpoint, folded=True), checkpoint.model_id, device, dtype, compile)
 
