@@ -205,12 +205,15 @@ class DAC(nn.Module):
         return self.quantizer(self.encoder(self.pad(audio), lengths), n_quantizers)
 
     def decode(self, z: torch.Tensor, lengths: Lengths = None) -> torch.Tensor:
-        """Quantized latents ``[B, D, F]`` -> audio ``[B, 1, F * hop]``; ``lengths``: valid frames per item."""
-        return self.decoder(z, lengths)
+        """Quantized latents ``[B, D, F]`` -> audio ``[B, 1, F * hop]``; ``lengths``: valid frames per item.
+
+        ``z`` is cast to the decoder's dtype, which may differ from the encoder's (codes depend on the
+        encoder and quantizer only)."""
+        return self.decoder(z.to(self.decoder.conv1.weight.dtype), lengths)
 
     def decode_codes(self, codes: torch.Tensor, lengths: Lengths = None) -> torch.Tensor:
         """codes ``[B, K, F]`` (first K codebooks) -> audio ``[B, 1, F * hop]``; ``lengths``: valid frames."""
-        return self.decoder(self.quantizer.from_codes(codes), lengths)
+        return self.decode(self.quantizer.from_codes(codes), lengths)
 
     def forward(self, audio: torch.Tensor, n_quantizers: int | None = None) -> tuple[torch.Tensor, QuantizerOutput]:
         """Reconstruct ``[B, 1, T]`` -> (audio ``[B, 1, T]``, quantizer output)."""

@@ -46,20 +46,22 @@ class AudioTokenizer:
     """
 
     def __init__(self, model: DAC, model_id: str = "dac", device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, compile: bool = False):
+                 dtype: torch.dtype = torch.float32, compile: bool = False, decoder_dtype: torch.dtype | None = None):
         if not model.is_folded:
             model.fold_weight_norm()
         use_fused_snake(model, compile)
         self.model = model.eval()
         self.model_id = model_id
         self.dtype = dtype
+        self.decoder_dtype = decoder_dtype
         self.to(device or "cpu")
 
     # -- construction and saving -------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                        dtype: torch.dtype = torch.float32, compile: bool = False) -> AudioTokenizer:
+                        dtype: torch.dtype = torch.float32, compile: bool = False,
+                        decoder_dtype: torch.dtype | None = None) -> AudioTokenizer:
         """Load a model for inference.
 
         Args:
@@ -72,11 +74,14 @@ class AudioTokenizer:
             compile: fuse every Snake activation into one kernel with ``torch.compile`` (about 1.5x
                 faster on CPU; needs a C++ compiler, or Triton on CUDA; a few seconds to compile once
                 per process). Results differ from eager mode in the last float bits.
+            decoder_dtype: the decoder's dtype when it should differ from ``dtype``: codes depend on
+                the encoder only, so ``dtype=float32, decoder_dtype=bfloat16`` keeps exact codes and
+                decodes about 2.5x faster on CPUs and GPUs with bf16 units.
         """
         checkpoint = load_checkpoint(resolve(source))
         if source is not None and str(source) != DEFAULT_MODEL_ID and not Path(str(source)).expanduser().exists():
             checkpoint.model_id = str(source)
-        return cls(build_model(checkpoint, folded=True), checkpoint.model_id, device, dtype, compile)
+        return cls(build_model(checkpoint, folded=True), checkpoint.model_id, device, dtype, compile, decoder_dtype)
 
     @classmethod
     def from_config(cls, config: DACConfig | str, device: str | torch.device | None = None,
@@ -103,11 +108,17 @@ class AudioTokenizer:
         """Write an original descript-audio-codec ``.pth`` file (weight_g / weight_v keys)."""
         save_original(self.checkpoint(), path)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> AudioTokenizer:
-        """Move the model to ``device`` and/or cast it to ``dtype``, in place."""
-        self.dtype = dtype or self.dtype
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+           decoder_dtype: torch.dtype | None = None) -> AudioTokenizer:
+        """Move the model to ``device`` and/or cast it to ``dtype`` (the decoder to ``decoder_dtype``
+        if given, else to ``dtype``), in place."""
+        if dtype is not None:
+            self.dtype, self.decoder_dtype = dtype, decoder_dtype
+        elif decoder_dtype is not None:
+            self.decoder_dtype = decoder_dtype
         self.device = torch.device(device) if device is not None else self.device
         self.model.to(self.device, self.dtype)
+        self.model.decoder.to(dtype=self.decoder_dtype or self.dtype)
         return self
 
     # -- properties ------------------------------------------------------------------------------

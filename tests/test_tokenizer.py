@@ -157,3 +157,18 @@ def test_from_config_preset_and_repr():
     tok = AudioTokenizer.from_config("tiny-16khz", seed=0)
     assert tok.sample_rate == 16000 and tok.hop_length == 320 and tok.frame_rate == 50
     assert "tiny" not in repr(tok) and "sample_rate=16000" in repr(tok)
+
+
+def test_bf16_decoder_keeps_exact_codes():
+    fp32 = random_tokenizer("tiny-24khz")
+    mixed = random_tokenizer("tiny-24khz").to(decoder_dtype=torch.bfloat16)
+    assert mixed.model.decoder.conv1.weight.dtype == torch.bfloat16
+    assert mixed.model.encoder.conv1.weight.dtype == torch.float32
+    x = make_audio(6000)
+    enc = mixed.encode(x, 24000)
+    assert torch.equal(enc.codes, fp32.encode(x, 24000).codes)
+    audio, reference = mixed.decode(enc), fp32.decode(enc)
+    assert audio.dtype == torch.float32
+    assert 0 < (audio - reference).abs().max() < 0.1  # bf16 rounding, not a different signal
+    mixed.to(dtype=torch.float32)  # a plain dtype resets the decoder too
+    assert mixed.model.decoder.conv1.weight.dtype == torch.float32
