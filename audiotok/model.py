@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DACConfig
-from .layers import Snake1d, fold_weight_norm, has_weight_norm, wn_conv1d, wn_conv_transpose1d
+from .layers import Snake1d, fold_weight_norm, has_weight_norm, pointwise_conv, wn_conv1d, wn_conv_transpose1d
 from .quantize import QuantizerOutput, ResidualVectorQuantize
 
 
@@ -53,7 +53,7 @@ class ResidualUnit(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: Lengths = None) -> torch.Tensor:
         y = zero_tail(self.conv1(self.snake1(x)), lengths)
-        y = zero_tail(self.conv2(self.snake2(y)), lengths)
+        y = zero_tail(pointwise_conv(self.conv2, self.snake2(y)), lengths)
         crop = (x.shape[-1] - y.shape[-1]) // 2
         if crop > 0:
             x = x[..., crop:-crop]

@@ -1,0 +1,37 @@
+"""The model that ships inside the package: loads offline with no argument, and round-trips."""
+
+from pathlib import Path
+
+import soundfile as sf
+import torch
+
+from audiotok import AudioTokenizer, cli
+from audiotok.hub import DEFAULT_MODEL_ID, PRETRAINED_DIR
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "speech.flac"
+
+
+def test_default_model_loads_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = AudioTokenizer.from_pretrained()
+    assert tok.model_id == DEFAULT_MODEL_ID
+    assert (tok.sample_rate, tok.n_codebooks, tok.codebook_size) == (24000, 10, 1024)
+    assert tok.config.bitrate() <= 8000
+    assert (PRETRAINED_DIR / "default" / "model.safetensors").stat().st_size < 40e6
+    same = AudioTokenizer.from_pretrained(DEFAULT_MODEL_ID)
+    assert all(torch.equal(a, b) for a, b in zip(tok.model.state_dict().values(), same.model.state_dict().values()))
+
+
+def test_default_model_round_trip_and_cli(tmp_path):
+    audio, sr = sf.read(EXAMPLE, dtype="float32")
+    tok = AudioTokenizer.from_pretrained()
+    enc = tok.encode(audio, sr)
+    decoded = tok.decode(enc)
+    assert decoded.shape == (1, 1, round(len(audio) * tok.sample_rate / sr))
+    assert torch.isfinite(decoded).all() and decoded.abs().max() > 0.01
+    # The CLI's default model, and decoding a code file without naming the model.
+    assert cli.main(["encode", str(EXAMPLE), str(tmp_path / "speech.atok"), "--no-progress"]) == 0
+    assert cli.main(["decode", str(tmp_path / "speech.atok"), str(tmp_path / "speech.wav"), "--no-progress"]) == 0
+    wav, wav_sr = sf.read(tmp_path / "speech.wav", dtype="float32")
+    assert wav_sr == tok.sample_rate
+    torch.testing.assert_close(torch.from_numpy(wav), decoded[0, 0], rtol=0, atol=1e-4)
