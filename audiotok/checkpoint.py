@@ -33,6 +33,7 @@ class Checkpoint:
     config: DACConfig
     state_dict: dict[str, torch.Tensor]
     model_id: str
+    notice: str | None = None  # shown to whoever loads the model (e.g. "early checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,15 +288,17 @@ def load_folder(folder: str | Path) -> Checkpoint:
             raise ValueError(f"{folder}: written by a newer audiotok (format_version {data['format_version']})")
         config = DACConfig.from_dict(data["config"])
         model_id = data.get("model_id") or folder.name
+        notice = data.get("notice")
     elif data.get("model_type") == "dac":
         config = config_from_transformers(data)
         model_id = data.get("_name_or_path") or folder.name
+        notice = None
     else:
         raise ValueError(
             f"{config_path}: neither an audiotok config (format={FORMAT_NAME!r}) nor a transformers DAC config "
             f"(model_type='dac'), found model_type={data.get('model_type')!r}"
         )
-    return Checkpoint(config, _read_safetensors(folder / WEIGHTS_FILE), str(model_id))
+    return Checkpoint(config, _read_safetensors(folder / WEIGHTS_FILE), str(model_id), notice)
 
 
 def _plain_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
@@ -308,6 +311,8 @@ def save_folder(checkpoint: Checkpoint, folder: str | Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model_id": checkpoint.model_id,
             "config": checkpoint.config.to_dict(), "architecture_hash": checkpoint.config.architecture_hash()}
+    if checkpoint.notice:
+        meta["notice"] = checkpoint.notice
     save_file(_plain_weights(checkpoint), folder / WEIGHTS_FILE, metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,8 @@ class AudioTokenizer:
         checkpoint = load_checkpoint(resolve(source))
         if source is not None and str(source) != DEFAULT_MODEL_ID and not Path(str(source)).expanduser().exists():
             checkpoint.model_id = str(source)
+        if checkpoint.notice:
+            warnings.warn(f"{checkpoint.model_id}: {checkpoint.notice}", UserWarning, stacklevel=2)
         return cls(build_model(checkpoint, folded=True), checkpoint.model_id, device, dtype, compile, decoder_dtype)
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 import torch
 
@@ -13,15 +14,18 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "speech.flac"
 
 def test_default_model_loads_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    tok = AudioTokenizer.from_pretrained()
+    with pytest.warns(UserWarning, match="early"):  # says so while it is an early checkpoint
+        tok = AudioTokenizer.from_pretrained()
     assert tok.model_id == DEFAULT_MODEL_ID
     assert (tok.sample_rate, tok.n_codebooks, tok.codebook_size) == (24000, 10, 1024)
     assert tok.config.bitrate() <= 8000
     assert (PRETRAINED_DIR / "default" / "model.safetensors").stat().st_size < 40e6
-    same = AudioTokenizer.from_pretrained(DEFAULT_MODEL_ID)
+    with pytest.warns(UserWarning):
+        same = AudioTokenizer.from_pretrained(DEFAULT_MODEL_ID)
     assert all(torch.equal(a, b) for a, b in zip(tok.model.state_dict().values(), same.model.state_dict().values()))
 
 
+@pytest.mark.filterwarnings("ignore:audiotok-24khz-v0")
 def test_default_model_round_trip_and_cli(tmp_path):
     audio, sr = sf.read(EXAMPLE, dtype="float32")
     tok = AudioTokenizer.from_pretrained()

@@ -219,3 +219,14 @@ def test_hub_id_offline_cached_and_not_cached(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("a" * 40)
     tok = AudioTokenizer.from_pretrained("dac_16khz")
     assert tok.model_id == "dac_16khz" and tok.sample_rate == 16000
+
+
+def test_notice_is_saved_and_shown(tmp_path):
+    tok = random_tokenizer("tiny-16khz")
+    checkpoint = tok.checkpoint()
+    checkpoint.notice = "an early checkpoint, not for production"
+    from audiotok.checkpoint import save_folder
+
+    save_folder(checkpoint, tmp_path)
+    with pytest.warns(UserWarning, match="not for production"):
+        AudioTokenizer.from_pretrained(tmp_path)
