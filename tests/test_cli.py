@@ -232,7 +232,6 @@ def test_unloadable_model_id(tmp_path, capsys, inputs):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["encode", "{in}/mono.wav", "{tmp}/x.atok"], "ships no default model"),
         (["encode", "{in}/missing.wav", "{tmp}/x.atok", "--model", "{model}"], "no such file"),
         (["encode", "{in}/corrupt.wav", "{tmp}/x.atok", "--model", "{model}"], "cannot read audio"),
         (["encode", "{in}/mono.wav", "{tmp}/x.wav", "--model", "{model}"], "must end with .atok"),
@@ -249,6 +248,15 @@ def test_user_errors_exit_2_without_traceback(tmp_path, capsys, model_dir, input
     assert rc == 2
     assert err.startswith("audiotok: error:") and message in err
     assert "Traceback" not in err
+    assert not (tmp_path / "x.atok").exists()
+
+
+def test_missing_default_model_exits_2(tmp_path, capsys, inputs, monkeypatch):
+    import audiotok.hub
+
+    monkeypatch.setattr(audiotok.hub, "PRETRAINED_DIR", tmp_path / "empty")  # a build without the model
+    rc, _, err = run(capsys, "encode", tmp_path / "in" / "mono.wav", tmp_path / "x.atok")
+    assert rc == 2 and "ships no default model" in err and "Traceback" not in err
     assert not (tmp_path / "x.atok").exists()
 
 
