@@ -72,9 +72,10 @@ class AudioTokenizer:
             device: where the model runs (default CPU).
             dtype: weights and activations; ``torch.bfloat16`` / ``torch.float16`` trade exactness for
                 speed on GPUs (code lookups always run in fp32).
-            compile: fuse every Snake activation into one kernel with ``torch.compile`` (about 1.5x
-                faster on CPU; needs a C++ compiler, or Triton on CUDA; a few seconds to compile once
-                per process). Results differ from eager mode in the last float bits.
+            compile: fuse every Snake activation into one kernel with ``torch.compile`` (with the
+                GEMM 1x1 convolutions, 1.6 to 1.75x the speed of ``transformers.DacModel`` on CPU; needs
+                a C++ compiler, or Triton on CUDA; seconds to compile once per process). Results differ
+                from eager mode in the last float bits.
             decoder_dtype: the decoder's dtype when it should differ from ``dtype``: codes depend on
                 the encoder only, so ``dtype=float32, decoder_dtype=bfloat16`` keeps exact codes and
                 decodes about 2.5x faster on CPUs and GPUs with bf16 units.
