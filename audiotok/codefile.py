@@ -134,8 +134,8 @@ def unpack_codes_10bit(packed: np.ndarray, count: int) -> np.ndarray:
 
 
 @dataclass
-class CodeHeader:
-    """The metadata of an ``.atok`` file (see the module docstring), without the codes."""
+class _CodeInfo:
+    """What an ``.atok`` file records besides its codes (see the module docstring)."""
 
     model_id: str
     config_hash: str
@@ -146,38 +146,41 @@ class CodeHeader:
     num_samples: int
     source_sample_rate: int
     channels: int
-    packing: str
-    shape: tuple[int, int, int]
-    format_version: int = FORMAT_VERSION
 
     @property
     def duration(self) -> float:
         """Duration of the original audio in seconds."""
         return self.num_samples / self.source_sample_rate
 
+    def check_compatible(self, tokenizer: AudioTokenizer) -> None:
+        """Raise ``ValueError`` (naming both model ids and config hashes) unless ``tokenizer`` has the
+        architecture these codes were written with."""
+        model_hash = tokenizer.config.architecture_hash()
+        if self.config_hash != model_hash:
+            raise ValueError(
+                f"codes were written by model {self.model_id!r} (config hash {self.config_hash}) but the model in "
+                f"use is {tokenizer.model_id!r} (config hash {model_hash}); these codes mean nothing to it. Decode "
+                f"them with the model that wrote them"
+            )
+        if self.n_codebooks > tokenizer.n_codebooks or self.codebook_size != tokenizer.codebook_size:
+            raise ValueError(
+                f"codes have {self.n_codebooks} codebooks of size {self.codebook_size}; model "
+                f"{tokenizer.model_id!r} has {tokenizer.n_codebooks} of size {tokenizer.codebook_size}"
+            )
+
+
+@dataclass
+class CodeHeader(_CodeInfo):
+    """The metadata of an ``.atok`` file (see the module docstring), without the codes."""
+
+    packing: str
+    shape: tuple[int, int, int]
+    format_version: int = FORMAT_VERSION
+
     @property
     def output_samples(self) -> int:
         """Samples per channel that decoding yields, at the model's ``sample_rate``."""
         return round(self.num_samples * self.sample_rate / self.source_sample_rate)
-
-    def check_compatible(self, tokenizer: AudioTokenizer) -> None:
-        """Raise ``ValueError`` unless ``tokenizer`` is a model these codes were made for."""
-        _check_compatible(self, tokenizer)
-
-
-def _check_compatible(h: CodeHeader | CodeFile, tokenizer: AudioTokenizer) -> None:
-    model_hash = tokenizer.config.architecture_hash()
-    if h.config_hash != model_hash:
-        raise ValueError(
-            f"codes were written by model {h.model_id!r} (config hash {h.config_hash}) but the model in use is "
-            f"{tokenizer.model_id!r} (config hash {model_hash}); these codes mean nothing to it. Decode them "
-            f"with the model that wrote them"
-        )
-    if h.n_codebooks > tokenizer.n_codebooks or h.codebook_size != tokenizer.codebook_size:
-        raise ValueError(
-            f"codes have {h.n_codebooks} codebooks of size {h.codebook_size}; model {tokenizer.model_id!r} has "
-            f"{tokenizer.n_codebooks} of size {tokenizer.codebook_size}"
-        )
 
 
 def _parse_metadata(meta: dict[str, str] | None, where: str) -> CodeHeader:
@@ -251,7 +254,7 @@ def read_header(path: str | os.PathLike) -> CodeHeader:
 
 
 @dataclass
-class CodeFile:
+class CodeFile(_CodeInfo):
     """The codes of one audio file plus what is needed to decode them (see the module docstring).
 
     ``codes`` is an int64 tensor ``[C, K, F]``. ``packing`` records how the file was stored when it
@@ -259,15 +262,6 @@ class CodeFile:
     """
 
     codes: torch.Tensor
-    model_id: str
-    config_hash: str
-    sample_rate: int
-    hop_length: int
-    n_codebooks: int
-    codebook_size: int
-    num_samples: int
-    source_sample_rate: int
-    channels: int
     packing: str = "none"
 
     def __post_init__(self) -> None:
@@ -338,18 +332,8 @@ class CodeFile:
         return tuple(self.codes.shape)  # type: ignore[return-value]
 
     @property
-    def duration(self) -> float:
-        """Duration of the original audio in seconds."""
-        return self.num_samples / self.source_sample_rate
-
-    @property
     def header(self) -> CodeHeader:
         return _parse_metadata(self._metadata(self.packing), "CodeFile")
-
-    def check_compatible(self, tokenizer: AudioTokenizer) -> None:
-        """Raise ``ValueError`` (naming both model ids and config hashes) unless ``tokenizer`` has the
-        architecture these codes were written with."""
-        _check_compatible(self, tokenizer)
 
     # -- I/O ---------------------------------------------------------------------------------------
 
