@@ -90,7 +90,26 @@ def spectral_distance(
     return log_weight * F.l1_loss(log_x, log_y) + mag_weight * F.l1_loss(x, y)
 
 
-class MelSpectrogramLoss(nn.Module):
+class _MultiScaleDistance(nn.Module):
+    """:func:`spectral_distance` between the transforms of ``x`` and ``y``, summed over transforms."""
+
+    def __init__(self, transforms: Sequence[nn.Module], clamp_eps: float, pow: float, log_weight: float,
+                 mag_weight: float):
+        super().__init__()
+        self.transforms = nn.ModuleList(transforms)
+        self.clamp_eps, self.pow = clamp_eps, pow
+        self.log_weight, self.mag_weight = log_weight, mag_weight
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Estimate ``x`` and reference ``y``, both ``[B, C, T]`` -> scalar."""
+        terms = [
+            spectral_distance(t(x), t(y), self.clamp_eps, self.pow, self.log_weight, self.mag_weight)
+            for t in self.transforms
+        ]
+        return torch.stack(terms).sum()
+
+
+class MelSpectrogramLoss(_MultiScaleDistance):
     """Multi-scale mel distance: :func:`spectral_distance` of mel spectrograms, summed over scales.
 
     Defaults are the final 44 kHz recipe: 7 scales (windows 32 to 2048, 5 to 320 mels), log-mel L1.
@@ -106,23 +125,17 @@ class MelSpectrogramLoss(nn.Module):
         log_weight: float = 1.0,
         mag_weight: float = 0.0,
     ):
-        super().__init__()
         if len(window_lengths) != len(n_mels):
             raise ValueError(f"{len(window_lengths)} window lengths but {len(n_mels)} mel sizes")
-        self.mels = nn.ModuleList(MelSpectrogram(sample_rate, w, n) for w, n in zip(window_lengths, n_mels))
-        self.clamp_eps, self.pow = clamp_eps, pow
-        self.log_weight, self.mag_weight = log_weight, mag_weight
+        mels = [MelSpectrogram(sample_rate, w, n) for w, n in zip(window_lengths, n_mels)]
+        super().__init__(mels, clamp_eps, pow, log_weight, mag_weight)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Estimate ``x`` and reference ``y``, both ``[B, C, T]`` -> scalar."""
-        terms = [
-            spectral_distance(mel(x), mel(y), self.clamp_eps, self.pow, self.log_weight, self.mag_weight)
-            for mel in self.mels
-        ]
-        return torch.stack(terms).sum()
+    @property
+    def mels(self) -> nn.ModuleList:
+        return self.transforms
 
 
-class MultiScaleSTFTLoss(nn.Module):
+class MultiScaleSTFTLoss(_MultiScaleDistance):
     """Multi-scale STFT distance: :func:`spectral_distance` of magnitude STFTs (log of the squared
     magnitude plus linear magnitude), summed over scales. Logged in training; the "STFT distance"
     metric of the paper."""
@@ -135,18 +148,7 @@ class MultiScaleSTFTLoss(nn.Module):
         log_weight: float = 1.0,
         mag_weight: float = 1.0,
     ):
-        super().__init__()
-        self.spectrograms = nn.ModuleList(Spectrogram(w) for w in window_lengths)
-        self.clamp_eps, self.pow = clamp_eps, pow
-        self.log_weight, self.mag_weight = log_weight, mag_weight
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Estimate ``x`` and reference ``y``, both ``[B, C, T]`` -> scalar."""
-        terms = [
-            spectral_distance(spec(x), spec(y), self.clamp_eps, self.pow, self.log_weight, self.mag_weight)
-            for spec in self.spectrograms
-        ]
-        return torch.stack(terms).sum()
+        super().__init__([Spectrogram(w) for w in window_lengths], clamp_eps, pow, log_weight, mag_weight)
 
 
 def si_sdr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
