@@ -280,8 +280,8 @@ class AudioTokenizer:
             n_out = [f * hop for f in frames]
         else:
             frames = [int(f) for f in encoded.lengths for _ in range(channels)]
-            n_out = [round(int(n) * self.sample_rate / encoded.sample_rate) for n in encoded.num_samples]
-            n_out = [min(n, f * hop) for n, f in zip(np.repeat(n_out, channels), frames)]
+            n_out = [min(round(int(n) * self.sample_rate / encoded.sample_rate), int(f) * hop)
+                     for n, f in zip(encoded.num_samples, encoded.lengths) for _ in range(channels)]
         chunk, max_frames = self._budgets(chunk_seconds, batch_seconds)
         audio = torch.zeros(len(frames), max(n_out))
         segments = plan_segments(frames, chunk, context_frames(self.config)["decoder"])
