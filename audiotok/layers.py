@@ -50,21 +50,25 @@ def use_fused_snake(module: nn.Module, enabled: bool = True) -> None:
             sub.fused = enabled
 
 
-def _init(conv: nn.Module) -> nn.Module:
-    nn.init.trunc_normal_(conv.weight, std=0.02)
+def wn_conv1d(*args, **kwargs) -> nn.Conv1d:
+    """A ``Conv1d`` with a trainable weight-norm parametrization (g, v) on its weight.
+
+    Initialised as the reference trains: PyTorch's default weights and a zero bias. (The reference
+    calls ``trunc_normal_(std=0.02)`` after applying weight norm, which writes to a weight that the
+    next forward recomputes from g and v, so it has no effect. Applying that init for real shrinks
+    the encoder's output ~1000x at 32 channels; Adam then moves the biases past the signal within
+    a few hundred steps and every codebook collapses to one code.)
+    """
+    conv = nn.Conv1d(*args, **kwargs)
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
     return weight_norm(conv, dim=0)
 
 
-def wn_conv1d(*args, **kwargs) -> nn.Conv1d:
-    """A ``Conv1d`` with a trainable weight-norm parametrization (g, v) on its weight."""
-    return _init(nn.Conv1d(*args, **kwargs))
-
-
 def wn_conv_transpose1d(*args, **kwargs) -> nn.ConvTranspose1d:
-    """A ``ConvTranspose1d`` with a trainable weight-norm parametrization on its weight."""
-    return _init(nn.ConvTranspose1d(*args, **kwargs))
+    """A ``ConvTranspose1d`` with a trainable weight-norm parametrization on its weight; PyTorch's
+    default init, bias included, as in the reference (its init touches ``Conv1d`` only)."""
+    return weight_norm(nn.ConvTranspose1d(*args, **kwargs), dim=0)
 
 
 def pointwise_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:

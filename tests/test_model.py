@@ -120,6 +120,27 @@ def test_weight_norm_is_trainable_then_folds_exactly():
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
 
 
+def test_initialisation_is_the_references_effective_one():
+    """Default PyTorch conv weights (uniform in +-1/sqrt(fan_in)), zero Conv1d biases, default
+    ConvTranspose1d biases: what the reference trains from, since its trunc_normal init runs after
+    weight norm and is overwritten. A real std-0.02 init would fail the spread check below."""
+    torch.manual_seed(0)
+    model = DAC(DACConfig.preset("tiny-44khz"))
+    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d))]
+    assert convs
+    for conv in convs:
+        weight = conv.weight.detach()
+        fan_in = weight.shape[1] * weight.shape[2]  # PyTorch's rule, for transposed convs too
+        bound = 1 / math.sqrt(fan_in)
+        assert weight.abs().max() <= bound * (1 + 1e-5)
+        if weight.numel() >= 200:  # uniform(-b, b) has std b / sqrt(3)
+            assert weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.25)
+        if isinstance(conv, torch.nn.ConvTranspose1d):
+            assert conv.bias.abs().max() > 0
+        else:
+            assert torch.all(conv.bias == 0)
+
+
 def _partial_sums(model, x):
     """z for each depth 1..N in eval mode, [N, B, D, F]."""
     with torch.no_grad():

@@ -70,6 +70,16 @@ def test_configs_follow_the_paper():
         load_config(configs / "tiny.yml", ["train.batch_sise=3"])
 
 
+def test_override_values_are_typed():
+    tiny = REPO / "recipes" / "configs" / "tiny.yml"
+    config = load_config(tiny, ["optim.lr=5e-4", "loss.adversarial=0", "loss.feature=0", "train.bf16=true"])
+    assert config.optim.lr == 5e-4 and isinstance(config.optim.lr, float)  # YAML 1.1 reads 5e-4 as a string
+    assert config.loss.adversarial == 0.0 and not config.loss.gan and config.train.bf16 is True
+    for bad in ["optim.lr=fast", "train.batch_size=4.5", "train.batch_size=true", "train.bf16=1"]:
+        with pytest.raises(ValueError, match="expected"):
+            load_config(tiny, [bad])
+
+
 def test_mel_loss_goes_down(audio_dir, tmp_path):
     config = tiny_config(audio_dir, "optim.lr=0.002", "train.valid_every=1000", "train.save_every=1000")
     train(config, tmp_path / "run", max_steps=24, device="cpu")
@@ -96,6 +106,24 @@ def test_resume_continues_exactly(audio_dir, tmp_path):
         assert torch.equal(a[key], b[key]), key
     rows = lambda run: [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert [r["loss"] for r in rows(tmp_path / "straight")] == [r["loss"] for r in rows(tmp_path / "resumed")]
+
+
+def test_a_gan_stage_continues_a_run_trained_without_one(audio_dir, tmp_path):
+    from audiotok.train.state import load_train_state
+
+    run = tmp_path / "run"
+    no_gan = tiny_config(audio_dir, "loss.adversarial=0", "loss.feature=0", "train.save_every=2",
+                         "train.valid_every=2")
+    train(no_gan, run, max_steps=2, device="cpu")
+    state = load_train_state(run / "latest")
+    assert "discriminator" not in state and "opt_d" not in state  # none was built
+    rows = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "disc" not in rows[0] and 0 <= rows[-1]["codebook_utilization"] <= 1
+    train(tiny_config(audio_dir, "train.save_every=2", "train.valid_every=1000"), run, max_steps=4, device="cpu")
+    state = load_train_state(run / "latest")
+    assert state["step"] == 4 and "discriminator" in state
+    rows = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "disc" in r] == [3, 4]
 
 
 def test_bad_files_are_skipped(audio_dir, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,29 @@ import yaml
 from ..config import DACConfig
 
 
+def _typed(value: Any, kind: Any, where: str) -> Any:
+    """Check a scalar setting's type. A float setting also takes an int or a numeric string (YAML 1.1
+    reads ``5e-4``, with no dot, as a string)."""
+    if kind is float and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if kind in (bool, int, float) and type(value) is not kind:  # exact: a bool is not an int here
+        raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
 def _strict(cls, data: dict[str, Any], where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(names)}")
-    return cls(**data)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _typed(v, hints[k], f"{where}.{k}") for k, v in data.items()})
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Run checkpoints: each one a folder with inference weights and everything an exact resume needs.
 
     <run>/latest/      config.json + model.safetensors (plain weights: AudioTokenizer loads them)
-                       train_state.pt (generator with weight norm, discriminator, optimizers,
+                       train_state.pt (generator with weight norm, discriminator when the GAN is on, optimizers,
                        schedulers, step, data position, RNG states; plain tensors and dicts only,
                        read back with ``torch.load(weights_only=True)``)
     <run>/best/        the same, for the best validation mel distance so far

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights
 from ..hub import resolve
+from ..metrics import codebook_utilization
 from ..model import DAC
 from .config import TrainConfig
 from .discriminator import Discriminator
@@ -78,18 +79,23 @@ def build_generator(config: TrainConfig, init_from: str | None) -> DAC:
 @torch.no_grad()
 def validate(generator: DAC, excerpts: list[torch.Tensor], mel_loss, stft_loss, device: torch.device,
              batch_size: int = 4) -> dict[str, float]:
-    """Mel distance, STFT distance and SI-SDR of reconstructions of held-out excerpts ``[1, N]``."""
+    """Mel distance, STFT distance and SI-SDR of reconstructions of held-out excerpts ``[1, N]``, and
+    the codebook utilization of their codes (near 0 means the codebooks have collapsed)."""
     generator.eval()
     totals = {"mel_distance": 0.0, "stft_distance": 0.0, "si_sdr": 0.0}
+    codes = []
     for i in range(0, len(excerpts), batch_size):
         x = torch.stack(excerpts[i:i + batch_size]).to(device)
-        y, _ = generator(x)
+        y, q = generator(x)
         n = x.shape[0]
         totals["mel_distance"] += mel_loss(y, x).item() * n
         totals["stft_distance"] += stft_loss(y, x).item() * n
         totals["si_sdr"] += si_sdr(y, x).sum().item()
+        codes.append(q.codes.cpu())
     generator.train()
-    return {k: v / len(excerpts) for k, v in totals.items()}
+    metrics = {k: v / len(excerpts) for k, v in totals.items()}
+    metrics["codebook_utilization"] = codebook_utilization(torch.cat(codes), generator.config.codebook_size).overall
+    return metrics
 
 
 def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = None, init_from: str | None = None,
@@ -112,28 +118,33 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
     resume = (save_path / "latest" / "train_state.pt").exists()
     torch.manual_seed(loop.seed)  # the same initial networks on every rank and every run
     generator = build_generator(config, None if resume else init_from).to(dev)
-    discriminator = Discriminator(config.model.sample_rate, config.discriminator.periods,
-                                  config.discriminator.fft_sizes, config.discriminator.bands,
-                                  config.discriminator.msd_rates).to(dev)
     opt_g = torch.optim.AdamW(generator.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas))
-    opt_d = torch.optim.AdamW(discriminator.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas))
     sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, config.optim.gamma)
-    sched_d = torch.optim.lr_scheduler.ExponentialLR(opt_d, config.optim.gamma)
+    discriminator = opt_d = sched_d = None  # no GAN (mel + VQ losses only): no discriminator at all
+    if weights.gan:
+        discriminator = Discriminator(config.model.sample_rate, config.discriminator.periods,
+                                      config.discriminator.fft_sizes, config.discriminator.bands,
+                                      config.discriminator.msd_rates).to(dev)
+        opt_d = torch.optim.AdamW(discriminator.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas))
+        sched_d = torch.optim.lr_scheduler.ExponentialLR(opt_d, config.optim.gamma)
     data_config = DataConfig.from_dict({**config.data, "sample_rate": config.model.sample_rate})
     dataset = data_config.train_dataset(env.rank, env.world_size, block_size=batch_per_rank)
     step, best = 0, math.inf
     if resume:
         state = load_train_state(save_path / "latest")
         generator.load_state_dict(state["generator"])
-        discriminator.load_state_dict(state["discriminator"])
         opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
         sched_g.load_state_dict(state["sched_g"])
-        sched_d.load_state_dict(state["sched_d"])
+        if discriminator is not None and "discriminator" in state:
+            discriminator.load_state_dict(state["discriminator"])
+            opt_d.load_state_dict(state["opt_d"])
+            sched_d.load_state_dict(state["sched_d"])
+        elif discriminator is not None:  # a GAN stage continuing a run trained without one
+            log.info("the run has no discriminator yet: it starts fresh at step %d", state["step"])
         dataset.load_state_dict(state["data"])
         step, best = state["step"], state["best"]
     gen = DDP(generator) if env.enabled else generator
-    disc = DDP(discriminator) if env.enabled else discriminator
+    disc = DDP(discriminator) if env.enabled and discriminator is not None else discriminator
 
     mel_loss = MelSpectrogramLoss(config.model.sample_rate, weights.mel_window_lengths, weights.mel_n_mels,
                                   clamp_eps=weights.mel_clamp_eps, pow=weights.mel_pow,
@@ -152,13 +163,16 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
             val_set = [e.audio for e in data_config.validation_set()]
         log.info("%s at step %d of %d; generator %.2fM, discriminator %.2fM parameters; %d rank(s) x batch %d",
                  "resuming" if resume else "starting", step, end, sum(p.numel() for p in generator.parameters()) / 1e6,
-                 sum(p.numel() for p in discriminator.parameters()) / 1e6, env.world_size, batch_per_rank)
+                 sum(p.numel() for p in discriminator.parameters()) / 1e6 if discriminator else 0.0,
+                 env.world_size, batch_per_rank)
 
     def checkpoint(folder: str) -> None:
-        state = {"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
-                 "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(),
-                 "sched_d": sched_d.state_dict(), "data": dataset.state_dict(consumed=step * batch_per_rank),
-                 "step": step, "best": best, "config": config.to_dict()}
+        state = {"generator": generator.state_dict(), "opt_g": opt_g.state_dict(), "sched_g": sched_g.state_dict(),
+                 "data": dataset.state_dict(consumed=step * batch_per_rank), "step": step, "best": best,
+                 "config": config.to_dict()}
+        if discriminator is not None:
+            state.update(discriminator=discriminator.state_dict(), opt_d=opt_d.state_dict(),
+                         sched_d=sched_d.state_dict())
         save_run_checkpoint(save_path / folder, Checkpoint(config.model, generator.state_dict(), save_path.name), state)
 
     # -- the loop -------------------------------------------------------------------------------
