@@ -344,6 +344,9 @@ def test_part_stream_resumes_at_a_position(corpus, tmp_path, monkeypatch, kind):
         monkeypatch.undo()
         assert rest == full[start:]
         assert calls["n"] <= len(full) - start  # the first `start` items were not decoded
+        assert list(part_stream(source, part, num_parts, len(full))) == []  # all done: nothing left
+        with pytest.raises(ValueError, match="fewer than start"):  # the input shrank since the job began
+            list(part_stream(source, part, num_parts, len(full) + 1))
 
 
 class Crash(Exception):

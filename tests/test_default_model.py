@@ -8,6 +8,7 @@ import torch
 
 from audiotok import AudioTokenizer, cli
 from audiotok.hub import DEFAULT_MODEL_ID, PRETRAINED_DIR
+from audiotok.metrics import codebook_utilization, mel_distance
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "speech.flac"
 
@@ -25,7 +26,7 @@ def test_default_model_loads_offline(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(tok.model.state_dict().values(), same.model.state_dict().values()))
 
 
-@pytest.mark.filterwarnings("ignore:audiotok-24khz-v0")
+@pytest.mark.filterwarnings("ignore:audiotok-24khz")
 def test_default_model_round_trip_and_cli(tmp_path):
     audio, sr = sf.read(EXAMPLE, dtype="float32")
     tok = AudioTokenizer.from_pretrained()
@@ -39,3 +40,19 @@ def test_default_model_round_trip_and_cli(tmp_path):
     wav, wav_sr = sf.read(tmp_path / "speech.wav", dtype="float32")
     assert wav_sr == tok.sample_rate
     torch.testing.assert_close(torch.from_numpy(wav), decoded[0, 0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:audiotok-24khz")
+def test_default_model_codes_carry_the_input():
+    """Guards against shipping a collapsed model, whose codebooks use one code each and whose output
+    does not depend on the input (as the first v0 checkpoint did)."""
+    audio, sr = sf.read(EXAMPLE, dtype="float32")
+    assert sr == 24000  # the model's rate: no resampling in the comparison below
+    tok = AudioTokenizer.from_pretrained()
+    enc = tok.encode(audio, sr)
+    utilization = codebook_utilization(enc.codes, tok.codebook_size, enc.lengths)
+    assert min(utilization.per_codebook) > 0.2, utilization
+    own = mel_distance(tok.decode(enc)[0, 0], audio, sr)
+    # The same sounds in another order: a model that ignores its input does as well on it.
+    other = mel_distance(tok.decode(tok.encode(audio[::-1].copy(), sr))[0, 0], audio, sr)
+    assert own < 0.7 * other, (own, other)

@@ -16,7 +16,6 @@ their audio.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -123,47 +122,12 @@ def source_fingerprint(source: AudioSource) -> dict[str, Any]:
 # One part of the source, as an ordered stream of (position, Record | DecodeError)
 
 
-def _placeholder(*args: Any, **kwargs: Any) -> Record:
-    raise DecodeError("", "skipped")
-
-
-@contextlib.contextmanager
-def _without_decoding(source: AudioSource) -> Iterator[None]:
-    """Streaming sources call ``self._decode`` once per item; shadowing it on the instance turns
-    each item into a cheap placeholder while the stream is advanced to the resume position."""
-    if getattr(type(source), "_decode", None) is None:
-        yield
-        return
-    source._decode = _placeholder  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        del source._decode
-
-
 def part_stream(source: AudioSource, part: int, num_parts: int, start: int = 0) -> Iterator[tuple[int, Record | DecodeError]]:
-    """``(position, Record | DecodeError)`` for positions ``start, start + 1, ...`` of part ``part``."""
+    """``(position, Record | DecodeError)`` for positions ``start, start + 1, ...`` of part ``part``
+    (the items before ``start`` are not decoded)."""
     if not 0 <= part < num_parts:
         raise ValueError(f"part {part} out of range for {num_parts} parts")
-    if source.random_access:
-        indices = range(part, len(source), num_parts)
-        for position in range(start, len(indices)):
-            try:
-                yield position, source.load(indices[position])
-            except DecodeError as e:
-                yield position, e
-        if start > len(indices):
-            raise RuntimeError(f"{source.name}: part {part} has {len(indices)} records, fewer than the "
-                               f"{start} already done; the input changed since the job started")
-        return
-    stream = source.records(part, num_parts)
-    if start:
-        with _without_decoding(source):
-            skipped = sum(1 for _ in itertools.islice(stream, start))
-        if skipped < start:
-            raise RuntimeError(f"{source.name}: part {part} has {skipped} items, fewer than the {start} "
-                               f"already done; the input changed since the job started")
-    yield from zip(itertools.count(start), stream)
+    yield from zip(itertools.count(start), source.records(part, num_parts, start=start))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Two access patterns:
   frames asked for, so an excerpt of a long file costs a seek, not a full decode);
 * streaming: ``source.records(part, num_parts, epoch, seed)`` iterates one disjoint part of the
   data; parts ``0..num_parts-1`` together cover every record exactly once per epoch.
+  ``start=N`` passes over the part's first N items without decoding them (resuming a job).
 
 ``records()`` exists for both kinds and yields ``Record`` or ``DecodeError`` items; iterating a
 source (``for rec in source``) yields the good records of part 0 of 1 and counts the rest.
@@ -184,16 +185,24 @@ class AudioSource:
         self.skipped = SkipCounter(name)
 
     def records(
-        self, part: int = 0, num_parts: int = 1, epoch: int = 0, seed: int | None = None
+        self, part: int = 0, num_parts: int = 1, epoch: int = 0, seed: int | None = None, start: int = 0
     ) -> Iterator[Record | DecodeError]:
         """Random-access default: indices ``part, part + num_parts, ...`` of the listed order
-        (``seed=None``) or of a permutation drawn from ``(seed, epoch)``."""
+        (``seed=None``) or of a permutation drawn from ``(seed, epoch)``, from item ``start`` of
+        the part on (a ``ValueError`` if the part has fewer items)."""
         order = np.arange(len(self)) if seed is None else np.random.default_rng([seed, epoch]).permutation(len(self))
-        for i in order[part::num_parts]:
+        indices = order[part::num_parts]
+        self._check_start(part, len(indices), start)
+        for i in indices[start:]:
             try:
                 yield self.load(int(i))
             except DecodeError as e:
                 yield e
+
+    def _check_start(self, part: int, count: int, start: int) -> None:
+        if count < start:
+            raise ValueError(f"{self.name}: part {part} has {count} items, fewer than start={start} "
+                             "(the input changed since the positions were recorded?)")
 
     def __iter__(self) -> Iterator[Record]:
         for item in self.records():
@@ -382,26 +391,31 @@ class HFDatasetSource(AudioSource):
         return ArrayClip(record.audio, record.sample_rate, record.key)
 
     def records(
-        self, part: int = 0, num_parts: int = 1, epoch: int = 0, seed: int | None = None
+        self, part: int = 0, num_parts: int = 1, epoch: int = 0, seed: int | None = None, start: int = 0
     ) -> Iterator[Record | DecodeError]:
         """Map-style: see :meth:`AudioSource.records`. Streaming: ``split_dataset_by_node`` gives
         the part (whole shards when they divide evenly, else every ``num_parts``-th row); rows come
         in dataset order (``epoch`` and ``seed`` are not used)."""
         if not self.streaming:
-            yield from super().records(part, num_parts, epoch, seed)
+            yield from super().records(part, num_parts, epoch, seed, start)
             return
         from datasets.distributed import split_dataset_by_node
 
         ds = split_dataset_by_node(self.dataset, rank=part, world_size=num_parts) if num_parts > 1 else self.dataset
         # ``iter`` rather than ``__iter__``: inside a DataLoader worker, ``__iter__`` splits the data
         # among the workers a second time, on top of our parts, and records would be lost.
+        count = 0
         for i, batch in enumerate(ds.iter(batch_size=1)):
+            count += 1
+            if i < start:
+                continue
             value = batch[self.audio_column][0]
             key = self._key(f"part{part}.{i}", value)
             try:
                 yield self._decode(key, value)
             except DecodeError as e:
                 yield e
+        self._check_start(part, count, start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,29 +489,37 @@ class WebDatasetSource(AudioSource):
         raise DecodeError(key, "noaudio", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
 
     def records(
-        self, part: int = 0, num_parts: int = 1, epoch: int = 0, seed: int | None = None
+        self, part: int = 0, num_parts: int = 1, epoch: int = 0, seed: int | None = None, start: int = 0
     ) -> Iterator[Record | DecodeError]:
         """Shards in listed order (``seed=None``) or in an order drawn from ``(seed, epoch)``.
 
         With at least ``num_parts`` shards, part ``p`` reads shards ``p, p + num_parts, ...`` of
         that order; with fewer, every part reads all shards and keeps samples ``n`` with
-        ``n % num_parts == p`` (shard-level errors are then reported by part 0 only).
+        ``n % num_parts == p`` (shard-level errors are then reported by part 0 only). Shard-level
+        errors count as items for ``start``.
         """
         n = len(self.shards)
         order = range(n) if seed is None else np.random.default_rng([seed, epoch]).permutation(n)
         shards = [self.shards[i] for i in order]
         by_shard = n >= num_parts
-        count = 0
+        count = 0  # samples read, every part's
+        items = 0  # items of this part
         for url in shards[part::num_parts] if by_shard else shards:
             for sample in self._samples(url):
                 if isinstance(sample, DecodeError):
                     if by_shard or part == 0:
-                        yield sample
+                        items += 1
+                        if items > start:
+                            yield sample
                     continue
                 count += 1
                 if not by_shard and (count - 1) % num_parts != part:
+                    continue
+                items += 1
+                if items <= start:
                     continue
                 try:
                     yield self._decode(sample)
                 except DecodeError as e:
                     yield e
+        self._check_start(part, items, start)
