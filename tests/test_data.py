@@ -8,6 +8,7 @@ import itertools
 import logging
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -446,3 +447,50 @@ def test_real_audio_manifest():
     ds = ExcerptDataset({g: SourceGroup(1.0, [s]) for g, s in groups.items()}, 44100, seed=0)
     xs = list(itertools.islice(ds, 16))
     assert all(x.shape == (1, 16758) and x.abs().max() <= 1 and x.abs().max() > 0 for x in xs)
+
+
+def test_pack_manifest_into_opus_parts(tmp_path, caplog):
+    from audiotok.data.pack import pack_manifest
+
+    src = tmp_path / "corpus"
+    (src / "s").mkdir(parents=True)
+    files = {"s/a.wav": (440, 16000, 5.5, "speech"), "s/b.flac": (1000, 44100, 4.2, "music"),
+             "s/c.wav": (2500, 48000, 0.5, "general")}  # c is shorter than a 1 s piece: dropped
+    rows = []
+    for path, (freq, sr, seconds, category) in files.items():
+        sf.write(src / path, np.stack([tone(freq, sr, seconds)] * 2, 1), sr)  # stereo: downmixed
+        rows.append(("train", category, path))
+    (src / "s/bad.wav").write_bytes(b"RIFF not audio")
+    rows += [("train", "speech", "s/bad.wav"), ("eval", "speech", "s/a.wav")]
+    with open(src / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["split", "category", "source", "license", "path", "sr", "channels", "seconds", "format", "subtype"])
+        w.writerows([split, cat, "test", "CC0", path, 0, 2, 0, "WAV", ""] for split, cat, path in rows)
+
+    budget = 0.03  # MiB: a few 2 s Opus excerpts per part
+    with caplog.at_level(logging.WARNING):
+        parts = pack_manifest(src, tmp_path / "packed", excerpt_seconds=2.0, part_mib=budget, seed=3)
+    assert "bad.wav" in caplog.text  # skipped and logged, not fatal
+    assert len(parts) >= 2 and [p.name for p in parts] == [f"part-{i:03d}" for i in range(len(parts))]
+    seconds = {}
+    for part in parts:
+        manifest = list(csv.DictReader(open(part / "manifest.csv")))
+        sizes = [(part / r["path"]).stat().st_size for r in manifest]
+        assert len(sizes) == 1 or sum(sizes) <= budget * 2**20
+        for r in manifest:
+            audio, sr = sf.read(part / r["path"], dtype="float32")
+            assert sr == 24000 and audio.ndim == 1 and float(r["seconds"]) == pytest.approx(len(audio) / sr, abs=0.01)
+            freq = {"s__a": 440, "s__b": 1000}[Path(r["path"]).name.rsplit("-", 1)[0]]
+            spectrum = np.abs(np.fft.rfft(audio))
+            assert abs(np.argmax(spectrum) * sr / len(audio) - freq) < 5  # the same tone, after Opus
+            seconds[r["category"]] = seconds.get(r["category"], 0) + float(r["seconds"])
+    # Pieces of 2 s; a last piece under 1 s (the 0.2 s of b, all of c) is dropped.
+    assert seconds == pytest.approx({"speech": 5.5, "music": 4.0}, abs=0.05)
+    glob = str(tmp_path / "packed" / "part-*")
+    for group, pieces in [("speech", 3), ("music", 2)]:  # a glob reads every part as one corpus
+        assert sum(len(source) for source in build_sources({"type": "manifest", "path": glob, "group": group})) == pieces
+    assert len(pack_manifest(src, tmp_path / "one", excerpt_seconds=2.0, part_mib=budget, max_parts=1)) == 1
+    with pytest.raises(ValueError, match="Opus"):
+        pack_manifest(src, tmp_path / "x", sample_rate=44100)
+    with pytest.raises(FileExistsError):
+        pack_manifest(src, tmp_path / "packed")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,8 @@ def build_sources(spec: Mapping[str, Any]) -> list[AudioSource]:
       (further keys go to ``load_dataset``)
     * ``{"type": "webdataset", "urls": ..., "audio_keys": [...], "size": ...}``
     * ``{"type": "manifest", "path": ..., "split": "train", "group": "speech"}`` (``group``: one
-      name or a list, of :data:`MANIFEST_GROUPS` values)
+      name or a list, of :data:`MANIFEST_GROUPS` values; ``path`` may be a glob over several
+      manifest folders, such as the parts :func:`~audiotok.data.pack.pack_manifest` writes)
     """
     spec = dict(spec)
     kind = spec.pop("type", None)
@@ -76,12 +78,16 @@ def build_sources(spec: Mapping[str, Any]) -> list[AudioSource]:
             return [WebDatasetSource(spec.pop("urls"), **spec)]
         if kind == "manifest":
             wanted = spec.pop("group")
-            found = sources_from_manifest(spec.pop("path"), **spec)
+            pattern = str(spec.pop("path"))
+            paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+            if not paths:
+                raise ValueError(f"no manifests match {pattern}")
+            found = [sources_from_manifest(path, **spec) for path in paths]
             names = [wanted] if isinstance(wanted, str) else list(wanted)
-            absent = [n for n in names if n not in found]
+            absent = [n for n in names if not any(n in f for f in found)]
             if absent:
-                raise ValueError(f"manifest has no files for groups {absent}; it has {sorted(found)}")
-            return [found[n] for n in names]
+                raise ValueError(f"{pattern}: no files for groups {absent}; it has {sorted(set().union(*found))}")
+            return [f[n] for n in names for f in found if n in f]
     except (KeyError, TypeError) as e:
         raise ValueError(f"bad {kind} source spec {spec}: {e}") from e
     raise ValueError(f"source spec type must be folder, hf, webdataset or manifest, got {kind!r}")
