@@ -51,7 +51,7 @@ def test_default_model_codes_carry_the_input():
     tok = AudioTokenizer.from_pretrained()
     enc = tok.encode(audio, sr)
     utilization = codebook_utilization(enc.codes, tok.codebook_size, enc.lengths)
-    assert min(utilization.per_codebook) > 0.2, utilization
+    assert utilization.overall > 0.3 and utilization.per_codebook[0] > 0.3, utilization  # collapsed: 0.0
     own = mel_distance(tok.decode(enc)[0, 0], audio, sr)
     # The same sounds in another order: a model that ignores its input does as well on it.
     other = mel_distance(tok.decode(tok.encode(audio[::-1].copy(), sr))[0, 0], audio, sr)
