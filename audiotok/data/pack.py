@@ -18,6 +18,7 @@ import logging
 import os
 import random
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -63,6 +64,23 @@ class _Part:
         os.replace(tmp, self.folder / "manifest.csv")
 
 
+def _pieces(rows: list[dict[str, str]], root: Path, sample_rate: int, step: int,
+            skipped: SkipCounter) -> Iterator[tuple[dict[str, str], str, np.ndarray]]:
+    """``(row, name, piece [1, <= step])`` for the pieces of at least 1 s of each readable file."""
+    for row in rows:
+        try:
+            record = decode_file(row["path"], root / row["path"])
+        except DecodeError as e:
+            skipped.add(e)
+            continue
+        audio = resample(downmix(record.audio), record.sample_rate, sample_rate)
+        stem = Path(row["path"]).with_suffix("").as_posix().replace("/", "__")
+        for i, start in enumerate(range(0, audio.shape[1], step)):
+            piece = audio[:, start:start + step]
+            if piece.shape[1] >= sample_rate:
+                yield row, f"{stem}-{i:04d}", piece
+
+
 def pack_manifest(
     manifest: str | os.PathLike,
     out: str | os.PathLike,
@@ -97,37 +115,24 @@ def pack_manifest(
     random.Random(seed).shuffle(rows)
 
     budget = int(part_mib * 2**20)
-    step = int(excerpt_seconds * sample_rate)
     skipped = SkipCounter(f"pack:{root}")
     parts: list[Path] = []
     part = None
-    for row in rows:
-        try:
-            record = decode_file(row["path"], root / row["path"])
-        except DecodeError as e:
-            skipped.add(e)
-            continue
-        audio = resample(downmix(record.audio), record.sample_rate, sample_rate)
-        stem = Path(row["path"]).with_suffix("").as_posix().replace("/", "__")
-        for i, start in enumerate(range(0, audio.shape[1], step)):
-            piece = audio[:, start:start + step]
-            if piece.shape[1] < sample_rate:
-                continue
-            data = _opus_bytes(piece, sample_rate)
-            if part is not None and part.bytes + len(data) > budget:
-                part.close()
-                part = None
-                if max_parts is not None and len(parts) >= max_parts:
-                    log.info("packed %d parts; %d files skipped", len(parts), skipped.total)
-                    return parts
-            if part is None:
-                part = _Part(out / f"part-{len(parts):03d}")
-                parts.append(part.folder)
-            part.add(f"{split}/{row['category']}/{stem}-{i:04d}.opus", data, {
-                "split": split, "category": row["category"], "source": row.get("source", ""),
-                "license": row.get("license", ""), "sr": str(sample_rate), "channels": "1",
-                "seconds": f"{piece.shape[1] / sample_rate:.3f}", "format": "OGG", "subtype": "OPUS",
-            })
+    for row, name, piece in _pieces(rows, root, sample_rate, int(excerpt_seconds * sample_rate), skipped):
+        data = _opus_bytes(piece, sample_rate)
+        if part is not None and part.bytes + len(data) > budget:
+            part.close()
+            part = None
+            if max_parts is not None and len(parts) >= max_parts:
+                break
+        if part is None:
+            part = _Part(out / f"part-{len(parts):03d}")
+            parts.append(part.folder)
+        part.add(f"{split}/{row['category']}/{name}.opus", data, {
+            "split": split, "category": row["category"], "source": row.get("source", ""),
+            "license": row.get("license", ""), "sr": str(sample_rate), "channels": "1",
+            "seconds": f"{piece.shape[1] / sample_rate:.3f}", "format": "OGG", "subtype": "OPUS",
+        })
     if part is not None:
         part.close()
     log.info("packed %d parts; %d files skipped", len(parts), skipped.total)

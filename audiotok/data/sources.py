@@ -405,12 +405,11 @@ class HFDatasetSource(AudioSource):
         # ``iter`` rather than ``__iter__``: inside a DataLoader worker, ``__iter__`` splits the data
         # among the workers a second time, on top of our parts, and records would be lost.
         count = 0
-        for i, batch in enumerate(ds.iter(batch_size=1)):
-            count += 1
-            if i < start:
+        for count, batch in enumerate(ds.iter(batch_size=1), start=1):
+            if count <= start:
                 continue
             value = batch[self.audio_column][0]
-            key = self._key(f"part{part}.{i}", value)
+            key = self._key(f"part{part}.{count - 1}", value)
             try:
                 yield self._decode(key, value)
             except DecodeError as e:
