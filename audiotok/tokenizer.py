@@ -71,7 +71,8 @@ class AudioTokenizer:
                 (e.g. ``descript/dac_44khz``), taken from the local cache when present.
             device: where the model runs (default CPU).
             dtype: weights and activations; ``torch.bfloat16`` / ``torch.float16`` trade exactness for
-                speed on GPUs (code lookups always run in fp32).
+                speed (code lookups, the decoder's last block and its output layer always run in
+                fp32: half precision there adds an audible noise floor).
             compile: fuse every Snake activation into one kernel with ``torch.compile`` (with the
                 GEMM 1x1 convolutions, 1.6 to 1.75x the speed of ``transformers.DacModel`` on CPU; needs
                 a C++ compiler, or Triton on CUDA; seconds to compile once per process). Results differ
@@ -123,6 +124,8 @@ class AudioTokenizer:
         self.device = torch.device(device) if device is not None else self.device
         self.model.to(self.device, self.dtype)
         self.model.decoder.to(dtype=self.decoder_dtype or self.dtype)
+        for module in self.model.decoder.float32_tail():  # half precision there adds a noise floor
+            module.float()
         return self
 
     # -- properties ------------------------------------------------------------------------------

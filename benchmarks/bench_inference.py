@@ -12,11 +12,8 @@ per second), peak memory growth during the call, and whether the codes equal the
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,47 +24,11 @@ from conftest import make_audio, random_tokenizer  # noqa: E402  (weights with r
 
 from audiotok import AudioTokenizer  # noqa: E402
 from audiotok.layers import use_fused_snake  # noqa: E402
+from common import PeakMemory, machine  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENCODE_GFLOP_PER_S = 61.0  # 44.1 kHz encoder, dac-spec.md
 DECODE_GFLOP_PER_S = 137.0
-
-
-class PeakMemory:
-    """Peak memory growth over a block: CUDA allocator peak, or sampled process RSS on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            self.base = self.peak = self._rss()
-            self.running = True
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.running = False
-            self.thread.join()
-            self.bytes = max(self.peak, self._rss()) - self.base
 
 
 def measure(fn, device: torch.device, repeats: int):
@@ -83,17 +44,6 @@ def measure(fn, device: torch.device, repeats: int):
             best = min(best, time.perf_counter() - start)
         peak = max(peak, mem.bytes)
     return best, peak, result
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def row(name, op, batch, seconds, t, peak, codes_note, gflop_per_s):

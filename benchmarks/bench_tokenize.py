@@ -15,8 +15,6 @@ sample rates, some stereo) in a temporary folder, then times, on the same files:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,20 +33,9 @@ from audiotok.bulk import DTYPES, BulkConfig, InputSpec, PartReader, tokenize_da
 from audiotok.bulk.inputs import Decoded, fixed_batches, identity_collate  # noqa: E402
 from audiotok.layers import use_fused_snake  # noqa: E402
 from audiotok.tokenizer import DEFAULT_SECONDS  # noqa: E402
+from common import machine  # noqa: E402
 
 RATES = (44100, 48000, 22050, 16000)
-
-
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cpu = f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, {cpu}"
-    return cpu
 
 
 def make_corpus(root: Path, minutes: float, file_seconds: float, seed: int = 0) -> tuple[int, float]:

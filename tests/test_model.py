@@ -207,3 +207,36 @@ def test_codebook_lookup_is_nearest_normalized_code():
     cos = torch.nn.functional.normalize(latents.transpose(1, 2), dim=-1) @ torch.nn.functional.normalize(
         vq.codebook.weight, dim=-1).t()
     assert torch.equal(codes, cos.argmax(-1))
+
+
+def test_fused_snake_matches_eager_forward_and_backward():
+    """The compiled Snake (one kernel, any shape) gives eager's values and gradients."""
+    from audiotok.layers import fused_snake, snake
+
+    for shape in [(2, 8, 37), (1, 16, 101)]:  # two shapes: one dynamic-shape kernel serves both
+        x = torch.randn(*shape, requires_grad=True)
+        alpha = (torch.rand(1, shape[1], 1) + 0.5).requires_grad_()
+        grads = []
+        for fn in (snake, fused_snake()):
+            y = fn(x, alpha)
+            g = torch.autograd.grad((y * torch.cos(y)).sum(), (x, alpha))
+            grads.append((y.detach(), *g))
+        for eager, fused in zip(*grads):
+            torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_tail_stays_float32_under_autocast():
+    """bf16 autocast runs the decoder's body in bf16, its last block and output layer in float32."""
+    model = DAC(DACConfig.preset("tiny-44khz"))
+    seen = {}
+
+    def record(name):
+        return lambda module, inputs, output: seen.__setitem__(name, output.dtype)
+
+    model.decoder.conv1.register_forward_hook(record("first"))
+    model.decoder.block[-1].conv_t1.register_forward_hook(record("last block"))
+    model.decoder.conv2.register_forward_hook(record("output"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = model(torch.randn(1, 1, 2048))
+    assert seen == {"first": torch.bfloat16, "last block": torch.float32, "output": torch.float32}
+    assert y.dtype == torch.float32

@@ -165,3 +165,21 @@ def test_two_process_gloo_run(audio_dir, tmp_path):
     rows = [json.loads(s) for s in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]  # one writer: rank 0
     assert AudioTokenizer.from_pretrained(tmp_path / "ddp").sample_rate == 44100
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fused_snake_option_reaches_every_snake(audio_dir, tmp_path, monkeypatch, fused):
+    import audiotok.layers
+
+    calls = []
+
+    def counting(x, alpha):  # stands in for the compiled kernel (tested in test_model.py)
+        calls.append(x.shape[1])
+        return audiotok.layers.snake(x, alpha)
+
+    monkeypatch.setattr(audiotok.layers, "fused_snake", lambda: counting)
+    config = tiny_config(audio_dir, f"train.fused_snake={str(fused).lower()}", "loss.adversarial=0", "loss.feature=0",
+                         "train.valid_every=1000", "train.save_every=1000")
+    train(config, tmp_path / "run", max_steps=1, device="cpu")
+    n_snakes = sum(isinstance(m, audiotok.layers.Snake1d) for m in audiotok.DAC(config.model).modules())
+    assert len(calls) == (n_snakes if fused else 0)

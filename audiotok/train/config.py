@@ -91,11 +91,16 @@ class OptimConfig:
 
 @dataclass
 class LoopConfig:
-    """The loop: global batch (split across ranks), iterations, precision, logging and checkpoints."""
+    """The loop: global batch (split across ranks), iterations, precision, logging and checkpoints.
+
+    ``fused_snake`` compiles each Snake into one Inductor kernel (forward and backward; needs a C++
+    compiler on CPU, Triton on CUDA).
+    """
 
     batch_size: int = 12
     num_iters: int = 250_000
     bf16: bool = False
+    fused_snake: bool = False
     seed: int = 0
     num_workers: int = 4
     log_every: int = 50

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights
 from ..hub import resolve
+from ..layers import use_fused_snake
 from ..metrics import codebook_utilization
 from ..model import DAC
 from .config import TrainConfig
@@ -118,6 +119,7 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
     resume = (save_path / "latest" / "train_state.pt").exists()
     torch.manual_seed(loop.seed)  # the same initial networks on every rank and every run
     generator = build_generator(config, None if resume else init_from).to(dev)
+    use_fused_snake(generator, loop.fused_snake)
     opt_g = torch.optim.AdamW(generator.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas))
     sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, config.optim.gamma)
     discriminator = opt_d = sched_d = None  # no GAN (mel + VQ losses only): no discriminator at all
