@@ -41,6 +41,11 @@ def resolve(source: str | os.PathLike | None) -> Path:
     if path.exists():
         return path
     name = ALIASES.get(str(source), str(source))
+    if name.startswith("audiotok-"):
+        raise FileNotFoundError(
+            f"{source!r} is not the model this audiotok release bundles ({DEFAULT_MODEL_ID!r}): codes it wrote "
+            f"decode only with the audiotok release that bundled it, or with a folder saved from it"
+        )
     if not looks_like_hub_id(name):
         raise FileNotFoundError(f"{source}: no such file or folder, and not a hub id like 'descript/dac_44khz'")
     return Path(_download(name))

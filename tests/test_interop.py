@@ -202,6 +202,12 @@ def test_default_model_error_says_so(monkeypatch, tmp_path):
         AudioTokenizer.from_pretrained()
 
 
+def test_an_earlier_bundled_model_id_says_so():
+    """.atok files name the model that wrote them; an earlier release's bundled model is not here."""
+    with pytest.raises(FileNotFoundError, match="not the model this audiotok release bundles"):
+        AudioTokenizer.from_pretrained("audiotok-24khz-v0")
+
+
 def test_hub_id_offline_cached_and_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
