@@ -17,7 +17,7 @@ ALIASES = {
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_MODEL = "default"
 # The model_id the shipped model records (in its config.json and in every .atok file it writes).
-DEFAULT_MODEL_ID = "audiotok-24khz-v0.1"
+DEFAULT_MODEL_ID = "audiotok-24khz-v0.2"
 
 
 def default_model_path() -> Path:

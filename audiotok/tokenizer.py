@@ -79,7 +79,7 @@ class AudioTokenizer:
                 from eager mode in the last float bits.
             decoder_dtype: the decoder's dtype when it should differ from ``dtype``: codes depend on
                 the encoder only, so ``dtype=float32, decoder_dtype=bfloat16`` keeps exact codes and
-                decodes about 2.5x faster on CPUs and GPUs with bf16 units.
+                decodes about 1.6x faster on CPUs with bf16 units.
         """
         checkpoint = load_checkpoint(resolve(source))
         if source is not None and str(source) != DEFAULT_MODEL_ID and not Path(str(source)).expanduser().exists():
