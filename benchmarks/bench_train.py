@@ -26,26 +26,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import soundfile as sf
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import PeakMemory, machine  # noqa: E402
+from conftest import make_audio  # noqa: E402
 
 from audiotok.train.config import load_config  # noqa: E402
 from audiotok.train.trainer import train  # noqa: E402
 
 
 def synthetic_audio(root: Path, sample_rate: int, files: int = 8, seconds: float = 4.0) -> None:
-    """Tones with vibrato and tremolo over noise: enough variety to avoid trivial batches."""
-    rng = np.random.default_rng(0)
-    t = np.arange(int(sample_rate * seconds)) / sample_rate
+    """``files`` clips of the tests' tones and noise (``conftest.make_audio``)."""
     for i in range(files):
-        f0 = rng.uniform(80, 800)
-        tone = np.sin(2 * np.pi * f0 * t + 3 * np.sin(2 * np.pi * rng.uniform(2, 7) * t))
-        x = 0.3 * tone * (1 + np.sin(2 * np.pi * rng.uniform(1, 4) * t)) / 2 + 0.03 * rng.standard_normal(t.size)
-        sf.write(root / f"synth{i}.wav", x.astype(np.float32), sample_rate)
+        sf.write(root / f"synth{i}.wav", make_audio(int(sample_rate * seconds), seed=i)[0], sample_rate)
 
 
 def variant_overrides(precision: str, snake: str, gan: str, batch: int, base_gan: tuple[float, float]) -> list[str]:
@@ -57,19 +53,16 @@ def variant_overrides(precision: str, snake: str, gan: str, batch: int, base_gan
 
 def run_one(args: argparse.Namespace, overrides: list[str]) -> dict[str, float]:
     """Train ``warmup + steps`` steps in this process; -> steps/s over the last ``steps``, peak MiB."""
-    data = Path(args.data) if args.data else None
+    end = args.warmup + args.steps
+    config = load_config(args.config, [*args.set, *overrides, "train.log_every=1", "train.milestones=[]",
+                                       f"train.save_every={end + 1}", f"train.num_workers={args.num_workers}"])
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(args.config)
-        if data is None:
-            data = Path(tmp) / "audio"
+        data = Path(args.data) if args.data else Path(tmp) / "audio"
+        if not args.data:
             data.mkdir()
             synthetic_audio(data, config.model.sample_rate)
-        end = args.warmup + args.steps
-        source = f"[{{type: folder, root: {data}}}]"
-        config = load_config(args.config, [
-            f"data.groups={{all: {{weight: 1, sources: {source}}}}}", "data.val_groups={}",
-            "train.log_every=1", f"train.save_every={end + 1}", "train.milestones=[]",
-            f"train.num_workers={args.num_workers}", *args.set, *overrides])
+        config.data["groups"] = {"all": {"weight": 1, "sources": [{"type": "folder", "root": str(data)}]}}
+        config.data["val_groups"] = {}
         device = torch.device(args.device)
         with PeakMemory(device) as memory:
             train(config, Path(tmp) / "run", max_steps=end, device=args.device)
