@@ -14,7 +14,10 @@ from safetensors.torch import load_file
 
 from audiotok import AudioTokenizer
 from audiotok.train.config import load_config
-from audiotok.train.trainer import train
+from audiotok.data.dataset import Excerpt
+from audiotok.model import DAC
+from audiotok.train.losses import MelSpectrogramLoss, MultiScaleSTFTLoss
+from audiotok.train.trainer import train, validate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "configs" / "tiny.yml"
@@ -89,6 +92,27 @@ def test_mel_loss_goes_down(audio_dir, tmp_path):
     assert np.mean(mel[-6:]) < 0.85 * np.mean(mel[:6])
     tok = AudioTokenizer.from_pretrained(tmp_path / "run")  # a run folder loads its latest generator
     assert tok.model.is_folded and tok.sample_rate == 44100
+
+
+def test_validation_reports_mel_distance_per_group():
+    config = load_config(TINY)
+    w, sr = config.loss, config.model.sample_rate
+    mel = MelSpectrogramLoss(sr, w.mel_window_lengths, w.mel_n_mels, clamp_eps=w.mel_clamp_eps, pow=w.mel_pow,
+                             mag_weight=w.mel_mag_weight)
+    torch.manual_seed(0)
+    generator = DAC(config.model)
+    t = torch.arange(8 * config.model.hop_length) / sr
+    audio = {"noise": [0.1 * torch.randn(1, t.numel()) for _ in range(5)],
+             "tone": [0.3 * torch.sin(2 * torch.pi * f * t)[None] for f in (220, 330, 440)]}
+    excerpts = [Excerpt(g, f"{g}{i}", x) for g, xs in audio.items() for i, x in enumerate(xs)]
+    val = validate(generator, excerpts[::-1], mel, MultiScaleSTFTLoss(w.stft_window_lengths), torch.device("cpu"),
+                   batch_size=2)
+    assert generator.training  # validation puts the generator back in training mode
+    with torch.no_grad():
+        expected = {g: mel(generator.eval()(torch.stack(xs))[0], torch.stack(xs)).item() for g, xs in audio.items()}
+    assert val["mel_distance/noise"] == pytest.approx(expected["noise"], rel=1e-4)
+    assert val["mel_distance/tone"] == pytest.approx(expected["tone"], rel=1e-4)
+    assert val["mel_distance"] == pytest.approx((5 * expected["noise"] + 3 * expected["tone"]) / 8, rel=1e-4)
 
 
 def _final_weights(run):

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -30,6 +30,9 @@ from .distributed import Dist, barrier, init_distributed, shutdown
 from .losses import (MelSpectrogramLoss, MultiScaleSTFTLoss, discriminator_loss, feature_matching_loss,
                      generator_adversarial_loss, si_sdr)
 from .state import load_train_state, save_run_checkpoint
+
+if TYPE_CHECKING:
+    from ..data.dataset import Excerpt
 
 log = logging.getLogger("audiotok.train")
 
@@ -78,23 +81,30 @@ def build_generator(config: TrainConfig, init_from: str | None) -> DAC:
 
 
 @torch.no_grad()
-def validate(generator: DAC, excerpts: list[torch.Tensor], mel_loss, stft_loss, device: torch.device,
+def validate(generator: DAC, excerpts: list[Excerpt], mel_loss, stft_loss, device: torch.device,
              batch_size: int = 4) -> dict[str, float]:
-    """Mel distance, STFT distance and SI-SDR of reconstructions of held-out excerpts ``[1, N]``, and
-    the codebook utilization of their codes (near 0 means the codebooks have collapsed)."""
+    """Mel distance, STFT distance and SI-SDR of reconstructions of held-out excerpts (audio ``[1, N]``),
+    overall and the mel distance per validation group (``mel_distance/<group>``), and the codebook
+    utilization of their codes (near 0 means the codebooks have collapsed)."""
     generator.eval()
     totals = {"mel_distance": 0.0, "stft_distance": 0.0, "si_sdr": 0.0}
+    group_mel: dict[str, float] = {}
     codes = []
-    for i in range(0, len(excerpts), batch_size):
-        x = torch.stack(excerpts[i:i + batch_size]).to(device)
-        y, q = generator(x)
-        n = x.shape[0]
-        totals["mel_distance"] += mel_loss(y, x).item() * n
-        totals["stft_distance"] += stft_loss(y, x).item() * n
-        totals["si_sdr"] += si_sdr(y, x).sum().item()
-        codes.append(q.codes.cpu())
+    for group in dict.fromkeys(e.group for e in excerpts):
+        audio = [e.audio for e in excerpts if e.group == group]
+        for i in range(0, len(audio), batch_size):
+            x = torch.stack(audio[i:i + batch_size]).to(device)
+            y, q = generator(x)
+            n = x.shape[0]
+            mel = mel_loss(y, x).item() * n
+            group_mel[group] = group_mel.get(group, 0.0) + mel / len(audio)
+            totals["mel_distance"] += mel
+            totals["stft_distance"] += stft_loss(y, x).item() * n
+            totals["si_sdr"] += si_sdr(y, x).sum().item()
+            codes.append(q.codes.cpu())
     generator.train()
     metrics = {k: v / len(excerpts) for k, v in totals.items()}
+    metrics.update({f"mel_distance/{g}": v for g, v in group_mel.items()})
     metrics["codebook_utilization"] = codebook_utilization(torch.cat(codes), generator.config.codebook_size).overall
     return metrics
 
@@ -162,7 +172,7 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
         (save_path / "config.yml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         logger = Logger(save_path)
         if data_config.val_groups:
-            val_set = [e.audio for e in data_config.validation_set()]
+            val_set = data_config.validation_set()
         log.info("%s at step %d of %d; generator %.2fM, discriminator %.2fM parameters; %d rank(s) x batch %d",
                  "resuming" if resume else "starting", step, end, sum(p.numel() for p in generator.parameters()) / 1e6,
                  sum(p.numel() for p in discriminator.parameters()) / 1e6 if discriminator else 0.0,
