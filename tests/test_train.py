@@ -177,6 +177,32 @@ def test_finetune_from_a_pretrained_model(audio_dir, tmp_path):
                                rtol=0, atol=1e-4)
 
 
+def test_frozen_parts_keep_their_weights_and_codes(audio_dir, tmp_path):
+    from audiotok.config import DACConfig
+    from conftest import random_tokenizer
+
+    source = random_tokenizer(DACConfig.preset("tiny-44khz"), seed=5)
+    source.save_pretrained(tmp_path / "src")
+    config = tiny_config(audio_dir, "train.valid_every=1000", "optim.lr=0.01", "loss.adversarial=0",
+                         "loss.feature=0", "train.freeze=[encoder, quantizer]")
+    train(config, tmp_path / "ft", max_steps=2, init_from=str(tmp_path / "src"), device="cpu")
+    tuned = AudioTokenizer.from_pretrained(tmp_path / "ft")
+    before, after = source.model.state_dict(), tuned.model.state_dict()
+    for name in before:
+        if name.startswith("decoder."):
+            continue
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-6, msg=name)
+    assert any(not torch.allclose(after[n], before[n]) for n in before if n.startswith("decoder."))
+    x = np.random.default_rng(1).standard_normal(8000).astype(np.float32) * 0.1
+    assert torch.equal(tuned.encode(x, 44100).codes, source.encode(x, 44100).codes)
+
+
+@pytest.mark.parametrize("freeze", ["[encoder, codebooks]", "[encoder, quantizer, decoder]"])
+def test_freeze_names_are_checked(freeze):
+    with pytest.raises(ValueError, match="train.freeze"):
+        load_config(TINY, [f"train.freeze={freeze}"])
+
+
 def test_two_process_gloo_run(audio_dir, tmp_path):
     source = f"[{{type: folder, root: {audio_dir}}}]"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

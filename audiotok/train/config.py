@@ -89,12 +89,17 @@ class OptimConfig:
     clip_generator: float = 1000.0
 
 
+GENERATOR_PARTS = ("encoder", "quantizer", "decoder")
+
+
 @dataclass
 class LoopConfig:
     """The loop: global batch (split across ranks), iterations, precision, logging and checkpoints.
 
     ``fused_snake`` compiles each Snake into one Inductor kernel (forward and backward; needs a C++
-    compiler on CPU, Triton on CUDA).
+    compiler on CPU, Triton on CUDA). ``freeze`` names generator parts (``encoder``, ``quantizer``,
+    ``decoder``) left out of training: freezing the encoder and quantizer fine-tunes the decoder
+    alone, so the codes a model writes do not change.
     """
 
     batch_size: int = 12
@@ -107,6 +112,14 @@ class LoopConfig:
     valid_every: int = 1000
     save_every: int = 1000
     milestones: list[int] = field(default_factory=lambda: [10_000, 50_000, 100_000, 200_000])
+    freeze: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.freeze) - set(GENERATOR_PARTS))
+        if unknown:
+            raise ValueError(f"train.freeze: unknown parts {unknown}; expected some of {list(GENERATOR_PARTS)}")
+        if set(self.freeze) == set(GENERATOR_PARTS):
+            raise ValueError("train.freeze names every generator part: nothing is left to train")
 
 
 @dataclass

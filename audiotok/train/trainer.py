@@ -130,7 +130,10 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
     torch.manual_seed(loop.seed)  # the same initial networks on every rank and every run
     generator = build_generator(config, None if resume else init_from).to(dev)
     use_fused_snake(generator, loop.fused_snake)
-    opt_g = torch.optim.AdamW(generator.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas))
+    for part in loop.freeze:
+        getattr(generator, part).requires_grad_(False)
+    trainable = [p for p in generator.parameters() if p.requires_grad]
+    opt_g = torch.optim.AdamW(trainable, lr=config.optim.lr, betas=tuple(config.optim.betas))
     sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, config.optim.gamma)
     discriminator = opt_d = sched_d = None  # no GAN (mel + VQ losses only): no discriminator at all
     if weights.gan:
@@ -227,7 +230,7 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
                               ("mel", "waveform", "commitment", "codebook", "adversarial", "feature") if k in out)
         opt_g.zero_grad(set_to_none=True)
         out["loss"].backward()
-        out["grad_norm"] = torch.nn.utils.clip_grad_norm_(generator.parameters(), config.optim.clip_generator)
+        out["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainable, config.optim.clip_generator)
         opt_g.step()
         sched_g.step()
         step += 1
