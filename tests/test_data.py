@@ -439,6 +439,17 @@ def test_validation_set_spreads_over_sources(audio_dir):
     assert all(abs(loudness(e.audio.numpy(), 16000) + 16) < 0.5 for e in val)
 
 
+def test_validation_set_passes_over_clips_shorter_than_its_excerpts(tmp_path):
+    for i, seconds in enumerate([0.3, 1.2, 0.4, 1.5, 2.0, 0.2]):
+        sf.write(tmp_path / f"clip{i}.wav", tone(300 + 100 * i, 16000, seconds).astype(np.float32), 16000)
+    source = AudioFolderSource(tmp_path)
+    val = build_validation_set({"x": source}, 16000, 1.0, 3)
+    assert [e.key for e in val] == ["clip4.wav", "clip1.wav", "clip3.wav"]  # no padded excerpt
+    val = build_validation_set({"x": source}, 16000, 1.0, 5)  # too few long clips: short ones fill in
+    assert [e.key for e in val] == ["clip1.wav", "clip3.wav", "clip4.wav", "clip0.wav", "clip2.wav"]
+    assert all(e.audio.shape == (1, 16000) for e in val)
+
+
 @pytest.mark.skipif(
     not os.environ.get("AUDIOTOK_REAL_AUDIO"), reason="set AUDIOTOK_REAL_AUDIO to a fetch_real_audio.sh folder"
 )

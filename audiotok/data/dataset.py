@@ -239,7 +239,10 @@ def build_validation_set(
     A group's quota is shared equally among its sources (what a short source leaves goes to the
     next ones). Random-access sources give records at
     evenly spaced indices (then the other indices in order, when some are unusable); streaming
-    sources their first usable records. Excerpt ``n`` of group number ``k`` uses ``default_rng([seed, k, n])``.
+    sources their first usable records. Records shorter than ``duration`` are passed over while
+    longer ones turn up among a source's first ``8 * quota`` candidates: their excerpts would be
+    mostly zero padding, and a codec's output under digital silence would dominate the metric.
+    Excerpt ``n`` of group number ``k`` uses ``default_rng([seed, k, n])``.
     """
     out: list[Excerpt] = []
     for k, (name, group) in enumerate(groups.items()):
@@ -251,7 +254,7 @@ def build_validation_set(
         for s, source in enumerate(sources):
             quota = math.ceil((per_group - n) / (len(sources) - s))
             taken = 0
-            for clip in _candidate_clips(source, quota) if quota else ():
+            for clip in _long_first(_candidate_clips(source, quota), duration, 8 * quota) if quota else ():
                 try:
                     x = process_excerpt(
                         clip, clip.sample_rate, sample_rate, duration, np.random.default_rng([seed, k, n]),
@@ -266,6 +269,19 @@ def build_validation_set(
                 if taken == quota:
                     break
     return out
+
+
+def _long_first(clips: Iterator[ArrayClip | FileClip], duration: float, scan: int) -> Iterator[ArrayClip | FileClip]:
+    """The clips of at least ``duration`` seconds among the first ``scan``, then the shorter ones
+    among them, then the rest in order."""
+    short = []
+    for clip in itertools.islice(clips, scan):
+        if clip.num_frames >= duration * clip.sample_rate:
+            yield clip
+        else:
+            short.append(clip)
+    yield from short
+    yield from clips
 
 
 def _candidate_clips(source: AudioSource, quota: int) -> Iterator[ArrayClip | FileClip]:
