@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from .checkpoint import looks_like_hub_id
+
+log = logging.getLogger("audiotok")
 
 # Short names for the published Descript models on the Hugging Face hub.
 ALIASES = {
@@ -17,7 +20,10 @@ ALIASES = {
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_MODEL = "default"
 # The model_id the shipped model records (in its config.json and in every .atok file it writes).
-DEFAULT_MODEL_ID = "audiotok-24khz-v0.2"
+DEFAULT_MODEL_ID = "audiotok-24khz-v0.3"
+# Earlier bundled models whose codes the bundled model reads as they were meant: it has their encoder
+# and quantizer unchanged (v0.3 fine-tuned v0.2's decoder alone), so it writes the same codes.
+SAME_CODES_AS = ("audiotok-24khz-v0.2",)
 
 
 def default_model_path() -> Path:
@@ -33,9 +39,12 @@ def default_model_path() -> Path:
 
 
 def resolve(source: str | os.PathLike | None) -> Path:
-    """A local file or folder for ``source``: the default model (``None`` or its id), a path, or a hub
-    id (cached or downloaded)."""
+    """A local file or folder for ``source``: the default model (``None``, its id or the id of an earlier
+    bundled model it writes the same codes as), a path, or a hub id (cached or downloaded)."""
     if source is None or str(source) == DEFAULT_MODEL_ID:
+        return default_model_path()
+    if str(source) in SAME_CODES_AS:
+        log.info("%s: using %s, which writes the same codes (only its decoder changed)", source, DEFAULT_MODEL_ID)
         return default_model_path()
     path = Path(source).expanduser()
     if path.exists():

@@ -7,7 +7,8 @@ import soundfile as sf
 import torch
 
 from audiotok import AudioTokenizer, cli
-from audiotok.hub import DEFAULT_MODEL_ID, PRETRAINED_DIR
+from audiotok.codefile import CodeFile
+from audiotok.hub import DEFAULT_MODEL_ID, PRETRAINED_DIR, SAME_CODES_AS
 from audiotok.metrics import codebook_utilization, mel_distance
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "speech.flac"
@@ -40,6 +41,20 @@ def test_default_model_round_trip_and_cli(tmp_path):
     wav, wav_sr = sf.read(tmp_path / "speech.wav", dtype="float32")
     assert wav_sr == tok.sample_rate
     torch.testing.assert_close(torch.from_numpy(wav), decoded[0, 0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:audiotok-24khz")
+@pytest.mark.parametrize("model_id", SAME_CODES_AS)
+def test_code_files_of_an_earlier_model_with_the_same_codes_decode(tmp_path, model_id):
+    audio, sr = sf.read(EXAMPLE, dtype="float32")
+    tok = AudioTokenizer.from_pretrained()
+    enc = tok.encode(audio, sr)
+    expected = tok.decode(enc)[0, 0]
+    tok.model_id = model_id  # as that model wrote it
+    CodeFile.from_encoded(tok, enc).save(tmp_path / "old.atok")
+    assert cli.main(["decode", str(tmp_path / "old.atok"), str(tmp_path / "old.wav"), "--no-progress"]) == 0
+    wav, _ = sf.read(tmp_path / "old.wav", dtype="float32")
+    torch.testing.assert_close(torch.from_numpy(wav), expected, rtol=0, atol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:audiotok-24khz")

@@ -10,6 +10,7 @@ import torch
 
 from audiotok import AudioTokenizer, DACConfig
 from audiotok.checkpoint import build_model, load_checkpoint, to_original_keys
+from audiotok.hub import DEFAULT_MODEL_ID, SAME_CODES_AS
 from conftest import random_tokenizer, randomize_, make_audio
 
 transformers = pytest.importorskip("transformers")
@@ -206,6 +207,13 @@ def test_an_earlier_bundled_model_id_says_so():
     """.atok files name the model that wrote them; an earlier release's bundled model is not here."""
     with pytest.raises(FileNotFoundError, match="not the model this audiotok release bundles"):
         AudioTokenizer.from_pretrained("audiotok-24khz-v0")
+
+
+@pytest.mark.filterwarnings("ignore:audiotok-24khz")
+@pytest.mark.parametrize("model_id", SAME_CODES_AS)
+def test_an_earlier_bundled_model_with_the_same_codes_loads_the_bundled_one(model_id):
+    tok = AudioTokenizer.from_pretrained(model_id)
+    assert tok.model_id == DEFAULT_MODEL_ID
 
 
 def test_hub_id_offline_cached_and_not_cached(tmp_path, monkeypatch):
