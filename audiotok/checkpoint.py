@@ -7,6 +7,7 @@ either folded (``*.weight``) or with weight-norm parametrizations
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -101,6 +102,16 @@ def load_weights(model: DAC, state_dict: dict[str, torch.Tensor]) -> DAC:
         )
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def codes_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """16 hex digits of SHA-256 over the plain (folded) weights that decide the codes: everything but
+    the decoder. Two models with the same fingerprint write the same codes."""
+    digest = hashlib.sha256()
+    for name in sorted(k for k in state_dict if not k.startswith("decoder.")):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def build_model(checkpoint: Checkpoint, folded: bool = True) -> DAC:

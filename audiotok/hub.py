@@ -21,9 +21,10 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_MODEL = "default"
 # The model_id the shipped model records (in its config.json and in every .atok file it writes).
 DEFAULT_MODEL_ID = "audiotok-24khz-v0.3"
-# Earlier bundled models whose codes the bundled model reads as they were meant: it has their encoder
-# and quantizer unchanged (v0.3 fine-tuned v0.2's decoder alone), so it writes the same codes.
-SAME_CODES_AS = ("audiotok-24khz-v0.2",)
+# Earlier bundled models whose codes the bundled model reads as they were meant, with the
+# `checkpoint.codes_fingerprint` of their encoder and quantizer, which the bundled model shares (v0.3
+# fine-tuned v0.2's decoder alone), so it writes the same codes.
+SAME_CODES_AS = {"audiotok-24khz-v0.2": "98443b3c04d63f4f"}
 
 
 def default_model_path() -> Path:

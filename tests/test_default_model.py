@@ -7,6 +7,7 @@ import soundfile as sf
 import torch
 
 from audiotok import AudioTokenizer, cli
+from audiotok.checkpoint import codes_fingerprint, load_checkpoint
 from audiotok.codefile import CodeFile
 from audiotok.hub import DEFAULT_MODEL_ID, PRETRAINED_DIR, SAME_CODES_AS
 from audiotok.metrics import codebook_utilization, mel_distance
@@ -25,6 +26,16 @@ def test_default_model_loads_offline(monkeypatch):
     with pytest.warns(UserWarning):
         same = AudioTokenizer.from_pretrained(DEFAULT_MODEL_ID)
     assert all(torch.equal(a, b) for a, b in zip(tok.model.state_dict().values(), same.model.state_dict().values()))
+
+
+def test_default_model_writes_the_codes_of_the_models_it_stands_in_for():
+    weights = load_checkpoint(PRETRAINED_DIR / "default").state_dict
+    fingerprint = codes_fingerprint(weights)
+    assert all(fingerprint == theirs for theirs in SAME_CODES_AS.values()), (fingerprint, SAME_CODES_AS)
+    decoder = next(k for k in weights if k.startswith("decoder."))
+    quantizer = next(k for k in weights if k.startswith("quantizer."))
+    assert codes_fingerprint({**weights, decoder: weights[decoder] + 1}) == fingerprint
+    assert codes_fingerprint({**weights, quantizer: weights[quantizer] + 1e-6}) != fingerprint
 
 
 @pytest.mark.filterwarnings("ignore:audiotok-24khz")
