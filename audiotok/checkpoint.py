@@ -59,12 +59,18 @@ def fold_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def unfold_state_dict(state_dict: dict[str, torch.Tensor], weight_norm_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Give the plain weights named in ``weight_norm_keys`` a (g, v) form: v = w, g = ||w||."""
+    """Give the plain weights named in ``weight_norm_keys`` a (g, v) form: v = w, g = ||w||.
+
+    g is the norm the weight-norm kernel itself computes (not ``norm_except_dim``, which rounds
+    differently), so g / ||v|| is exactly 1 and folding gives back ``w`` bit for bit: a fine-tune's
+    untouched (e.g. frozen) weights come out as they went in.
+    """
     out = {}
     for key, value in state_dict.items():
         if key in weight_norm_keys:
             prefix = key[: -len("weight")]
-            out[prefix + _G] = torch.norm_except_dim(value, 2, 0)
+            shape = (value.shape[0],) + (1,) * (value.dim() - 1)
+            out[prefix + _G] = torch._weight_norm_interface(value, value.new_ones(shape), 0)[1].reshape(shape)
             out[prefix + _V] = value.clone()
         else:
             out[key] = value

@@ -203,6 +203,17 @@ def test_default_model_error_says_so(monkeypatch, tmp_path):
         AudioTokenizer.from_pretrained()
 
 
+def test_plain_weights_survive_the_trainable_weight_norm_round_trip():
+    from audiotok.checkpoint import fold_state_dict, load_weights
+    from conftest import random_tokenizer
+
+    plain = random_tokenizer(DACConfig.preset("tiny-44khz"), seed=3).model.state_dict()
+    parametrized = load_weights(build_model(random_tokenizer(DACConfig.preset("tiny-44khz"), seed=4).checkpoint(),
+                                            folded=False), plain)
+    back = fold_state_dict(parametrized.state_dict())
+    assert back.keys() == plain.keys() and all(torch.equal(back[k], plain[k]) for k in plain)
+
+
 def test_an_earlier_bundled_model_id_says_so():
     """.atok files name the model that wrote them; an earlier release's bundled model is not here."""
     with pytest.raises(FileNotFoundError, match="not the model this audiotok release bundles"):
