@@ -39,13 +39,17 @@ def default_model_path() -> Path:
     return path
 
 
+def names_bundled_model(source: str | os.PathLike | None) -> bool:
+    """True for the sources that load the bundled model: ``None``, its id and the ids in ``SAME_CODES_AS``."""
+    return source is None or str(source) == DEFAULT_MODEL_ID or str(source) in SAME_CODES_AS
+
+
 def resolve(source: str | os.PathLike | None) -> Path:
     """A local file or folder for ``source``: the default model (``None``, its id or the id of an earlier
     bundled model it writes the same codes as), a path, or a hub id (cached or downloaded)."""
-    if source is None or str(source) == DEFAULT_MODEL_ID:
-        return default_model_path()
-    if str(source) in SAME_CODES_AS:
-        log.info("%s: using %s, which writes the same codes (only its decoder changed)", source, DEFAULT_MODEL_ID)
+    if names_bundled_model(source):
+        if str(source) in SAME_CODES_AS:
+            log.info("%s: using %s, which writes the same codes (only its decoder changed)", source, DEFAULT_MODEL_ID)
         return default_model_path()
     path = Path(source).expanduser()
     if path.exists():

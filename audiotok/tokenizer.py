@@ -13,7 +13,7 @@ import torch
 from . import audio as audio_utils
 from .checkpoint import Checkpoint, build_model, load_checkpoint, save_folder, save_original, save_transformers
 from .config import DACConfig
-from .hub import DEFAULT_MODEL_ID, SAME_CODES_AS, resolve
+from .hub import names_bundled_model, resolve
 from .layers import use_fused_snake
 from .model import DAC, context_frames
 from .segments import make_batches, plan_segments
@@ -82,8 +82,7 @@ class AudioTokenizer:
                 decodes about 1.6x faster on CPUs with bf16 units.
         """
         checkpoint = load_checkpoint(resolve(source))
-        if source is not None and str(source) not in (DEFAULT_MODEL_ID, *SAME_CODES_AS) \
-                and not Path(str(source)).expanduser().exists():
+        if not names_bundled_model(source) and not Path(str(source)).expanduser().exists():
             checkpoint.model_id = str(source)
         if checkpoint.notice:
             warnings.warn(f"{checkpoint.model_id}: {checkpoint.notice}", UserWarning, stacklevel=2)
