@@ -1,4 +1,8 @@
-"""Reconstruction quality on the real-audio eval set, per category and bitrate.
+"""Reconstruction quality on the real-audio eval set, per category, codec and bitrate.
+
+Codecs, side by side in one run on the same excerpts: each --model (any number), decoded from its
+first k codebooks for each k of --codebooks, and libopus at each --opus bitrate (opusenc --hard-cbr,
+decoded by opusdec at the first model's sample rate; Debian/Ubuntu: ``apt-get install opus-tools``).
 
 For each category (speech; music = music + instrument; general; optionally speech8k, reported on
 its own) up to --max-files files of the manifest's eval split are read; from each, one salient
@@ -15,10 +19,12 @@ codebook utilization of the full-depth codes (normalized entropy, the paper's co
 ViSQOL, PESQ and STOI need `pip install 'audiotok[eval]'` (visqol-python, pesq, pystoi; numba
 makes ViSQOL about 7x faster); without them those columns are left out.
 
-    python benchmarks/bench_quality.py --model descript/dac_44khz --data data/real-audio
-    python benchmarks/bench_quality.py --model runs/exp/best --codebooks 2 4 8 12 --max-files 20 --out q.json
+    python benchmarks/bench_quality.py --model default --data data/real-audio
+    python benchmarks/bench_quality.py --model default runs/exp/best --codebooks 10 --max-files 20 --out q.json
+    python benchmarks/bench_quality.py --model descript/dac_44khz --opus      # no Opus rows
 
-Prints one markdown table per category (rows: bitrates), then the paper's DAC and EnCodec rows for
+Metrics are taken at each codec's own sample rate against the input normalized at that rate (Opus:
+the first model's rate). Prints one markdown table per category (rows: codec and bitrate), then the paper's DAC and EnCodec rows for
 reference (their own 44.1 kHz test set: not comparable one to one), and writes all values,
 per-file ones included, to --out (JSON).
 """
@@ -30,13 +36,18 @@ import importlib.metadata
 import json
 import math
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import soundfile as sf
 import torch
 from tqdm import tqdm
 
@@ -46,6 +57,9 @@ from audiotok.data.config import sources_from_manifest
 from audiotok.data.sources import DecodeError
 from audiotok.data.transforms import loudness, normalize_loudness, peak_limit, salient_excerpt
 from audiotok.tokenizer import EncodedAudio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
 
 #: Reporting categories -> manifest groups (``audiotok.data.config.MANIFEST_GROUPS`` maps
 #: instrument to music already).
@@ -76,13 +90,16 @@ COLUMNS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True,
-                   help="any AudioTokenizer.from_pretrained source: audiotok or transformers folder, .pth, hub id")
+    p.add_argument("--model", nargs="+", required=True,
+                   help="models to compare: any AudioTokenizer.from_pretrained source (audiotok or transformers "
+                        "folder, .pth, hub id; 'default' is the bundled model)")
+    p.add_argument("--opus", type=float, nargs="*", default=[6.0, 8.0, 12.0],
+                   help="libopus bitrates in kbps, decoded at the first model's rate (none: no Opus rows)")
     p.add_argument("--data", default="data/real-audio", help="folder with manifest.csv (fetch_real_audio.sh + make_manifest.py)")
     p.add_argument("--split", default="eval", help="manifest split (speech8k files are read from SPLIT + '8k')")
     p.add_argument("--categories", nargs="+", default=["speech", "music", "general"], choices=CATEGORIES)
     p.add_argument("--codebooks", type=int, nargs="+",
-                   help="numbers of codebooks to decode from (default: K/3, 2K/3 and all K)")
+                   help="numbers of codebooks to decode each model from (default: K/3, 2K/3 and all K)")
     p.add_argument("--max-files", type=int, default=50, help="files per category")
     p.add_argument("--seconds", type=float, default=10.0, help="excerpt length (the paper's test length: 10 s)")
     p.add_argument("--min-seconds", type=float, default=1.0, help="shorter files are skipped")
@@ -106,8 +123,10 @@ def candidates(n: int, quota: int) -> list[int]:
     return spread + [i for i in range(n) if i not in taken]
 
 
-def load_excerpt(source, index: int, args: argparse.Namespace, sample_rate: int) -> tuple[str, np.ndarray, dict]:
-    """-> (key, normalized mono ``[1, N]`` float32 at ``sample_rate``, info); raises ``Skip``."""
+def load_excerpt(source, index: int, args: argparse.Namespace,
+                 rates: list[int]) -> tuple[str, dict[int, np.ndarray], dict]:
+    """-> (key, {rate: normalized mono ``[1, N]`` float32 at that rate for each of ``rates``}, info);
+    raises ``Skip``. Info holds the source rate and the excerpt's seconds."""
     try:
         clip = source.clip(index)
         key = clip.key
@@ -122,17 +141,93 @@ def load_excerpt(source, index: int, args: argparse.Namespace, sample_rate: int)
             x = salient_excerpt(clip, sr, args.seconds, rng)
     except DecodeError as e:
         raise Skip("unreadable", e.key, str(e)) from e
-    x = resample(downmix(x), sr, sample_rate)
-    if loudness(x, sample_rate) == -math.inf:
-        raise Skip("silent", key)
-    x = peak_limit(normalize_loudness(x, sample_rate, args.loudness))
-    return key, np.ascontiguousarray(x, dtype=np.float32), {"source_sr": sr, "seconds": x.shape[-1] / sample_rate}
+    out = {}
+    for rate in rates:
+        y = resample(downmix(x), sr, rate)
+        if loudness(y, rate) == -math.inf:
+            raise Skip("silent", key)
+        out[rate] = np.ascontiguousarray(peak_limit(normalize_loudness(y, rate, args.loudness)), dtype=np.float32)
+    return key, out, {"source_sr": sr, "seconds": x.shape[-1] / sr}
 
 
 class Skip(Exception):
     def __init__(self, reason: str, key: str, detail: str = ""):
         super().__init__(f"{key}: {reason}" + (f" ({detail})" if detail else ""))
         self.reason, self.key = reason, key
+
+
+# -- codecs ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One table row: a codec at one bitrate."""
+
+    codec: str
+    kbps: float
+    codebooks: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.codec}@{self.codebooks}" if self.codebooks else f"{self.codec}@{self.kbps:g}kbps"
+
+
+@dataclass
+class Codec:
+    """Rows of one codec and the function that reconstructs an excerpt for all of them:
+    ``reconstruct(x [1, N] at sample_rate) -> {row label: [1, N]}``."""
+
+    name: str
+    sample_rate: int
+    rows: list[Row]
+    reconstruct: Callable[[np.ndarray], dict[str, np.ndarray]]
+    tokenizer: AudioTokenizer | None = None  # models only (codebook utilization)
+
+
+def model_codec(name: str, tok: AudioTokenizer, ks: list[int]) -> Codec:
+    """A model decoded from its first k codebooks for each k (one full-depth encoding per excerpt)."""
+    rows = [Row(name, kbps(tok, k), k) for k in ks]
+
+    def reconstruct(x: np.ndarray) -> dict[str, np.ndarray]:
+        encoded = tok.encode(x, tok.sample_rate)
+        out = {}
+        for row in rows:
+            part = EncodedAudio(encoded.codes[:, : row.codebooks], encoded.lengths, encoded.num_samples,
+                                encoded.sample_rate)
+            out[row.label] = tok.decode(part)[0].numpy()
+        reconstruct.codes.append(encoded.codes[0, :, : int(encoded.lengths[0])])  # type: ignore[attr-defined]
+        return out
+
+    reconstruct.codes = []  # type: ignore[attr-defined]
+    return Codec(name, tok.sample_rate, rows, reconstruct, tok)
+
+
+def opus_roundtrip(x: np.ndarray, sample_rate: int, kbps: float) -> np.ndarray:
+    """``[1, N]`` -> ``[1, N]``: libopus at ``kbps`` (hard CBR, ``opusenc`` defaults otherwise),
+    decoded by ``opusdec`` at ``sample_rate`` and cut or zero-padded to N (opusdec already removes
+    the encoder's pre-skip)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wav, ogg, out = Path(tmp) / "in.wav", Path(tmp) / "x.opus", Path(tmp) / "out.wav"
+        sf.write(wav, x[0], sample_rate, subtype="PCM_24")
+        subprocess.run(["opusenc", "--quiet", "--hard-cbr", "--bitrate", f"{kbps:g}", str(wav), str(ogg)],
+                       check=True, capture_output=True)
+        subprocess.run(["opusdec", "--quiet", "--float", "--rate", str(sample_rate), str(ogg), str(out)],
+                       check=True, capture_output=True)
+        y, rate = sf.read(out, dtype="float32", always_2d=True)
+    if rate != sample_rate:
+        raise RuntimeError(f"opusdec wrote {rate} Hz, asked for {sample_rate}")
+    y = downmix(y.T)[:, : x.shape[-1]]
+    return np.pad(y, ((0, 0), (0, x.shape[-1] - y.shape[-1])))
+
+
+def opus_codec(bitrates: list[float], sample_rate: int) -> Codec:
+    missing = [tool for tool in ("opusenc", "opusdec") if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"--opus needs {' and '.join(missing)} (opus-tools: apt-get install opus-tools); "
+                         "pass --opus with no bitrates to leave Opus out")
+    rows = [Row("opus", rate) for rate in bitrates]
+    return Codec("opus", sample_rate, rows,
+                 lambda x: {row.label: opus_roundtrip(x, sample_rate, row.kbps) for row in rows})
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -182,23 +277,30 @@ def summarize(values: list[float | None]) -> dict[str, float | int | None]:
 # -- one category ------------------------------------------------------------------------------
 
 
-def run_category(tok: AudioTokenizer, category: str, source, ks: list[int], args: argparse.Namespace,
+def run_category(codecs: list[Codec], category: str, source, args: argparse.Namespace,
                  available: set[str]) -> dict[str, Any]:
-    sr = tok.sample_rate
+    """Every codec on the same excerpts of one category -> rows (mean/std/median per metric),
+    per-file values, codebook utilization per model, skips, failures and timing."""
     fns = metric_functions(category, available)
+    rates = sorted({c.sample_rate for c in codecs})
+    rows = [row for c in codecs for row in c.rows]
     skipped: dict[str, int] = {}
     skip_examples: list[str] = []
     failures: dict[str, int] = {}
     failure_examples: list[str] = []
-    files, codes = [], []
-    timing = {"read": 0.0, "code": 0.0, "metrics": {name: 0.0 for name in fns}}
+    files = []
+    for codec in codecs:
+        if codec.tokenizer is not None:
+            codec.reconstruct.codes.clear()  # type: ignore[attr-defined]
+    timing: dict[str, Any] = {"read": 0.0, "code": {c.name: 0.0 for c in codecs},
+                              "metrics": {name: 0.0 for name in fns}}
     bar = tqdm(total=min(args.max_files, len(source)), desc=category, unit="file", file=sys.stderr, dynamic_ncols=True)
     for index in candidates(len(source), args.max_files):
         if len(files) >= args.max_files:
             break
         start = time.perf_counter()
         try:
-            key, x, info = load_excerpt(source, index, args, sr)
+            key, excerpts, info = load_excerpt(source, index, args, rates)
         except Skip as e:
             skipped[e.reason] = skipped.get(e.reason, 0) + 1
             if len(skip_examples) < 5:
@@ -210,37 +312,28 @@ def run_category(tok: AudioTokenizer, category: str, source, ks: list[int], args
                 skip_examples.append(f"{source.key(index)}: {type(e).__name__}: {e}")
             continue
         timing["read"] += time.perf_counter() - start
-        start = time.perf_counter()
-        encoded = tok.encode(x, sr)
-        codes.append(encoded.codes[0, :, : int(encoded.lengths[0])])
-        decoded = {}
-        for k in ks:
-            part = EncodedAudio(encoded.codes[:, :k], encoded.lengths, encoded.num_samples, encoded.sample_rate)
-            decoded[k] = tok.decode(part)[0].numpy()
-        timing["code"] += time.perf_counter() - start
         record: dict[str, Any] = {"key": key, **info, "metrics": {}}
-        for k in ks:
-            row = {}
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                try:
-                    row[name] = float(fn(decoded[k], x, sr))
-                except Exception as e:  # e.g. PESQ finding no utterance
-                    row[name] = None
-                    failures[name] = failures.get(name, 0) + 1
-                    if len(failure_examples) < 5:
-                        failure_examples.append(f"{key} k={k} {name}: {type(e).__name__}: {e}")
-                timing["metrics"][name] += time.perf_counter() - start
-            record["metrics"][str(k)] = row
+        for codec in codecs:
+            x = excerpts[codec.sample_rate]
+            start = time.perf_counter()
+            decoded = codec.reconstruct(x)
+            timing["code"][codec.name] += time.perf_counter() - start
+            for row in codec.rows:
+                values = {}
+                for name, fn in fns.items():
+                    start = time.perf_counter()
+                    try:
+                        values[name] = float(fn(decoded[row.label], x, codec.sample_rate))
+                    except Exception as e:  # e.g. PESQ finding no utterance
+                        values[name] = None
+                        failures[name] = failures.get(name, 0) + 1
+                        if len(failure_examples) < 5:
+                            failure_examples.append(f"{key} {row.label} {name}: {type(e).__name__}: {e}")
+                    timing["metrics"][name] += time.perf_counter() - start
+                record["metrics"][row.label] = values
         files.append(record)
         bar.update(1)
     bar.close()
-    rows = []
-    for k in ks:
-        row = {"codebooks": k, "kbps": kbps(tok, k)}
-        for name in fns:
-            row[name] = summarize([f["metrics"][str(k)][name] for f in files])
-        rows.append(row)
     result: dict[str, Any] = {
         "files": len(files),
         "seconds": sum(f["seconds"] for f in files),
@@ -248,16 +341,31 @@ def run_category(tok: AudioTokenizer, category: str, source, ks: list[int], args
         "skip_examples": skip_examples,
         "metric_failures": failures,
         "failure_examples": failure_examples,
-        "rows": rows,
+        "rows": summarize_rows(rows, files, list(fns)),
         "timing_s": timing,
         "per_file": files,
+        "codebook_utilization": {},
+        "_codes": {},
     }
-    if codes:
-        per, overall = metrics.codebook_utilization(codes, tok.codebook_size)
-        result["codebook_utilization"] = {
-            "overall": overall, "per_codebook": per, "frames": sum(int(c.shape[-1]) for c in codes)}
-    result["_codes"] = codes  # for the pooled utilization; dropped before writing
+    for codec in codecs:
+        codes = codec.reconstruct.codes if codec.tokenizer is not None else []  # type: ignore[attr-defined]
+        if codes:
+            per, overall = metrics.codebook_utilization(codes, codec.tokenizer.codebook_size)
+            result["codebook_utilization"][codec.name] = {
+                "overall": overall, "per_codebook": per, "frames": sum(int(c.shape[-1]) for c in codes)}
+            result["_codes"][codec.name] = list(codes)  # for the pooled utilization; dropped before writing
     return result
+
+
+def summarize_rows(rows: list[Row], files: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """One summary row per codec row: its identity and each metric's mean/std/median/n over ``files``."""
+    out = []
+    for row in rows:
+        summary: dict[str, Any] = {"codec": row.codec, "kbps": row.kbps, "codebooks": row.codebooks}
+        for name in names:
+            summary[name] = summarize([f["metrics"][row.label].get(name) for f in files])
+        out.append(summary)
+    return out
 
 
 def kbps(tok: AudioTokenizer, k: int) -> float:
@@ -272,10 +380,10 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 
 def table(title: str, rows: list[dict[str, Any]], names: list[str]) -> str:
-    head = ["kbps", "codebooks"] + [COLUMNS[n][0] for n in names] + ["files"]
+    head = ["codec", "kbps", "codebooks"] + [COLUMNS[n][0] for n in names] + ["files"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [f"{row['kbps']:.2f}", str(row["codebooks"])]
+        cells = [row["codec"], f"{row['kbps']:.2f}", str(row["codebooks"] or "–")]
         cells += [fmt(row[n]["mean"], 3 if n == "stoi" else 2) for n in names]
         cells.append(str(max(row[n]["n"] for n in names)))
         lines.append("| " + " | ".join(cells) + " |")
@@ -301,39 +409,41 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def utilization_lines(utilization: dict[str, dict[str, Any]], per_codebook: bool = True) -> list[str]:
+    return [f"Codebook utilization of {name} (full depth, {u['frames']} frames): overall {u['overall']:.3f}"
+            + ("; per codebook " + " ".join(f"{v:.2f}" for v in u["per_codebook"]) if per_codebook else "")
+            for name, u in utilization.items()]
+
+
 def category_report(name: str, result: dict[str, Any]) -> str:
     names = [n for n in COLUMNS if result["rows"] and n in result["rows"][0]]
     skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(result["skipped"].items())) or "none"
     out = [table(f"{name}: {plural(result['files'], 'file')}, {result['seconds']:.1f} s (skipped: {skipped})",
-                 result["rows"], names)]
-    if "codebook_utilization" in result:
-        u = result["codebook_utilization"]
-        out.append(f"\nCodebook utilization (full depth, {u['frames']} frames): overall {u['overall']:.3f}; "
-                   "per codebook " + " ".join(f"{v:.2f}" for v in u["per_codebook"]))
+                 result["rows"], names), ""]
+    out += utilization_lines(result["codebook_utilization"])
     if result["metric_failures"]:
         out.append("Metric failures (left out of the means): " + ", ".join(
             f"{k} {v}" for k, v in result["metric_failures"].items()) + "; e.g. " + result["failure_examples"][0])
     return "\n".join(out)
 
 
-def pooled(results: dict[str, dict[str, Any]], ks: list[int], tok: AudioTokenizer) -> dict[str, Any] | None:
+def pooled(results: dict[str, dict[str, Any]], codecs: list[Codec]) -> dict[str, Any] | None:
     """All files of the wide-band categories together (the paper mixes its test set)."""
     cats = [c for c in results if c != "speech8k" and results[c]["files"]]
     if len(cats) < 2:
         return None
     names = [n for n in ("mel_distance", "stft_distance", "visqol", "si_sdr") if n in results[cats[0]]["rows"][0]]
     files = [f for c in cats for f in results[c]["per_file"]]
-    rows = []
-    for k in ks:
-        row = {"codebooks": k, "kbps": kbps(tok, k)}
-        for n in names:
-            row[n] = summarize([f["metrics"][str(k)].get(n) for f in files])
-        rows.append(row)
-    codes = [c for cat in cats for c in results[cat]["_codes"]]
-    per, overall = metrics.codebook_utilization(codes, tok.codebook_size)
-    return {"categories": cats, "files": len(files), "seconds": sum(f["seconds"] for f in files), "rows": rows,
-            "codebook_utilization": {"overall": overall, "per_codebook": per,
-                                     "frames": sum(int(c.shape[-1]) for c in codes)}}
+    utilization = {}
+    for codec in codecs:
+        codes = [c for cat in cats for c in results[cat]["_codes"].get(codec.name, [])]
+        if codes:
+            per, overall = metrics.codebook_utilization(codes, codec.tokenizer.codebook_size)
+            utilization[codec.name] = {"overall": overall, "per_codebook": per,
+                                       "frames": sum(int(c.shape[-1]) for c in codes)}
+    return {"categories": cats, "files": len(files), "seconds": sum(f["seconds"] for f in files),
+            "rows": summarize_rows([row for c in codecs for row in c.rows], files, names),
+            "codebook_utilization": utilization}
 
 
 def versions() -> dict[str, str | None]:
@@ -346,6 +456,12 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def opus_versions() -> str:
+    """``opusenc --version``'s first line (names the libopus it links)."""
+    out = subprocess.run(["opusenc", "--version"], capture_output=True, text=True)
+    return (out.stdout or out.stderr).splitlines()[0].strip()
+
+
 def write_json(path: str, payload: dict[str, Any]) -> None:
     clean = {k: v for k, v in payload.items()}
     clean["categories"] = {c: {k: v for k, v in r.items() if k != "_codes"} for c, r in payload["categories"].items()}
@@ -355,29 +471,43 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def model_name(source: str, others: list[str]) -> str:
+    """A short table name for a model source: its last path part, unless two sources share it."""
+    short = Path(source.rstrip("/")).name or source
+    return short if sum(Path(o.rstrip("/")).name == short for o in others) == 1 else source
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    tok = AudioTokenizer.from_pretrained(args.model, device=args.device)
-    K = tok.n_codebooks
-    ks = sorted(set(args.codebooks or [max(1, round(K / 3)), max(1, round(2 * K / 3)), K]))
-    if ks[0] < 1 or ks[-1] > K:
-        raise SystemExit(f"--codebooks must be in 1..{K} for this model, got {ks}")
+    codecs, model_info = [], {}
+    for source in args.model:
+        tok = AudioTokenizer.from_pretrained(None if source == "default" else source, device=args.device)
+        K = tok.n_codebooks
+        ks = sorted(set(args.codebooks or [max(1, round(K / 3)), max(1, round(2 * K / 3)), K]))
+        if ks[0] < 1 or ks[-1] > K:
+            raise SystemExit(f"--codebooks must be in 1..{K} for {source}, got {ks}")
+        name = model_name(source, args.model)
+        codecs.append(model_codec(name, tok, ks))
+        model_info[name] = {"source": source, "sample_rate": tok.sample_rate, "n_codebooks": K,
+                            "codebook_size": tok.codebook_size, "frame_rate": tok.frame_rate,
+                            "model_id": tok.model_id, "codebooks": ks, "device": str(tok.device)}
+        print(f"model {name} ({source}): {tok.sample_rate} Hz, {K} x {tok.codebook_size} codebooks, "
+              f"{tok.frame_rate:.2f} frames/s, device {tok.device}; codebooks {ks}", file=sys.stderr)
+    if args.opus:
+        codecs.append(opus_codec(args.opus, codecs[0].sample_rate))
     groups = sources_from_manifest(args.data, split=[args.split, args.split + "8k"])
     available, missing = available_metrics(args.skip_metrics)
     for name, why in missing.items():
         print(f"note: {name} left out: {why}", file=sys.stderr)
-    print(f"model {args.model}: {tok.sample_rate} Hz, {K} x {tok.codebook_size} codebooks, "
-          f"{tok.frame_rate:.2f} frames/s, device {tok.device}; codebooks {ks}", file=sys.stderr)
     payload: dict[str, Any] = {
-        "model": args.model,
-        "model_info": {"sample_rate": tok.sample_rate, "n_codebooks": K, "codebook_size": tok.codebook_size,
-                       "frame_rate": tok.frame_rate, "model_id": tok.model_id},
-        "settings": {k: v for k, v in vars(args).items()} | {"codebooks": ks},
+        "models": model_info,
+        "opus": {"kbps": args.opus, "sample_rate": codecs[0].sample_rate, "versions": opus_versions()} if args.opus else None,
+        "settings": dict(vars(args)),
         "metrics_left_out": missing,
         "visqol_speech_mapper": metrics.visqol_speech_mapper() if "visqol" in available else None,
         "versions": versions(),
-        "device": str(tok.device),
+        "machine": machine(torch.device(args.device)),
         "categories": {},
         "paper_reference": {
             "note": PAPER_NOTE,
@@ -390,23 +520,24 @@ def main(argv: list[str] | None = None) -> int:
         if source is None or len(source) == 0:
             print(f"note: no {category} files in {args.data} split {args.split}", file=sys.stderr)
             continue
-        payload["categories"][category] = run_category(tok, category, source, ks, args, available)
+        payload["categories"][category] = run_category(codecs, category, source, args, available)
         write_json(args.out, payload)
     reports = [category_report(c, r) for c, r in payload["categories"].items()]
-    all_files = pooled(payload["categories"], ks, tok)
+    all_files = pooled(payload["categories"], codecs)
     if all_files is not None:
         payload["all"] = all_files
-        u = all_files["codebook_utilization"]
         names = [n for n in COLUMNS if n in all_files["rows"][0]]
-        reports.append(table(f"all ({' + '.join(all_files['categories'])}): {all_files['files']} files, "
-                             f"{all_files['seconds']:.1f} s (pooled over files)", all_files["rows"], names)
-                       + f"\n\nCodebook utilization (full depth, {u['frames']} frames): overall {u['overall']:.3f}")
+        reports.append("\n".join([table(f"all ({' + '.join(all_files['categories'])}): {all_files['files']} files, "
+                                        f"{all_files['seconds']:.1f} s (pooled over files)", all_files["rows"], names), ""]
+                                 + utilization_lines(all_files["codebook_utilization"], per_codebook=False)))
     payload["runtime_s"] = time.perf_counter() - started
     write_json(args.out, payload)
-    print(f"\n## Quality: {args.model} ({tok.sample_rate} Hz, {K} x {tok.codebook_size}) on {args.data} "
-          f"split {args.split}, excerpts up to {args.seconds:g} s at {args.loudness:g} LUFS\n")
+    print(f"\n## Quality on {args.data} split {args.split}, excerpts up to {args.seconds:g} s at {args.loudness:g} LUFS\n")
+    print(f"Machine: {payload['machine']}, torch {torch.__version__}\n")
     print("\n\n".join(reports + [paper_table()]))
     print(f"\n{PAPER_NOTE}")
+    if args.opus:
+        print(f"Opus: {payload['opus']['versions']}, --hard-cbr, decoded at {codecs[0].sample_rate} Hz.")
     if "visqol" in available:
         print(f"ViSQOL speech mode uses the {payload['visqol_speech_mapper']} MOS mapper.")
     print(f"\nTotal {payload['runtime_s']:.0f} s; results in {args.out}")

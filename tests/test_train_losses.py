@@ -407,3 +407,23 @@ def test_gan_losses_under_bf16():
     real = [[torch.randn(2, 3).bfloat16(), torch.randn(2, 1).bfloat16()]]
     for value in (discriminator_loss(fake, real), generator_adversarial_loss(fake), feature_matching_loss(fake, real)):
         assert value.dtype == torch.float32 and torch.isfinite(value)
+
+
+def test_discriminator_widths_are_configurable():
+    """Narrow MPD/MRD convs (the CPU GAN stage) keep every feature map's layout but the channels."""
+    from audiotok.train.config import DiscriminatorConfig
+
+    paper = DiscriminatorConfig().build(SR)
+    narrow = DiscriminatorConfig(mpd_channels=[8, 16, 32, 64, 64], mrd_channels=8).build(SR)
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in paper.parameters()) / 50
+    x = _audio(1)
+    with torch.no_grad():
+        wide_maps, narrow_maps = paper(x), narrow(x)
+    for wide, thin in zip(wide_maps, narrow_maps):
+        assert len(wide) == len(thin)
+        for a, b in zip(wide, thin):
+            assert a.shape[2:] == b.shape[2:] and a.shape[0] == b.shape[0]
+    assert [f.shape[1] for f in narrow_maps[0]] == [8, 16, 32, 64, 64, 1]
+    assert {f.shape[1] for f in narrow_maps[-1][:-1]} == {8}
+    with pytest.raises(ValueError, match="channel widths"):
+        DiscriminatorConfig(mrd_channels=0)

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..config import DACConfig
+from .discriminator import MPD_CHANNELS, MRD_CHANNELS, Discriminator
 
 
 def _typed(value: Any, kind: Any, where: str) -> Any:
@@ -48,13 +49,26 @@ def _strict(cls, data: dict[str, Any], where: str):
 
 @dataclass
 class DiscriminatorConfig:
-    """Sub-discriminators: MPD periods, MRD STFT windows with frequency bands, MSD rates."""
+    """Sub-discriminators: MPD periods, MRD STFT windows with frequency bands, MSD rates, and the
+    MPD and MRD conv widths (the paper's by default)."""
 
     periods: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])
     fft_sizes: list[int] = field(default_factory=lambda: [2048, 1024, 512])
     bands: list[list[float]] = field(
         default_factory=lambda: [[0.0, 0.1], [0.1, 0.25], [0.25, 0.5], [0.5, 0.75], [0.75, 1.0]])
     msd_rates: list[int] = field(default_factory=list)
+    mpd_channels: list[int] = field(default_factory=lambda: list(MPD_CHANNELS))
+    mrd_channels: int = MRD_CHANNELS
+
+    def __post_init__(self):
+        if not self.mpd_channels or min(self.mpd_channels) < 1 or self.mrd_channels < 1:
+            raise ValueError(f"discriminator: channel widths must be positive, got mpd_channels="
+                             f"{self.mpd_channels}, mrd_channels={self.mrd_channels}")
+
+    def build(self, sample_rate: int) -> Discriminator:
+        """The discriminator these settings describe, for audio at ``sample_rate``."""
+        return Discriminator(sample_rate, self.periods, self.fft_sizes, self.bands, self.msd_rates,
+                             self.mpd_channels, self.mrd_channels)
 
 
 @dataclass

@@ -24,6 +24,11 @@ BANDS: tuple[tuple[float, float], ...] = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), 
 
 LRELU_SLOPE = 0.1
 
+#: The paper's MPD conv widths (the reference's); the last is also the post conv's input.
+MPD_CHANNELS: tuple[int, ...] = (32, 128, 512, 1024, 1024)
+#: The paper's MRD conv width (every band conv).
+MRD_CHANNELS = 32
+
 
 def _wn(conv: nn.Module) -> nn.Module:
     """Weight norm (dim 0) on a conv with PyTorch's default init, as in the reference discriminator."""
@@ -50,19 +55,16 @@ class MPD(nn.Module):
     """Period discriminator: the waveform folded into ``[B, 1, T/p, p]`` (p = period), then 2-D convs
     with ``(k, 1)`` kernels that see every p-th sample. Input ``[B, 1, T]``."""
 
-    def __init__(self, period: int):
+    def __init__(self, period: int, channels: Sequence[int] = MPD_CHANNELS):
         super().__init__()
         self.period = period
+        widths = [1, *channels]
+        strides = [3] * (len(channels) - 1) + [1]  # the last conv keeps the time resolution
         self.convs = nn.ModuleList(
-            [
-                _wn(nn.Conv2d(1, 32, (5, 1), (3, 1), padding=(2, 0))),
-                _wn(nn.Conv2d(32, 128, (5, 1), (3, 1), padding=(2, 0))),
-                _wn(nn.Conv2d(128, 512, (5, 1), (3, 1), padding=(2, 0))),
-                _wn(nn.Conv2d(512, 1024, (5, 1), (3, 1), padding=(2, 0))),
-                _wn(nn.Conv2d(1024, 1024, (5, 1), 1, padding=(2, 0))),
-            ]
+            _wn(nn.Conv2d(c_in, c_out, (5, 1), (s, 1), padding=(2, 0)))
+            for c_in, c_out, s in zip(widths, widths[1:], strides)
         )
-        self.conv_post = _wn(nn.Conv2d(1024, 1, (3, 1), 1, padding=(1, 0)))
+        self.conv_post = _wn(nn.Conv2d(widths[-1], 1, (3, 1), 1, padding=(1, 0)))
 
     def forward(self, audio: torch.Tensor) -> FeatureMaps:
         """``[B, 1, T]`` -> feature maps ``[B, C, ~T/p/3^k, p]``; logits ``[B, 1, ~T/p/81, p]``.
@@ -125,7 +127,7 @@ class MSD(nn.Module):
         return _stack(self.convs, self.conv_post, self.resample(audio))
 
 
-def _band_convs(channels: int = 32) -> nn.ModuleList:
+def _band_convs(channels: int = MRD_CHANNELS) -> nn.ModuleList:
     """One MRD band's convs on ``[B, 2, frames, bins]``: frequency strided by 8 in all, time kept."""
     return nn.ModuleList(
         [
@@ -147,15 +149,15 @@ class MRD(nn.Module):
     own convs; their outputs are concatenated along frequency for a shared post conv.
     """
 
-    def __init__(self, window_length: int, bands: Bands = BANDS):
+    def __init__(self, window_length: int, bands: Bands = BANDS, channels: int = MRD_CHANNELS):
         super().__init__()
         self.window_length = window_length
         self.hop_length = window_length // 4
         n_bins = window_length // 2 + 1
         self.bands = [(int(lo * n_bins), int(hi * n_bins)) for lo, hi in bands]
         self.register_buffer("window", torch.hann_window(window_length), persistent=False)
-        self.band_convs = nn.ModuleList(_band_convs() for _ in self.bands)
-        self.conv_post = _wn(nn.Conv2d(32, 1, (3, 3), (1, 1), padding=(1, 1)))
+        self.band_convs = nn.ModuleList(_band_convs(channels) for _ in self.bands)
+        self.conv_post = _wn(nn.Conv2d(channels, 1, (3, 3), (1, 1), padding=(1, 1)))
 
     def spectrogram(self, audio: torch.Tensor) -> torch.Tensor:
         """``[B, 1, T]`` -> complex STFT as float32 ``[B, 2, ceil(T / hop), window // 2 + 1]``.
@@ -178,7 +180,7 @@ class MRD(nn.Module):
         return torch.view_as_real(spec[..., 2:-2]).permute(0, 3, 2, 1)
 
     def forward(self, audio: torch.Tensor) -> FeatureMaps:
-        """``[B, 1, T]`` -> feature maps ``[B, 32, frames, band_bins / 8^k]``, band after band;
+        """``[B, 1, T]`` -> feature maps ``[B, channels, frames, band_bins / 8^k]``, band after band;
         logits ``[B, 1, frames, sum of the bands' strided widths]``."""
         spec = self.spectrogram(audio)
         fmaps, outputs = [], []
@@ -196,7 +198,9 @@ class Discriminator(nn.Module):
     """All sub-discriminators in one ``ModuleList``: MPD per period, MSD per rate, MRD per window.
 
     Any family may be empty (paper ablations: ``periods=(), msd_rates=(1,)`` for no-mpd;
-    ``periods=()`` for no-mpd-msd; ``bands=((0.0, 1.0),)`` for no-mb).
+    ``periods=()`` for no-mpd-msd; ``bands=((0.0, 1.0),)`` for no-mb). ``mpd_channels`` and
+    ``mrd_channels`` set the MPD and MRD conv widths (the paper's by default; narrower ones make a
+    CPU-affordable GAN stage, ``recipes/configs/default-cpu-gan.yml``).
     """
 
     def __init__(
@@ -206,13 +210,15 @@ class Discriminator(nn.Module):
         fft_sizes: Sequence[int] = (2048, 1024, 512),
         bands: Bands = BANDS,
         msd_rates: Sequence[int] = (),
+        mpd_channels: Sequence[int] = MPD_CHANNELS,
+        mrd_channels: int = MRD_CHANNELS,
     ):
         super().__init__()
         self.sample_rate = sample_rate
         self.discriminators = nn.ModuleList(
-            [MPD(p) for p in periods]
+            [MPD(p, mpd_channels) for p in periods]
             + [MSD(r, sample_rate) for r in msd_rates]
-            + [MRD(w, bands) for w in fft_sizes]
+            + [MRD(w, bands, mrd_channels) for w in fft_sizes]
         )
 
     def forward(self, audio: torch.Tensor) -> list[FeatureMaps]:

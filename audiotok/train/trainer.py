@@ -25,7 +25,6 @@ from ..layers import use_fused_snake
 from ..metrics import codebook_utilization
 from ..model import DAC
 from .config import TrainConfig
-from .discriminator import Discriminator
 from .distributed import Dist, barrier, init_distributed, shutdown
 from .losses import (MelSpectrogramLoss, MultiScaleSTFTLoss, discriminator_loss, feature_matching_loss,
                      generator_adversarial_loss, si_sdr)
@@ -137,9 +136,7 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
     sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, config.optim.gamma)
     discriminator = opt_d = sched_d = None  # no GAN (mel + VQ losses only): no discriminator at all
     if weights.gan:
-        discriminator = Discriminator(config.model.sample_rate, config.discriminator.periods,
-                                      config.discriminator.fft_sizes, config.discriminator.bands,
-                                      config.discriminator.msd_rates).to(dev)
+        discriminator = config.discriminator.build(config.model.sample_rate).to(dev)
         opt_d = torch.optim.AdamW(discriminator.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas))
         sched_d = torch.optim.lr_scheduler.ExponentialLR(opt_d, config.optim.gamma)
     data_config = DataConfig.from_dict({**config.data, "sample_rate": config.model.sample_rate})
