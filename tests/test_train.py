@@ -233,3 +233,20 @@ def test_fused_snake_option_reaches_every_snake(audio_dir, tmp_path, monkeypatch
     train(config, tmp_path / "run", max_steps=1, device="cpu")
     n_snakes = sum(isinstance(m, audiotok.layers.Snake1d) for m in audiotok.DAC(config.model).modules())
     assert len(calls) == (n_snakes if fused else 0)
+
+
+def test_one_discriminator_pass_scores_fake_and_real_as_two_would():
+    from audiotok.train.discriminator import Discriminator
+    from audiotok.train.trainer import discriminate
+
+    torch.manual_seed(0)
+    disc = Discriminator(44100, periods=(2, 3), fft_sizes=(256,))
+    fake, real = 0.1 * torch.randn(2, 1, 4000), 0.1 * torch.randn(2, 1, 4000)
+    with torch.no_grad():
+        together = discriminate(disc, fake, real)
+        apart = disc(fake), disc(real)
+    for joint, single in zip(together, apart):
+        assert len(joint) == len(single) == 3
+        for maps_joint, maps_single in zip(joint, single):
+            for a, b in zip(maps_joint, maps_single):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

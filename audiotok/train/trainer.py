@@ -66,6 +66,14 @@ class Logger:
             self.tb.close()
 
 
+def discriminate(disc: torch.nn.Module, fake: torch.Tensor, real: torch.Tensor) -> tuple[list, list]:
+    """One discriminator pass over fake and real audio together (``[2B, 1, N]``: half the calls, larger
+    convolutions) -> (feature maps of ``fake``, feature maps of ``real``), each ``[B, ...]`` per map."""
+    maps = disc(torch.cat([fake, real]))
+    n = fake.shape[0]
+    return [[f[:n] for f in sub] for sub in maps], [[f[n:] for f in sub] for sub in maps]
+
+
 def build_generator(config: TrainConfig, init_from: str | None) -> DAC:
     """A generator with trainable weight norm: fresh, or initialised from any loadable checkpoint
     (its architecture wins over the config's; quantizer dropout comes from the config)."""
@@ -206,7 +214,7 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
         out: dict[str, torch.Tensor] = {}
         if weights.gan:  # discriminator step on the detached reconstruction
             with autocast:
-                out["disc"] = discriminator_loss(disc(y.detach()), disc(x))
+                out["disc"] = discriminator_loss(*discriminate(disc, y.detach(), x))
             opt_d.zero_grad(set_to_none=True)
             out["disc"].backward()
             out["grad_norm_d"] = torch.nn.utils.clip_grad_norm_(discriminator.parameters(), config.optim.clip_discriminator)
@@ -219,8 +227,10 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
             out["waveform"] = torch.nn.functional.l1_loss(y.float(), x.float())
             out["commitment"] = q.commitment_loss
             out["codebook"] = q.codebook_loss
-            if weights.gan:
-                d_fake, d_real = disc(y), disc(x)
+            if weights.gan:  # gradients for y only: the unwrapped discriminator, its weights held fixed
+                discriminator.requires_grad_(False)
+                d_fake, d_real = discriminate(discriminator, y, x)
+                discriminator.requires_grad_(True)
                 out["adversarial"] = generator_adversarial_loss(d_fake)
                 out["feature"] = feature_matching_loss(d_fake, d_real)
             out["loss"] = sum(getattr(weights, k) * out[k] for k in
