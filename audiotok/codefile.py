@@ -68,13 +68,14 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
+
+from .io import atomic_write
 
 if TYPE_CHECKING:
     from .tokenizer import AudioTokenizer, EncodedAudio
@@ -358,25 +359,15 @@ class CodeFile(_CodeInfo):
         return save(tensors, metadata=self._metadata("10bit" if pack_10bit else "none"))
 
     def save(self, path: str | os.PathLike, pack_10bit: bool = False) -> Path:
-        """Write the file atomically: a temporary file in the same folder, then ``os.replace``.
+        """Write the file atomically (:func:`audiotok.io.atomic_write`).
 
         Parent folders are created. A crash leaves either the old file or the new one, never a
         partial file at ``path``. Returns the path.
         """
         path = Path(path)
         data = self.to_bytes(pack_10bit)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            f.write(data)
         return path
 
     @classmethod

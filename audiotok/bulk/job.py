@@ -19,7 +19,8 @@ from ..data.sources import DecodeError, SkipCounter, WebDatasetSource
 from ..files import resolve_device
 from ..tokenizer import DEFAULT_SECONDS, AudioTokenizer
 from .inputs import Decoded, Failure, InputSpec, PartReader, fixed_batches, identity_collate, source_fingerprint
-from .writers import SHARD_WRITERS, ShardWriter, read_json, record_key, write_json_atomic
+from ..io import read_json, write_json_atomic
+from .writers import SHARD_WRITERS, ShardWriter, record_key
 
 logger = logging.getLogger("audiotok.bulk")
 

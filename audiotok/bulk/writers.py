@@ -1,8 +1,7 @@
 """Shard writers (WebDataset tar, Parquet), record keys, and atomic file writes.
 
-Every file is written to a temporary name in its final folder (``.NAME.tmp``), flushed to disk
-and moved into place with ``os.replace``, so a reader (or a resumed job) sees either the whole
-file or none of it.
+Every shard is written to a temporary name in its final folder and moved into place with
+:func:`audiotok.io.replace_durably`, so a reader (or a resumed job) sees either the whole file or none of it.
 """
 
 from __future__ import annotations
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..io import replace_durably, temp_path
 
 #: Per-record metadata fields, in the order they are written (WebDataset ``{key}.json``).
 RECORD_FIELDS = ("key", "source_key", "num_samples", "sample_rate", "n_frames", "channels", "model_id")
@@ -43,50 +44,6 @@ def record_key(source_key: str, part: int, position: int) -> str:
     in the whole output since ``(part, position)`` is.
     """
     return f"{safe_name(source_key)}_p{part}_{position}"
-
-
-def fsync_file(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename in ``path`` durable (best effort: not every filesystem allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``)."""
-    path = Path(path)
-    tmp = temp_path(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
-        return json.load(f)
 
 
 class ShardWriter:
@@ -119,9 +76,7 @@ class ShardWriter:
     def close(self) -> None:
         """Finish the file and move it to :attr:`path`."""
         self._finish()
-        fsync_file(self.tmp)
-        os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
+        replace_durably(self.tmp, self.path)
 
     def abort(self) -> None:
         """Drop the unfinished file."""

@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from ..audio import downmix, resample
+from ..io import atomic_write
 from .sources import DecodeError, SkipCounter, decode_file
 
 log = logging.getLogger("audiotok.data")
@@ -56,12 +57,10 @@ class _Part:
         self.bytes += len(data)
 
     def close(self) -> None:
-        tmp = self.folder / "manifest.csv.tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(self.folder / "manifest.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.rows)
-        os.replace(tmp, self.folder / "manifest.csv")
 
 
 def _pieces(rows: list[dict[str, str]], root: Path, sample_rate: int, step: int,

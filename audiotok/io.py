@@ -1,0 +1,94 @@
+"""Atomic, durable file writes: the one implementation every writer in the package uses.
+
+A file is written to a temporary name in its final folder (``.NAME.<random>.tmp``), flushed and
+fsynced, then moved into place with ``os.replace`` and the folder fsynced, so a reader (or a
+resumed job) sees the old file or the whole new one, never a partial file at the final path.
+
+    with atomic_write("out/manifest.json", "w") as f:   # a file written in one go
+        json.dump(obj, f)
+
+    tmp = temp_path(path)                                # a file built over time (a shard)
+    ... write tmp ...
+    replace_durably(tmp, path)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A fresh temporary path beside ``path``: ``.NAME.<12 hex digits>.tmp`` (hidden, unique)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename in ``path`` durable (best effort: not every filesystem allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the finished file ``tmp`` to ``path`` (same folder): fsync it, ``os.replace``, fsync the folder."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path`` for writing; when the block ends without an error it
+    replaces ``path`` durably, otherwise it is removed. Parent folders are created.
+
+    Args:
+        path: the final path.
+        mode: ``"wb"`` or ``"w"`` (text; ``open_kwargs`` such as ``newline=""`` go to :func:`open`).
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write opens files with mode 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "xb" if mode == "wb" else "x", **open_kwargs) as f:  # x: never reuse a file
+            yield f
+        replace_durably(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` with :func:`atomic_write`."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
