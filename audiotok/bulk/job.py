@@ -6,27 +6,25 @@ import datetime
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from ..codedataset import MANIFEST_NAME, SHARD_WRITERS, ShardWriter, manifest_header, record_key
 from ..data.sources import DecodeError, SkipCounter, WebDatasetSource
 from ..files import resolve_device
+from ..io import read_json, write_json_atomic
 from ..tokenizer import DEFAULT_SECONDS, AudioTokenizer
 from .inputs import Decoded, Failure, InputSpec, PartReader, fixed_batches, identity_collate, source_fingerprint
-from ..io import read_json, write_json_atomic
-from .writers import SHARD_WRITERS, ShardWriter, record_key
 
 logger = logging.getLogger("audiotok.bulk")
 
-FORMAT_NAME = "audiotok-code-dataset"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 #: Folder (inside the output) for per-part progress and per-rank index files.
 STATE_DIR = ".bulk"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -387,15 +385,8 @@ def build_manifest(out: Path, world_size: int, tokenizer: AudioTokenizer, spec: 
         if not index["done"]:
             raise RuntimeError(f"{path}: rank {r} has not finished")
         indexes.append(index)
-    config = tokenizer.config
     return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "model_id": tokenizer.model_id,
-        "config": config.to_dict(),
-        "config_hash": config.architecture_hash(),
-        "hop_length": config.hop_length,
-        "frame_rate": config.frame_rate,
+        **manifest_header(tokenizer.model_id, tokenizer.config),
         "shards": [s for ix in indexes for s in ix["shards"]],
         "records": sum(ix["records"] for ix in indexes),
         "audio_hours": sum(ix["seconds"] for ix in indexes) / 3600,

@@ -16,7 +16,9 @@ Patterns (:class:`CodebookPattern`) for codes ``[K, F]``:
 Needs ``pyarrow`` (the ``data`` extra) to read Parquet shards.
 """
 
-from .dataset import FORMAT, FORMAT_VERSION, CodeDataset, CodeRecord, LMTokenDataset
+from ..codedataset import FORMAT_NAME as FORMAT
+from ..codedataset import FORMAT_VERSION, CodeRecord
+from .dataset import CodeDataset, LMTokenDataset
 from .packing import IGNORE_INDEX, pack_sequences, pad_to_length
 from .patterns import DELAY_PAD, CodebookPattern, apply_pattern, invert_pattern
 from .vocab import DEFAULT_SPECIAL, CodeVocabulary

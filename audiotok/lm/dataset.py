@@ -1,119 +1,27 @@
 """Reading code datasets written by the bulk tokenizer, and feeding them to a language model.
 
-A code dataset is a folder with ``manifest.json`` and shards, each a WebDataset tar or a Parquet file:
-
-``manifest.json``
-    ``{"format": "audiotok-code-dataset", "format_version": 1, "model_id", "config"`` (a
-    :class:`~audiotok.config.DACConfig` dict)``, "config_hash", "hop_length", "frame_rate", "shards":
-    [{"path", "records", "frames"}, ...], "records", "audio_hours", "failures": [{"key", "reason"}]}``.
-    Shard paths are relative to the folder. Readers ignore keys they do not know.
-
-tar shards
-    per record ``{key}.codes.npy`` (``.npy`` of uint16, ``[K, F]``, or ``[C, K, F]`` when channels
-    were coded separately) and ``{key}.json`` (``key, source_key, num_samples, sample_rate`` (of the
-    source), ``n_frames, channels, model_id``), consecutive in the tar.
-
-Parquet shards
-    columns ``key`` (string), ``codes`` (binary: the raw little-endian uint16 bytes of the array, C
-    order), ``shape`` (list<int32>), ``n_frames`` (int32), ``num_samples`` (int64), ``sample_rate``
-    (int32), ``channels`` (int16), ``source_key`` (string), ``model_id`` (string).
+A code dataset is a folder with ``manifest.json`` and shards (WebDataset tar or Parquet); the format
+and its readers are in :mod:`audiotok.codedataset`.
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
-import tarfile
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..codedataset import MANIFEST_NAME, CodeRecord, check_manifest, read_shard
 from ..config import DACConfig
 from .packing import pack_sequences
 from .patterns import CodebookPattern
 from .vocab import DEFAULT_SPECIAL, CodeVocabulary
-
-FORMAT = "audiotok-code-dataset"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-@dataclass
-class CodeRecord:
-    """One coded file: ``codes`` is uint16 ``[K, F]`` (mono) or ``[C, K, F]`` (channels coded one by
-    one); ``meta`` holds ``key, source_key, num_samples, sample_rate, n_frames, channels, model_id``."""
-
-    key: str
-    codes: np.ndarray
-    meta: dict[str, Any]
-
-    @property
-    def channel_codes(self) -> np.ndarray:
-        """``[C, K, F]`` codes, ``C = 1`` for a ``[K, F]`` record."""
-        return self.codes if self.codes.ndim == 3 else self.codes[None]
-
-
-def _check_record(record: CodeRecord, shard: Path) -> CodeRecord:
-    codes = record.codes
-    if codes.dtype != np.uint16 or codes.ndim not in (2, 3):
-        raise ValueError(f"{shard}: record {record.key!r} has {codes.dtype} codes of shape {codes.shape}, "
-                         f"expected uint16 [K, F] or [C, K, F]")
-    if "n_frames" in record.meta and record.meta["n_frames"] != codes.shape[-1]:
-        raise ValueError(f"{shard}: record {record.key!r} has {codes.shape[-1]} frames, "
-                         f"its metadata says {record.meta['n_frames']}")
-    return record
-
-
-def _split_member(name: str) -> tuple[str, str] | None:
-    """``(key, "codes" | "json")`` for a record's tar member, ``None`` for any other member."""
-    for suffix, kind in ((".codes.npy", "codes"), (".json", "json")):
-        if name.endswith(suffix):
-            return name[: -len(suffix)], kind
-    return None
-
-
-def _read_tar(path: Path) -> Iterator[CodeRecord]:
-    members: dict[str, bytes] = {}
-    key = None
-
-    def record() -> CodeRecord:
-        missing = {"codes", "json"} - set(members)
-        if missing:
-            raise ValueError(f"{path}: record {key!r} has no {' or '.join(sorted(missing))} member")
-        codes = np.load(io.BytesIO(members["codes"]), allow_pickle=False)
-        return _check_record(CodeRecord(key, codes, json.loads(members["json"])), path)
-
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            split = _split_member(member.name) if member.isfile() else None
-            if split is None:
-                continue
-            name, kind = split
-            if key is not None and name != key:
-                yield record()
-                members = {}
-            key = name
-            members[kind] = tar.extractfile(member).read()
-    if key is not None:
-        yield record()
-
-
-def _read_parquet(path: Path) -> Iterator[CodeRecord]:
-    import pyarrow.parquet as pq
-
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-        for row in batch.to_pylist():
-            data, shape = row.pop("codes"), row.pop("shape")
-            flat = np.frombuffer(data, dtype="<u2")
-            if flat.size != np.prod(shape):
-                raise ValueError(f"{path}: record {row['key']!r} has {flat.size} codes, its shape is {shape}")
-            yield _check_record(CodeRecord(row["key"], flat.reshape(shape).astype(np.uint16), row), path)
 
 
 class CodeDataset:
@@ -131,13 +39,8 @@ class CodeDataset:
 
     def __init__(self, path: str | os.PathLike):
         self.root = Path(path)
-        self.manifest: dict[str, Any] = json.loads((self.root / MANIFEST).read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{self.root / MANIFEST}: format is {self.manifest.get('format')!r}, expected {FORMAT!r}")
-        version = self.manifest.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(f"{self.root}: code dataset format_version {version!r} is not supported "
-                             f"(this reader knows up to {FORMAT_VERSION})")
+        self.manifest: dict[str, Any] = json.loads((self.root / MANIFEST_NAME).read_text())
+        check_manifest(self.manifest, self.root / MANIFEST_NAME)
         self.shards: list[dict[str, Any]] = list(self.manifest["shards"])
 
     @property
@@ -170,14 +73,8 @@ class CodeDataset:
     def __iter__(self) -> Iterator[CodeRecord]:
         for shard in self.shards:
             path = self.root / shard["path"]
-            if path.suffix == ".tar":
-                records = _read_tar(path)
-            elif path.suffix == ".parquet":
-                records = _read_parquet(path)
-            else:
-                raise ValueError(f"{path}: unknown shard type (expected .tar or .parquet)")
             count = 0
-            for record in records:
+            for record in read_shard(path):
                 count += 1
                 yield record
             if count != shard["records"]:

@@ -1,0 +1,342 @@
+"""The code-dataset format: what the bulk tokenizer writes and :mod:`audiotok.lm` reads.
+
+This module is the format's only implementation (constants, record fields, schemas, tar member
+names, shard writers and readers); :mod:`audiotok.bulk` writes with it, :class:`audiotok.lm.CodeDataset`
+reads with it.
+
+Format (``format_version`` 1)
+=============================
+
+A code dataset is a folder with shards and a ``manifest.json`` (and, while or after the bulk
+tokenizer writes it, a ``.bulk/`` folder of progress files that readers ignore).
+
+``manifest.json``::
+
+    {"format": "audiotok-code-dataset", "format_version": 1,
+     "model_id": str, "config": DACConfig.to_dict(), "config_hash": DACConfig.architecture_hash(),
+     "hop_length": int, "frame_rate": float,
+     "shards": [{"path": "shard-r000-w00-00000.tar", "records": int, "frames": int}, ...],
+     "records": int, "audio_hours": float,
+     "failures": [{"key": source key, "reason": str, "detail": str}, ...],
+     "input": {"type": ..., "path": ..., ...}, "n_quantizers": K, "mono": bool, "created": ISO 8601 time}
+
+``path`` is relative to the folder; ``frames`` is the sum of the records' ``n_frames``;
+``audio_hours`` is the duration of the source audio of all records. Failure reasons: ``decode``,
+``empty``, ``nonfinite``, ``missing``, ``noaudio``, ``shard`` (see :class:`audiotok.data.DecodeError`),
+``short``, ``resample``, ``encode``. Readers ignore keys they do not know.
+
+Codes are the first ``K = n_quantizers`` codebooks, ``uint16``, shape ``[K, F]`` (``mono``: channels
+averaged before coding) or ``[C, K, F]`` (each of the ``C`` source channels coded on its own).
+``F = n_frames = ceil(T / hop_length)`` with ``T`` the length after resampling to the model rate.
+
+Each record has the metadata :data:`RECORD_FIELDS`: ``key``, ``source_key`` (the source's own key),
+``num_samples`` and ``sample_rate`` (of the source audio), ``n_frames``, ``channels`` (of the source
+audio) and ``model_id``. Keys (``{name}_p{part}_{position}``, :func:`record_key`) have no dots or
+slashes and are unique.
+
+WebDataset shards (``.tar``): per record, consecutive members ``{key}.codes.npy`` (``numpy.save`` of
+the codes) and ``{key}.json`` (the metadata).
+
+Parquet shards (``.parquet``, :func:`parquet_schema`): one row per record, columns ``key`` (string),
+``codes`` (binary: the codes as raw little-endian uint16, C order), ``shape`` (list<int32>),
+``n_frames`` (int32), ``num_samples`` (int64), ``sample_rate`` (int32), ``channels`` (int16),
+``source_key`` (string), ``model_id`` (string).
+
+Every shard is written to a temporary name in its final folder and moved into place with
+:func:`audiotok.io.replace_durably`, so a reader (or a resumed job) sees the whole file or none of it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .io import replace_durably, temp_path
+
+if TYPE_CHECKING:
+    from .config import DACConfig
+
+FORMAT_NAME = "audiotok-code-dataset"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+#: Per-record metadata fields, in the order they are written (WebDataset ``{key}.json``).
+RECORD_FIELDS = ("key", "source_key", "num_samples", "sample_rate", "n_frames", "channels", "model_id")
+#: Tar member suffixes of a record: ``{key}.codes.npy`` and ``{key}.json``.
+MEMBER_SUFFIXES = {"codes": ".codes.npy", "json": ".json"}
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_AUDIO_SUFFIXES = {"wav", "flac", "ogg", "oga", "opus", "mp3", "aif", "aiff", "m4a", "aac", "webm"}
+
+
+def safe_name(source_key: str, max_len: int = 64) -> str:
+    """A short WebDataset-safe name for a source key: its last path / ``:`` component without an
+    audio extension, with everything but letters, digits, ``_`` and ``-`` replaced by ``_``."""
+    name = source_key.replace("\\", "/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+    stem, dot, ext = name.rpartition(".")
+    if dot and stem and ext.lower() in _AUDIO_SUFFIXES:
+        name = stem
+    name = _UNSAFE.sub("_", name)[-max_len:].strip("_-")
+    return name or "record"
+
+
+def record_key(source_key: str, part: int, position: int) -> str:
+    """Unique output key of the record at ``position`` of ``part``: ``{safe_name}_p{part}_{position}``.
+
+    No dots (WebDataset splits member names at the first dot of the base name) and no slashes; unique
+    in the whole output since ``(part, position)`` is.
+    """
+    return f"{safe_name(source_key)}_p{part}_{position}"
+
+
+def manifest_header(model_id: str, config: DACConfig) -> dict[str, Any]:
+    """The manifest's format and model fields (the writer adds shards, counts and its own keys)."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model_id": model_id,
+        "config": config.to_dict(),
+        "config_hash": config.architecture_hash(),
+        "hop_length": config.hop_length,
+        "frame_rate": config.frame_rate,
+    }
+
+
+def check_manifest(manifest: dict[str, Any], where: str | os.PathLike) -> None:
+    """Raise ``ValueError`` unless ``manifest`` is a code-dataset manifest this reader knows."""
+    if manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{where}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{where}: code dataset format_version {version!r} is not supported "
+                         f"(this reader knows up to {FORMAT_VERSION})")
+
+
+def _check_codes(codes: np.ndarray, what: str) -> None:
+    if codes.dtype != np.uint16 or codes.ndim not in (2, 3):
+        raise ValueError(f"{what} has {codes.dtype} codes of shape {codes.shape}, expected uint16 [K, F] or [C, K, F]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+class ShardWriter:
+    """Base class: records are added to a temporary file; :meth:`close` moves it into place."""
+
+    suffix = ""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tmp = temp_path(self.path)
+        self.records = 0
+        self.frames = 0
+        self.seconds = 0.0
+
+    def add(self, meta: dict[str, Any], codes: np.ndarray) -> None:
+        """One record: ``meta`` holds :data:`RECORD_FIELDS`; ``codes`` is uint16 ``[K, F]`` or ``[C, K, F]``."""
+        _check_codes(codes, f"record {meta['key']!r}")
+        self._add(meta, codes)
+        self.records += 1
+        self.frames += int(meta["n_frames"])
+        self.seconds += meta["num_samples"] / meta["sample_rate"]
+
+    def _add(self, meta: dict[str, Any], codes: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Finish the file and move it to :attr:`path`."""
+        self._finish()
+        replace_durably(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the unfinished file."""
+        try:
+            self._finish()
+        except Exception:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+class TarShardWriter(ShardWriter):
+    """WebDataset tar: members ``{key}.codes.npy`` (``np.save`` of the uint16 codes) and ``{key}.json``."""
+
+    suffix = ".tar"
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self._file = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+        self._mtime = int(time.time())
+
+    def _member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), self._mtime, 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def _add(self, meta: dict[str, Any], codes: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(codes.astype("<u2", copy=False)), allow_pickle=False)
+        self._member(meta["key"] + MEMBER_SUFFIXES["codes"], buf.getvalue())
+        self._member(meta["key"] + MEMBER_SUFFIXES["json"], json.dumps({k: meta[k] for k in RECORD_FIELDS}).encode())
+
+    def _finish(self) -> None:
+        if not self._file.closed:
+            self._tar.close()
+            self._file.flush()
+            self._file.close()
+
+
+def parquet_schema():
+    """Columns of a Parquet shard (see the module docstring)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("key", pa.string()),
+        ("codes", pa.binary()),
+        ("shape", pa.list_(pa.int32())),
+        ("n_frames", pa.int32()),
+        ("num_samples", pa.int64()),
+        ("sample_rate", pa.int32()),
+        ("channels", pa.int16()),
+        ("source_key", pa.string()),
+        ("model_id", pa.string()),
+    ])
+
+
+class ParquetShardWriter(ShardWriter):
+    """Parquet: one row per record, written in row groups of ``row_group_records`` rows (or about
+    ``row_group_bytes`` of codes)."""
+
+    suffix = ".parquet"
+
+    def __init__(self, path: str | os.PathLike, row_group_records: int = 256, row_group_bytes: int = 64 << 20):
+        import pyarrow.parquet as pq
+
+        super().__init__(path)
+        self.schema = parquet_schema()
+        self._writer = pq.ParquetWriter(str(self.tmp), self.schema, compression="zstd")
+        self._rows: dict[str, list] = {name: [] for name in self.schema.names}
+        self._bytes = 0
+        self.row_group_records, self.row_group_bytes = row_group_records, row_group_bytes
+
+    def _add(self, meta: dict[str, Any], codes: np.ndarray) -> None:
+        data = np.ascontiguousarray(codes.astype("<u2", copy=False)).tobytes()
+        row = {**{k: meta[k] for k in RECORD_FIELDS if k in self._rows}, "codes": data, "shape": list(codes.shape)}
+        for name, column in self._rows.items():
+            column.append(row[name])
+        self._bytes += len(data)
+        if len(self._rows["key"]) >= self.row_group_records or self._bytes >= self.row_group_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self._rows["key"]:
+            self._writer.write_table(pa.table(self._rows, schema=self.schema))
+            self._rows = {name: [] for name in self.schema.names}
+            self._bytes = 0
+
+    def _finish(self) -> None:
+        if self._writer is not None:
+            self._flush()
+            self._writer.close()
+            self._writer = None
+
+
+SHARD_WRITERS: dict[str, type[ShardWriter]] = {"webdataset": TarShardWriter, "parquet": ParquetShardWriter}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class CodeRecord:
+    """One coded file: ``codes`` is uint16 ``[K, F]`` (mono) or ``[C, K, F]`` (channels coded one by
+    one); ``meta`` holds ``key, source_key, num_samples, sample_rate, n_frames, channels, model_id``."""
+
+    key: str
+    codes: np.ndarray
+    meta: dict[str, Any]
+
+    @property
+    def channel_codes(self) -> np.ndarray:
+        """``[C, K, F]`` codes, ``C = 1`` for a ``[K, F]`` record."""
+        return self.codes if self.codes.ndim == 3 else self.codes[None]
+
+
+def _check_record(record: CodeRecord, shard: Path) -> CodeRecord:
+    codes = record.codes
+    _check_codes(codes, f"{shard}: record {record.key!r}")
+    if "n_frames" in record.meta and record.meta["n_frames"] != codes.shape[-1]:
+        raise ValueError(f"{shard}: record {record.key!r} has {codes.shape[-1]} frames, "
+                         f"its metadata says {record.meta['n_frames']}")
+    return record
+
+
+def _split_member(name: str) -> tuple[str, str] | None:
+    """``(key, "codes" | "json")`` for a record's tar member, ``None`` for any other member."""
+    for kind, suffix in MEMBER_SUFFIXES.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], kind
+    return None
+
+
+def _read_tar(path: Path) -> Iterator[CodeRecord]:
+    members: dict[str, bytes] = {}
+    key = None
+
+    def record() -> CodeRecord:
+        missing = {"codes", "json"} - set(members)
+        if missing:
+            raise ValueError(f"{path}: record {key!r} has no {' or '.join(sorted(missing))} member")
+        codes = np.load(io.BytesIO(members["codes"]), allow_pickle=False)
+        return _check_record(CodeRecord(key, codes, json.loads(members["json"])), path)
+
+    with tarfile.open(path, mode="r|*") as tar:
+        for member in tar:
+            split = _split_member(member.name) if member.isfile() else None
+            if split is None:
+                continue
+            name, kind = split
+            if key is not None and name != key:
+                yield record()
+                members = {}
+            key = name
+            members[kind] = tar.extractfile(member).read()
+    if key is not None:
+        yield record()
+
+
+def _read_parquet(path: Path) -> Iterator[CodeRecord]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+        for row in batch.to_pylist():
+            data, shape = row.pop("codes"), row.pop("shape")
+            flat = np.frombuffer(data, dtype="<u2")
+            if flat.size != np.prod(shape):
+                raise ValueError(f"{path}: record {row['key']!r} has {flat.size} codes, its shape is {shape}")
+            yield _check_record(CodeRecord(row["key"], flat.reshape(shape).astype(np.uint16), row), path)
+
+
+def read_shard(path: str | os.PathLike) -> Iterator[CodeRecord]:
+    """The records of one shard (``.tar`` or ``.parquet``), in order, each checked."""
+    path = Path(path)
+    if path.suffix == ".tar":
+        return _read_tar(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    raise ValueError(f"{path}: unknown shard type (expected .tar or .parquet)")
