@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
 
-AudioLike = Union[torch.Tensor, np.ndarray]
-AudioInput = Union[AudioLike, Sequence[AudioLike]]
+AudioLike = torch.Tensor | np.ndarray
+AudioInput = AudioLike | Sequence[AudioLike]
 
 _PCM_SCALE = {np.dtype("int16"): 2.0**15, np.dtype("int32"): 2.0**31, np.dtype("int8"): 2.0**7}
 
@@ -46,7 +47,7 @@ def split_clips(audio: AudioInput) -> list[np.ndarray]:
                 raise ValueError(f"clip {i} has shape {tuple(x.shape)}; each clip in a list must be [T] or [C, T]")
             clips.append(x[None] if x.ndim == 1 else x)
     else:
-        x = to_float_array(audio)
+        x = to_float_array(cast(AudioLike, audio))  # raises TypeError for anything but an array
         if x.ndim == 1:
             clips = [x[None]]
         elif x.ndim == 2:
@@ -101,6 +102,36 @@ from pathlib import Path  # noqa: E402
 #: common tool reads float WAV); FLAC cannot hold floats and is written as 24-bit PCM, whose
 #: quantization noise (about -144 dBFS) is far below any codec's error.
 AUDIO_WRITE_FORMATS = {".wav": ("WAV", "FLOAT"), ".flac": ("FLAC", "PCM_24")}
+
+#: Extensions (lower case, with the dot) of the audio files a folder is listed for, by default,
+#: wherever a folder is read (``audiotok encode DIR``, folder training sources, bulk folder inputs,
+#: WebDataset audio members): the formats libsndfile >= 1.1 reads.
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
+
+
+def find_files(root: str | os.PathLike, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> list[Path]:
+    """The files under ``root`` (default: audio files), recursively, sorted by their path relative
+    to ``root``: the one folder lister of the package.
+
+    A file is listed when its extension is in ``extensions`` (case-insensitive, with or without the
+    dot). Hidden files and folders (names starting with ``.``, such as macOS ``._x.wav`` resource
+    forks) are left out. Symbolic links to files and folders are followed; a folder reached a second
+    time (a link cycle) is not read again. Raises ``FileNotFoundError`` unless ``root`` is a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
+    exts = tuple("." + e.lower().lstrip(".") for e in extensions)
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and f.lower().endswith(exts)]
+    return [root / rel for rel in sorted(os.path.relpath(f, root) for f in found)]
 
 
 def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:

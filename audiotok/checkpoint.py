@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +98,8 @@ def load_weights(model: DAC, state_dict: dict[str, torch.Tensor]) -> DAC:
     ]
     if missing or unexpected or mismatched:
         problems = []
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        kinds = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        for label, items in kinds:
             if items:
                 shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
                 problems.append(f"{label}: {shown}")
@@ -196,7 +197,7 @@ _PTH_KWARGS = ("encoder_dim", "encoder_rates", "latent_dim", "decoder_dim", "dec
                "codebook_size", "codebook_dim", "quantizer_dropout", "sample_rate")
 
 
-def load_original(path: str | Path) -> Checkpoint:
+def load_original(path: str | os.PathLike) -> Checkpoint:
     """Read an original descript-audio-codec ``.pth`` file, without running any code from it."""
     path = Path(path)
     try:
@@ -213,7 +214,7 @@ def load_original(path: str | Path) -> Checkpoint:
     return Checkpoint(config, state_dict, path.stem)
 
 
-def save_original(checkpoint: Checkpoint, path: str | Path) -> None:
+def save_original(checkpoint: Checkpoint, path: str | os.PathLike) -> None:
     """Write the original package's ``.pth`` layout: weight_g / weight_v keys and metadata kwargs."""
     state_dict = checkpoint.state_dict
     if not any(k.endswith(_G) for k in state_dict):
@@ -293,28 +294,34 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: corrupt or unreadable safetensors file: {e}") from e
 
 
-def load_folder(folder: str | Path) -> Checkpoint:
+def _folder_format(config_path: Path, data: dict) -> str:
+    if data.get("format") == FORMAT_NAME:
+        return "audiotok"
+    if data.get("model_type") == "dac":
+        return "transformers"
+    raise ValueError(
+        f"{config_path}: neither an audiotok config (format={FORMAT_NAME!r}) nor a transformers DAC config "
+        f"(model_type='dac'), found model_type={data.get('model_type')!r}"
+    )
+
+
+def load_folder(folder: str | os.PathLike) -> Checkpoint:
     """Read an audiotok folder or a transformers DAC folder (``config.json`` + ``model.safetensors``)."""
     folder = Path(folder)
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise ValueError(f"{folder}: no {CONFIG_FILE}; not an audiotok or transformers DAC model folder")
     data = _read_json(config_path)
-    if data.get("format") == FORMAT_NAME:
+    if _folder_format(config_path, data) == "audiotok":
         if int(data.get("format_version", 0)) > FORMAT_VERSION:
             raise ValueError(f"{folder}: written by a newer audiotok (format_version {data['format_version']})")
         config = DACConfig.from_dict(data["config"])
         model_id = data.get("model_id") or folder.name
         notice = data.get("notice")
-    elif data.get("model_type") == "dac":
+    else:
         config = config_from_transformers(data)
         model_id = data.get("_name_or_path") or folder.name
         notice = None
-    else:
-        raise ValueError(
-            f"{config_path}: neither an audiotok config (format={FORMAT_NAME!r}) nor a transformers DAC config "
-            f"(model_type='dac'), found model_type={data.get('model_type')!r}"
-        )
     return Checkpoint(config, _read_safetensors(folder / WEIGHTS_FILE), str(model_id), notice)
 
 
@@ -322,7 +329,7 @@ def _plain_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in fold_state_dict(checkpoint.state_dict).items()}
 
 
-def save_folder(checkpoint: Checkpoint, folder: str | Path) -> None:
+def save_folder(checkpoint: Checkpoint, folder: str | os.PathLike) -> None:
     """Write an audiotok folder: config.json and plain (folded) weights in model.safetensors."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -334,7 +341,7 @@ def save_folder(checkpoint: Checkpoint, folder: str | Path) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def save_transformers(checkpoint: Checkpoint, folder: str | Path) -> None:
+def save_transformers(checkpoint: Checkpoint, folder: str | os.PathLike) -> None:
     """Write a folder that ``transformers.DacModel.from_pretrained`` loads with every weight used."""
     config = config_to_transformers(checkpoint.config)
     folder = Path(folder)
@@ -343,25 +350,36 @@ def save_transformers(checkpoint: Checkpoint, folder: str | Path) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a local checkpoint of any supported format: a model folder, a training run folder (its
-    ``latest`` generator) or a ``.pth`` file."""
+def locate_checkpoint(path: str | os.PathLike) -> tuple[str, Path]:
+    """``(format, location)`` of a local checkpoint: ``"original"`` and its ``.pth`` file, or
+    ``"audiotok"`` / ``"transformers"`` and the model folder. ``path`` is a model folder, its
+    ``config.json`` or ``model.safetensors``, a training run folder (its ``latest`` generator) or
+    a ``.pth`` file. Raises ``FileNotFoundError`` if missing and ``ValueError`` for anything else."""
     path = Path(path)
     if path.is_dir():
         if not (path / CONFIG_FILE).exists() and (path / "latest" / CONFIG_FILE).exists():
             path = path / "latest"  # a training run: its latest generator
-        return load_folder(path)
-    if path.is_file():
+    elif path.is_file():
         if path.suffix in (".pth", ".pt"):
-            return load_original(path)
-        if path.name == CONFIG_FILE or path.name == WEIGHTS_FILE:
-            return load_folder(path.parent)
-        raise ValueError(f"{path}: unsupported checkpoint file; expected a model folder or an original DAC .pth")
-    raise FileNotFoundError(f"{path}: no such file or folder")
+            return "original", path
+        if path.name not in (CONFIG_FILE, WEIGHTS_FILE):
+            raise ValueError(f"{path}: unsupported checkpoint file; expected a model folder or an original DAC .pth")
+        path = path.parent
+    else:
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{path}: no {CONFIG_FILE}; not an audiotok or transformers DAC model folder")
+    return _folder_format(config_path, _read_json(config_path)), path
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+def detect_format(path: str | os.PathLike) -> str:
+    """The checkpoint format of a local path: ``"audiotok"``, ``"transformers"`` or ``"original"``
+    (see :func:`locate_checkpoint`)."""
+    return locate_checkpoint(path)[0]
 
 
-def looks_like_hub_id(source: str) -> bool:
-    return bool(_HUB_ID.match(source)) and not source.startswith(("./", "../"))
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a local checkpoint of any supported format (see :func:`locate_checkpoint`)."""
+    fmt, location = locate_checkpoint(path)
+    return load_original(location) if fmt == "original" else load_folder(location)

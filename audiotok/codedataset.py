@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .audio import AUDIO_EXTENSIONS
 from .io import replace_durably, temp_path
 
 if TYPE_CHECKING:
@@ -75,7 +76,6 @@ RECORD_FIELDS = ("key", "source_key", "num_samples", "sample_rate", "n_frames", 
 MEMBER_SUFFIXES = {"codes": ".codes.npy", "json": ".json"}
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-_AUDIO_SUFFIXES = {"wav", "flac", "ogg", "oga", "opus", "mp3", "aif", "aiff", "m4a", "aac", "webm"}
 
 
 def safe_name(source_key: str, max_len: int = 64) -> str:
@@ -83,7 +83,7 @@ def safe_name(source_key: str, max_len: int = 64) -> str:
     audio extension, with everything but letters, digits, ``_`` and ``-`` replaced by ``_``."""
     name = source_key.replace("\\", "/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
     stem, dot, ext = name.rpartition(".")
-    if dot and stem and ext.lower() in _AUDIO_SUFFIXES:
+    if dot and stem and "." + ext.lower() in AUDIO_EXTENSIONS:
         name = stem
     name = _UNSAFE.sub("_", name)[-max_len:].strip("_-")
     return name or "record"
@@ -296,9 +296,9 @@ def _split_member(name: str) -> tuple[str, str] | None:
 
 def _read_tar(path: Path) -> Iterator[CodeRecord]:
     members: dict[str, bytes] = {}
-    key = None
+    key: str | None = None
 
-    def record() -> CodeRecord:
+    def record(key: str) -> CodeRecord:
         missing = {"codes", "json"} - set(members)
         if missing:
             raise ValueError(f"{path}: record {key!r} has no {' or '.join(sorted(missing))} member")
@@ -312,12 +312,13 @@ def _read_tar(path: Path) -> Iterator[CodeRecord]:
                 continue
             name, kind = split
             if key is not None and name != key:
-                yield record()
+                yield record(key)
                 members = {}
             key = name
-            members[kind] = tar.extractfile(member).read()
+            data = tar.extractfile(member)  # a regular file (isfile above): never None
+            members[kind] = data.read() if data is not None else b""
     if key is not None:
-        yield record()
+        yield record(key)
 
 
 def _read_parquet(path: Path) -> Iterator[CodeRecord]:

@@ -68,9 +68,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -100,9 +101,9 @@ def pack_codes_10bit(codes: np.ndarray | torch.Tensor) -> np.ndarray:
     flat = np.asarray(codes).reshape(-1).astype(np.int64)
     if flat.size and (flat.min() < 0 or flat.max() >= 1024):
         raise ValueError(f"10-bit packing needs codes in [0, 1024), found range [{flat.min()}, {flat.max()}]")
-    groups = np.zeros(-(-flat.size // 4) * 4, dtype=np.uint64)
-    groups[: flat.size] = flat
-    groups = groups.reshape(-1, 4)
+    padded = np.zeros(-(-flat.size // 4) * 4, dtype=np.uint64)
+    padded[: flat.size] = flat
+    groups = padded.reshape(-1, 4)
     word = groups[:, 0] | groups[:, 1] << np.uint64(10) | groups[:, 2] << np.uint64(20) | groups[:, 3] << np.uint64(30)
     shifts = np.arange(0, 40, 8, dtype=np.uint64)
     return ((word[:, None] >> shifts) & np.uint64(0xFF)).astype(np.uint8).reshape(-1)
@@ -204,11 +205,12 @@ def _parse_metadata(meta: dict[str, str] | None, where: str) -> CodeHeader:
     values: dict[str, object] = {k: meta[k] for k in _STR_FIELDS}
     for key in _INT_FIELDS:
         try:
-            values[key] = int(meta[key])
+            value = int(meta[key])
         except ValueError:
             raise ValueError(f"{where}: metadata field {key}={meta[key]!r} is not an integer") from None
-        if values[key] <= 0:
-            raise ValueError(f"{where}: metadata field {key}={values[key]} must be positive")
+        if value <= 0:
+            raise ValueError(f"{where}: metadata field {key}={value} must be positive")
+        values[key] = value
     try:
         shape = tuple(int(s) for s in meta["shape"].split(","))
     except ValueError:

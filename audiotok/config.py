@@ -63,7 +63,8 @@ class DACConfig:
             )
         if self.decoder_dim % 2 ** len(self.decoder_rates):
             raise ValueError(
-                f"decoder_dim {self.decoder_dim} must be divisible by 2**len(decoder_rates) = {2 ** len(self.decoder_rates)}"
+                f"decoder_dim {self.decoder_dim} must be divisible by "
+                f"2**len(decoder_rates) = {2 ** len(self.decoder_rates)}"
             )
         if not 0.0 <= self.quantizer_dropout <= 1.0:
             raise ValueError(f"quantizer_dropout must be in [0, 1], got {self.quantizer_dropout}")

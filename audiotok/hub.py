@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
-from .checkpoint import looks_like_hub_id
-
 log = logging.getLogger("audiotok")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # Short names for the published Descript models on the Hugging Face hub.
 ALIASES = {
@@ -47,7 +48,7 @@ def names_bundled_model(source: str | os.PathLike | None) -> bool:
 def resolve(source: str | os.PathLike | None) -> Path:
     """A local file or folder for ``source``: the default model (``None``, its id or the id of an earlier
     bundled model it writes the same codes as), a path, or a hub id (cached or downloaded)."""
-    if names_bundled_model(source):
+    if source is None or names_bundled_model(source):
         if str(source) in SAME_CODES_AS:
             log.info("%s: using %s, which writes the same codes (only its decoder changed)", source, DEFAULT_MODEL_ID)
         return default_model_path()
@@ -80,3 +81,8 @@ def _download(repo_id: str) -> str:
             f"could not load {repo_id!r} from the Hugging Face hub and it is not in the local cache "
             f"({type(e).__name__}: {e}). Connect to the internet once to cache it, or pass a local path."
         ) from e
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """``owner/name`` that is not a relative path (``./x``, ``../x``)."""
+    return bool(_HUB_ID.match(source)) and not source.startswith(("./", "../"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -74,6 +74,8 @@ def wn_conv_transpose1d(*args, **kwargs) -> nn.ConvTranspose1d:
 def pointwise_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """A kernel-size-1 ``conv`` applied as one batched GEMM with the bias fused:
     ``[B, C, T]`` -> ``[B, O, T]``. On CPUs this is 1.3 to 2.6x faster than the convolution path."""
+    if conv.bias is None:
+        raise ValueError("pointwise_conv needs a convolution with a bias")
     weight = conv.weight[:, :, 0]
     return torch.baddbmm(conv.bias[None, :, None].to(x.dtype), weight.expand(x.shape[0], -1, -1), x)
 

@@ -6,7 +6,6 @@ Module names follow ``transformers.DacModel`` so that folded weights load either
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +15,7 @@ from .config import DACConfig
 from .layers import Snake1d, fold_weight_norm, has_weight_norm, pointwise_conv, wn_conv1d, wn_conv_transpose1d
 from .quantize import QuantizerOutput, ResidualVectorQuantize
 
-
-Lengths = Optional[list[int]]
+Lengths = list[int] | None
 
 
 def zero_tail(x: torch.Tensor, lengths: Lengths) -> torch.Tensor:
@@ -92,15 +90,16 @@ class Encoder(nn.Module):
             dim *= 2
             blocks.append(EncoderBlock(dim, stride))
         self.block = nn.ModuleList(blocks)
+        self.strides = list(rates)
         self.snake1 = Snake1d(dim)
         self.conv2 = wn_conv1d(dim, latent_dim, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor, lengths: Lengths = None) -> torch.Tensor:
         """``lengths``: valid samples per item (multiples of the hop); padding stays out of every item."""
         x = zero_tail(self.conv1(x), lengths)
-        for block in self.block:
+        for block, stride in zip(self.block, self.strides):
             x = block(x, lengths)
-            lengths = _scale(lengths, 1, block.stride)
+            lengths = _scale(lengths, 1, stride)
         return zero_tail(self.conv2(self.snake1(x)), lengths)
 
 
@@ -148,6 +147,7 @@ class Decoder(nn.Module):
             blocks.append(DecoderBlock(dim, dim // 2, stride))
             dim //= 2
         self.block = nn.ModuleList(blocks)
+        self.strides = list(rates)
         self.snake1 = Snake1d(dim)
         self.conv2 = wn_conv1d(dim, 1, kernel_size=7, padding=3)
 
@@ -167,11 +167,11 @@ class Decoder(nn.Module):
         caller keeps its weights float32)."""
         x = zero_tail(self.conv1(zero_tail(z, lengths)), lengths)
         *body, last = self.block
-        for block in body:
+        for block, stride in zip(body, self.strides):
             x = block(x, lengths)
-            lengths = _scale(lengths, block.stride)
+            lengths = _scale(lengths, stride)
         with torch.autocast(x.device.type, enabled=False):
-            x = last(x.to(self.conv2.bias.dtype), lengths)
+            x = last(x.to(next(self.conv2.parameters()).dtype), lengths)
             return torch.tanh(self.conv2(self.snake1(x)))
 
 
@@ -184,6 +184,7 @@ class DAC(nn.Module):
     def __init__(self, config: DACConfig):
         super().__init__()
         self.config = config
+        assert config.latent_dim is not None  # DACConfig fills it in
         self.encoder = Encoder(config.encoder_dim, config.encoder_rates, config.latent_dim)
         self.quantizer = ResidualVectorQuantize(
             config.latent_dim, config.n_codebooks, config.codebook_size, config.codebook_dim,

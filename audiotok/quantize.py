@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +133,8 @@ class ResidualVectorQuantize(nn.Module):
 
     def from_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """codes ``[B, K, F]`` (K <= n_codebooks) -> quantized latents ``[B, D, F]``."""
-        z = 0.0
+        z = torch.zeros(())  # a 0-dim zero: adds like the scalar 0.0 on any device and dtype
         for i in range(codes.shape[1]):
-            z = z + self.quantizers[i].out_proj(self.quantizers[i].embed(codes[:, i]))
+            quantizer = cast(VectorQuantize, self.quantizers[i])
+            z = z + quantizer.out_proj(quantizer.embed(codes[:, i]))
         return z

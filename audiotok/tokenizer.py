@@ -55,7 +55,8 @@ class AudioTokenizer:
         self.model_id = model_id
         self.dtype = dtype
         self.decoder_dtype = decoder_dtype
-        self.to(device or "cpu")
+        self.device = torch.device(device or "cpu")
+        self.to()
 
     # -- construction and saving -------------------------------------------------------------
 
@@ -121,7 +122,8 @@ class AudioTokenizer:
             self.dtype, self.decoder_dtype = dtype, decoder_dtype
         elif decoder_dtype is not None:
             self.decoder_dtype = decoder_dtype
-        self.device = torch.device(device) if device is not None else self.device
+        if device is not None:
+            self.device = torch.device(device)
         self.model.to(self.device, self.dtype)
         self.model.decoder.to(dtype=self.decoder_dtype or self.dtype)
         for module in self.model.decoder.float32_tail():  # half precision there adds a noise floor
@@ -161,19 +163,30 @@ class AudioTokenizer:
 
     # -- encode / decode -------------------------------------------------------------------------
 
-    def _default_seconds(self) -> tuple[float, float]:
-        """(chunk, batch) seconds: bounded activation memory per forward pass on each device type."""
-        return DEFAULT_SECONDS.get(self.device.type, DEFAULT_SECONDS["cpu"])
-
-    def _budgets(self, chunk_seconds: float | None, batch_seconds: float | None) -> tuple[int | None, int]:
-        default_chunk, default_batch = self._default_seconds()
+    def resolve_seconds(self, chunk_seconds: float | None = None,
+                        batch_seconds: float | None = None) -> tuple[float, float]:
+        """``(chunk_seconds, batch_seconds)`` per forward pass with this device's defaults filled in
+        (:data:`DEFAULT_SECONDS`; the batch is never below the chunk); ``ValueError`` unless positive."""
+        default_chunk, default_batch = DEFAULT_SECONDS.get(self.device.type, DEFAULT_SECONDS["cpu"])
         chunk_seconds = default_chunk if chunk_seconds is None else chunk_seconds
         batch_seconds = max(chunk_seconds, default_batch) if batch_seconds is None else batch_seconds
         if chunk_seconds <= 0 or batch_seconds <= 0:
             raise ValueError(f"chunk_seconds and batch_seconds must be positive, got {chunk_seconds}, {batch_seconds}")
+        return chunk_seconds, batch_seconds
+
+    def frame_budgets(self, chunk_seconds: float | None = None,
+                      batch_seconds: float | None = None) -> tuple[int | None, int]:
+        """:meth:`resolve_seconds` in frames: ``(chunk, batch)``, ``chunk`` ``None`` for no chunking
+        (``chunk_seconds=inf``); what :func:`audiotok.segments.plan_segments` and
+        :func:`~audiotok.segments.make_batches` take."""
+        chunk_seconds, batch_seconds = self.resolve_seconds(chunk_seconds, batch_seconds)
         chunk = None if chunk_seconds == float("inf") else max(1, round(chunk_seconds * self.frame_rate))
         batch = max(1, round(min(batch_seconds, 1e9) * self.frame_rate))
         return chunk, batch
+
+    def num_frames(self, num_samples: int) -> int:
+        """Code frames of ``num_samples`` samples at :attr:`sample_rate`: ``ceil(num_samples / hop_length)``."""
+        return -(-num_samples // self.hop_length)
 
     def _prepare(self, audio: audio_utils.AudioInput, sample_rate: int,
                  mono: bool) -> tuple[list[np.ndarray], list[int], int]:
@@ -183,7 +196,7 @@ class AudioTokenizer:
         channels = {c.shape[0] for c in clips}
         if not mono and len(channels) > 1:
             raise ValueError(f"with mono=False every clip needs the same channel count, got {sorted(channels)}")
-        items = []
+        items: list[np.ndarray] = []
         for i, clip in enumerate(clips):
             clip = audio_utils.resample(audio_utils.downmix(clip) if mono else clip, sample_rate, self.sample_rate)
             if clip.shape[-1] == 0:
@@ -217,9 +230,9 @@ class AudioTokenizer:
         if n_quantizers is not None and not 1 <= n_quantizers <= self.n_codebooks:
             raise ValueError(f"n_quantizers must be in 1..{self.n_codebooks}, got {n_quantizers}")
         items, num_samples, channels = self._prepare(audio, sample_rate, mono)
-        chunk, max_frames = self._budgets(chunk_seconds, batch_seconds)
+        chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
         hop = self.hop_length
-        frames = [-(-len(x) // hop) for x in items]
+        frames = [self.num_frames(len(x)) for x in items]
         codes = torch.zeros(len(items), n_quantizers or self.n_codebooks, max(frames), dtype=torch.long)
         segments = plan_segments(frames, chunk, context_frames(self.config)["encoder"])
         for batch in make_batches(segments, max_frames):
@@ -232,12 +245,11 @@ class AudioTokenizer:
             out = out.cpu()
             for j, s in enumerate(batch):
                 codes[s.item, :, s.keep_start:s.keep_stop] = out[j, :, s.keep_start - s.start:s.keep_stop - s.start]
-        lengths = torch.tensor(frames[::channels])
         if not mono:
             codes = codes.reshape(len(num_samples), channels, *codes.shape[1:])
-        return EncodedAudio(codes, lengths, torch.tensor(num_samples), int(sample_rate))
+        return EncodedAudio(codes, torch.tensor(frames[::channels]), torch.tensor(num_samples), int(sample_rate))
 
-    def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
+    def _check_codes(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
         if isinstance(codes, np.ndarray):
             codes = torch.from_numpy(codes)
         if not isinstance(codes, torch.Tensor):
@@ -274,9 +286,9 @@ class AudioTokenizer:
             float32 audio ``[B, C, T]`` on the CPU (C = 1 unless coded per channel).
         """
         encoded = codes if isinstance(codes, EncodedAudio) else None
-        codes = self._check_codes(encoded.codes if encoded is not None else codes)
-        batch, channels = codes.shape[0], codes.shape[1] if codes.ndim == 4 else 1
-        codes = codes.reshape(batch * channels, *codes.shape[-2:])
+        checked = self._check_codes(codes.codes if isinstance(codes, EncodedAudio) else codes)
+        batch, channels = checked.shape[0], checked.shape[1] if checked.ndim == 4 else 1
+        codes = checked.reshape(batch * channels, *checked.shape[-2:])
         hop = self.hop_length
         if encoded is None:
             frames = [codes.shape[-1]] * codes.shape[0]
@@ -285,7 +297,7 @@ class AudioTokenizer:
             frames = [int(f) for f in encoded.lengths for _ in range(channels)]
             n_out = [min(round(int(n) * self.sample_rate / encoded.sample_rate), int(f) * hop)
                      for n, f in zip(encoded.num_samples, encoded.lengths) for _ in range(channels)]
-        chunk, max_frames = self._budgets(chunk_seconds, batch_seconds)
+        chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
         audio = torch.zeros(len(frames), max(n_out))
         segments = plan_segments(frames, chunk, context_frames(self.config)["decoder"])
         for group in make_batches(segments, max_frames):
@@ -303,5 +315,5 @@ class AudioTokenizer:
         return audio.reshape(batch, channels, -1)
 
 
-# Default (chunk, batch) seconds of audio per forward pass.
+#: Default (chunk, batch) seconds of audio per forward pass, per device type: bounded activation memory.
 DEFAULT_SECONDS = {"cpu": (20.0, 20.0), "cuda": (60.0, 600.0), "mps": (20.0, 60.0)}

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from common import PeakMemory, machine  # noqa: E402
 from conftest import make_audio, random_tokenizer  # noqa: E402  (weights with realistic scale)
 
 from audiotok import AudioTokenizer  # noqa: E402
 from audiotok.layers import use_fused_snake  # noqa: E402
-from common import PeakMemory, machine  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENCODE_GFLOP_PER_S = 61.0  # 44.1 kHz encoder, dac-spec.md
@@ -49,7 +49,8 @@ def measure(fn, device: torch.device, repeats: int):
 def row(name, op, batch, seconds, t, peak, codes_note, gflop_per_s):
     rtf = batch * seconds / t
     tflops = gflop_per_s * batch * seconds / t / 1000
-    print(f"| {name:<26} | {op:<6} | {batch:>5} | {t:8.3f} | {rtf:8.1f}x | {tflops:7.2f} | {peak / 2**20:9.0f} | {codes_note} |")
+    print(f"| {name:<26} | {op:<6} | {batch:>5} | {t:8.3f} | {rtf:8.1f}x | {tflops:7.2f} | {peak / 2**20:9.0f} "
+          f"| {codes_note} |")
 
 
 def main() -> None:
@@ -62,7 +63,8 @@ def main() -> None:
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES))
     p.add_argument("--compile", action="store_true", help="also run audiotok with compile=True")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--long", type=float, nargs="*", default=[], help="audio lengths (s) for the chunked-encode memory table")
+    p.add_argument("--long", type=float, nargs="*", default=[],
+                   help="audio lengths (s) for the chunked-encode memory table")
     p.add_argument("--chunk", type=float, default=10.0, help="chunk_seconds for --long")
     args = p.parse_args()
 
@@ -78,7 +80,8 @@ def main() -> None:
     sr, hop = ours.sample_rate, ours.hop_length
     num_samples = int(args.seconds * sr) // hop * hop  # the reference does not pad: whole frames only
     seconds = num_samples / sr
-    print(f"## {ours.model_id} ({args.preset}), {seconds:.2f} s clips at {sr} Hz, {machine(device)}, torch {torch.__version__}\n")
+    print(f"## {ours.model_id} ({args.preset}), {seconds:.2f} s clips at {sr} Hz, {machine(device)}, "
+          f"torch {torch.__version__}\n")
     print("| implementation             | op     | batch | time (s) |   x real | TFLOP/s | peak MiB | codes |")
     print("|----------------------------|--------|-------|----------|----------|---------|----------|-------|")
     variants = [(f"audiotok {d}", DTYPES[d], False) for d in args.dtype]
@@ -110,7 +113,8 @@ def main() -> None:
         print("|-----------|----------|--------|----------------------------------------|")
         for length in args.long:
             x = make_audio(int(length * sr), seed=7)[0]
-            t, peak, _ = measure(lambda: ours.encode(x, sr, chunk_seconds=args.chunk, batch_seconds=args.chunk), device, 1)
+            t, peak, _ = measure(lambda: ours.encode(x, sr, chunk_seconds=args.chunk, batch_seconds=args.chunk),
+                                 device, 1)
             print(f"| {length:9.0f} | {t:8.2f} | {length / t:6.1f} | {peak / 2**20:38.0f} |")
 
 

@@ -26,14 +26,13 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from common import machine  # noqa: E402
 from conftest import random_tokenizer  # noqa: E402  (weights with realistic scale)
 
 from audiotok import AudioTokenizer  # noqa: E402
 from audiotok.bulk import DTYPES, BulkConfig, InputSpec, PartReader, tokenize_dataset  # noqa: E402
-from audiotok.bulk.inputs import Decoded, fixed_batches, identity_collate  # noqa: E402
+from audiotok.bulk.inputs import Decoded, identity_collate  # noqa: E402
 from audiotok.layers import use_fused_snake  # noqa: E402
-from audiotok.tokenizer import DEFAULT_SECONDS  # noqa: E402
-from common import machine  # noqa: E402
 
 RATES = (44100, 48000, 22050, 16000)
 
@@ -82,7 +81,7 @@ def main() -> None:
         tok = random_tokenizer(args.preset).to(device, DTYPES[args.dtype])
         use_fused_snake(tok.model, args.compile)
         name = f"random {args.preset}"
-    batch_seconds = args.batch_seconds or DEFAULT_SECONDS.get(device.type, DEFAULT_SECONDS["cpu"])[1]
+    batch_seconds = tok.resolve_seconds(None, args.batch_seconds)[1]
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus"
@@ -108,8 +107,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        for group in fixed_batches([len(c) for c in clips], int(batch_seconds * tok.sample_rate)):
-            tok.encode([clips[j] for j in group], tok.sample_rate, batch_seconds=batch_seconds)
+        tok.encode(clips, tok.sample_rate, batch_seconds=batch_seconds)  # batches planned by the tokenizer
         if device.type == "cuda":
             torch.cuda.synchronize()
         rows.append(("encode (model only)", time.perf_counter() - start))

@@ -7,17 +7,10 @@ the parts present through a glob, as recipes/configs/default-packed.yml does:
     python recipes/train.py --config recipes/configs/default-packed.yml --save-path runs/default
 """
 
-import os
-import sys
+import argparse
+import logging
 
-# recipes/tokenize.py would shadow the standard library's tokenize module: drop the script's folder.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-
-from audiotok.data.pack import pack_manifest  # noqa: E402
+from audiotok.data.pack import pack_manifest
 
 
 def main() -> None:

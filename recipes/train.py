@@ -1,7 +1,8 @@
 """Train or fine-tune the Improved RVQGAN codec.
 
     python recipes/train.py --config recipes/configs/ablations/baseline.yml --save-path runs/baseline
-    python recipes/train.py --config recipes/configs/final/44khz.yml --save-path runs/44k --max-steps 1000 train.bf16=true
+    python recipes/train.py --config recipes/configs/final/44khz.yml --save-path runs/44k --max-steps 1000 \\
+        train.bf16=true
     torchrun --nproc_per_node 8 recipes/train.py --config recipes/configs/final/44khz.yml --save-path runs/44k
     python recipes/train.py --config recipes/configs/tiny.yml --save-path runs/ft --init-from descript/dac_44khz
 
@@ -9,19 +10,11 @@ Running again with the same --save-path resumes from its latest checkpoint. Trai
 ``section.key=value`` arguments override the config (values parsed as YAML).
 """
 
-import os
-import sys
+import argparse
+import logging
 
-# Python puts a script's folder first on sys.path, where recipes/tokenize.py would shadow the
-# standard library's tokenize module: drop it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-
-from audiotok.train.config import load_config  # noqa: E402
-from audiotok.train.trainer import train  # noqa: E402
+from audiotok.train.config import load_config
+from audiotok.train.trainer import train
 
 
 def main() -> None:

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from conftest import make_audio, random_tokenizer
 
 from audiotok.model import _encoder_convs, _input_span, context_frames
 from audiotok.segments import make_batches, plan_segments
-from conftest import make_audio, random_tokenizer
 
 INF = float("inf")
 

@@ -239,7 +239,8 @@ def test_codes_disagreeing_with_metadata_raise(tmp_path):
     packed = make_code_file(codebook_size=64).save(tmp_path / "p.atok", pack_10bit=True)
     _, tensors = file_contents(packed)
     with pytest.raises(ValueError, match="bytes"):
-        CodeFile.load(rewrite(packed, tmp_path / "d.atok", tensors={"codes_packed": tensors["codes_packed"][:-5].copy()}))
+        truncated = {"codes_packed": tensors["codes_packed"][:-5].copy()}
+        CodeFile.load(rewrite(packed, tmp_path / "d.atok", tensors=truncated))
 
 
 def test_header_is_json_readable_without_safetensors(tmp_path):

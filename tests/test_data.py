@@ -16,8 +16,8 @@ import soundfile as sf
 import torch
 
 from audiotok.data import (
-    AudioFolderSource,
     PAPER_GROUP_WEIGHTS,
+    AudioFolderSource,
     DataConfig,
     ExcerptDataset,
     HFDatasetSource,
@@ -499,7 +499,8 @@ def test_pack_manifest_into_opus_parts(tmp_path, caplog):
     assert seconds == pytest.approx({"speech": 5.5, "music": 4.0}, abs=0.05)
     glob = str(tmp_path / "packed" / "part-*")
     for group, pieces in [("speech", 3), ("music", 2)]:  # a glob reads every part as one corpus
-        assert sum(len(source) for source in build_sources({"type": "manifest", "path": glob, "group": group})) == pieces
+        spec = {"type": "manifest", "path": glob, "group": group}
+        assert sum(len(source) for source in build_sources(spec)) == pieces
     assert len(pack_manifest(src, tmp_path / "one", excerpt_seconds=2.0, part_mib=budget, max_parts=1)) == 1
     with pytest.raises(ValueError, match="Opus"):
         pack_manifest(src, tmp_path / "x", sample_rate=44100)

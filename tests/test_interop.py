@@ -7,11 +7,11 @@ import pickle
 
 import pytest
 import torch
+from conftest import make_audio, random_tokenizer, randomize_
 
 from audiotok import AudioTokenizer, DACConfig
 from audiotok.checkpoint import build_model, load_checkpoint, to_original_keys
 from audiotok.hub import DEFAULT_MODEL_ID, SAME_CODES_AS
-from conftest import random_tokenizer, randomize_, make_audio
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -204,8 +204,9 @@ def test_default_model_error_says_so(monkeypatch, tmp_path):
 
 
 def test_plain_weights_survive_the_trainable_weight_norm_round_trip():
-    from audiotok.checkpoint import fold_state_dict, load_weights
     from conftest import random_tokenizer
+
+    from audiotok.checkpoint import fold_state_dict, load_weights
 
     plain = random_tokenizer(DACConfig.preset("tiny-44khz"), seed=3).model.state_dict()
     parametrized = load_weights(build_model(random_tokenizer(DACConfig.preset("tiny-44khz"), seed=4).checkpoint(),

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import randomize_
 
 from audiotok import DAC, DACConfig
 from audiotok.config import PRESETS
-from conftest import randomize_
 
 TINY = ["tiny-44khz", "tiny-24khz", "tiny-16khz"]
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import make_audio, random_tokenizer
 
 from audiotok import AudioTokenizer, EncodedAudio
-from conftest import make_audio, random_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from audiotok import AudioTokenizer
-from audiotok.train.config import load_config
 from audiotok.data.dataset import Excerpt
+from audiotok.distances import MelSpectrogramLoss, MultiScaleSTFTLoss
 from audiotok.model import DAC
-from audiotok.train.losses import MelSpectrogramLoss, MultiScaleSTFTLoss
+from audiotok.train.config import load_config
 from audiotok.train.trainer import train, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,8 @@ def audio_dir(tmp_path_factory):
     rng = np.random.default_rng(0)
     for i, sr in enumerate([44100, 22050, 48000, 44100]):
         t = np.arange(int(sr * 1.5)) / sr
-        x = 0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(t.size)
+        tone = 0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t) * (1 + np.sin(2 * np.pi * 3 * t))
+        x = tone + 0.05 * rng.standard_normal(t.size)
         sf.write(root / f"clip{i}.wav", x.astype(np.float32), sr)
     (root / "corrupt.wav").write_bytes(b"RIFF\x00\x00not audio at all" * 10)
     sf.write(root / "empty.wav", np.zeros(0, np.float32), 44100)
@@ -163,8 +164,9 @@ def test_bad_files_are_skipped(audio_dir, tmp_path):
 
 
 def test_finetune_from_a_pretrained_model(audio_dir, tmp_path):
-    from audiotok.config import DACConfig
     from conftest import random_tokenizer
+
+    from audiotok.config import DACConfig
 
     source = random_tokenizer(DACConfig.preset("tiny-44khz"), seed=5)
     source.export_transformers(tmp_path / "hf")
@@ -178,8 +180,9 @@ def test_finetune_from_a_pretrained_model(audio_dir, tmp_path):
 
 
 def test_frozen_parts_keep_their_weights_and_codes(audio_dir, tmp_path):
-    from audiotok.config import DACConfig
     from conftest import random_tokenizer
+
+    from audiotok.config import DACConfig
 
     source = random_tokenizer(DACConfig.preset("tiny-44khz"), seed=5)
     source.save_pretrained(tmp_path / "src")

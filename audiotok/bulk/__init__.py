@@ -1,7 +1,7 @@
 """Bulk tokenization: a whole dataset to code shards, on many processes, resumable.
 
-    python recipes/tokenize.py --input corpus/ --input-type folder --output codes/ --model descript/dac_44khz
-    torchrun --nproc_per_node 8 recipes/tokenize.py --input 'shards/train-{000..999}.tar' \\
+    python recipes/tokenize_dataset.py --input corpus/ --input-type folder --output codes/ --model descript/dac_44khz
+    torchrun --nproc_per_node 8 recipes/tokenize_dataset.py --input 'shards/train-{000..999}.tar' \\
         --input-type webdataset --output codes/ --model descript/dac_44khz --device cuda --dtype bf16
 
 The output is a code dataset (a folder of shards and ``manifest.json``, plus a ``.bulk/`` folder of

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,18 +27,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..audio import downmix, resample
-from ..data.sources import (
-    AUDIO_EXTENSIONS,
-    AudioFolderSource,
-    AudioSource,
-    DecodeError,
-    HFDatasetSource,
-    Record,
-    WebDatasetSource,
-)
+from ..data.config import build_sources
+from ..data.sources import AudioSource, DecodeError, Record, WebDatasetSource
 
 INPUT_TYPES = ("folder", "hf", "webdataset")
-DEFAULT_WEBDATASET_KEYS = ("flac", "wav", "mp3", "ogg", "opus")
 
 
 @dataclass
@@ -52,8 +44,8 @@ class InputSpec:
         path: the folder, dataset, or shard pattern(s) (a list for several patterns).
         split: dataset split (``hf``).
         audio_column: column holding the audio (``hf``).
-        audio_keys: extensions of the audio member (``webdataset``, default flac, wav, mp3, ogg,
-            opus) or of the files to list (``folder``, default every format libsndfile reads).
+        audio_keys: extensions of the audio member (``webdataset``) or of the files to list
+            (``folder``); default :data:`audiotok.audio.AUDIO_EXTENSIONS`.
         streaming: read a Hugging Face dataset as an ``IterableDataset`` (``hf``).
     """
 
@@ -79,15 +71,25 @@ class InputSpec:
             keys = self.audio_keys.split(",") if isinstance(self.audio_keys, str) else self.audio_keys
             self.audio_keys = [k.strip().lower().lstrip(".") for k in keys if k.strip().strip(".")]
 
+    def source_spec(self) -> dict[str, Any]:
+        """This input as a :func:`audiotok.data.build_sources` spec (the one source factory)."""
+        if self.type == "folder":
+            spec: dict[str, Any] = {"type": "folder", "root": self.path}
+            if self.audio_keys:
+                spec["extensions"] = ["." + k for k in self.audio_keys]
+        elif self.type == "hf":
+            spec = {"type": "hf", "path": self.path, "split": self.split, "audio_column": self.audio_column,
+                    "streaming": self.streaming}
+        else:
+            spec = {"type": "webdataset", "urls": self.path}
+            if self.audio_keys:
+                spec["audio_keys"] = list(self.audio_keys)
+        return spec
+
     def build(self) -> AudioSource:
         """The :class:`~audiotok.data.AudioSource` that reads this input."""
-        if self.type == "folder":
-            exts = tuple("." + k for k in self.audio_keys) if self.audio_keys else AUDIO_EXTENSIONS
-            return AudioFolderSource(self.path, extensions=exts)
-        if self.type == "hf":
-            return HFDatasetSource(self.path, split=self.split, audio_column=self.audio_column,
-                                   streaming=self.streaming)
-        return WebDatasetSource(self.path, audio_keys=tuple(self.audio_keys or DEFAULT_WEBDATASET_KEYS))
+        (source,) = build_sources(self.source_spec())
+        return source
 
     def _where(self, path: str) -> str:
         """Local paths made absolute (hub ids, URLs and ``pipe:`` commands as given)."""
@@ -123,7 +125,8 @@ def source_fingerprint(source: AudioSource) -> dict[str, Any]:
 # One part of the source, as an ordered stream of (position, Record | DecodeError)
 
 
-def part_stream(source: AudioSource, part: int, num_parts: int, start: int = 0) -> Iterator[tuple[int, Record | DecodeError]]:
+def part_stream(source: AudioSource, part: int, num_parts: int,
+                start: int = 0) -> Iterator[tuple[int, Record | DecodeError]]:
     """``(position, Record | DecodeError)`` for positions ``start, start + 1, ...`` of part ``part``
     (the items before ``start`` are not decoded)."""
     if not 0 <= part < num_parts:
@@ -244,14 +247,3 @@ class PartReader(IterableDataset):
 
 def identity_collate(x: Any) -> Any:
     return x
-
-
-def fixed_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Indices grouped, longest first, so that ``len(group) * longest <= budget`` (a longer item alone)."""
-    groups: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups

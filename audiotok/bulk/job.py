@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader
 
 from ..codedataset import MANIFEST_NAME, SHARD_WRITERS, ShardWriter, manifest_header, record_key
 from ..data.sources import DecodeError, SkipCounter, WebDatasetSource
-from ..files import resolve_device
+from ..distributed import DistEnv, init_process_group, rank_device, shutdown
 from ..io import read_json, write_json_atomic
-from ..tokenizer import DEFAULT_SECONDS, AudioTokenizer
-from .inputs import Decoded, Failure, InputSpec, PartReader, fixed_batches, identity_collate, source_fingerprint
+from ..segments import make_batches, plan_segments
+from ..tokenizer import AudioTokenizer
+from .inputs import Decoded, Failure, InputSpec, PartReader, identity_collate, source_fingerprint
 
 logger = logging.getLogger("audiotok.bulk")
 
@@ -33,7 +34,7 @@ FORMATS = tuple(SHARD_WRITERS)
 
 @dataclass
 class BulkConfig:
-    """Settings of a bulk job (the ``recipes/tokenize.py`` options).
+    """Settings of a bulk job (the ``recipes/tokenize_dataset.py`` options).
 
     Attributes:
         input: what to read.
@@ -257,17 +258,18 @@ def encode_items(tokenizer: AudioTokenizer, items: list[Decoded], n_quantizers: 
     """Codes (uint16 ``[K, F]`` when ``mono``, else ``[C, K, F]``) or a :class:`Failure` per item.
 
     Every channel is coded as a clip of its own (what ``encode(..., mono=False)`` does); clips are
-    sorted by length and grouped under ``batch_seconds`` of padded audio, and each group goes
-    through the tokenizer's exact padded-batch (and chunked) encode. A group that fails is retried
+    grouped by the tokenizer's own batch planner (:func:`audiotok.segments.make_batches` under
+    :meth:`AudioTokenizer.frame_budgets`), so ``encode`` runs each group as the batch it plans,
+    exact padded (and chunked) encoding included. A group is the unit of retry: one that fails is retried
     clip by clip; a clip that still fails makes its item a ``Failure("encode")``. If every clip of
     eight or more fails, the error is systematic (device, model) and is raised instead.
     """
     clips = [(i, c) for i, item in enumerate(items) for c in range(item.audio.shape[0])]
-    lengths = [items[i].audio.shape[-1] for i, _ in clips]
+    frames = [tokenizer.num_frames(items[i].audio.shape[-1]) for i, _ in clips]
     codes: dict[tuple[int, int], np.ndarray] = {}
     errors: dict[int, str] = {}
     first_error: Exception | None = None
-    budget = max(1, int(batch_seconds * tokenizer.sample_rate))
+    max_frames = tokenizer.frame_budgets(chunk_seconds, batch_seconds)[1]
 
     def run(group: list[int]) -> None:
         audio = [items[clips[j][0]].audio[clips[j][1]].numpy() for j in group]
@@ -277,7 +279,8 @@ def encode_items(tokenizer: AudioTokenizer, items: list[Decoded], n_quantizers: 
         for b, j in enumerate(group):
             codes[clips[j]] = out[b, :, : int(enc.lengths[b])].astype(np.uint16)
 
-    for group in fixed_batches(lengths, budget):
+    for batch in make_batches(plan_segments(frames, None, (0, 0)), max_frames):
+        group = [segment.item for segment in batch]
         try:
             run(group)
             continue
@@ -304,41 +307,6 @@ def encode_items(tokenizer: AudioTokenizer, items: list[Decoded], n_quantizers: 
         else:
             results.append(np.stack([codes[(i, c)] for c in range(item.audio.shape[0])]))
     return results
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers
-
-
-@dataclass(frozen=True)
-class _Env:
-    rank: int
-    world_size: int
-    local_rank: int
-
-
-def _env() -> _Env:
-    if dist.is_available() and dist.is_initialized():
-        return _Env(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return _Env(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def _init_process_group(env: _Env) -> bool:
-    """Join the torchrun process group (gloo, only used for barriers and small gathers); the
-    timeout is long because ranks wait at the final barrier for the slowest one."""
-    if env.world_size <= 1 or dist.is_initialized():
-        return False
-    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    return True
-
-
-def _device(spec: str | None, local_rank: int) -> torch.device:
-    if spec is None:
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = resolve_device(spec)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return dev
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,29 +381,29 @@ def tokenize_dataset(config: BulkConfig, tokenizer: AudioTokenizer | None = None
     finished one. Returns a :class:`BulkSummary`.
     """
     t0 = time.perf_counter()
-    env = _env()
-    own_group = _init_process_group(env)
+    env = DistEnv.from_environ()
+    # gloo: only barriers and small gathers; a long timeout, since ranks wait at the final barrier
+    # for the slowest one
+    own_group = init_process_group(env, "gloo", timeout=datetime.timedelta(days=7))
     try:
         return _run(config, tokenizer, env, t0)
     finally:
         if own_group:
-            dist.destroy_process_group()
+            shutdown()
 
 
-def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: _Env, t0: float) -> BulkSummary:
+def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: DistEnv, t0: float) -> BulkSummary:
     if tokenizer is None:
         if config.model is None:
             raise ValueError("no model given")
-        device = _device(config.device, env.local_rank)
+        device = rank_device(config.device, env.local_rank)
         tokenizer = AudioTokenizer.from_pretrained(config.model, device, DTYPES[config.dtype], config.compile)
     if tokenizer.codebook_size > 65536:
         raise ValueError(f"codebook size {tokenizer.codebook_size} does not fit the uint16 code format")
     k = config.n_quantizers or tokenizer.n_codebooks
     if not 1 <= k <= tokenizer.n_codebooks:
         raise ValueError(f"n_quantizers must be in 1..{tokenizer.n_codebooks}, got {k}")
-    default_chunk, default_batch = DEFAULT_SECONDS.get(tokenizer.device.type, DEFAULT_SECONDS["cpu"])
-    chunk_seconds = config.chunk_seconds
-    batch_seconds = config.batch_seconds or max(chunk_seconds or default_chunk, default_batch)
+    chunk_seconds, batch_seconds = tokenizer.resolve_seconds(config.chunk_seconds, config.batch_seconds)
     pool_seconds = config.pool_seconds or max(4 * batch_seconds, 120.0)
 
     source = config.input.build()
@@ -466,15 +434,15 @@ def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: _Env, t0: fl
 
     index = _rank_index(env.rank, env.world_size, num_parts, job, parts)
     _write_if_changed(out / STATE_DIR / f"rank-{env.rank:03d}.json", index)
-    run_stats = [stats]
+    run_stats: list[Any] = [stats]
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         run_stats = [None] * env.world_size
         dist.all_gather_object(run_stats, stats)
     seconds = time.perf_counter() - t0
-    run_records = sum(s["records"] for s in run_stats)
+    run_records = int(sum(s["records"] for s in run_stats))
     run_hours = sum(s["seconds"] for s in run_stats) / 3600
-    run_failures = sum(s["failures"] for s in run_stats)
+    run_failures = int(sum(s["failures"] for s in run_stats))
     if env.rank == 0:
         manifest = build_manifest(out, env.world_size, tokenizer, config.input, k, config.mono)
         manifest["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -490,7 +458,7 @@ def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: _Env, t0: fl
                        dict(reasons.counts))
 
 
-def _encode_parts(config: BulkConfig, tokenizer: AudioTokenizer, source, env: _Env, parts: list[PartProgress],
+def _encode_parts(config: BulkConfig, tokenizer: AudioTokenizer, source, env: DistEnv, parts: list[PartProgress],
                   todo: dict[int, int], workers: int, num_parts: int, k: int, batch_seconds: float,
                   chunk_seconds: float | None, pool_seconds: float, stats: dict[str, Any],
                   reasons: SkipCounter) -> None:
@@ -516,13 +484,14 @@ def _encode_parts(config: BulkConfig, tokenizer: AudioTokenizer, source, env: _E
         by_item = {id(x): r for x, r in zip(decoded, results)}
         hours = 0.0
         for item in sorted(pool, key=lambda x: (x.part, x.position)):
-            result = by_item.get(id(item), item)
+            result = by_item[id(item)] if isinstance(item, Decoded) else item
             writer = writers[item.part]
             if isinstance(result, Failure):
                 writer.add_failure(result)
                 reasons.add(DecodeError(result.key, result.reason, result.detail))
                 stats["failures"] += 1
                 continue
+            assert isinstance(item, Decoded)  # a Failure item is its own result
             meta = {
                 "key": record_key(item.key, item.part, item.position), "source_key": item.key,
                 "num_samples": item.num_samples, "sample_rate": item.sample_rate,
@@ -537,7 +506,8 @@ def _encode_parts(config: BulkConfig, tokenizer: AudioTokenizer, source, env: _E
         pool, pool_samples = [], 0
         ends.clear()
         rate = stats["seconds"] / 3600 / max(time.perf_counter() - started, 1e-9)
-        postfix = f"{rate:.3g} h/s ({rate * 3600:.3g}x real time), {stats['records']} records, {stats['failures']} failed"
+        postfix = (f"{rate:.3g} h/s ({rate * 3600:.3g}x real time), {stats['records']} records, "
+                   f"{stats['failures']} failed")
         if remaining is not None:
             postfix += f", {stats['records'] + stats['failures']}/{remaining} items"
         bar.set_postfix_str(postfix, refresh=False)

@@ -6,11 +6,12 @@ import csv
 import dataclasses
 import glob
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from .dataset import ExcerptDataset, Excerpt, SourceGroup, build_validation_set
+from .dataset import Excerpt, ExcerptDataset, SourceGroup, build_validation_set
 from .sources import AudioFileSource, AudioFolderSource, AudioSource, HFDatasetSource, WebDatasetSource
 
 #: Manifest categories (``make_manifest.py``) -> groups. ``speech8k`` (8 kHz telephone speech,

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .sources import AudioSource, DecodeError, FileClip, Record
-from .transforms import ArrayClip, process_excerpt
+from .sources import AudioSource, DecodeError, Record
+from .transforms import ArrayClip, Clip, process_excerpt
 
 #: Group weights of the DAC paper.
 PAPER_GROUP_WEIGHTS = {"speech": 1 / 2, "music": 1 / 3, "general": 1 / 6}
@@ -69,7 +70,7 @@ def mixture(
         unknown = [src.name for _, src in entries if src.size is None]
         if unknown:
             raise ValueError(f"balance=False weights sources by size, unknown for {unknown}: give them a size")
-        weights = [float(src.size) for _, src in entries]
+        weights = [float(src.size or 0) for _, src in entries]  # every size is known here
     p = np.asarray(weights, dtype=np.float64)
     if p.sum() <= 0:
         raise ValueError("all source weights are zero")
@@ -117,7 +118,7 @@ class ExcerptDataset(IterableDataset):
         self.sample_rate, self.duration = int(sample_rate), float(duration)
         self.num_samples = round(self.duration * self.sample_rate)
         self.seed, self.rank, self.world_size, self.block_size = int(seed), rank, world_size, block_size
-        self.process_kwargs = dict(
+        self.process_kwargs: dict[str, Any] = dict(
             min_loudness=min_loudness, tries=salient_tries, loudness_target=loudness_target, phase_shift=phase_shift
         )
         self.max_draws = max_draws
@@ -271,7 +272,7 @@ def build_validation_set(
     return out
 
 
-def _long_first(clips: Iterator[ArrayClip | FileClip], duration: float, scan: int) -> Iterator[ArrayClip | FileClip]:
+def _long_first(clips: Iterator[Clip], duration: float, scan: int) -> Iterator[Clip]:
     """The clips of at least ``duration`` seconds among the first ``scan``, then the shorter ones
     among them, then the rest in order."""
     short = []
@@ -284,7 +285,7 @@ def _long_first(clips: Iterator[ArrayClip | FileClip], duration: float, scan: in
     yield from clips
 
 
-def _candidate_clips(source: AudioSource, quota: int) -> Iterator[ArrayClip | FileClip]:
+def _candidate_clips(source: AudioSource, quota: int) -> Iterator[Clip]:
     """Streaming: records in order. Random access: indices ``k * n // quota`` (k < quota) first,
     then the others in order."""
     if not source.random_access:

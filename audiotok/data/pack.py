@@ -17,8 +17,8 @@ import io
 import logging
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

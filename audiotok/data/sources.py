@@ -25,19 +25,18 @@ import glob
 import io
 import logging
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..audio import load_audio, to_float_array
+from ..audio import AUDIO_EXTENSIONS, find_files, load_audio, to_float_array
 from .transforms import ArrayClip, Clip
 
 logger = logging.getLogger(__name__)
 
-#: Extensions :class:`AudioFolderSource` lists (all read by libsndfile >= 1.1).
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
 
 
 @dataclass(frozen=True)
@@ -255,19 +254,12 @@ class AudioFileSource(AudioSource):
 
 
 class AudioFolderSource(AudioFileSource):
-    """Every file under ``root`` (recursively) whose extension is in ``extensions``, sorted by path."""
+    """The audio files under ``root`` (:func:`audiotok.audio.find_files`: recursive, sorted,
+    hidden files left out, links followed) whose extension is in ``extensions``."""
 
     def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = AUDIO_EXTENSIONS, name: str | None = None):
         root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: no such folder")
-        exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-        files = sorted(
-            os.path.relpath(os.path.join(d, f), root)
-            for d, _, names in os.walk(root, followlinks=True)
-            for f in names
-            if f.lower().endswith(exts)
-        )
+        files = [str(f.relative_to(root)) for f in find_files(root, extensions)]
         super().__init__(files, root=root, name=name or root.name)
 
 
@@ -454,7 +446,7 @@ class WebDatasetSource(AudioSource):
     def __init__(
         self,
         urls_or_glob: str | Sequence[str],
-        audio_keys: Sequence[str] = ("flac", "wav", "mp3", "ogg", "opus"),
+        audio_keys: Sequence[str] = AUDIO_EXTENSIONS,
         size: int | None = None,
         name: str | None = None,
     ):

@@ -24,9 +24,11 @@ ABSOLUTE_GATE = -70.0
 class Clip(Protocol):
     """Audio that can be read by frame range without decoding all of it.
 
-    ``read(start, frames)`` returns float32 ``[C, frames]`` (fewer frames past the end).
+    ``read(start, frames)`` returns float32 ``[C, frames]`` (fewer frames past the end); ``key``
+    names the clip in messages.
     """
 
+    key: str
     sample_rate: int
     num_frames: int
 

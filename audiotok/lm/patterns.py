@@ -8,7 +8,7 @@ exactly for every pattern.
 from __future__ import annotations
 
 import enum
-from typing import TypeVar
+from typing import TypeVar, overload
 
 import numpy as np
 import torch
@@ -34,6 +34,10 @@ class CodebookPattern(str, enum.Enum):
     PARALLEL = "parallel"
 
 
+@overload
+def as_int64(x: torch.Tensor, ndim: int, name: str) -> torch.Tensor: ...
+@overload
+def as_int64(x: ArrayLike, ndim: int, name: str) -> np.ndarray: ...
 def as_int64(x: ArrayLike | torch.Tensor, ndim: int, name: str) -> np.ndarray | torch.Tensor:
     """``x`` as an int64 array (a tensor stays a tensor on its device) with ``ndim`` dimensions."""
     if isinstance(x, torch.Tensor):
@@ -54,6 +58,12 @@ def _full(like: Array, shape: tuple[int, int], value: int) -> Array:
     if isinstance(like, torch.Tensor):
         return torch.full(shape, value, dtype=torch.long, device=like.device)
     return np.full(shape, value, dtype=np.int64)
+
+
+def _contiguous(x: Array) -> Array:
+    if isinstance(x, torch.Tensor):
+        return x.contiguous()
+    return np.ascontiguousarray(x)
 
 
 def apply_pattern(codes: Array, pattern: CodebookPattern | str, pad_value: int = DELAY_PAD) -> Array:
@@ -103,8 +113,7 @@ def invert_pattern(seq: Array, pattern: CodebookPattern | str, n_codebooks: int,
         seq = as_int64(seq, 1, "seq")
         if seq.shape[0] % n_codebooks:
             raise ValueError(f"flattened length {seq.shape[0]} is not a multiple of n_codebooks={n_codebooks}")
-        frames = seq.reshape(-1, n_codebooks).T
-        return frames.contiguous() if isinstance(frames, torch.Tensor) else np.ascontiguousarray(frames)
+        return _contiguous(seq.reshape(-1, n_codebooks).T)
     seq = as_int64(seq, 2, "seq")
     if seq.shape[0] != n_codebooks:
         raise ValueError(f"{pattern.value} sequence has {seq.shape[0]} rows, expected n_codebooks={n_codebooks}")

@@ -1,18 +1,17 @@
-"""Training components: the Improved RVQGAN discriminator and the training losses and metrics."""
+"""Training components: the Improved RVQGAN discriminator and the training losses (the spectral
+ones, shared with evaluation, live in :mod:`audiotok.distances` and are re-exported here)."""
 
-from .discriminator import BANDS, MPD, MRD, MSD, Discriminator, FeatureMaps, SincResample, preprocess
-from .losses import (
+from ..distances import (
     MelSpectrogram,
     MelSpectrogramLoss,
     MultiScaleSTFTLoss,
     Spectrogram,
-    discriminator_loss,
-    feature_matching_loss,
-    generator_adversarial_loss,
     si_sdr,
     slaney_mel_filters,
     spectral_distance,
 )
+from .discriminator import BANDS, MPD, MRD, MSD, Discriminator, FeatureMaps, SincResample, preprocess
+from .losses import discriminator_loss, feature_matching_loss, generator_adversarial_loss
 
 __all__ = [
     "BANDS",

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,14 +21,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights
+from ..distances import MelSpectrogramLoss, MultiScaleSTFTLoss, si_sdr
+from ..distributed import DistEnv, barrier, init_process_group, rank_device, shutdown
 from ..hub import resolve
 from ..layers import use_fused_snake
 from ..metrics import codebook_utilization
 from ..model import DAC
 from .config import TrainConfig
-from .distributed import Dist, barrier, init_distributed, shutdown
-from .losses import (MelSpectrogramLoss, MultiScaleSTFTLoss, discriminator_loss, feature_matching_loss,
-                     generator_adversarial_loss, si_sdr)
+from .discriminator import Discriminator
+from .losses import discriminator_loss, feature_matching_loss, generator_adversarial_loss
 from .state import load_train_state, save_run_checkpoint
 
 if TYPE_CHECKING:
@@ -41,17 +43,29 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
 
 
+@dataclass
+class _GAN:
+    """The discriminator side of training (none when the GAN is off): the discriminator, the module
+    that runs it (DDP-wrapped under torchrun), its optimizer and schedule."""
+
+    discriminator: Discriminator
+    run: torch.nn.Module
+    opt: torch.optim.AdamW
+    sched: torch.optim.lr_scheduler.ExponentialLR
+
+
 class Logger:
     """JSONL always; TensorBoard when installed. Rank 0 only."""
 
     def __init__(self, folder: Path):
         self.jsonl = open(folder / "metrics.jsonl", "a")
+        self.tb: Any = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(folder / "tensorboard"))
         except ImportError:
-            self.tb = None
+            pass
 
     def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
         self.jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
@@ -124,7 +138,11 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
     """
     from ..data import DataConfig
 
-    env, dev = init_distributed(device)
+    env = DistEnv.from_environ()
+    dev = rank_device(device, env.local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    init_process_group(env, "nccl" if dev.type == "cuda" else "gloo")
     save_path = Path(save_path)
     loop, weights = config.train, config.loss
     end = min(loop.num_iters, max_steps or loop.num_iters)
@@ -140,13 +158,15 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
     for part in loop.freeze:
         getattr(generator, part).requires_grad_(False)
     trainable = [p for p in generator.parameters() if p.requires_grad]
-    opt_g = torch.optim.AdamW(trainable, lr=config.optim.lr, betas=tuple(config.optim.betas))
+    b1, b2 = config.optim.betas
+    opt_g = torch.optim.AdamW(trainable, lr=config.optim.lr, betas=(b1, b2))
     sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, config.optim.gamma)
-    discriminator = opt_d = sched_d = None  # no GAN (mel + VQ losses only): no discriminator at all
+    gan = None  # no GAN (mel + VQ losses only): no discriminator at all
     if weights.gan:
         discriminator = config.discriminator.build(config.model.sample_rate).to(dev)
-        opt_d = torch.optim.AdamW(discriminator.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas))
-        sched_d = torch.optim.lr_scheduler.ExponentialLR(opt_d, config.optim.gamma)
+        opt_d = torch.optim.AdamW(discriminator.parameters(), lr=config.optim.lr, betas=(b1, b2))
+        gan = _GAN(discriminator, DDP(discriminator) if env.enabled else discriminator, opt_d,
+                   torch.optim.lr_scheduler.ExponentialLR(opt_d, config.optim.gamma))
     data_config = DataConfig.from_dict({**config.data, "sample_rate": config.model.sample_rate})
     dataset = data_config.train_dataset(env.rank, env.world_size, block_size=batch_per_rank)
     step, best = 0, math.inf
@@ -155,16 +175,15 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
         generator.load_state_dict(state["generator"])
         opt_g.load_state_dict(state["opt_g"])
         sched_g.load_state_dict(state["sched_g"])
-        if discriminator is not None and "discriminator" in state:
-            discriminator.load_state_dict(state["discriminator"])
-            opt_d.load_state_dict(state["opt_d"])
-            sched_d.load_state_dict(state["sched_d"])
-        elif discriminator is not None:  # a GAN stage continuing a run trained without one
+        if gan is not None and "discriminator" in state:
+            gan.discriminator.load_state_dict(state["discriminator"])
+            gan.opt.load_state_dict(state["opt_d"])
+            gan.sched.load_state_dict(state["sched_d"])
+        elif gan is not None:  # a GAN stage continuing a run trained without one
             log.info("the run has no discriminator yet: it starts fresh at step %d", state["step"])
         dataset.load_state_dict(state["data"])
         step, best = state["step"], state["best"]
     gen = DDP(generator) if env.enabled else generator
-    disc = DDP(discriminator) if env.enabled and discriminator is not None else discriminator
 
     mel_loss = MelSpectrogramLoss(config.model.sample_rate, weights.mel_window_lengths, weights.mel_n_mels,
                                   clamp_eps=weights.mel_clamp_eps, pow=weights.mel_pow,
@@ -174,7 +193,8 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
                         persistent_workers=loop.num_workers > 0)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=loop.bf16)
 
-    logger = val_set = None
+    logger: Logger | None = None
+    val_set = None
     if env.is_main:
         save_path.mkdir(parents=True, exist_ok=True)
         (save_path / "config.yml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -183,20 +203,20 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
             val_set = data_config.validation_set()
         log.info("%s at step %d of %d; generator %.2fM, discriminator %.2fM parameters; %d rank(s) x batch %d",
                  "resuming" if resume else "starting", step, end, sum(p.numel() for p in generator.parameters()) / 1e6,
-                 sum(p.numel() for p in discriminator.parameters()) / 1e6 if discriminator else 0.0,
+                 sum(p.numel() for p in gan.discriminator.parameters()) / 1e6 if gan else 0.0,
                  env.world_size, batch_per_rank)
 
     def checkpoint(folder: str) -> None:
         state = {"generator": generator.state_dict(), "opt_g": opt_g.state_dict(), "sched_g": sched_g.state_dict(),
                  "data": dataset.state_dict(consumed=step * batch_per_rank), "step": step, "best": best,
                  "config": config.to_dict()}
-        if discriminator is not None:
-            state.update(discriminator=discriminator.state_dict(), opt_d=opt_d.state_dict(),
-                         sched_d=sched_d.state_dict())
+        if gan is not None:
+            state.update(discriminator=gan.discriminator.state_dict(), opt_d=gan.opt.state_dict(),
+                         sched_d=gan.sched.state_dict())
         save_run_checkpoint(save_path / folder, Checkpoint(config.model, generator.state_dict(), save_path.name), state)
 
     # -- the loop -------------------------------------------------------------------------------
-    progress = None
+    progress: Any = None
     if env.is_main:
         from tqdm import tqdm
 
@@ -212,14 +232,15 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
             y, q = gen(x)
 
         out: dict[str, torch.Tensor] = {}
-        if weights.gan:  # discriminator step on the detached reconstruction
+        if gan is not None:  # discriminator step on the detached reconstruction
             with autocast:
-                out["disc"] = discriminator_loss(*discriminate(disc, y.detach(), x))
-            opt_d.zero_grad(set_to_none=True)
+                out["disc"] = discriminator_loss(*discriminate(gan.run, y.detach(), x))
+            gan.opt.zero_grad(set_to_none=True)
             out["disc"].backward()
-            out["grad_norm_d"] = torch.nn.utils.clip_grad_norm_(discriminator.parameters(), config.optim.clip_discriminator)
-            opt_d.step()
-            sched_d.step()
+            clip = config.optim.clip_discriminator
+            out["grad_norm_d"] = torch.nn.utils.clip_grad_norm_(gan.discriminator.parameters(), clip)
+            gan.opt.step()
+            gan.sched.step()
 
         with autocast:  # generator step
             out["mel"] = mel_loss(y, x)
@@ -227,10 +248,10 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
             out["waveform"] = torch.nn.functional.l1_loss(y.float(), x.float())
             out["commitment"] = q.commitment_loss
             out["codebook"] = q.codebook_loss
-            if weights.gan:  # gradients for y only: the unwrapped discriminator, its weights held fixed
-                discriminator.requires_grad_(False)
-                d_fake, d_real = discriminate(discriminator, y, x)
-                discriminator.requires_grad_(True)
+            if gan is not None:  # gradients for y only: the unwrapped discriminator, its weights held fixed
+                gan.discriminator.requires_grad_(False)
+                d_fake, d_real = discriminate(gan.discriminator, y, x)
+                gan.discriminator.requires_grad_(True)
                 out["adversarial"] = generator_adversarial_loss(d_fake)
                 out["feature"] = feature_matching_loss(d_fake, d_real)
             out["loss"] = sum(getattr(weights, k) * out[k] for k in
@@ -242,11 +263,11 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
         sched_g.step()
         step += 1
 
-        if env.is_main:
+        if logger is not None:  # rank 0
             progress.update(1)
             if step % loop.log_every == 0 or step == end:
                 metrics = {k: float(v.detach()) for k, v in out.items()}
-                metrics["lr"] = sched_g.get_last_lr()[0]
+                metrics["lr"] = float(sched_g.get_last_lr()[0])
                 metrics["steps_per_s"] = (step - first_step) / max(time.perf_counter() - started, 1e-9)
                 logger.write(step, "train", metrics)
                 progress.set_postfix(mel=f"{metrics['mel']:.3f}", loss=f"{metrics['loss']:.2f}")
@@ -263,7 +284,7 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
         if step % loop.save_every == 0 or step == end:
             barrier(env)
 
-    if env.is_main:
+    if logger is not None:
         progress.close()
         logger.close()
     shutdown()

@@ -2,44 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CONFIG_FILE, FORMAT_NAME
-from .codefile import CodeFile
-from .hub import resolve
-from .tokenizer import AudioTokenizer
+from ..checkpoint import detect_format
+from ..codefile import CodeFile
+from ..hub import resolve
+from ..tokenizer import AudioTokenizer
 
 #: Checkpoint formats :func:`convert_model` writes.
 CONVERT_FORMATS = ("audiotok", "transformers", "original")
-
-
-def detect_format(path: str | os.PathLike) -> str:
-    """The checkpoint format of a local path: ``"audiotok"``, ``"transformers"`` or ``"original"``.
-
-    Raises ``ValueError`` for anything else (``FileNotFoundError`` if missing).
-    """
-    path = Path(path)
-    if path.is_file() and path.suffix in (".pth", ".pt"):
-        return "original"
-    if path.is_file() and path.name in (CONFIG_FILE, "model.safetensors"):
-        path = path.parent
-    if path.is_dir():
-        config = path / CONFIG_FILE
-        try:
-            data = json.loads(config.read_text())
-        except (OSError, ValueError):
-            data = None
-        if isinstance(data, dict) and data.get("format") == FORMAT_NAME:
-            return "audiotok"
-        if isinstance(data, dict) and data.get("model_type") == "dac":
-            return "transformers"
-        raise ValueError(f"{path}: not an audiotok or transformers DAC model folder (no usable {CONFIG_FILE})")
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    raise ValueError(f"{path}: not a model checkpoint (expected a model folder or an original DAC .pth file)")
 
 
 def model_info(source: str | os.PathLike | None, device: str | None = None) -> dict[str, Any]:

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
-from .audio import AUDIO_WRITE_FORMATS, load_audio, save_audio
-from .codefile import SUFFIX, CodeFile, CodeHeader, read_header
-from .tokenizer import AudioTokenizer
+from ..audio import AUDIO_EXTENSIONS, AUDIO_WRITE_FORMATS, find_files, load_audio, save_audio
+from ..codefile import SUFFIX, CodeFile, CodeHeader, read_header
+from ..tokenizer import AudioTokenizer
 
 logger = logging.getLogger("audiotok")
 
-#: Extensions (lower case, without dot) that folder encoding picks up by default.
-DEFAULT_EXTENSIONS = ("wav", "flac", "ogg", "oga", "opus", "mp3", "aif", "aiff")
 
 
 @dataclass
@@ -44,45 +42,15 @@ class BatchReport:
 # Helpers
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """A ``torch.device`` for a user string; ``ValueError`` for unknown or unavailable devices."""
-    try:
-        dev = torch.device(device or "cpu")
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"invalid device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError(f"device {device!r} requested but MPS is not available")
-    return dev
-
-
 def parse_extensions(spec: str | Iterable[str] | None) -> tuple[str, ...]:
     """``"wav,flac"`` or ``["wav", ".FLAC"]`` -> ``(".wav", ".flac")``."""
     if spec is None:
-        spec = DEFAULT_EXTENSIONS
+        spec = AUDIO_EXTENSIONS
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     exts = tuple(sorted({"." + e.strip().lower().lstrip(".") for e in items if e.strip().strip(".")}))
     if not exts:
         raise ValueError(f"no file extensions given in {spec!r}")
     return exts
-
-
-def find_files(root: str | os.PathLike, extensions: Iterable[str]) -> list[Path]:
-    """Files under ``root`` (recursively, sorted) whose extension is in ``extensions`` (case-insensitive).
-
-    Hidden files and folders (names starting with ``.``, such as macOS ``._x.wav`` resource forks)
-    are left out.
-    """
-    root = Path(root)
-    exts = {e.lower() for e in extensions}
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in exts:
-                found.append(Path(dirpath) / name)
-    return found
 
 
 def mirror_paths(inputs: list[Path], in_root: Path, out_root: Path, suffix: str) -> list[tuple[Path, Path]]:

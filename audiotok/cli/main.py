@@ -11,10 +11,10 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from . import __version__
+from .. import __version__
 
 _EPILOG = ("exit status: 0 success, 1 some files in a folder were skipped (see the summary), "
            "2 usage or input error")
@@ -40,7 +40,7 @@ def _setup_logging(verbose: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .files import DEFAULT_EXTENSIONS
+    from ..audio import AUDIO_EXTENSIONS
     from .modelinfo import CONVERT_FORMATS
 
     parser = argparse.ArgumentParser(
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bit-pack the codes, 10 bits each (codebook_size <= 1024)")
     p.add_argument("--per-channel", action="store_true",
                    help="code each channel separately instead of averaging them to mono")
-    p.add_argument("--extensions", default=",".join(DEFAULT_EXTENSIONS), metavar="LIST",
+    p.add_argument("--extensions", default=",".join(e.lstrip(".") for e in AUDIO_EXTENSIONS), metavar="LIST",
                    help="comma-separated audio extensions to pick up in folders (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_encode)
@@ -110,8 +110,8 @@ def _positive_int(text: str) -> int:
 
 
 def _load_model(source: str | None, device: str):
-    from .files import resolve_device
-    from .tokenizer import AudioTokenizer
+    from ..distributed import resolve_device
+    from ..tokenizer import AudioTokenizer
 
     return AudioTokenizer.from_pretrained(source, device=resolve_device(device))
 
@@ -137,7 +137,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
-    from .files import decode_path, resolve_device
+    from ..distributed import resolve_device
+    from .files import decode_path
 
     tokenizer = None if args.model is None else _load_model(args.model, args.device)
     report = decode_path(args.input, args.output, tokenizer, format=args.format,
@@ -146,7 +147,7 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .codefile import SUFFIX
+    from ..codefile import SUFFIX
     from .modelinfo import code_file_info, model_info
 
     path = Path(args.source).expanduser()

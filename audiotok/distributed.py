@@ -1,0 +1,91 @@
+"""Where a process runs: its torchrun rank, the process group, and its device.
+
+Training (:mod:`audiotok.train`) and bulk tokenization (:mod:`audiotok.bulk`) both start here, so
+they read the same environment and pick devices by the same rule (:func:`rank_device`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a torchrun job (``world_size = 1`` without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_environ(cls) -> DistEnv:
+        """The joined process group's rank and size if there is one, else torchrun's ``RANK``,
+        ``WORLD_SIZE`` and ``LOCAL_RANK`` variables (defaults 0, 1, 0)."""
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), local_rank)
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local_rank)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A ``torch.device`` for a user string (``None``: CPU); ``ValueError`` for unknown or unavailable devices."""
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} requested but MPS is not available")
+    return dev
+
+
+def rank_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
+    """The device of the process with ``local_rank`` on its machine.
+
+    ``None`` means CUDA when available, else CPU. A CUDA device without an index becomes
+    ``cuda:(local_rank % device_count)`` (one GPU per local rank, shared round-robin when there are
+    more ranks than GPUs); an explicit index is kept.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return dev
+
+
+def init_process_group(env: DistEnv, backend: str, timeout: datetime.timedelta | None = None) -> bool:
+    """Join the torchrun process group when there are several ranks and none is joined yet.
+
+    Returns whether this call joined it (the caller then ends it with :func:`shutdown`).
+    """
+    if not env.enabled or dist.is_initialized():
+        return False
+    dist.init_process_group(backend, timeout=timeout)
+    return True
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank (nothing to wait for with one rank)."""
+    if env.enabled:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group, if one is joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
