@@ -76,6 +76,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .codes import PACKED_10BIT_CODEBOOK_SIZE, check_10bit, check_uint16, is_integer_dtype
 from .io import atomic_write
 
 if TYPE_CHECKING:
@@ -99,8 +100,9 @@ REQUIRED_METADATA = ("format", "format_version", *_STR_FIELDS, *_INT_FIELDS, "sh
 def pack_codes_10bit(codes: np.ndarray | torch.Tensor) -> np.ndarray:
     """Integer codes in ``[0, 1024)`` (any shape, read in C order) -> ``uint8`` bytes, 4 codes in 5 bytes."""
     flat = np.asarray(codes).reshape(-1).astype(np.int64)
-    if flat.size and (flat.min() < 0 or flat.max() >= 1024):
-        raise ValueError(f"10-bit packing needs codes in [0, 1024), found range [{flat.min()}, {flat.max()}]")
+    if flat.size and (flat.min() < 0 or flat.max() >= PACKED_10BIT_CODEBOOK_SIZE):
+        raise ValueError(f"10-bit packing needs codes in [0, {PACKED_10BIT_CODEBOOK_SIZE}), "
+                         f"found range [{flat.min()}, {flat.max()}]")
     padded = np.zeros(-(-flat.size // 4) * 4, dtype=np.uint64)
     padded[: flat.size] = flat
     groups = padded.reshape(-1, 4)
@@ -271,7 +273,7 @@ class CodeFile(_CodeInfo):
         codes = self.codes
         if isinstance(codes, np.ndarray):
             codes = torch.from_numpy(codes)
-        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        if not isinstance(codes, torch.Tensor) or not is_integer_dtype(codes.dtype):
             raise ValueError("CodeFile.codes must be an integer tensor [C, K, F]")
         if codes.ndim != 3 or 0 in codes.shape:
             raise ValueError(f"CodeFile.codes must be a non-empty [C, K, F] tensor, got shape {tuple(codes.shape)}")
@@ -279,8 +281,7 @@ class CodeFile(_CodeInfo):
         lo, hi = int(self.codes.min()), int(self.codes.max())
         if lo < 0 or hi >= self.codebook_size:
             raise ValueError(f"code values must be in [0, {self.codebook_size}), found range [{lo}, {hi}]")
-        if self.codebook_size > 65536:
-            raise ValueError(f"codebook_size {self.codebook_size} does not fit the uint16 code storage")
+        check_uint16(self.codebook_size)
         if self.packing not in PACKINGS:
             raise ValueError(f"packing must be one of {PACKINGS}, got {self.packing!r}")
         # Checks the remaining fields exactly as a reader would.
@@ -353,8 +354,7 @@ class CodeFile(_CodeInfo):
         from safetensors.numpy import save
 
         if pack_10bit:
-            if self.codebook_size > 1024:
-                raise ValueError(f"10-bit packing needs codebook_size <= 1024, this file has {self.codebook_size}")
+            check_10bit(self.codebook_size)
             tensors = {"codes_packed": pack_codes_10bit(self.codes.numpy())}
         else:
             tensors = {"codes": self.codes.numpy().astype(np.uint16)}
@@ -398,8 +398,10 @@ class CodeFile(_CodeInfo):
                 raise ValueError(f"{where}: codes have shape {tuple(data.shape)} but the metadata says {header.shape}")
             codes = data.astype(np.int64)
         else:
-            if header.codebook_size > 1024:
-                raise ValueError(f"{where}: 10-bit packing with codebook_size {header.codebook_size} > 1024")
+            try:
+                check_10bit(header.codebook_size)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
             try:
                 codes = unpack_codes_10bit(data, math.prod(header.shape)).reshape(header.shape)
             except ValueError as e:

@@ -6,8 +6,18 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
+    """``ValueError`` naming the keys of ``data`` that are not fields of the dataclass ``cls``: the
+    unknown-key check of every ``from_dict``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(names)}")
 
 
 @dataclass
@@ -94,10 +104,7 @@ class DACConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DACConfig:
         """Build a config from a dict; unknown keys raise ``ValueError``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown DACConfig fields: {unknown}")
+        check_keys(cls, data, "DACConfig")
         return cls(**data)
 
     def architecture_hash(self) -> str:

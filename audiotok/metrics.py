@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .audio import AudioLike, downmix, resample, to_float_array
+from .codes import is_integer_dtype
 
 if TYPE_CHECKING:
     from torch import nn
@@ -94,7 +95,7 @@ def codebook_utilization(
 
 def _as_int_array(codes: torch.Tensor | np.ndarray) -> np.ndarray:
     array = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
-    if not np.issubdtype(array.dtype, np.integer):
+    if not is_integer_dtype(array.dtype):
         raise ValueError(f"codes must be integers, got dtype {array.dtype}")
     return array.astype(np.int64, copy=False)
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .codes import check_n_quantizers
 from .layers import wn_conv1d
 
 
@@ -88,11 +89,7 @@ class ResidualVectorQuantize(nn.Module):
         )
 
     def _check_depth(self, n_quantizers: int | None) -> int:
-        if n_quantizers is None:
-            return self.n_codebooks
-        if not 1 <= int(n_quantizers) <= self.n_codebooks:
-            raise ValueError(f"n_quantizers must be in 1..{self.n_codebooks}, got {n_quantizers}")
-        return int(n_quantizers)
+        return check_n_quantizers(n_quantizers, self.n_codebooks)
 
     def forward(self, x: torch.Tensor, n_quantizers: int | None = None) -> QuantizerOutput:
         """x ``[B, D, F]`` -> :class:`QuantizerOutput`."""

@@ -12,6 +12,7 @@ import torch
 
 from . import audio as audio_utils
 from .checkpoint import Checkpoint, build_model, load_checkpoint, save_folder, save_original, save_transformers
+from .codes import check_n_quantizers, is_integer_dtype
 from .config import DACConfig
 from .hub import names_bundled_model, resolve
 from .layers import use_fused_snake
@@ -227,13 +228,12 @@ class AudioTokenizer:
         Returns:
             :class:`EncodedAudio` with ``codes`` ``[B, K, F]`` (``[B, C, K, F]`` with ``mono=False``).
         """
-        if n_quantizers is not None and not 1 <= n_quantizers <= self.n_codebooks:
-            raise ValueError(f"n_quantizers must be in 1..{self.n_codebooks}, got {n_quantizers}")
+        n_quantizers = check_n_quantizers(n_quantizers, self.n_codebooks)
         items, num_samples, channels = self._prepare(audio, sample_rate, mono)
         chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
         hop = self.hop_length
         frames = [self.num_frames(len(x)) for x in items]
-        codes = torch.zeros(len(items), n_quantizers or self.n_codebooks, max(frames), dtype=torch.long)
+        codes = torch.zeros(len(items), n_quantizers, max(frames), dtype=torch.long)
         segments = plan_segments(frames, chunk, context_frames(self.config)["encoder"])
         for batch in make_batches(segments, max_frames):
             lengths = [min(len(items[s.item]), s.stop * hop) - s.start * hop for s in batch]
@@ -254,7 +254,7 @@ class AudioTokenizer:
             codes = torch.from_numpy(codes)
         if not isinstance(codes, torch.Tensor):
             raise TypeError(f"decode takes EncodedAudio or a code tensor, got {type(codes).__name__}")
-        if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.is_complex():
+        if not is_integer_dtype(codes.dtype):
             raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
         if codes.ndim == 2:
             codes = codes[None]

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ..codedataset import MANIFEST_NAME, SHARD_WRITERS, ShardWriter, manifest_header, record_key
+from ..codes import check_n_quantizers, check_uint16
 from ..data.sources import DecodeError, SkipCounter, WebDatasetSource
 from ..distributed import DistEnv, init_process_group, rank_device, shutdown
 from ..io import read_json, write_json_atomic
@@ -398,11 +399,8 @@ def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: DistEnv, t0:
             raise ValueError("no model given")
         device = rank_device(config.device, env.local_rank)
         tokenizer = AudioTokenizer.from_pretrained(config.model, device, DTYPES[config.dtype], config.compile)
-    if tokenizer.codebook_size > 65536:
-        raise ValueError(f"codebook size {tokenizer.codebook_size} does not fit the uint16 code format")
-    k = config.n_quantizers or tokenizer.n_codebooks
-    if not 1 <= k <= tokenizer.n_codebooks:
-        raise ValueError(f"n_quantizers must be in 1..{tokenizer.n_codebooks}, got {k}")
+    check_uint16(tokenizer.codebook_size)
+    k = check_n_quantizers(config.n_quantizers, tokenizer.n_codebooks)
     chunk_seconds, batch_seconds = tokenizer.resolve_seconds(config.chunk_seconds, config.batch_seconds)
     pool_seconds = config.pool_seconds or max(4 * batch_seconds, 120.0)
 

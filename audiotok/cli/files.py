@@ -13,6 +13,7 @@ import torch
 
 from ..audio import AUDIO_EXTENSIONS, AUDIO_WRITE_FORMATS, find_files, load_audio, save_audio
 from ..codefile import SUFFIX, CodeFile, CodeHeader, read_header
+from ..codes import check_10bit, check_n_quantizers
 from ..tokenizer import AudioTokenizer
 
 logger = logging.getLogger("audiotok")
@@ -114,10 +115,9 @@ def encode_file(tokenizer: AudioTokenizer, path: str | os.PathLike, n_quantizers
 
 
 def _check_encode_args(tokenizer: AudioTokenizer, n_quantizers: int | None, pack_10bit: bool) -> None:
-    if n_quantizers is not None and not 1 <= n_quantizers <= tokenizer.n_codebooks:
-        raise ValueError(f"n_quantizers must be in 1..{tokenizer.n_codebooks} for this model, got {n_quantizers}")
-    if pack_10bit and tokenizer.codebook_size > 1024:
-        raise ValueError(f"10-bit packing needs codebook_size <= 1024; this model has {tokenizer.codebook_size}")
+    check_n_quantizers(n_quantizers, tokenizer.n_codebooks)
+    if pack_10bit:
+        check_10bit(tokenizer.codebook_size)
 
 
 def encode_path(tokenizer: AudioTokenizer, input: str | os.PathLike, output: str | os.PathLike,

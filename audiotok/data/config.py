@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import check_keys
 from .dataset import Excerpt, ExcerptDataset, SourceGroup, build_validation_set
 from .sources import AudioFileSource, AudioFolderSource, AudioSource, HFDatasetSource, WebDatasetSource
 
@@ -146,9 +147,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown data config keys {sorted(unknown)}")
+        check_keys(cls, d, "data config")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
+from ..codes import is_integer_dtype
+
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
 DELAY_PAD = -1
@@ -41,12 +43,12 @@ def as_int64(x: ArrayLike, ndim: int, name: str) -> np.ndarray: ...
 def as_int64(x: ArrayLike | torch.Tensor, ndim: int, name: str) -> np.ndarray | torch.Tensor:
     """``x`` as an int64 array (a tensor stays a tensor on its device) with ``ndim`` dimensions."""
     if isinstance(x, torch.Tensor):
-        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        if not is_integer_dtype(x.dtype):
             raise TypeError(f"{name} must hold integers, got {x.dtype}")
         x = x.long()
     else:
         x = np.asarray(x)
-        if x.dtype.kind not in "iu" and not (x.size == 0 and x.dtype.kind == "f"):
+        if not is_integer_dtype(x.dtype) and not (x.size == 0 and x.dtype.kind == "f"):
             raise TypeError(f"{name} must hold integers, got {x.dtype}")
         x = x.astype(np.int64, copy=False)
     if x.ndim != ndim:

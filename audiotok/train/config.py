@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ..config import DACConfig
+from ..config import DACConfig, check_keys
 from .discriminator import MPD_CHANNELS, MRD_CHANNELS, Discriminator
 
 
@@ -40,10 +40,7 @@ def _typed(value: Any, kind: Any, where: str) -> Any:
 
 
 def _strict(cls, data: dict[str, Any], where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(names)}")
+    check_keys(cls, data, where)
     hints = typing.get_type_hints(cls)
     return cls(**{k: _typed(v, hints[k], f"{where}.{k}") for k, v in data.items()})
 

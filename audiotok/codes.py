@@ -1,0 +1,45 @@
+"""Checks on code indices, shared by the quantizer, the tokenizer, the code formats and the CLI.
+
+Each rule has one implementation here; the callers word their own messages around it only where
+their exception type says more (``TypeError`` in :mod:`audiotok.lm`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+#: Codebook sizes the stored formats can hold: uint16 codes (``.atok`` files, code datasets) and
+#: 10-bit packed codes (``.atok`` with ``--pack-10bit``).
+UINT16_CODEBOOK_SIZE = 1 << 16
+PACKED_10BIT_CODEBOOK_SIZE = 1 << 10
+
+
+def check_n_quantizers(n_quantizers: int | None, n_codebooks: int) -> int:
+    """The number of codebooks to code with: ``n_codebooks`` for ``None``; ``ValueError`` unless
+    ``1 <= n_quantizers <= n_codebooks``."""
+    if n_quantizers is None:
+        return n_codebooks
+    if not 1 <= int(n_quantizers) <= n_codebooks:
+        raise ValueError(f"n_quantizers must be in 1..{n_codebooks}, got {n_quantizers}")
+    return int(n_quantizers)
+
+
+def check_uint16(codebook_size: int) -> None:
+    """``ValueError`` unless codes of a ``codebook_size`` codebook fit uint16 storage."""
+    if codebook_size > UINT16_CODEBOOK_SIZE:
+        raise ValueError(f"codebook_size {codebook_size} does not fit the uint16 code storage "
+                         f"(at most {UINT16_CODEBOOK_SIZE})")
+
+
+def check_10bit(codebook_size: int) -> None:
+    """``ValueError`` unless codes of a ``codebook_size`` codebook can be packed in 10 bits."""
+    if codebook_size > PACKED_10BIT_CODEBOOK_SIZE:
+        raise ValueError(f"10-bit packing needs codebook_size <= {PACKED_10BIT_CODEBOOK_SIZE}, got {codebook_size}")
+
+
+def is_integer_dtype(dtype: torch.dtype | np.dtype) -> bool:
+    """Whether a torch or numpy dtype holds integers (``bool`` does not count)."""
+    if isinstance(dtype, torch.dtype):
+        return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+    return np.dtype(dtype).kind in "iu"
