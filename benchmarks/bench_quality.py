@@ -24,9 +24,9 @@ makes ViSQOL about 7x faster); without them those columns are left out.
     python benchmarks/bench_quality.py --model descript/dac_44khz --opus      # no Opus rows
 
 Metrics are taken at each codec's own sample rate against the input normalized at that rate (Opus:
-the first model's rate). Prints one markdown table per category (rows: codec and bitrate), then the paper's DAC and EnCodec rows for
-reference (their own 44.1 kHz test set: not comparable one to one), and writes all values,
-per-file ones included, to --out (JSON).
+the first model's rate). Prints one markdown table per category (rows: codec and bitrate), then the
+paper's DAC and EnCodec rows for reference (their own 44.1 kHz test set: not comparable one to
+one), and writes all values, per-file ones included, to --out (JSON).
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ import sys
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -95,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "folder, .pth, hub id; 'default' is the bundled model)")
     p.add_argument("--opus", type=float, nargs="*", default=[6.0, 8.0, 12.0],
                    help="libopus bitrates in kbps, decoded at the first model's rate (none: no Opus rows)")
-    p.add_argument("--data", default="data/real-audio", help="folder with manifest.csv (fetch_real_audio.sh + make_manifest.py)")
+    p.add_argument("--data", default="data/real-audio", help="folder with the real-audio set's manifest.csv")
     p.add_argument("--split", default="eval", help="manifest split (speech8k files are read from SPLIT + '8k')")
     p.add_argument("--categories", nargs="+", default=["speech", "music", "general"], choices=CATEGORIES)
     p.add_argument("--codebooks", type=int, nargs="+",
@@ -502,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {name} left out: {why}", file=sys.stderr)
     payload: dict[str, Any] = {
         "models": model_info,
-        "opus": {"kbps": args.opus, "sample_rate": codecs[0].sample_rate, "versions": opus_versions()} if args.opus else None,
+        "opus": ({"kbps": args.opus, "sample_rate": codecs[0].sample_rate, "versions": opus_versions()}
+                 if args.opus else None),
         "settings": dict(vars(args)),
         "metrics_left_out": missing,
         "visqol_speech_mapper": metrics.visqol_speech_mapper() if "visqol" in available else None,
@@ -527,12 +529,14 @@ def main(argv: list[str] | None = None) -> int:
     if all_files is not None:
         payload["all"] = all_files
         names = [n for n in COLUMNS if n in all_files["rows"][0]]
-        reports.append("\n".join([table(f"all ({' + '.join(all_files['categories'])}): {all_files['files']} files, "
-                                        f"{all_files['seconds']:.1f} s (pooled over files)", all_files["rows"], names), ""]
+        title = (f"all ({' + '.join(all_files['categories'])}): {all_files['files']} files, "
+                 f"{all_files['seconds']:.1f} s (pooled over files)")
+        reports.append("\n".join([table(title, all_files["rows"], names), ""]
                                  + utilization_lines(all_files["codebook_utilization"], per_codebook=False)))
     payload["runtime_s"] = time.perf_counter() - started
     write_json(args.out, payload)
-    print(f"\n## Quality on {args.data} split {args.split}, excerpts up to {args.seconds:g} s at {args.loudness:g} LUFS\n")
+    print(f"\n## Quality on {args.data} split {args.split}, excerpts up to {args.seconds:g} s "
+          f"at {args.loudness:g} LUFS\n")
     print(f"Machine: {payload['machine']}, torch {torch.__version__}\n")
     print("\n\n".join(reports + [paper_table()]))
     print(f"\n{PAPER_NOTE}")

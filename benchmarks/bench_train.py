@@ -106,7 +106,8 @@ def main() -> None:
         for precision, snake in itertools.product(args.precision, args.snake):
             overrides = variant_overrides(precision, snake, gan, batch, paper_gan)
             command = [sys.executable, __file__, "--one", json.dumps(overrides), *sys.argv[1:]]
-            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            stdout = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            result = json.loads(stdout.splitlines()[-1])
             if reference is None:
                 reference, speedup = result["steps_per_s"], "reference"
             else:

@@ -9,7 +9,8 @@ logit map that the least-squares GAN losses score. Module names (``convs``, ``ba
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import typing
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 FeatureMaps = list[torch.Tensor]
-Bands = Sequence[tuple[float, float]]
+Bands = Sequence[Sequence[float]]  # (low, high) fractions of the STFT bins
 
 #: MRD frequency bands as fractions of the STFT bins (final models).
 BANDS: tuple[tuple[float, float], ...] = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
@@ -92,6 +93,7 @@ class SincResample(nn.Module):
         t = ((idx / self.old_sr - phase) * cutoff).clamp(-zeros, zeros) * math.pi
         kernel = torch.sinc(t / math.pi) * torch.cos(t / zeros / 2) ** 2
         kernel = kernel / kernel.sum(dim=-1, keepdim=True)  # a constant stays constant
+        self.kernel: torch.Tensor
         self.register_buffer("kernel", kernel[:, None, :], persistent=False)  # [new_sr, 1, K]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,6 +157,7 @@ class MRD(nn.Module):
         self.hop_length = window_length // 4
         n_bins = window_length // 2 + 1
         self.bands = [(int(lo * n_bins), int(hi * n_bins)) for lo, hi in bands]
+        self.window: torch.Tensor
         self.register_buffer("window", torch.hann_window(window_length), persistent=False)
         self.band_convs = nn.ModuleList(_band_convs(channels) for _ in self.bands)
         self.conv_post = _wn(nn.Conv2d(channels, 1, (3, 3), (1, 1), padding=(1, 1)))
@@ -186,7 +189,7 @@ class MRD(nn.Module):
         fmaps, outputs = [], []
         for (lo, hi), convs in zip(self.bands, self.band_convs):
             x = spec[..., lo:hi]
-            for conv in convs:
+            for conv in typing.cast(nn.ModuleList, convs):
                 x = F.leaky_relu(conv(x), LRELU_SLOPE)
                 fmaps.append(x)
             outputs.append(x)
