@@ -6,6 +6,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -313,6 +314,69 @@ class AudioTokenizer:
                 if b > a:
                     audio[s.item, a:b] = out[j, a - s.start * hop: b - s.start * hop]
         return audio.reshape(batch, channels, -1)
+
+    @property
+    def stream_latency_frames(self) -> int:
+        """Frames :meth:`decode_stream` waits for after a frame before it can give that frame's audio:
+        the decoder's right context (10 frames for every published rate structure)."""
+        return context_frames(self.config)["decoder"][1]
+
+    @property
+    def stream_latency_ms(self) -> float:
+        """:attr:`stream_latency_frames` in milliseconds of audio (133.3 ms for the 24 kHz default
+        model, 116.1 ms at 44.1 kHz), not counting compute time."""
+        return 1000.0 * self.stream_latency_frames / self.frame_rate
+
+    @torch.inference_mode()
+    def decode_stream(self, frames: Iterable[torch.Tensor | np.ndarray], chunk_frames: int = 1) -> Iterator[torch.Tensor]:
+        """Decode code frames as they arrive (e.g. from a language model), giving audio as soon as the
+        decoder's right context is there.
+
+        The audio of frame ``f`` comes out once frame ``f + stream_latency_frames`` has arrived (or the
+        input ends); each piece is decoded with the decoder's exact receptive field around it, so the
+        concatenated pieces equal :meth:`decode` of all the frames within float rounding.
+
+        Args:
+            frames: code chunks ``[K, f]`` or ``[B, K, f]`` (any ``f >= 1`` per chunk; the same ``B``
+                and ``K`` throughout), or single frames ``[K]``.
+            chunk_frames: decode once at least this many frames are ready: larger pieces cost less
+                compute per frame (each piece decodes ``2 * stream_latency_frames`` frames of context)
+                and add up to ``chunk_frames - 1`` frames of latency.
+
+        Yields:
+            float32 audio ``[B, 1, n * hop_length]`` on the CPU for the next ``n`` frames, in order.
+        """
+        if chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        left, right = context_frames(self.config)["decoder"]
+        hop = self.hop_length
+        buffer: torch.Tensor | None = None  # [B, K, n]: frames from `start` on, kept for context
+        start = done = 0  # absolute indices: first buffered frame, first frame not yet decoded
+
+        def piece(stop: int) -> torch.Tensor:
+            """Audio of frames ``done:stop``, decoded with context from the buffer."""
+            lo = max(done - left, start)
+            hi = min(stop + right, start + buffer.shape[-1])
+            out = self.model.decode_codes(buffer[..., lo - start: hi - start].to(self.device))
+            return out[..., (done - lo) * hop: (stop - lo) * hop].float().cpu()
+
+        for chunk in frames:
+            chunk = torch.as_tensor(chunk)
+            chunk = self._check_codes(chunk[:, None] if chunk.ndim == 1 else chunk)
+            if chunk.ndim != 3:
+                raise ValueError(f"decode_stream takes [K], [K, f] or [B, K, f] chunks, got shape {tuple(chunk.shape)}")
+            if buffer is not None and chunk.shape[:2] != buffer.shape[:2]:
+                raise ValueError(f"chunk of shape {tuple(chunk.shape)} does not continue frames of shape "
+                                 f"{tuple(buffer.shape[:2])} x F")
+            buffer = chunk if buffer is None else torch.cat([buffer, chunk], dim=-1)
+            ready = start + buffer.shape[-1] - right
+            if ready - done >= chunk_frames:
+                yield piece(ready)
+                done = ready
+                keep = max(done - left, start)
+                buffer, start = buffer[..., keep - start:], keep
+        if buffer is not None and start + buffer.shape[-1] > done:
+            yield piece(start + buffer.shape[-1])
 
 
 #: Default (chunk, batch) seconds of audio per forward pass, per device type: bounded activation memory.

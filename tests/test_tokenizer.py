@@ -172,3 +172,51 @@ def test_bf16_decoder_keeps_exact_codes():
     assert 0 < (audio - reference).abs().max() < 0.1  # bf16 rounding, not a different signal
     mixed.to(dtype=torch.float32)  # a plain dtype resets the decoder too
     assert mixed.model.decoder.conv1.weight.dtype == torch.float32
+
+
+def _chunks(codes: torch.Tensor, sizes: list[int]):
+    start = 0
+    for size in sizes:
+        yield codes[..., start:start + size]
+        start += size
+
+
+@pytest.mark.parametrize("sizes", [[1] * 23, [3, 1, 7, 12], [23], [2, 21]])
+def test_decode_stream_equals_decode(tok, sizes):
+    codes = torch.randint(0, tok.codebook_size, (2, tok.n_codebooks, 23), generator=torch.Generator().manual_seed(1))
+    whole = tok.decode(codes)
+    pieces = list(tok.decode_stream(_chunks(codes, sizes)))
+    assert all(p.shape[:2] == (2, 1) and p.shape[-1] % tok.hop_length == 0 and p.shape[-1] for p in pieces)
+    torch.testing.assert_close(torch.cat(pieces, dim=-1), whole, atol=1e-5, rtol=1e-4)
+    single = list(tok.decode_stream(codes[0, :, f] for f in range(23)))  # [K] frames of one stream
+    torch.testing.assert_close(torch.cat(single, dim=-1), whole[:1], atol=1e-5, rtol=1e-4)
+
+
+def test_decode_stream_latency(tok):
+    """Frame f's audio comes out when frame f + latency arrives; in milliseconds, latency / frame rate."""
+    assert tok.stream_latency_frames == 10
+    assert tok.stream_latency_ms == pytest.approx(1000 * 10 / 75)
+    codes = torch.randint(0, tok.codebook_size, (tok.n_codebooks, 30), generator=torch.Generator().manual_seed(2))
+    arrived: list[int] = []
+    for chunk_frames in (1, 4):
+        arrived.clear()
+        emitted = 0
+        stream = tok.decode_stream((codes[:, f] for f in range(30) if not arrived.append(f)), chunk_frames)
+        for piece in stream:
+            frames_out = piece.shape[-1] // tok.hop_length
+            emitted += frames_out
+            if len(arrived) < 30:  # while frames still arrive, exactly those with full right context are out
+                assert emitted == len(arrived) - tok.stream_latency_frames
+                assert frames_out >= chunk_frames
+        assert emitted == 30
+
+
+def test_decode_stream_errors(tok):
+    codes = torch.zeros(tok.n_codebooks, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="does not continue"):
+        list(tok.decode_stream([codes, codes[:2]]))
+    with pytest.raises(ValueError, match="chunk_frames"):
+        list(tok.decode_stream([codes], chunk_frames=0))
+    with pytest.raises(ValueError, match="code values"):
+        list(tok.decode_stream([codes + tok.codebook_size]))
+    assert list(tok.decode_stream([])) == []
