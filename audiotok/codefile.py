@@ -159,18 +159,28 @@ class _CodeInfo:
     def check_compatible(self, tokenizer: AudioTokenizer) -> None:
         """Raise ``ValueError`` (naming both model ids and config hashes) unless ``tokenizer`` has the
         architecture these codes were written with."""
-        model_hash = tokenizer.config.architecture_hash()
-        if self.config_hash != model_hash:
-            raise ValueError(
-                f"codes were written by model {self.model_id!r} (config hash {self.config_hash}) but the model in "
-                f"use is {tokenizer.model_id!r} (config hash {model_hash}); these codes mean nothing to it. Decode "
-                f"them with the model that wrote them"
-            )
-        if self.n_codebooks > tokenizer.n_codebooks or self.codebook_size != tokenizer.codebook_size:
-            raise ValueError(
-                f"codes have {self.n_codebooks} codebooks of size {self.codebook_size}; model "
-                f"{tokenizer.model_id!r} has {tokenizer.n_codebooks} of size {tokenizer.codebook_size}"
-            )
+        check_codec(tokenizer, self.model_id, self.config_hash, self.n_codebooks, self.codebook_size)
+
+
+def check_codec(tokenizer: AudioTokenizer, model_id: str, config_hash: str, n_codebooks: int, codebook_size: int,
+                what: str = "codes were written by") -> None:
+    """Raise ``ValueError`` (naming both model ids and config hashes) unless ``tokenizer`` is a model of
+    the architecture ``config_hash`` with at least ``n_codebooks`` codebooks of ``codebook_size``.
+
+    ``what`` starts the message: codes ``were written by`` a model, a prior ``was trained on the codes of`` one.
+    """
+    model_hash = tokenizer.config.architecture_hash()
+    if config_hash != model_hash:
+        raise ValueError(
+            f"{what} model {model_id!r} (config hash {config_hash}) but the model in use is "
+            f"{tokenizer.model_id!r} (config hash {model_hash}); these codes mean nothing to it. Use the model "
+            f"that wrote them"
+        )
+    if n_codebooks > tokenizer.n_codebooks or codebook_size != tokenizer.codebook_size:
+        raise ValueError(
+            f"codes have {n_codebooks} codebooks of size {codebook_size}; model "
+            f"{tokenizer.model_id!r} has {tokenizer.n_codebooks} of size {tokenizer.codebook_size}"
+        )
 
 
 @dataclass
