@@ -39,7 +39,8 @@ def _typed(value: Any, kind: Any, where: str) -> Any:
     return value
 
 
-def _strict(cls, data: dict[str, Any], where: str):
+def strict_section(cls, data: dict[str, Any], where: str):
+    """A config section dataclass from a dict: unknown keys and mistyped scalars are errors naming ``where``."""
     check_keys(cls, data, where)
     hints = typing.get_type_hints(cls)
     return cls(**{k: _typed(v, hints[k], f"{where}.{k}") for k, v in data.items()})
@@ -153,10 +154,10 @@ class TrainConfig:
         preset = model.pop("preset", None)
         return cls(
             model=DACConfig.preset(preset, **model) if preset else DACConfig.from_dict(model),
-            discriminator=_strict(DiscriminatorConfig, data.get("discriminator") or {}, "discriminator"),
-            loss=_strict(LossConfig, data.get("loss") or {}, "loss"),
-            optim=_strict(OptimConfig, data.get("optim") or {}, "optim"),
-            train=_strict(LoopConfig, data.get("train") or {}, "train"),
+            discriminator=strict_section(DiscriminatorConfig, data.get("discriminator") or {}, "discriminator"),
+            loss=strict_section(LossConfig, data.get("loss") or {}, "loss"),
+            optim=strict_section(OptimConfig, data.get("optim") or {}, "optim"),
+            train=strict_section(LoopConfig, data.get("train") or {}, "train"),
             data=data.get("data") or {},
         )
 

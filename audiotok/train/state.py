@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -35,19 +36,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_run_checkpoint(folder: Path, generator: Checkpoint, state: dict[str, Any]) -> None:
-    """Write ``folder`` atomically: into a temporary sibling, then swapped in by renames."""
+@contextmanager
+def replace_folder(folder: Path) -> Iterator[Path]:
+    """Write ``folder`` atomically: the caller fills the yielded temporary sibling, which is then swapped
+    in by renames (an interrupted write leaves the previous ``folder`` as it was)."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_folder(generator, tmp)
-    torch.save(state, tmp / STATE_FILE)
+    tmp.mkdir(parents=True)
+    yield tmp
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_run_checkpoint(folder: Path, generator: Checkpoint, state: dict[str, Any]) -> None:
+    """Write ``folder`` (inference weights and the training state) atomically."""
+    with replace_folder(folder) as tmp:
+        save_folder(generator, tmp)
+        torch.save(state, tmp / STATE_FILE)
 
 
 def load_train_state(folder: Path) -> dict[str, Any]:
