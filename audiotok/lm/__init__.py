@@ -21,6 +21,9 @@ from ..codedataset import FORMAT_VERSION, CodeRecord
 from .dataset import CodeDataset, LMTokenDataset
 from .packing import IGNORE_INDEX, pack_sequences, pad_to_length
 from .patterns import DELAY_PAD, CodebookPattern, apply_pattern, invert_pattern
+from .prior import CodecInfo, CodePrior, PriorConfig
+from .sampling import Sampler, Samples, generate, sample_to_wav
+from .text import TextTokenizer
 from .vocab import DEFAULT_SPECIAL, CodeVocabulary
 
 __all__ = [
@@ -30,12 +33,20 @@ __all__ = [
     "FORMAT_VERSION",
     "IGNORE_INDEX",
     "CodeDataset",
+    "CodePrior",
+    "CodecInfo",
     "CodeRecord",
     "CodeVocabulary",
     "CodebookPattern",
     "LMTokenDataset",
+    "PriorConfig",
+    "Sampler",
+    "Samples",
+    "TextTokenizer",
     "apply_pattern",
+    "generate",
     "invert_pattern",
     "pack_sequences",
     "pad_to_length",
+    "sample_to_wav",
 ]

@@ -1,0 +1,300 @@
+"""Priors on codes: ``transformers`` decoders that model the token ids of a codebook pattern.
+
+* ``flatten``: any ``transformers`` causal LM (``AutoModelForCausalLM``) over the one-stream vocabulary
+  (:class:`CodeVocabulary` with offsets, ``K*S + 3`` ids).
+* ``delay`` / ``parallel``: a multi-stream model, as MusicGen: per step the ``K`` code embeddings
+  (one table per codebook, ``S + 3`` ids each: codes, pad, bos, eos) are summed, a ``transformers``
+  decoder backbone (``AutoModel``: GPT-2, Llama, ...) runs over the steps, and ``K`` linear heads give
+  each codebook's next id.
+
+Text conditioning (optional): a fixed-length prefix of text ids (:mod:`audiotok.lm.text`) before the
+codes; the flattened LM takes them as ids past the code vocabulary, the multi-stream model through
+the backbone's own token embedding. Positions are ``0, 1, ...`` over prefix and codes, in training and
+sampling alike.
+
+A prior is saved as one folder::
+
+    config.json        {"format": "audiotok-prior", "format_version": 1, "prior": PriorConfig,
+                        "vocabulary": CodeVocabulary.to_dict(), "codec": {"model_id", "config_hash", "config"},
+                        "text": null | {"kind": "bytes" | "transformers", "vocab_size", "max_len"}}
+    model.safetensors  the weights
+    text_tokenizer/    the transformers tokenizer, for "kind": "transformers"
+
+The codec's ``config_hash`` ties the prior to the codec whose codes it models: decoding its samples
+with another architecture is refused (:meth:`CodePrior.check_codec`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..codefile import check_codec
+from ..config import DACConfig
+from .packing import IGNORE_INDEX
+from .patterns import CodebookPattern
+from .text import TextTokenizer
+from .vocab import CodeVocabulary
+
+FORMAT = "audiotok-prior"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class PriorConfig:
+    """A prior's architecture (the ``prior`` section of an LM training config).
+
+    Attributes:
+        pattern: ``flatten``, ``delay`` or ``parallel``.
+        n_codebooks: model the first ``K`` codebooks (default: all the codec has).
+        backbone: ``transformers`` config of the decoder: ``model_type`` (``gpt2``, ``llama``, ...)
+            and its settings (``AutoConfig.for_model``); the vocabulary size is set here.
+        text: ``None`` (unconditional), ``"bytes"`` (UTF-8 bytes) or a local ``transformers``
+            tokenizer folder for text conditioning.
+        max_text_len: text prefix length (start token included).
+    """
+
+    pattern: str = "delay"
+    n_codebooks: int | None = None
+    backbone: dict[str, Any] = field(default_factory=lambda: {"model_type": "gpt2", "n_layer": 4, "n_head": 4,
+                                                              "n_embd": 256, "n_positions": 2048})
+    text: str | None = None
+    max_text_len: int = 64
+
+    def __post_init__(self) -> None:
+        CodebookPattern(self.pattern)
+        if "model_type" not in self.backbone:
+            raise ValueError(f"prior.backbone needs a model_type (gpt2, llama, ...), got {self.backbone}")
+
+
+@dataclass(frozen=True)
+class CodecInfo:
+    """The codec whose codes a prior models."""
+
+    model_id: str
+    config_hash: str
+    config: DACConfig
+
+    def __post_init__(self) -> None:
+        if self.config.architecture_hash() != self.config_hash:
+            raise ValueError(f"codec {self.model_id!r}: config hash {self.config_hash} does not match its config "
+                             f"({self.config.architecture_hash()})")
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> CodecInfo:
+        """The codec of a code dataset (its ``manifest.json``)."""
+        return cls(str(manifest["model_id"]), manifest["config_hash"], DACConfig.from_dict(manifest["config"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "config_hash": self.config_hash, "config": self.config.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CodecInfo:
+        return cls(data["model_id"], data["config_hash"], DACConfig.from_dict(data["config"]))
+
+
+class CodePrior(nn.Module):
+    """A language model on the codes of one codec, for one :class:`CodebookPattern`.
+
+    Args:
+        config: the architecture.
+        codec: the codec whose codes it models.
+        text: the text tokenizer (default: built from ``config.text``; ignored when that is None).
+
+    Attributes:
+        vocab: token ids; with offsets for ``flatten``, without for ``delay`` / ``parallel``.
+        pattern: the codebook pattern.
+        text: the :class:`TextTokenizer`, or None for an unconditional prior.
+    """
+
+    def __init__(self, config: PriorConfig, codec: CodecInfo, text: TextTokenizer | None = None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        self.config = config
+        self.codec = codec
+        self.pattern = CodebookPattern(config.pattern)
+        n_codebooks = config.n_codebooks or codec.config.n_codebooks
+        if not 1 <= n_codebooks <= codec.config.n_codebooks:
+            raise ValueError(f"prior.n_codebooks must be in [1, {codec.config.n_codebooks}] for codec "
+                             f"{codec.model_id!r}, got {n_codebooks}")
+        flat = self.pattern is CodebookPattern.FLATTEN
+        self.vocab = CodeVocabulary(codec.config.codebook_size, n_codebooks, offsets=flat)
+        if config.text is None:
+            self.text = None
+        else:
+            self.text = text if text is not None else TextTokenizer.from_name(config.text, config.max_text_len)
+        text_ids = self.text.vocab_size + 1 if self.text is not None else 0
+        settings = {k: v for k, v in config.backbone.items() if k != "model_type"}
+        settings.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        if flat:
+            settings["vocab_size"] = self.vocab.vocab_size + text_ids
+            self.lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.backbone["model_type"], **settings))
+        else:
+            settings["vocab_size"] = max(text_ids, 1)  # text prefix ids; codes have their own tables
+            self.backbone = AutoModel.from_config(AutoConfig.for_model(config.backbone["model_type"], **settings))
+            width, size = self.backbone.config.hidden_size, self.vocab.vocab_size
+            self.embed = nn.ModuleList(nn.Embedding(size, width) for _ in range(n_codebooks))
+            self.heads = nn.ModuleList(nn.Linear(width, size, bias=False) for _ in range(n_codebooks))
+            std = getattr(self.backbone.config, "initializer_range", 0.02)
+            for module in (*self.embed, *self.heads):
+                nn.init.normal_(module.weight, std=std)
+        decoder = self.lm if flat else self.backbone
+        self._cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+    @property
+    def n_codebooks(self) -> int:
+        return self.vocab.n_codebooks
+
+    @property
+    def multi_stream(self) -> bool:
+        return self.pattern is not CodebookPattern.FLATTEN
+
+    def text_prefix(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ids, mask`` ``[B, max_text_len]`` for texts; a clear error for an unconditional prior."""
+        if self.text is None:
+            raise ValueError("this prior is not text-conditioned (trained with prior.text unset)")
+        return self.text.prefix(texts)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                cache: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
+        """Next-id logits for every code position.
+
+        Args:
+            input_ids: ``[B, L]`` (flatten) or ``[B, K, L]`` (delay, parallel) code token ids.
+            attention_mask: ``[B, L]`` for the codes (default all ones); with ``cache``, ``[B, P + L]``
+                over every position so far (``P`` cached, text prefix included).
+            text_ids, text_mask: ``[B, T]`` text prefix (:meth:`text_prefix`), for the first call only.
+            cache: the ``transformers`` cache a previous call returned, for incremental decoding.
+            use_cache: return a cache (for sampling; always with ``cache``).
+
+        Returns:
+            (logits ``[B, L, V]`` (flatten) or ``[B, K, L, V]``, the cache or None).
+        """
+        if input_ids.ndim != (3 if self.multi_stream else 2):
+            raise ValueError(f"{self.pattern.value} prior takes input_ids of "
+                             f"{'[B, K, L]' if self.multi_stream else '[B, L]'}, got {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape[0], input_ids.shape[-1]
+        device = input_ids.device
+        past = cache.get_seq_length() if cache is not None else 0
+        n_text = 0
+        if text_ids is not None:
+            if self.text is None:
+                raise ValueError("this prior is not text-conditioned (trained with prior.text unset)")
+            n_text = text_ids.shape[1]
+            text_mask = torch.ones_like(text_ids) if text_mask is None else text_mask
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=device)
+        if text_ids is not None:
+            attention_mask = torch.cat([text_mask, attention_mask], dim=1)
+        positions = torch.arange(past, past + n_text + length, device=device).expand(batch, -1)
+        kwargs = {"attention_mask": attention_mask, "position_ids": positions, "use_cache": use_cache or cache is not None,
+                  self._cache_arg: cache}
+        if not self.multi_stream:
+            ids = input_ids if text_ids is None else torch.cat([text_ids + self.vocab.vocab_size, input_ids], 1)
+            out = self.lm(input_ids=ids, **kwargs)
+            logits = out.logits[:, n_text:, : self.vocab.vocab_size]
+        else:
+            x = sum(embed(input_ids[:, k]) for k, embed in enumerate(self.embed))  # [B, L, D]
+            if text_ids is not None:
+                x = torch.cat([self.backbone.get_input_embeddings()(text_ids), x], dim=1)
+            out = self.backbone(inputs_embeds=x, **kwargs)
+            hidden = out.last_hidden_state[:, n_text:]
+            logits = torch.stack([head(hidden) for head in self.heads], dim=1)  # [B, K, L, V]
+        if not (use_cache or cache is not None):
+            return logits, None
+        return logits, out["cache"] if "cache" in out else out.past_key_values
+
+    def codebook_of(self, labels: torch.Tensor) -> torch.Tensor:
+        """The codebook (0..K-1) of each code id in ``labels`` (``[B, L]`` or ``[B, K, L]``), -1 for
+        special ids and ignored positions."""
+        size = self.vocab.codebook_size
+        if not self.multi_stream:
+            code = (labels >= 0) & (labels < self.vocab.num_code_ids)
+            return torch.where(code, labels // size, -1)
+        rows = torch.arange(labels.shape[1], device=labels.device)[None, :, None].expand_as(labels)
+        return torch.where((labels >= 0) & (labels < size), rows, -1)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Next-token cross-entropy of :meth:`forward`'s logits against ``labels`` (the input ids, with
+        ``-100`` where nothing is to be learnt; the delay pattern's pad cells are left out too).
+
+        Returns:
+            (mean loss over every counted position, summed loss ``[K]`` and count ``[K]`` of the code
+            targets of each codebook).
+        """
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+        labels = labels.masked_fill(labels == self.vocab.pad_id, IGNORE_INDEX)
+        losses = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="none").view(labels.shape)
+        counted = labels != IGNORE_INDEX
+        mean = losses.sum() / counted.sum().clamp(min=1)
+        codebook = self.codebook_of(labels)
+        keep = codebook >= 0
+        sums = torch.zeros(self.n_codebooks, device=logits.device).index_add_(0, codebook[keep], losses[keep])
+        counts = torch.zeros(self.n_codebooks, device=logits.device).index_add_(0, codebook[keep],
+                                                                                torch.ones_like(losses[keep]))
+        return mean, sums.detach(), counts
+
+    # -- codec -------------------------------------------------------------------------------------
+
+    def check_codec(self, tokenizer) -> None:
+        """Raise ``ValueError`` unless ``tokenizer`` (an :class:`~audiotok.AudioTokenizer`) is a codec of
+        the architecture this prior was trained on (same config hash, enough codebooks)."""
+        check_codec(tokenizer, self.codec.model_id, self.codec.config_hash, self.n_codebooks,
+                    self.vocab.codebook_size, what="this prior was trained on the codes of")
+
+    # -- saving ------------------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write the prior as one folder (see the module docstring)."""
+        from safetensors.torch import save_model
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "prior": dataclasses.asdict(self.config),
+                "vocabulary": self.vocab.to_dict(), "codec": self.codec.to_dict(),
+                "text": self.text.to_dict() if self.text is not None else None}
+        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        save_model(self, str(folder / WEIGHTS_FILE))
+        if self.text is not None:
+            self.text.save(folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device | None = None) -> CodePrior:
+        """Load a folder written by :meth:`save_pretrained`, or a training run (its ``latest/``), in eval mode."""
+        from safetensors.torch import load_model
+
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).exists() and (folder / "latest" / CONFIG_FILE).exists():
+            folder = folder / "latest"
+        try:
+            meta = json.loads((folder / CONFIG_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{folder}: not a prior folder ({CONFIG_FILE}: {e})") from e
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{folder}: not a prior (format {meta.get('format')!r}, expected {FORMAT!r})")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{folder}: prior format_version {meta['format_version']} is newer than this "
+                             f"audiotok reads ({FORMAT_VERSION})")
+        text = TextTokenizer.load(folder, meta["text"]) if meta.get("text") else None
+        prior = cls(PriorConfig(**meta["prior"]), CodecInfo.from_dict(meta["codec"]), text)
+        saved = CodeVocabulary.from_dict(meta["vocabulary"])
+        if saved != prior.vocab:
+            raise ValueError(f"{folder}: saved vocabulary {saved} does not match the prior's {prior.vocab}")
+        load_model(prior, str(folder / WEIGHTS_FILE), strict=True)
+        return prior.to(device or "cpu").eval()

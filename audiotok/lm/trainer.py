@@ -1,0 +1,208 @@
+"""The prior training loop: one readable function, top to bottom, built from the codec trainer's parts
+(torchrun set-up, JSONL/TensorBoard logger, atomic run checkpoints, config loading).
+
+The run folder holds ``latest/`` and ``best/`` (each a prior folder that :meth:`CodePrior.from_pretrained`
+loads, plus ``train_state.pt``), ``config.yml``, ``metrics.jsonl`` and TensorBoard logs. Running again
+with the same folder resumes exactly. Only rank 0 logs, validates and writes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..train.distributed import barrier, init_distributed, shutdown
+from ..train.state import STATE_FILE, load_train_state, replace_folder
+from ..train.trainer import Logger
+from .config import PriorTrainConfig
+from .dataset import CodeDataset, LMTokenDataset
+from .prior import CodecInfo, CodePrior
+from .text import TextCodeDataset
+
+log = logging.getLogger("audiotok.lm")
+
+
+def examples(config: PriorTrainConfig, prior: CodePrior, codes: CodeDataset) -> IterableDataset:
+    """Training (or validation) examples of ``codes`` for ``prior``: packed blocks, or one example per
+    record with its text for a text-conditioned prior."""
+    seq_len = config.train.seq_len
+    if prior.text is not None:
+        return TextCodeDataset(codes, prior.vocab, prior.pattern, prior.text, seq_len=seq_len,
+                               text_key=config.data.text_key)
+    return LMTokenDataset(codes, prior.vocab, prior.pattern, seq_len=seq_len, drop_remainder=True)
+
+
+def _shuffled(items: Iterable[Any], buffer: int, rng: random.Random) -> Iterator[Any]:
+    """Items drawn at random from a buffer of ``buffer`` (1: in order)."""
+    pending: list[Any] = []
+    for item in items:
+        pending.append(item)
+        if len(pending) >= buffer:
+            yield pending.pop(rng.randrange(len(pending)))
+    rng.shuffle(pending)
+    yield from pending
+
+
+def _batches(dataset: IterableDataset, config: PriorTrainConfig, rank: int, batch: int) -> Iterator[dict]:
+    """Endless batches of ``batch`` examples: epoch after epoch, each shuffled with its own seed."""
+    loop = config.train
+    for epoch in itertools.count():
+        seed = loop.seed * 1_000_003 + epoch * 7_919 + rank
+        rng = random.Random(seed)
+        # its own generator: starting an epoch must not draw from torch's global RNG (dropout), or a resumed
+        # run would see other dropout masks than an uninterrupted one
+        loader = DataLoader(dataset, batch_size=None, num_workers=loop.num_workers,
+                            generator=torch.Generator().manual_seed(seed))
+        items = _shuffled(loader, loop.shuffle_blocks, rng)
+        count = 0
+        while chunk := list(itertools.islice(items, batch)):
+            if len(chunk) < batch:
+                break
+            count += 1
+            yield torch.utils.data.default_collate(chunk)
+        if count == 0:
+            raise ValueError(f"{config.data.train}: rank {rank} has too few codes for one batch of {batch} "
+                             f"examples of {loop.seq_len} steps")
+
+
+def _forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    logits, _ = model(batch["input_ids"], batch["attention_mask"], batch.get("text_ids"), batch.get("text_mask"))
+    return logits
+
+
+@torch.no_grad()
+def validate(prior: CodePrior, blocks: list[dict[str, torch.Tensor]], device: torch.device,
+             batch_size: int = 8) -> dict[str, float]:
+    """Next-token loss (nats) of the code targets of ``blocks``: over all codebooks (``loss``) and per
+    codebook (``loss/cb{k}``)."""
+    prior.eval()
+    sums = torch.zeros(prior.n_codebooks)
+    counts = torch.zeros(prior.n_codebooks)
+    for i in range(0, len(blocks), batch_size):
+        batch = torch.utils.data.default_collate(blocks[i:i + batch_size])
+        _, cb_sums, cb_counts = prior.loss(_forward(prior, batch, device), batch["labels"].to(device))
+        sums += cb_sums.cpu()
+        counts += cb_counts.cpu()
+    prior.train()
+    metrics = {"loss": float(sums.sum() / counts.sum().clamp(min=1))}
+    metrics.update({f"loss/cb{k}": float(s / c) for k, (s, c) in enumerate(zip(sums, counts)) if c > 0})
+    return metrics
+
+
+def _lr_factor(config: PriorTrainConfig, step: int) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``num_iters``."""
+    optim, end = config.optim, config.train.num_iters
+    if step < optim.warmup:
+        return (step + 1) / optim.warmup
+    progress = min(1.0, (step - optim.warmup) / max(1, end - optim.warmup))
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int | None = None,
+                device: str | None = None) -> dict[str, Any]:
+    """Train (or resume, when ``save_path`` holds a run) a prior until ``min(num_iters, max_steps)`` steps.
+
+    Returns the last logged training metrics (``loss``, ``loss/cb{k}``, ``lr``, ...).
+    """
+    env, dev = init_distributed(device)
+    save_path = Path(save_path)
+    loop = config.train
+    end = min(loop.num_iters, max_steps or loop.num_iters)
+    if loop.batch_size % env.world_size:
+        raise ValueError(f"global batch {loop.batch_size} does not split across {env.world_size} ranks")
+    batch_per_rank = loop.batch_size // env.world_size
+
+    codes = CodeDataset(config.data.train)
+    if len(codes.shards) < env.world_size:
+        raise ValueError(f"{config.data.train}: {len(codes.shards)} shard(s) cannot feed {env.world_size} ranks")
+    resume = (save_path / "latest" / STATE_FILE).exists()
+    torch.manual_seed(loop.seed)  # the same initial weights on every rank and every run
+    prior = CodePrior(config.prior, CodecInfo.from_manifest(codes.manifest)).to(dev)
+    decay = [p for p in prior.parameters() if p.ndim >= 2]
+    no_decay = [p for p in prior.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.optim.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.optim.lr,
+                            betas=tuple(config.optim.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(config, s))
+    step, best = 0, math.inf
+    if resume:
+        state = load_train_state(save_path / "latest")
+        prior.load_state_dict(state["prior"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, best = state["step"], state["best"]
+    model = DDP(prior) if env.enabled else prior
+    batches = _batches(examples(config, prior, codes.split_by_rank(env.rank, env.world_size)), config, env.rank,
+                       batch_per_rank)
+    batches = itertools.islice(batches, step, None)  # a resumed run continues where the data stopped
+
+    logger = None
+    val_blocks: list[dict[str, torch.Tensor]] = []
+    if env.is_main:
+        save_path.mkdir(parents=True, exist_ok=True)
+        (save_path / "config.yml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        logger = Logger(save_path)
+        if config.data.valid:
+            valid = examples(config, prior, CodeDataset(config.data.valid))
+            val_blocks = list(itertools.islice(iter(valid), config.data.valid_blocks))
+        log.info("%s at step %d of %d; %s prior, %.2fM parameters; %d rank(s) x batch %d of %d steps",
+                 "resuming" if resume else "starting", step, end, prior.pattern.value,
+                 sum(p.numel() for p in prior.parameters()) / 1e6, env.world_size, batch_per_rank, loop.seq_len)
+
+    def checkpoint(folder: str) -> None:
+        state = {"prior": prior.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                 "step": step, "best": best, "config": config.to_dict()}
+        with replace_folder(save_path / folder) as tmp:
+            prior.save_pretrained(tmp)
+            torch.save(state, tmp / STATE_FILE)
+
+    metrics: dict[str, float] = {}
+    started, first_step = time.perf_counter(), step
+    prior.train()
+    while step < end:
+        torch.manual_seed(loop.seed * 1_000_003 + env.rank * 7_919 + step)  # dropout: a resume continues exactly
+        batch = next(batches)
+        labels = batch["labels"].to(dev)
+        loss, cb_sums, cb_counts = prior.loss(_forward(model, batch, dev), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(prior.parameters(), config.optim.clip)
+        opt.step()
+        sched.step()
+        step += 1
+
+        if env.is_main:
+            if step % loop.log_every == 0 or step == end:
+                metrics = {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
+                           "steps_per_s": (step - first_step) / max(time.perf_counter() - started, 1e-9)}
+                metrics.update({f"loss/cb{k}": float(s / c) for k, (s, c) in enumerate(zip(cb_sums, cb_counts))
+                                if c > 0})
+                logger.write(step, "train", metrics)
+                log.info("step %d: loss %.4f", step, metrics["loss"])
+            if val_blocks and (step % loop.valid_every == 0 or step == end):
+                val = validate(prior, val_blocks, dev, batch_per_rank)
+                logger.write(step, "val", val)
+                log.info("step %d: validation loss %.4f", step, val["loss"])
+                if val["loss"] < best:
+                    best = val["loss"]
+                    checkpoint("best")
+            if step % loop.save_every == 0 or step == end:
+                checkpoint("latest")
+        if step % loop.save_every == 0 or step == end:
+            barrier(env)
+
+    if env.is_main:
+        logger.close()
+    shutdown()
+    return metrics

@@ -1,0 +1,63 @@
+"""Sample audio from a trained prior: from nothing, from a text, or continuing an audio prompt.
+
+    python recipes/sample_lm.py --prior runs/prior --out sample.wav --seconds 8
+    python recipes/sample_lm.py --prior runs/tts --out hello.wav --text "hello there" --top-p 0.9
+    python recipes/sample_lm.py --prior runs/prior --out cont.wav --prompt speech.wav --prompt-seconds 3 --seconds 8
+
+The prompt is encoded with the prior's codec (the model its codes came from, or --codec: a model of
+another architecture is refused) and is part of the output. Audio is written while it is generated.
+"""
+
+import os
+import sys
+
+# Python puts a script's folder first on sys.path, where recipes/tokenize.py would shadow the
+# standard library's tokenize module: drop it.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prior", required=True, help="a prior folder or a training run folder")
+    p.add_argument("--out", required=True, help="WAV file; with --num-samples N > 1, OUT-0.wav ... OUT-(N-1).wav")
+    p.add_argument("--codec", help="the codec to decode with (default: the model id the prior records)")
+    p.add_argument("--text", help="text for a text-conditioned prior")
+    p.add_argument("--prompt", help="an audio file to continue")
+    p.add_argument("--prompt-seconds", type=float, default=3.0, help="seconds of the prompt used (default 3)")
+    p.add_argument("--seconds", type=float, default=8.0, help="longest output, prompt included (default 8)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely ids (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    p.add_argument("--device", help="cpu or cuda (default: cpu)")
+    args = p.parse_args(argv)
+
+    import soundfile as sf
+
+    from audiotok import AudioTokenizer
+    from audiotok.lm import CodePrior, sample_to_wav
+
+    prior = CodePrior.from_pretrained(args.prior, device=args.device)
+    tok = AudioTokenizer.from_pretrained(args.codec or prior.codec.model_id, device=args.device)
+    prior.check_codec(tok)
+    prompt = None
+    if args.prompt:
+        audio, sr = sf.read(args.prompt, dtype="float32", always_2d=True)
+        prompt = tok.encode(audio[: round(args.prompt_seconds * sr)].T, sr).codes[0]
+    max_frames = max(1, round(args.seconds * tok.frame_rate))
+    out = Path(args.out)
+    for i in range(args.num_samples):
+        path = out if args.num_samples == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        seed = None if args.seed is None else args.seed + i
+        codes = sample_to_wav(prior, tok, path, text=args.text, prompt=prompt, max_frames=max_frames,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed)
+        print(f"{path}: {codes.shape[1]} frames ({codes.shape[1] / tok.frame_rate:.2f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Train a prior (a language model) on a code dataset.
+
+    python recipes/train_lm.py --config recipes/configs/prior/small.yml --save-path runs/prior data.train=codes/train
+    python recipes/train_lm.py --config recipes/configs/prior/small.yml --save-path runs/prior prior.pattern=flatten
+    torchrun --nproc_per_node 8 recipes/train_lm.py --config recipes/configs/prior/small.yml --save-path runs/prior
+
+Running again with the same --save-path resumes from its latest checkpoint. Trailing
+``section.key=value`` arguments override the config (values parsed as YAML).
+"""
+
+import os
+import sys
+
+# Python puts a script's folder first on sys.path, where recipes/tokenize.py would shadow the
+# standard library's tokenize module: drop it.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+
+from audiotok.lm.config import load_prior_config  # noqa: E402
+from audiotok.lm.trainer import train_prior  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="a YAML config, e.g. recipes/configs/prior/small.yml")
+    p.add_argument("--save-path", required=True, help="run folder: checkpoints, logs; resumed if it holds a run")
+    p.add_argument("--max-steps", type=int, help="stop at this step (default: the config's num_iters)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("overrides", nargs="*", help="config overrides such as train.batch_size=32")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    train_prior(load_prior_config(args.config, args.overrides), args.save_path, args.max_steps, args.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Priors on codes: training for each pattern, legal sampling that inverts exactly, saving, the codec tie."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from audiotok.lm import (CodecInfo, CodePrior, CodeRecord, CodeVocabulary, PriorConfig, Sampler, TextTokenizer,
+                         generate, sample_to_wav)
+from audiotok.lm.config import load_prior_config
+from audiotok.lm.sampling import filter_logits, sample_ids
+from audiotok.lm.trainer import train_prior
+from conftest import random_tokenizer
+from test_lm import CONFIG, write_dataset
+
+pytest.importorskip("transformers")
+
+PATTERNS = ["flatten", "delay", "parallel"]
+TINY = "recipes/configs/prior/tiny.yml"
+CODEC = CodecInfo("tiny", CONFIG.architecture_hash(), CONFIG)  # tiny-16khz: 4 codebooks of 64 codes
+BACKBONE = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 512}
+WORDS = ["one", "two", "three", "four"]
+
+
+def learnable_records(prefix: str, n: int, seed: int) -> list[CodeRecord]:
+    """Codes that count up by one per frame from a random start (codebook k offset by 5k), with a text
+    naming the start: a prior can learn them quickly."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        start, frames = int(rng.integers(0, 64)), int(rng.integers(12, 30))
+        codes = (start + np.arange(frames)[None] + 5 * np.arange(4)[:, None]) % 64
+        key = f"{prefix}/{i:03d}"
+        meta = dict(key=key, source_key=key, num_samples=frames * 320, sample_rate=16000, n_frames=frames,
+                    channels=1, model_id="tiny", text=f"{WORDS[start % 4]} {start}")
+        records.append(CodeRecord(key, codes.astype(np.uint16), meta))
+    return records
+
+
+@pytest.fixture(scope="module")
+def code_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prior-codes")
+    write_dataset(root / "train", [("shard-00000.tar", learnable_records("t", 40, 0)),
+                                   ("shard-00001.tar", learnable_records("u", 40, 1))])
+    write_dataset(root / "valid", [("shard-00000.tar", learnable_records("v", 12, 2))])
+    return root
+
+
+def tiny_config(code_sets, *overrides: str):
+    return load_prior_config(TINY, [f"data.train={code_sets / 'train'}", f"data.valid={code_sets / 'valid'}",
+                                    *overrides])
+
+
+def val_losses(run) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "val"]
+
+
+def tiny_prior(pattern: str, text: TextTokenizer | None = None, seed: int = 0) -> CodePrior:
+    torch.manual_seed(seed)
+    config = PriorConfig(pattern=pattern, backbone=BACKBONE, text=None if text is None else "bytes",
+                         max_text_len=text.max_len if text is not None else 64)
+    return CodePrior(config, CODEC, text).eval()
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_prior_trains_for_each_pattern(code_sets, tmp_path, pattern):
+    run = tmp_path / "run"
+    metrics = train_prior(tiny_config(code_sets, f"prior.pattern={pattern}"), run, max_steps=40)
+    assert {f"loss/cb{k}" for k in range(4)} <= set(metrics)
+    val = val_losses(run)
+    assert [r["step"] for r in val] == list(range(5, 41, 5))
+    assert val[-1]["loss"] < val[0]["loss"] - 0.5
+    for k in range(4):
+        assert val[-1][f"loss/cb{k}"] < val[0][f"loss/cb{k}"]
+    prior = CodePrior.from_pretrained(run)  # the run folder loads its latest checkpoint
+    assert prior.pattern.value == pattern and prior.codec == CODEC
+    assert (run / "best" / "model.safetensors").exists() and (run / "tensorboard").is_dir()
+    codes = generate(prior, 2, max_frames=10, seed=0).codes
+    assert all(c.shape[0] == 4 and 1 <= c.shape[1] <= 10 for c in codes)
+
+
+def test_resumed_run_equals_uninterrupted(code_sets, tmp_path):
+    config = tiny_config(code_sets, "train.save_every=6", "train.valid_every=100")
+    train_prior(config, tmp_path / "whole", max_steps=12)
+    train_prior(config, tmp_path / "split", max_steps=6)
+    train_prior(config, tmp_path / "split", max_steps=12)
+    whole = CodePrior.from_pretrained(tmp_path / "whole").state_dict()
+    split = CodePrior.from_pretrained(tmp_path / "split").state_dict()
+    assert whole.keys() == split.keys()
+    for key in whole:
+        assert torch.equal(whole[key], split[key]), key
+
+
+def test_text_conditioned_prior_trains(code_sets, tmp_path):
+    run = tmp_path / "tts"
+    train_prior(tiny_config(code_sets, "prior.text=bytes", "prior.pattern=parallel"), run, max_steps=30)
+    val = val_losses(run)
+    assert val[-1]["loss"] < val[0]["loss"] - 0.5
+    prior = CodePrior.from_pretrained(run)
+    assert prior.text is not None and prior.text.kind == "bytes"
+    codes = generate(prior, 1, text="two 33", max_frames=6, seed=0).codes[0]
+    assert codes.shape[0] == 4
+
+
+def test_text_conditioning_needs_text_metadata(tmp_path):
+    records = learnable_records("x", 8, 0)
+    for r in records:
+        del r.meta["text"]
+    write_dataset(tmp_path / "codes", [("shard-00000.tar", records)])
+    config = load_prior_config(TINY, [f"data.train={tmp_path / 'codes'}", "prior.text=bytes"])
+    with pytest.raises(ValueError, match="no 'text' metadata"):
+        train_prior(config, tmp_path / "run", max_steps=2)
+
+
+def test_config_errors(code_sets):
+    with pytest.raises(ValueError, match="unknown keys"):
+        tiny_config(code_sets, "prior.patern=delay")
+    with pytest.raises(ValueError, match="not a valid CodebookPattern"):
+        tiny_config(code_sets, "prior.pattern=zigzag")
+    with pytest.raises(ValueError, match="model_type"):
+        tiny_config(code_sets, "prior.backbone={n_layer: 1}")
+    with pytest.raises(ValueError, match="n_codebooks"):
+        CodePrior(PriorConfig(n_codebooks=5, backbone=BACKBONE), CODEC)
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+
+
+def legal_ids(vocab: CodeVocabulary, pattern: str, ids: torch.Tensor) -> None:
+    """Every id is what the pattern allows at its place: checked position by position."""
+    k_all, size = vocab.n_codebooks, vocab.codebook_size
+    if pattern == "flatten":
+        assert ids[0] == vocab.bos_id and ids[-1] == vocab.eos_id and (len(ids) - 2) % k_all == 0
+        for t, token in enumerate(ids[1:-1].tolist()):
+            assert (t % k_all) * size <= token < (t % k_all + 1) * size
+        return
+    frames = ids.shape[1] - 2 - (k_all - 1 if pattern == "delay" else 0)
+    assert (ids[:, 0] == vocab.bos_id).all() and (ids[:, -1] == vocab.eos_id).all()
+    for k in range(k_all):
+        for t, token in enumerate(ids[k, 1:-1].tolist()):
+            frame = t - k if pattern == "delay" else t
+            assert (0 <= token < size) if 0 <= frame < frames else token == vocab.pad_id
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.7, "top_k": 5}, {"top_p": 0.5}, {"temperature": 0}])
+def test_sampling_is_legal_and_inverts(pattern, options):
+    prior = tiny_prior(pattern)
+    samples = generate(prior, 6, max_frames=9, min_frames=2, seed=3, **options)
+    for codes, ids in zip(samples.codes, samples.ids):
+        legal_ids(prior.vocab, pattern, ids)
+        assert 2 <= codes.shape[1] <= 9 and codes.shape[0] == 4
+        assert torch.equal(prior.vocab.encode(codes, pattern), ids)  # the pattern inverted exactly
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_sampling_ends_early_when_eos_is_likely(pattern):
+    """A prior whose ending id dominates stops at min_frames: the end decision is legal in every pattern."""
+    prior = tiny_prior(pattern)
+    ending = prior.vocab.pad_id if pattern == "delay" else prior.vocab.eos_id
+    forward = prior.forward
+
+    def biased(*args, **kwargs):
+        logits, cache = forward(*args, **kwargs)
+        logits = logits.clone()
+        if pattern == "flatten":
+            logits[..., ending] += 50.0
+        else:
+            logits[:, 0, :, ending] += 50.0  # row 0 decides where a multi-stream sample ends
+        return logits, cache
+
+    prior.forward = biased
+    samples = generate(prior, 3, max_frames=9, min_frames=3, seed=0)
+    for codes, ids in zip(samples.codes, samples.ids):
+        legal_ids(prior.vocab, pattern, ids)
+        assert codes.shape[1] == 3
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_prompt_is_continued_and_frames_stream_in_order(pattern):
+    prior = tiny_prior(pattern)
+    prompt = torch.randint(0, 64, (4, 5), generator=torch.Generator().manual_seed(0))
+    sampler = Sampler(prior, 3, prompt=prompt, max_frames=11, min_frames=6, seed=1)
+    streamed: dict[int, list[torch.Tensor]] = {0: [], 1: [], 2: []}
+    for i, frame in sampler.frames():
+        streamed[i].append(frame)
+    for i, ids in enumerate(sampler.ids):
+        codes = prior.vocab.decode(ids, pattern)
+        assert torch.equal(codes[:, :5], prompt) and 6 <= codes.shape[1] <= 11
+        assert torch.equal(torch.stack(streamed[i], dim=1), codes)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_cached_steps_equal_full_forward(pattern):
+    """Sampling's key-value cache gives the logits of a full forward pass (positions and text mask agree)."""
+    text = TextTokenizer(None, max_len=6)
+    prior = tiny_prior(pattern, text)
+    codes = torch.randint(0, 64, (4, 7), generator=torch.Generator().manual_seed(0))
+    ids = prior.vocab.encode(codes, pattern)[None]
+    text_ids, text_mask = prior.text_prefix(["hi"])
+    with torch.no_grad():
+        full, _ = prior(ids, None, text_ids, text_mask)
+        logits, cache = prior(ids[..., :3], None, text_ids, text_mask, use_cache=True)
+        steps = [logits]
+        mask = torch.cat([text_mask, torch.ones(1, 3, dtype=torch.long)], dim=1)
+        for t in range(3, ids.shape[-1]):
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], dim=1)
+            logits, cache = prior(ids[..., t:t + 1], mask, cache=cache)
+            steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=-2), full, atol=1e-5, rtol=1e-4)
+
+
+def test_filter_logits():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
+    probs = logits.softmax(-1)[0].tolist()  # 0.09, 0.64, 0.24, 0.03
+    assert probs[1] < 0.7
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[True, False, False, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, True, True]]
+    allowed = torch.tensor([[True, False, True, True]])
+    assert sample_ids(logits, allowed, temperature=0).tolist() == [2]
+    picks = {int(sample_ids(logits, allowed, generator=torch.Generator().manual_seed(s))) for s in range(50)}
+    assert 1 not in picks and len(picks) > 1
+
+
+def test_sampling_errors():
+    prior = tiny_prior("delay")
+    with pytest.raises(ValueError, match="not text-conditioned"):
+        generate(prior, text="hello", max_frames=4)
+    with pytest.raises(ValueError, match="positions"):
+        generate(prior, max_frames=1000)
+    with pytest.raises(ValueError, match="prompt"):
+        generate(prior, prompt=torch.zeros(2, 3, dtype=torch.long), max_frames=4)
+    with pytest.raises(ValueError, match="min_frames"):
+        generate(prior, max_frames=4, min_frames=5)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(prior, max_frames=4, top_p=0)
+
+
+# -- saving and the codec tie ---------------------------------------------------------------------
+
+
+def local_text_tokenizer(max_len: int = 8) -> TextTokenizer:
+    """A word-level ``transformers`` tokenizer trained here, nothing downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(["one two three four", "hello there"],
+                                  trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    return TextTokenizer(PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]"), max_len)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_save_and_load_round_trip(tmp_path, pattern):
+    text = local_text_tokenizer()
+    prior = tiny_prior(pattern, text)
+    prior.config.text = "a-local-folder"  # where it came from; the saved copy is what loads
+    prior.save_pretrained(tmp_path / "prior")
+    back = CodePrior.from_pretrained(tmp_path / "prior")
+    assert back.vocab == prior.vocab and back.pattern == prior.pattern and back.codec == prior.codec
+    assert back.text.kind == "transformers" and back.text.encode("two hello") == text.encode("two hello")
+    meta = json.loads((tmp_path / "prior" / "config.json").read_text())
+    assert meta["codec"]["model_id"] == "tiny" and meta["codec"]["config_hash"] == CONFIG.architecture_hash()
+    assert meta["vocabulary"] == prior.vocab.to_dict()
+    ids = prior.vocab.encode(torch.randint(0, 64, (4, 5)), pattern)[None]
+    prefix = prior.text_prefix(["one two"])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids, None, *prefix)[0], prior(ids, None, *prefix)[0], atol=0, rtol=0)
+
+
+def test_prior_refuses_another_codec(tmp_path):
+    prior = tiny_prior("delay")
+    same = random_tokenizer("tiny-16khz")
+    prior.check_codec(same)
+    other = random_tokenizer("tiny-24khz")
+    with pytest.raises(ValueError) as err:
+        prior.check_codec(other)
+    for part in ("tiny", CONFIG.architecture_hash(), other.config.architecture_hash()):
+        assert part in str(err.value)
+    with pytest.raises(ValueError, match="config hash"):
+        sample_to_wav(prior, other, tmp_path / "x.wav", max_frames=4)
+    assert not (tmp_path / "x.wav").exists()
+    with pytest.raises(ValueError, match="not a prior"):
+        CodePrior.from_pretrained(tmp_path)
+
+
+def test_sample_to_wav_streams_the_decoded_sample(tmp_path):
+    prior = tiny_prior("delay")
+    tok = random_tokenizer("tiny-16khz")
+    codes = sample_to_wav(prior, tok, tmp_path / "s.wav", chunk_frames=3, max_frames=20, min_frames=15, seed=0)
+    audio, sr = sf.read(tmp_path / "s.wav", dtype="float32")
+    assert sr == tok.sample_rate and len(audio) == codes.shape[1] * tok.hop_length
+    torch.testing.assert_close(torch.from_numpy(audio), tok.decode(codes)[0, 0], atol=1e-5, rtol=1e-4)
