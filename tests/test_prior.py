@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +18,7 @@ from audiotok.lm import (CodecInfo, CodePrior, CodeRecord, CodeVocabulary, Prior
 from audiotok.lm.config import load_prior_config
 from audiotok.lm.sampling import filter_logits, sample_ids
 from audiotok.lm.trainer import train_prior
-from conftest import random_tokenizer
+from conftest import make_audio, random_tokenizer
 from test_lm import CONFIG, write_dataset
 
 pytest.importorskip("transformers")
@@ -301,3 +305,56 @@ def test_sample_to_wav_streams_the_decoded_sample(tmp_path):
     audio, sr = sf.read(tmp_path / "s.wav", dtype="float32")
     assert sr == tok.sample_rate and len(audio) == codes.shape[1] * tok.hop_length
     torch.testing.assert_close(torch.from_numpy(audio), tok.decode(codes)[0, 0], atol=1e-5, rtol=1e-4)
+
+
+# -- recipes ---------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "configs" / "prior").glob("*.yml")), ids=lambda p: p.name)
+def test_every_prior_config_loads(path):
+    config = load_prior_config(path)
+    CodePrior(config.prior, CODEC if config.prior.n_codebooks is None or config.prior.n_codebooks <= 4 else
+              CodecInfo("default", *_default_codec()))
+
+
+def _default_codec():
+    from audiotok import AudioTokenizer
+
+    config = AudioTokenizer.from_pretrained().config
+    return config.architecture_hash(), config
+
+
+def test_two_process_gloo_run_and_sample_recipe(code_sets, tmp_path):
+    """train_lm.py under torchrun (2 ranks, one shard each), then sample_lm.py continuing an audio prompt."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "recipes" / "train_lm.py"), "--config", str(REPO / TINY), "--save-path", str(tmp_path / "ddp"),
+           "--max-steps", "3", "--device", "cpu", f"data.train={code_sets / 'train'}", "train.save_every=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(s) for s in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # one writer: rank 0
+
+    tok = random_tokenizer("tiny-16khz")
+    tok.save_pretrained(tmp_path / "codec")
+    sf.write(tmp_path / "prompt.wav", make_audio(16000)[0], 16000)
+    cmd = [sys.executable, str(REPO / "recipes" / "sample_lm.py"), "--prior", str(tmp_path / "ddp"),
+           "--codec", str(tmp_path / "codec"), "--out", str(tmp_path / "out.wav"), "--prompt",
+           str(tmp_path / "prompt.wav"), "--prompt-seconds", "0.2", "--seconds", "0.5", "--num-samples", "2",
+           "--seed", "0", "--top-k", "8"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    prompt = tok.encode(make_audio(16000)[0][:3200], 16000).codes[0]
+    for i in range(2):
+        audio, sr = sf.read(tmp_path / f"out-{i}.wav", dtype="float32")
+        frames = len(audio) // tok.hop_length
+        assert sr == 16000 and len(audio) % tok.hop_length == 0 and prompt.shape[1] < frames <= 25
+        head = tok.decode(prompt)[0, 0, : (prompt.shape[1] - tok.stream_latency_frames) * tok.hop_length]
+        torch.testing.assert_close(torch.from_numpy(audio[: len(head)]), head, atol=1e-5, rtol=1e-4)
+    other = random_tokenizer("tiny-24khz")
+    other.save_pretrained(tmp_path / "other")
+    cmd[cmd.index("--codec") + 1] = str(tmp_path / "other")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode != 0 and "config hash" in result.stderr

@@ -147,6 +147,8 @@ class CodePrior(nn.Module):
             width, size = self.backbone.config.hidden_size, self.vocab.vocab_size
             self.embed = nn.ModuleList(nn.Embedding(size, width) for _ in range(n_codebooks))
             self.heads = nn.ModuleList(nn.Linear(width, size, bias=False) for _ in range(n_codebooks))
+            if self.text is None:  # the backbone's token embedding only embeds text
+                self.backbone.get_input_embeddings().requires_grad_(False)
             std = getattr(self.backbone.config, "initializer_range", 0.02)
             for module in (*self.embed, *self.heads):
                 nn.init.normal_(module.weight, std=std)
