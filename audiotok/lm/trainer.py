@@ -86,6 +86,7 @@ def validate(prior: CodePrior, blocks: list[dict[str, torch.Tensor]], device: to
              batch_size: int = 8) -> dict[str, float]:
     """Next-token loss (nats) of the code targets of ``blocks``: over all codebooks (``loss``) and per
     codebook (``loss/cb{k}``)."""
+    training = prior.training
     prior.eval()
     sums = torch.zeros(prior.n_codebooks)
     counts = torch.zeros(prior.n_codebooks)
@@ -94,7 +95,7 @@ def validate(prior: CodePrior, blocks: list[dict[str, torch.Tensor]], device: to
         _, cb_sums, cb_counts = prior.loss(_forward(prior, batch, device), batch["labels"].to(device))
         sums += cb_sums.cpu()
         counts += cb_counts.cpu()
-    prior.train()
+    prior.train(training)
     metrics = {"loss": float(sums.sum() / counts.sum().clamp(min=1))}
     metrics.update({f"loss/cb{k}": float(s / c) for k, (s, c) in enumerate(zip(sums, counts)) if c > 0})
     return metrics
