@@ -1,4 +1,6 @@
-"""Feeding audio codes to language models: codebook patterns, token ids, packing, code datasets.
+"""Feeding audio codes to language models: codebook patterns, token ids, packing, code datasets, and
+priors on codes (:class:`CodePrior`, trained by :mod:`audiotok.lm.trainer`) with legal sampling
+(:func:`generate`, :func:`sample_to_wav`).
 
 Token id layout (:class:`CodeVocabulary`, ``S = codebook_size``, ``K = n_codebooks``)::
 
