@@ -353,8 +353,8 @@ class AudioTokenizer:
         buffer: torch.Tensor | None = None  # [B, K, n]: frames from `start` on, kept for context
         start = done = 0  # absolute indices: first buffered frame, first frame not yet decoded
 
-        def piece(stop: int) -> torch.Tensor:
-            """Audio of frames ``done:stop``, decoded with context from the buffer."""
+        def piece(buffer: torch.Tensor, stop: int) -> torch.Tensor:
+            """Audio of frames ``done:stop``, decoded with context from ``buffer`` (frames from ``start`` on)."""
             lo = max(done - left, start)
             hi = min(stop + right, start + buffer.shape[-1])
             out = self.model.decode_codes(buffer[..., lo - start: hi - start].to(self.device))
@@ -371,12 +371,12 @@ class AudioTokenizer:
             buffer = chunk if buffer is None else torch.cat([buffer, chunk], dim=-1)
             ready = start + buffer.shape[-1] - right
             if ready - done >= chunk_frames:
-                yield piece(ready)
+                yield piece(buffer, ready)
                 done = ready
                 keep = max(done - left, start)
                 buffer, start = buffer[..., keep - start:], keep
         if buffer is not None and start + buffer.shape[-1] > done:
-            yield piece(start + buffer.shape[-1])
+            yield piece(buffer, start + buffer.shape[-1])
 
 
 #: Default (chunk, batch) seconds of audio per forward pass, per device type: bounded activation memory.

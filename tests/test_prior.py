@@ -13,14 +13,23 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import make_audio, random_tokenizer
+from test_lm import CONFIG, write_dataset
 
-from audiotok.lm import (CodecInfo, CodePrior, CodeRecord, CodeVocabulary, PriorConfig, Sampler, TextTokenizer,
-                         generate, sample_to_wav)
+from audiotok.lm import (
+    CodecInfo,
+    CodePrior,
+    CodeRecord,
+    CodeVocabulary,
+    PriorConfig,
+    Sampler,
+    TextTokenizer,
+    generate,
+    sample_to_wav,
+)
 from audiotok.lm.config import load_prior_config
 from audiotok.lm.sampling import filter_logits, sample_ids
 from audiotok.lm.trainer import train_prior
-from conftest import make_audio, random_tokenizer
-from test_lm import CONFIG, write_dataset
 
 pytest.importorskip("transformers")
 

@@ -9,7 +9,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..train.config import apply_overrides, read_config_dict, strict_section
 from .prior import PriorConfig
@@ -86,6 +86,6 @@ class PriorTrainConfig:
         return dataclasses.asdict(self)
 
 
-def load_prior_config(path: str | Path, overrides: list[str] = ()) -> PriorTrainConfig:
+def load_prior_config(path: str | Path, overrides: Sequence[str] = ()) -> PriorTrainConfig:
     """A prior training config file, with its includes and ``section.key=value`` overrides applied."""
     return PriorTrainConfig.from_dict(apply_overrides(read_config_dict(path), list(overrides)))

@@ -193,16 +193,16 @@ class CodePrior(nn.Module):
         batch, length = input_ids.shape[0], input_ids.shape[-1]
         device = input_ids.device
         past = cache.get_seq_length() if cache is not None else 0
-        n_text = 0
-        if text_ids is not None:
-            if self.text is None:
-                raise ValueError("this prior is not text-conditioned (trained with prior.text unset)")
-            n_text = text_ids.shape[1]
-            text_mask = torch.ones_like(text_ids) if text_mask is None else text_mask
+        n_text = 0 if text_ids is None else text_ids.shape[1]
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=device)
         if text_ids is not None:
-            attention_mask = torch.cat([text_mask, attention_mask], dim=1)
+            if self.text is None:
+                raise ValueError("this prior is not text-conditioned (trained with prior.text unset)")
+            if cache is not None:
+                raise ValueError("the text prefix goes with the first call only, not with a cache")
+            attention_mask = torch.cat([torch.ones_like(text_ids) if text_mask is None else text_mask,
+                                        attention_mask], dim=1)
         positions = torch.arange(past, past + n_text + length, device=device).expand(batch, -1)
         kwargs = {"attention_mask": attention_mask, "position_ids": positions, "use_cache": use_cache or cache is not None,
                   self._cache_arg: cache}
@@ -240,7 +240,7 @@ class CodePrior(nn.Module):
             targets of each codebook).
         """
         logits, labels = logits[..., :-1, :], labels[..., 1:]
-        labels = labels.masked_fill(labels == self.vocab.pad_id, IGNORE_INDEX)
+        labels = labels.masked_fill(labels == self.vocab.special_id("pad"), IGNORE_INDEX)
         losses = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
                                  reduction="none").view(labels.shape)
         counted = labels != IGNORE_INDEX

@@ -105,7 +105,7 @@ class Sampler:
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         self.n, self.min_frames, self.max_frames = n_samples, min_frames, max_frames
-        self.options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.generator = torch.Generator(self.device)
         if seed is None:
             self.generator.seed()
@@ -135,7 +135,7 @@ class Sampler:
         """Bool ``[n, V]`` (flatten) or ``[n, K, V]``: the legal ids at body step ``t`` given each sample's
         end frame (``end[i] = -1`` while undecided)."""
         vocab, k_all = self.vocab, self.vocab.n_codebooks
-        size, pad, eos = vocab.codebook_size, vocab.pad_id, vocab.eos_id
+        size, pad, eos = vocab.codebook_size, vocab.special_id("pad"), vocab.special_id("eos")
         n_prompt = self.prompt.shape[1]
         if self.pattern is CodebookPattern.FLATTEN:
             allowed = torch.zeros(self.n, vocab.vocab_size, dtype=torch.bool, device=self.device)
@@ -179,6 +179,7 @@ class Sampler:
         complete (prompt frames first), in frame order within each sample. :attr:`ids` holds each
         sample's token ids afterwards."""
         vocab, k_all, pattern = self.vocab, self.vocab.n_codebooks, self.pattern
+        pad, eos = vocab.special_id("pad"), vocab.special_id("eos")
         n_prompt = self.prompt.shape[1]
         for f in range(n_prompt):
             for i in range(self.n):
@@ -195,21 +196,21 @@ class Sampler:
             mask = torch.cat([text_mask, mask], dim=1)
         while True:
             t = len(cells)
-            step = sample_ids(logits[..., -1, :], self._allowed(t, end), generator=self.generator,
-                              **self.options).cpu()
-            step[done] = vocab.pad_id  # finished samples are fed pads, which are not kept
+            step = sample_ids(logits[..., -1, :], self._allowed(t, end), self.temperature, self.top_k, self.top_p,
+                              self.generator).cpu()
+            step[done] = pad  # finished samples are fed pads, which are not kept
             cells.append(step)
             for i in (i for i in range(self.n) if not done[i]):
                 if pattern is CodebookPattern.FLATTEN:
-                    if step[i] == vocab.eos_id:
+                    if step[i] == eos:
                         end[i], done[i] = t // k_all, True
                     elif t % k_all == k_all - 1:
                         yield i, torch.stack([cells[t - k_all + 1 + k][i] for k in range(k_all)]) - offsets
                     continue
-                if end[i] < 0 and int(step[i, 0]) in (vocab.pad_id, vocab.eos_id):  # row 0 ended the sample
+                if end[i] < 0 and int(step[i, 0]) in (pad, eos):  # row 0 ended the sample
                     end[i] = t
                     if pattern is CodebookPattern.PARALLEL:
-                        step[i] = vocab.eos_id
+                        step[i] = eos
                 frame = t - (k_all - 1) if pattern is CodebookPattern.DELAY else t
                 if n_prompt <= frame and (end[i] < 0 or frame < end[i]):
                     yield i, torch.stack([cells[frame + k if pattern is CodebookPattern.DELAY else frame][i, k]

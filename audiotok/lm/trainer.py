@@ -134,7 +134,7 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
     no_decay = [p for p in prior.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.optim.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=config.optim.lr,
-                            betas=tuple(config.optim.betas))
+                            betas=(config.optim.betas[0], config.optim.betas[1]))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(config, s))
     step, best = 0, math.inf
     if resume:
@@ -148,7 +148,7 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
                        batch_per_rank)
     batches = itertools.islice(batches, step, None)  # a resumed run continues where the data stopped
 
-    logger = None
+    logger = None  # rank 0 only
     val_blocks: list[dict[str, torch.Tensor]] = []
     if env.is_main:
         save_path.mkdir(parents=True, exist_ok=True)
@@ -183,9 +183,9 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
         sched.step()
         step += 1
 
-        if env.is_main:
+        if logger is not None:
             if step % loop.log_every == 0 or step == end:
-                metrics = {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0],
+                metrics = {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": float(sched.get_last_lr()[0]),
                            "steps_per_s": (step - first_step) / max(time.perf_counter() - started, 1e-9)}
                 metrics.update({f"loss/cb{k}": float(s / c) for k, (s, c) in enumerate(zip(cb_sums, cb_counts))
                                 if c > 0})
@@ -203,7 +203,7 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
         if step % loop.save_every == 0 or step == end:
             barrier(env)
 
-    if env.is_main:
+    if logger is not None:
         logger.close()
     shutdown()
     return metrics
