@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -328,7 +328,8 @@ class AudioTokenizer:
         return 1000.0 * self.stream_latency_frames / self.frame_rate
 
     @torch.inference_mode()
-    def decode_stream(self, frames: Iterable[torch.Tensor | np.ndarray], chunk_frames: int = 1) -> Iterator[torch.Tensor]:
+    def decode_stream(self, frames: Iterable[torch.Tensor | np.ndarray],
+                      chunk_frames: int = 1) -> Iterator[torch.Tensor]:
         """Decode code frames as they arrive (e.g. from a language model), giving audio as soon as the
         decoder's right context is there.
 

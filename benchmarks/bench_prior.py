@@ -72,8 +72,8 @@ def tokenize(args, work: Path) -> None:
             if not link.exists():
                 link.symlink_to(path.resolve())
         start = time.perf_counter()
-        summary = tokenize_dataset(BulkConfig(InputSpec("folder", str(folder)), str(out), DEFAULT_MODEL_ID, num_workers=1,
-                                              progress=False))
+        job = BulkConfig(InputSpec("folder", str(folder)), str(out), DEFAULT_MODEL_ID, num_workers=1, progress=False)
+        summary = tokenize_dataset(job)
         print(f"tokenized {split}: {sum(s for _, s in files) / 60:.1f} min of audio in "
               f"{time.perf_counter() - start:.0f} s; {summary}", flush=True)
 
@@ -203,7 +203,8 @@ def main() -> None:
     tokenize(args, work)
     if args.steps == 0:
         return
-    config = load_prior_config(args.config, [f"data.train={work / 'codes' / 'train'}", f"data.valid={work / 'codes' / 'eval'}",
+    codes = work / "codes"
+    config = load_prior_config(args.config, [f"data.train={codes / 'train'}", f"data.valid={codes / 'eval'}",
                                              f"train.num_iters={args.steps}", *args.overrides])
     start = time.perf_counter()
     train_prior(config, work / "run", device="cpu")

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from ..config import check_keys
 from ..train.config import apply_overrides, read_config_dict, strict_section
 from .prior import PriorConfig
 
@@ -68,10 +70,7 @@ class PriorTrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PriorTrainConfig:
         data = copy.deepcopy(data)
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(sections))
-        if unknown:
-            raise ValueError(f"unknown config sections {unknown}; expected some of {sorted(sections)}")
+        check_keys(cls, data, "config sections")
         config = cls(
             prior=strict_section(PriorConfig, data.get("prior") or {}, "prior"),
             optim=strict_section(PriorOptimConfig, data.get("optim") or {}, "optim"),

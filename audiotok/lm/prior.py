@@ -204,8 +204,8 @@ class CodePrior(nn.Module):
             attention_mask = torch.cat([torch.ones_like(text_ids) if text_mask is None else text_mask,
                                         attention_mask], dim=1)
         positions = torch.arange(past, past + n_text + length, device=device).expand(batch, -1)
-        kwargs = {"attention_mask": attention_mask, "position_ids": positions, "use_cache": use_cache or cache is not None,
-                  self._cache_arg: cache}
+        kwargs = {"attention_mask": attention_mask, "position_ids": positions,
+                  "use_cache": use_cache or cache is not None, self._cache_arg: cache}
         if not self.multi_stream:
             ids = input_ids if text_ids is None else torch.cat([text_ids + self.vocab.vocab_size, input_ids], 1)
             out = self.lm(input_ids=ids, **kwargs)

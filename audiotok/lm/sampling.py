@@ -18,8 +18,8 @@ prompt's codes) and are part of the returned codes. The length lies in ``[min_fr
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch

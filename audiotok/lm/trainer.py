@@ -13,15 +13,16 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..train.distributed import barrier, init_distributed, shutdown
+from ..distributed import DistEnv, barrier, init_process_group, rank_device, shutdown
 from ..train.state import STATE_FILE, load_train_state, replace_folder
 from ..train.trainer import Logger
 from .config import PriorTrainConfig
@@ -116,7 +117,11 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
 
     Returns the last logged training metrics (``loss``, ``loss/cb{k}``, ``lr``, ...).
     """
-    env, dev = init_distributed(device)
+    env = DistEnv.from_environ()
+    dev = rank_device(device, env.local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    init_process_group(env, "nccl" if dev.type == "cuda" else "gloo")
     save_path = Path(save_path)
     loop = config.train
     end = min(loop.num_iters, max_steps or loop.num_iters)
@@ -185,7 +190,8 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
 
         if logger is not None:
             if step % loop.log_every == 0 or step == end:
-                metrics = {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": float(sched.get_last_lr()[0]),
+                metrics = {"loss": float(loss.detach()), "grad_norm": float(grad_norm),
+                           "lr": float(sched.get_last_lr()[0]),
                            "steps_per_s": (step - first_step) / max(time.perf_counter() - started, 1e-9)}
                 metrics.update({f"loss/cb{k}": float(s / c) for k, (s, c) in enumerate(zip(cb_sums, cb_counts))
                                 if c > 0})
