@@ -143,12 +143,14 @@ def _check_codes(codes: np.ndarray, what: str) -> None:
 # Writing
 
 class ShardWriter:
-    """Base class: records are added to a temporary file; :meth:`close` moves it into place."""
+    """Base class: records are added to a temporary file; :meth:`close` moves it into place.
+    ``metadata`` (:func:`dataset_metadata`) is stored where the shard type has room for it."""
 
     suffix = ""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None):
         self.path = Path(path)
+        self.metadata = metadata or {}
         self.tmp = temp_path(self.path)
         self.records = 0
         self.frames = 0
@@ -183,13 +185,13 @@ class ShardWriter:
 
 
 class TarShardWriter(ShardWriter):
-    """WebDataset tar: members ``{key}.codes.npy`` (``np.save`` of the uint16 codes) and ``{key}.json``.
-    (``metadata`` is the manifest's to hold: a tar shard has no place for it.)"""
+    """WebDataset tar: members ``{key}.codes.npy`` (``np.save`` of the uint16 codes) and ``{key}.json``
+    (no room for ``metadata``: the manifest holds it)."""
 
     suffix = ".tar"
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None):
-        super().__init__(path)
+        super().__init__(path, metadata)
         self._file = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
         self._mtime = int(time.time())
@@ -259,10 +261,10 @@ class ParquetShardWriter(ShardWriter):
                  row_group_records: int = 256, row_group_bytes: int = 64 << 20):
         import pyarrow.parquet as pq
 
-        super().__init__(path)
-        mono = (metadata or {}).get("mono", True)
+        super().__init__(path, metadata)
+        mono = self.metadata.get("mono", True)
         self.ndim = 2 if mono else 3  # [K, F] or [C, K, F]
-        self.schema = parquet_schema(mono, metadata)
+        self.schema = parquet_schema(mono, self.metadata)
         self._writer = pq.ParquetWriter(str(self.tmp), self.schema, compression="zstd")
         self._rows: dict[str, list] = {name: [] for name in self.schema.names}
         self._bytes = 0

@@ -74,7 +74,7 @@ def resolve(source: str | os.PathLike | None, **hub_arguments: Any) -> Path:
     unknown = sorted(set(hub_arguments) - set(HUB_ARGUMENTS))
     if unknown:
         raise TypeError(f"unknown hub arguments {unknown}; known: {', '.join(HUB_ARGUMENTS)}")
-    if names_bundled_model(source):
+    if source is None or names_bundled_model(source):
         if str(source) in SAME_CODES_AS:
             log.info("%s: using %s, which writes the same codes (only its decoder changed)", source, DEFAULT_MODEL_ID)
         return default_model_path()

@@ -96,6 +96,33 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def measure(name: str, write, tmp: Path, records: list[np.ndarray], tok: AudioTokenizer,
+            repeats: int) -> tuple[str, int, float, float, float]:
+    """(name, file bytes, CodeDataset seconds, datasets row-by-row seconds, datasets batched seconds)."""
+    import datasets
+
+    folder = tmp / name.split(":")[0]
+    folder.mkdir()
+    write(folder / "shard.parquet", records, tok)
+    write_manifest(folder, "shard.parquet", records, tok)
+    library = best_of(lambda: sum(r.codes.size for r in CodeDataset(folder)), repeats)
+    ds = datasets.load_dataset("parquet", data_files=str(folder / "shard.parquet"), split="train",
+                               cache_dir=str(tmp / "hf" / folder.name))
+    v1 = name.startswith("v1")  # bytes, reshaped by hand
+
+    def rows() -> int:
+        if v1:
+            return sum(np.frombuffer(r["codes"], "<u2").reshape(r["shape"]).size for r in ds)
+        return sum(r["codes"].size for r in ds.with_format("numpy"))
+
+    def batches() -> int:
+        if v1:
+            return sum(np.frombuffer(c, "<u2").size for b in ds.iter(batch_size=64) for c in b["codes"])
+        return sum(c.size for b in ds.with_format("numpy").iter(batch_size=64) for c in b["codes"])
+
+    return name, (folder / "shard.parquet").stat().st_size, library, best_of(rows, repeats), best_of(batches, repeats)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/real-audio", help="real-audio folder (recipes/fetch_real_audio.py)")
@@ -111,30 +138,8 @@ def main() -> None:
     print(f"{len(records)} records of {args.record_seconds} s ({records[0].shape[0]} x {records[0].shape[1]} codes), "
           f"bundled model; {machine(torch.device('cpu'))}")
     with tempfile.TemporaryDirectory() as tmp:
-        results = []
-        for name, write in (("v1: bytes + shape", write_v1), ("v2: nested lists", write_v2)):
-            folder = Path(tmp) / name.split(":")[0]
-            folder.mkdir()
-            write(folder / "shard.parquet", records, tok)
-            write_manifest(folder, "shard.parquet", records, tok)
-            library = best_of(lambda: sum(r.codes.size for r in CodeDataset(folder)), args.repeats)
-            ds = datasets.load_dataset("parquet", data_files=str(folder / "shard.parquet"), split="train",
-                                       cache_dir=str(Path(tmp) / "hf" / name.split(":")[0]))
-            if name.startswith("v1"):
-                def hf_read():
-                    return sum(np.frombuffer(r["codes"], "<u2").reshape(r["shape"]).size for r in ds)
-
-                def hf_batches():
-                    return sum(np.frombuffer(c, "<u2").size for b in ds.iter(batch_size=64) for c in b["codes"])
-            else:
-                def hf_read():
-                    return sum(r["codes"].size for r in ds.with_format("numpy"))
-
-                def hf_batches():
-                    return sum(c.size for b in ds.with_format("numpy").iter(batch_size=64) for c in b["codes"])
-            hf, batched = best_of(hf_read, args.repeats), best_of(hf_batches, args.repeats)
-            size = (folder / "shard.parquet").stat().st_size
-            results.append((name, size, library, hf, batched))
+        results = [measure(name, write, Path(tmp), records, tok, args.repeats)
+                   for name, write in (("v1: bytes + shape", write_v1), ("v2: nested lists", write_v2))]
         raw = sum(c.nbytes for c in records)
         print(f"\nraw uint16 codes: {raw / 1e6:.2f} MB")
         print("| layout | file size | CodeDataset | datasets, row by row | datasets, batches of 64 |")

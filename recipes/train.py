@@ -12,6 +12,7 @@ Running again with the same --save-path resumes from its latest checkpoint. Trai
 
 import argparse
 import logging
+import sys
 
 from audiotok.train.config import load_config
 from audiotok.train.trainer import train

@@ -51,8 +51,8 @@ def test_without_pyav_the_error_says_what_to_install(tmp_path, monkeypatch):
 
 
 def test_m4a_files_in_folders_are_listed_and_encoded(tmp_path, tiny_tokenizer):
-    from audiotok.data.sources import AudioFolderSource
     from audiotok.cli.files import encode_path
+    from audiotok.data.sources import AudioFolderSource
 
     (tmp_path / "in").mkdir()
     write_m4a(tmp_path / "in" / "tone.m4a")

@@ -8,8 +8,8 @@ import torch
 from conftest import random_tokenizer
 
 from audiotok import AudioTokenizer
-from audiotok.hub import DEFAULT_MODEL_ID, PRETRAINED_DIR, resolve
 from audiotok.cli.modelinfo import convert_model
+from audiotok.hub import DEFAULT_MODEL_ID, PRETRAINED_DIR, resolve
 
 REVISION = "b" * 40
 

@@ -28,7 +28,7 @@ def snippets() -> list[tuple[str, str, str | None]]:
 def test_only_snippets_that_need_the_network_or_installs_are_skipped():
     found = snippets()
     assert len([s for s in found if s[2] is None]) >= 6
-    for lang, code, skip in found:
+    for _, code, skip in found:
         assert skip is None or re.search(r"network|installs", skip), (skip, code)
 
 

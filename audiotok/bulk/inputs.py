@@ -99,7 +99,7 @@ class InputSpec:
             return {}
         listed = tuple("." + k for k in self.audio_keys) if self.audio_keys else AUDIO_EXTENSIONS
         counts: dict[str, int] = {}
-        for _, dirnames, names in os.walk(self.path, followlinks=True):
+        for _, dirnames, names in os.walk(str(self.path), followlinks=True):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for name in names:
                 if not name.startswith(".") and not name.lower().endswith(listed):

@@ -32,8 +32,9 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
-from typing import IO, Iterable
+from typing import IO
 
 from .pack import MANIFEST_COLUMNS
 
