@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import cast
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
 
-AudioLike = torch.Tensor | np.ndarray
-AudioInput = AudioLike | Sequence[AudioLike]
+AudioLike = torch.Tensor | np.ndarray | Sequence[float]
+#: What ``AudioTokenizer.encode`` takes: a tensor or array, a list of clips (tensors, arrays or lists of
+#: floats), or audio records as ``datasets`` gives them: ``{"array", "sampling_rate"}`` (decoded) or
+#: ``{"bytes", "path"}`` (``Audio(decode=False)``), one or a list.
+AudioInput = AudioLike | Sequence[AudioLike] | Mapping[str, Any] | Sequence[Mapping[str, Any]]
 
 _PCM_SCALE = {np.dtype("int16"): 2.0**15, np.dtype("int32"): 2.0**31, np.dtype("int8"): 2.0**7}
 
@@ -21,6 +25,11 @@ def to_float_array(audio: AudioLike) -> np.ndarray:
         if audio.dtype in (torch.bfloat16, torch.float16):
             audio = audio.float()
         audio = audio.numpy()
+    elif isinstance(audio, (list, tuple)):  # a clip as Python numbers, [T] or [C, T]
+        try:
+            audio = np.asarray(audio, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"a clip given as a list must be numbers, [T] or [C, T] of equal rows: {e}") from None
     elif not isinstance(audio, np.ndarray):
         raise TypeError(f"audio must be a torch.Tensor, a numpy array or a list of them, got {type(audio).__name__}")
     if audio.dtype in _PCM_SCALE:
@@ -35,14 +44,17 @@ def to_float_array(audio: AudioLike) -> np.ndarray:
 def split_clips(audio: AudioInput) -> list[np.ndarray]:
     """Audio ``[T]``, ``[C, T]``, ``[B, C, T]`` or a list of ``[T]``/``[C, T]`` clips -> list of ``[C, T]`` float32.
 
-    Raises ``ValueError`` for wrong ranks, empty clips, NaN or Inf.
+    A flat list of numbers is one ``[T]`` clip; a list of lists is a list of clips (as feature
+    extractors take a batch). Raises ``ValueError`` for wrong ranks, empty clips, NaN or Inf.
     """
+    if isinstance(audio, (list, tuple)) and audio and isinstance(audio[0], (int, float, np.number)):
+        audio = [audio]
     if isinstance(audio, (list, tuple)):
         if not audio:
             raise ValueError("got an empty list of clips")
         clips = []
         for i, item in enumerate(audio):
-            x = to_float_array(item)
+            x = to_float_array(cast(AudioLike, item))
             if x.ndim not in (1, 2):
                 raise ValueError(f"clip {i} has shape {tuple(x.shape)}; each clip in a list must be [T] or [C, T]")
             clips.append(x[None] if x.ndim == 1 else x)
@@ -64,6 +76,38 @@ def split_clips(audio: AudioInput) -> list[np.ndarray]:
         if not np.isfinite(clip).all():
             raise ValueError(f"clip {i} contains NaN or Inf samples; clean the audio before encoding")
     return clips
+
+
+def unpack_records(audio: AudioInput, sample_rate: int | None) -> tuple[AudioInput, int | list[int]]:
+    """Audio records as ``datasets`` gives them -> ``(clips, rate of each)``; other audio passes
+    through as ``(audio, sample_rate)``.
+
+    A record is ``{"array": [T] or [C, T], "sampling_rate": sr}`` (a decoded ``datasets.Audio``
+    value) or ``{"bytes": ..., "path": ...}`` (``Audio(decode=False)``, read with
+    :func:`read_audio_bytes` or :func:`load_audio`). ``sample_rate``, when given with records, must
+    be the rate of every record. Plain audio needs ``sample_rate``.
+    """
+    records = [audio] if isinstance(audio, Mapping) else audio
+    if not (isinstance(records, (list, tuple)) and records and all(isinstance(r, Mapping) for r in records)):
+        if sample_rate is None:
+            raise ValueError("give the audio's sample_rate (or records with 'array' and 'sampling_rate')")
+        return audio, check_sample_rate(sample_rate)
+    clips, rates = [], []
+    for i, record in enumerate(records):
+        if record.get("array") is not None:
+            if record.get("sampling_rate") is None:
+                raise ValueError(f"audio record {i} has an 'array' but no 'sampling_rate'")
+            clip, rate = record["array"], check_sample_rate(record["sampling_rate"])
+        elif record.get("bytes") or record.get("path"):
+            clip, rate = read_audio_bytes(record["bytes"]) if record.get("bytes") else load_audio(record["path"])
+        else:
+            raise ValueError(f"audio record {i} has neither 'array' and 'sampling_rate' nor 'bytes' or 'path': "
+                             f"keys {sorted(record)}")
+        if sample_rate is not None and rate != check_sample_rate(sample_rate):
+            raise ValueError(f"audio record {i} is at {rate} Hz, not sample_rate={sample_rate}")
+        clips.append(clip)
+        rates.append(rate)
+    return (clips[0], rates[0]) if isinstance(audio, Mapping) else (clips, rates)
 
 
 def check_sample_rate(sample_rate: object) -> int:
@@ -98,15 +142,55 @@ import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 #: File extensions :func:`save_audio` writes, and the libsndfile format and default subtype used.
-#: WAV is written as 32-bit float, so a decoded file holds exactly what the model produced (every
-#: common tool reads float WAV); FLAC cannot hold floats and is written as 24-bit PCM, whose
-#: quantization noise (about -144 dBFS) is far below any codec's error.
-AUDIO_WRITE_FORMATS = {".wav": ("WAV", "FLOAT"), ".flac": ("FLAC", "PCM_24")}
+#: WAV is written as 16-bit PCM, what every player and tool takes (its quantization noise, about
+#: -98 dBFS, is far below any codec's error; ``subtype="FLOAT"`` keeps the model's output exactly);
+#: FLAC is written as 24-bit PCM.
+AUDIO_WRITE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_24")}
+#: Subtypes :func:`save_audio` takes (libsndfile names; FLAC holds the PCM ones up to 24 bits).
+AUDIO_SUBTYPES = ("PCM_16", "PCM_24", "PCM_32", "FLOAT")
+
+
+def check_subtype(suffix: str, subtype: str | None) -> None:
+    """``ValueError`` unless ``subtype`` (``None``: the default) can be written to a ``suffix`` file."""
+    import soundfile as sf
+
+    if subtype is not None and not sf.check_format(AUDIO_WRITE_FORMATS[suffix][0], subtype.upper()):
+        supported = [s for s in AUDIO_SUBTYPES if sf.check_format(AUDIO_WRITE_FORMATS[suffix][0], s)]
+        raise ValueError(f"cannot write {suffix} files as {subtype}; use one of {', '.join(supported)}")
+
+
+#: Extensions of audio that libsndfile does not read (AAC in MP4 containers), decoded with FFmpeg
+#: through PyAV, the optional ``ffmpeg`` extra.
+FFMPEG_EXTENSIONS = (".m4a", ".mp4", ".aac")
+_FFMPEG_HINT = "FFmpeg through PyAV, which is not installed: pip install 'audiotok[ffmpeg]'"
+
+
+def _load_with_ffmpeg(file: str | io.BytesIO, name: str) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream of ``file`` with PyAV: ``(float32 [C, T], sample_rate)``."""
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"{name}: reading this audio needs {_FFMPEG_HINT}") from None
+    try:
+        with av.open(file, "r") as container:
+            if not container.streams.audio:
+                raise ValueError(f"{name}: no audio stream")
+            stream = container.streams.audio[0]
+            planar = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate)
+            chunks = [f.to_ndarray() for frame in container.decode(stream) for f in planar.resample(frame)]
+            chunks += [f.to_ndarray() for f in planar.resample(None)]
+    except av.FFmpegError as e:
+        raise ValueError(f"{name}: cannot read audio file: {e}") from e
+    if not chunks:
+        return np.zeros((stream.channels, 0), np.float32), int(stream.rate)
+    return np.ascontiguousarray(np.concatenate(chunks, axis=1), dtype=np.float32), int(stream.rate)
+
 
 #: Extensions (lower case, with the dot) of the audio files a folder is listed for, by default,
 #: wherever a folder is read (``audiotok encode DIR``, folder training sources, bulk folder inputs,
-#: WebDataset audio members): the formats libsndfile >= 1.1 reads.
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
+#: WebDataset audio members): the formats libsndfile >= 1.1 reads, and m4a/aac, read with FFmpeg
+#: through PyAV (the ``ffmpeg`` extra; without it such a file fails with a message saying so).
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".m4a", ".aac")
 
 
 def find_files(root: str | os.PathLike, extensions: Sequence[str] = AUDIO_EXTENSIONS) -> list[Path]:
@@ -135,16 +219,20 @@ def find_files(root: str | os.PathLike, extensions: Sequence[str] = AUDIO_EXTENS
 
 
 def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Read an audio file with soundfile: ``(float32 array [C, T], sample_rate)``.
+    """Read an audio file: ``(float32 array [C, T], sample_rate)``.
 
-    Any format libsndfile reads (WAV, FLAC, OGG/Vorbis, Opus, MP3, AIFF, ...). Raises
-    ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file when it cannot be
-    decoded. The samples are returned as stored: empty files and NaN samples are not rejected here.
+    Any format libsndfile reads (WAV, FLAC, OGG/Vorbis, Opus, MP3, AIFF, ...) with soundfile;
+    :data:`FFMPEG_EXTENSIONS` (m4a/AAC/MP4) with FFmpeg through PyAV (``pip install
+    'audiotok[ffmpeg]'``). Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming
+    the file when it cannot be decoded (or PyAV is needed and missing). The samples are returned as
+    stored: empty files and NaN samples are not rejected here.
     """
     import soundfile as sf
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
+    if Path(path).suffix.lower() in FFMPEG_EXTENSIONS:
+        return _load_with_ffmpeg(str(path), str(path))
     try:
         data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile.LibsndfileError, RuntimeError, struct errors on odd headers
@@ -152,10 +240,29 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(data.T), int(sample_rate)
 
 
+def read_audio_bytes(data: bytes) -> tuple[np.ndarray, int]:
+    """Decode an audio file held in memory: ``(float32 [C, T], sample_rate)``. Any libsndfile
+    format, or, when PyAV is installed, any format FFmpeg reads (m4a/AAC/MP4, ...).
+
+    Raises ``ValueError`` when the bytes are not readable audio."""
+    import soundfile as sf
+
+    try:
+        audio, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as e:  # LibsndfileError, RuntimeError, struct errors on odd headers
+        try:
+            import av  # noqa: F401
+        except ImportError:
+            raise ValueError(f"cannot read audio bytes: {e} (formats libsndfile does not read, such as "
+                             f"m4a/AAC, need {_FFMPEG_HINT})") from e
+        return _load_with_ffmpeg(io.BytesIO(data), "audio bytes")
+    return np.ascontiguousarray(audio.T), int(sample_rate)
+
+
 def save_audio(path: str | os.PathLike, audio: AudioLike, sample_rate: int, subtype: str | None = None) -> None:
     """Write float audio ``[C, T]`` (or ``[T]``) to ``path``, creating parent folders.
 
-    The format follows the extension (see :data:`AUDIO_WRITE_FORMATS`): ``.wav`` as 32-bit float
+    The format follows the extension (see :data:`AUDIO_WRITE_FORMATS`): ``.wav`` as 16-bit PCM
     by default, ``.flac`` as 24-bit PCM. ``subtype`` overrides that (e.g. ``"PCM_16"``); samples
     are clipped to [-1, 1] for PCM subtypes. Raises ``ValueError`` for other extensions, bad shapes
     and NaN or Inf samples.
@@ -167,7 +274,8 @@ def save_audio(path: str | os.PathLike, audio: AudioLike, sample_rate: int, subt
     if ext not in AUDIO_WRITE_FORMATS:
         raise ValueError(f"{path}: cannot write audio with extension {ext!r}; use one of {sorted(AUDIO_WRITE_FORMATS)}")
     fmt, default_subtype = AUDIO_WRITE_FORMATS[ext]
-    subtype = subtype or default_subtype
+    check_subtype(ext, subtype)
+    subtype = (subtype or default_subtype).upper()
     x = to_float_array(audio)
     if x.ndim == 1:
         x = x[None]

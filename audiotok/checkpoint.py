@@ -23,18 +23,21 @@ FORMAT_NAME = "audiotok"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"  # the model card, kept with the weights when a model folder is saved again
 _G = "parametrizations.weight.original0"
 _V = "parametrizations.weight.original1"
 
 
 @dataclass
 class Checkpoint:
-    """A generator's config, its weights (this package's key names) and a name for it."""
+    """A generator's config, its weights (this package's key names), a name for it and what travels
+    with it: a notice shown on loading and the model card (``README.md`` of its folder)."""
 
     config: DACConfig
     state_dict: dict[str, torch.Tensor]
     model_id: str
     notice: str | None = None  # shown to whoever loads the model (e.g. "early checkpoint")
+    card: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,16 +214,19 @@ def load_original(path: str | os.PathLike) -> Checkpoint:
         raise ValueError(f"{path}: no metadata.kwargs in the checkpoint; cannot tell its architecture")
     config = DACConfig(**{k: kwargs[k] for k in _PTH_KWARGS if k in kwargs and kwargs[k] is not None})
     state_dict = from_original_keys(blob["state_dict"], config)
-    return Checkpoint(config, state_dict, path.stem)
+    model_id = blob["metadata"].get("model_id")  # written by audiotok; the original package has none
+    return Checkpoint(config, state_dict, model_id if isinstance(model_id, str) and model_id else path.stem)
 
 
 def save_original(checkpoint: Checkpoint, path: str | os.PathLike) -> None:
-    """Write the original package's ``.pth`` layout: weight_g / weight_v keys and metadata kwargs."""
+    """Write the original package's ``.pth`` layout: weight_g / weight_v keys and metadata kwargs (and
+    the ``model_id``, which the original package ignores)."""
     state_dict = checkpoint.state_dict
     if not any(k.endswith(_G) for k in state_dict):
         state_dict = build_model(checkpoint, folded=False).state_dict()
     kwargs = checkpoint.config.to_dict()
-    torch.save({"state_dict": to_original_keys(state_dict, checkpoint.config), "metadata": {"kwargs": kwargs}}, path)
+    metadata = {"kwargs": kwargs, "model_id": checkpoint.model_id}
+    torch.save({"state_dict": to_original_keys(state_dict, checkpoint.config), "metadata": metadata}, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +328,8 @@ def load_folder(folder: str | os.PathLike) -> Checkpoint:
         config = config_from_transformers(data)
         model_id = data.get("_name_or_path") or folder.name
         notice = None
-    return Checkpoint(config, _read_safetensors(folder / WEIGHTS_FILE), str(model_id), notice)
+    card = (folder / CARD_FILE).read_text() if (folder / CARD_FILE).is_file() else None
+    return Checkpoint(config, _read_safetensors(folder / WEIGHTS_FILE), str(model_id), notice, card)
 
 
 def _plain_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
@@ -330,7 +337,8 @@ def _plain_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
 
 
 def save_folder(checkpoint: Checkpoint, folder: str | os.PathLike) -> None:
-    """Write an audiotok folder: config.json and plain (folded) weights in model.safetensors."""
+    """Write an audiotok folder: config.json (with the notice), plain (folded) weights in
+    model.safetensors and the model card as README.md."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model_id": checkpoint.model_id,
@@ -339,15 +347,23 @@ def save_folder(checkpoint: Checkpoint, folder: str | os.PathLike) -> None:
         meta["notice"] = checkpoint.notice
     save_file(_plain_weights(checkpoint), folder / WEIGHTS_FILE, metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    _write_card(checkpoint, folder)
+
+
+def _write_card(checkpoint: Checkpoint, folder: Path) -> None:
+    if checkpoint.card:
+        (folder / CARD_FILE).write_text(checkpoint.card)
 
 
 def save_transformers(checkpoint: Checkpoint, folder: str | os.PathLike) -> None:
-    """Write a folder that ``transformers.DacModel.from_pretrained`` loads with every weight used."""
-    config = config_to_transformers(checkpoint.config)
+    """Write a folder that ``transformers.DacModel.from_pretrained`` loads with every weight used (the
+    model id as ``_name_or_path``, and the model card)."""
+    config = {**config_to_transformers(checkpoint.config), "_name_or_path": checkpoint.model_id}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_plain_weights(checkpoint), folder / WEIGHTS_FILE, metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    _write_card(checkpoint, folder)
 
 
 def locate_checkpoint(path: str | os.PathLike) -> tuple[str, Path]:

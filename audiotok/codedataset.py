@@ -4,7 +4,7 @@ This module is the format's only implementation (constants, record fields, schem
 names, shard writers and readers); :mod:`audiotok.bulk` writes with it, :class:`audiotok.lm.CodeDataset`
 reads with it.
 
-Format (``format_version`` 1)
+Format (``format_version`` 2)
 =============================
 
 A code dataset is a folder with shards and a ``manifest.json`` (and, while or after the bulk
@@ -12,7 +12,7 @@ tokenizer writes it, a ``.bulk/`` folder of progress files that readers ignore).
 
 ``manifest.json``::
 
-    {"format": "audiotok-code-dataset", "format_version": 1,
+    {"format": "audiotok-code-dataset", "format_version": 2,
      "model_id": str, "config": DACConfig.to_dict(), "config_hash": DACConfig.architecture_hash(),
      "hop_length": int, "frame_rate": float,
      "shards": [{"path": "shard-r000-w00-00000.tar", "records": int, "frames": int}, ...],
@@ -38,9 +38,13 @@ WebDataset shards (``.tar``): per record, consecutive members ``{key}.codes.npy`
 the codes) and ``{key}.json`` (the metadata).
 
 Parquet shards (``.parquet``, :func:`parquet_schema`): one row per record, columns ``key`` (string),
-``codes`` (binary: the codes as raw little-endian uint16, C order), ``shape`` (list<int32>),
-``n_frames`` (int32), ``num_samples`` (int64), ``sample_rate`` (int32), ``channels`` (int16),
-``source_key`` (string), ``model_id`` (string).
+``codes`` (nested lists of uint16: ``list<list<uint16>>`` ``[K][F]``, or ``list<list<list<uint16>>>``
+``[C][K][F]``, so ``datasets`` and pyarrow read arrays directly), ``n_frames`` (int32),
+``num_samples`` (int64), ``sample_rate`` (int32), ``channels`` (int16), ``source_key`` (string),
+``model_id`` (string). The key-value metadata ``audiotok`` (:data:`PARQUET_METADATA_KEY`) holds JSON
+with ``model_id``, ``config_hash``, ``sample_rate``, ``hop_length``, ``frame_rate``,
+``n_quantizers``, ``codebook_size`` and ``mono`` (:func:`dataset_metadata`). Version-1 shards stored
+``codes`` as raw little-endian bytes with a ``shape`` column; readers take both.
 
 Every shard is written to a temporary name in its final folder and moved into place with
 :func:`audiotok.io.replace_durably`, so a reader (or a resumed job) sees the whole file or none of it.
@@ -68,7 +72,7 @@ if TYPE_CHECKING:
     from .config import DACConfig
 
 FORMAT_NAME = "audiotok-code-dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 #: Per-record metadata fields, in the order they are written (WebDataset ``{key}.json``).
 RECORD_FIELDS = ("key", "source_key", "num_samples", "sample_rate", "n_frames", "channels", "model_id")
@@ -111,6 +115,15 @@ def manifest_header(model_id: str, config: DACConfig) -> dict[str, Any]:
     }
 
 
+def dataset_metadata(model_id: str, config: DACConfig, n_quantizers: int, mono: bool) -> dict[str, Any]:
+    """What a reader needs to interpret a shard's codes without the manifest: the model (``model_id``,
+    ``config_hash``), the rates (``sample_rate``, ``hop_length``, ``frame_rate``) and the codes
+    (``n_quantizers``, ``codebook_size``, ``mono``)."""
+    return {"model_id": model_id, "config_hash": config.architecture_hash(), "sample_rate": config.sample_rate,
+            "hop_length": config.hop_length, "frame_rate": config.frame_rate, "n_quantizers": n_quantizers,
+            "codebook_size": config.codebook_size, "mono": mono}
+
+
 def check_manifest(manifest: dict[str, Any], where: str | os.PathLike) -> None:
     """Raise ``ValueError`` unless ``manifest`` is a code-dataset manifest this reader knows."""
     if manifest.get("format") != FORMAT_NAME:
@@ -130,12 +143,14 @@ def _check_codes(codes: np.ndarray, what: str) -> None:
 # Writing
 
 class ShardWriter:
-    """Base class: records are added to a temporary file; :meth:`close` moves it into place."""
+    """Base class: records are added to a temporary file; :meth:`close` moves it into place.
+    ``metadata`` (:func:`dataset_metadata`) is stored where the shard type has room for it."""
 
     suffix = ""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None):
         self.path = Path(path)
+        self.metadata = metadata or {}
         self.tmp = temp_path(self.path)
         self.records = 0
         self.frames = 0
@@ -170,12 +185,13 @@ class ShardWriter:
 
 
 class TarShardWriter(ShardWriter):
-    """WebDataset tar: members ``{key}.codes.npy`` (``np.save`` of the uint16 codes) and ``{key}.json``."""
+    """WebDataset tar: members ``{key}.codes.npy`` (``np.save`` of the uint16 codes) and ``{key}.json``
+    (no room for ``metadata``: the manifest holds it)."""
 
     suffix = ".tar"
 
-    def __init__(self, path: str | os.PathLike):
-        super().__init__(path)
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None):
+        super().__init__(path, metadata)
         self._file = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
         self._mtime = int(time.time())
@@ -198,14 +214,19 @@ class TarShardWriter(ShardWriter):
             self._file.close()
 
 
-def parquet_schema():
-    """Columns of a Parquet shard (see the module docstring)."""
+#: Key of the Parquet key-value metadata entry that holds :func:`dataset_metadata` (JSON).
+PARQUET_METADATA_KEY = "audiotok"
+
+
+def parquet_schema(mono: bool = True, metadata: dict[str, Any] | None = None):
+    """Columns of a Parquet shard (see the module docstring): ``codes`` is a nested list of uint16,
+    ``[K][F]`` (``mono``) or ``[C][K][F]``; ``metadata`` goes to the key-value metadata as JSON."""
     import pyarrow as pa
 
-    return pa.schema([
+    codes = pa.list_(pa.list_(pa.uint16()))
+    schema = pa.schema([
         ("key", pa.string()),
-        ("codes", pa.binary()),
-        ("shape", pa.list_(pa.int32())),
+        ("codes", codes if mono else pa.list_(codes)),
         ("n_frames", pa.int32()),
         ("num_samples", pa.int64()),
         ("sample_rate", pa.int32()),
@@ -213,30 +234,49 @@ def parquet_schema():
         ("source_key", pa.string()),
         ("model_id", pa.string()),
     ])
+    return schema.with_metadata({PARQUET_METADATA_KEY: json.dumps(metadata or {})})
+
+
+def nested_list_array(arrays: list[np.ndarray]):
+    """uint16 arrays of one rank ``d`` (shapes may differ) -> an Arrow array of ``d``-deep nested lists,
+    built from the flat values and offsets (no Python lists)."""
+    import pyarrow as pa
+
+    ndim = arrays[0].ndim if arrays else 2
+    values = pa.array(np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0, np.uint16), pa.uint16())
+    for level in reversed(range(ndim)):  # innermost lists first: one list per index of the outer axes
+        lengths = [np.full(int(np.prod(a.shape[:level])), a.shape[level]) for a in arrays]
+        offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths) if lengths else [])]).astype(np.int32)
+        values = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
+    return values
 
 
 class ParquetShardWriter(ShardWriter):
     """Parquet: one row per record, written in row groups of ``row_group_records`` rows (or about
-    ``row_group_bytes`` of codes)."""
+    ``row_group_bytes`` of codes); ``metadata`` (:func:`dataset_metadata`) in the key-value metadata."""
 
     suffix = ".parquet"
 
-    def __init__(self, path: str | os.PathLike, row_group_records: int = 256, row_group_bytes: int = 64 << 20):
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
+                 row_group_records: int = 256, row_group_bytes: int = 64 << 20):
         import pyarrow.parquet as pq
 
-        super().__init__(path)
-        self.schema = parquet_schema()
+        super().__init__(path, metadata)
+        mono = self.metadata.get("mono", True)
+        self.ndim = 2 if mono else 3  # [K, F] or [C, K, F]
+        self.schema = parquet_schema(mono, self.metadata)
         self._writer = pq.ParquetWriter(str(self.tmp), self.schema, compression="zstd")
         self._rows: dict[str, list] = {name: [] for name in self.schema.names}
         self._bytes = 0
         self.row_group_records, self.row_group_bytes = row_group_records, row_group_bytes
 
     def _add(self, meta: dict[str, Any], codes: np.ndarray) -> None:
-        data = np.ascontiguousarray(codes.astype("<u2", copy=False)).tobytes()
-        row = {**{k: meta[k] for k in RECORD_FIELDS if k in self._rows}, "codes": data, "shape": list(codes.shape)}
+        if codes.ndim != self.ndim:
+            raise ValueError(f"this shard holds codes of rank {self.ndim}, got shape {codes.shape}")
+        row = {**{k: meta[k] for k in RECORD_FIELDS if k in self._rows}, "codes": codes.astype("<u2", copy=False)}
         for name, column in self._rows.items():
             column.append(row[name])
-        self._bytes += len(data)
+        self._bytes += codes.nbytes
         if len(self._rows["key"]) >= self.row_group_records or self._bytes >= self.row_group_bytes:
             self._flush()
 
@@ -244,7 +284,8 @@ class ParquetShardWriter(ShardWriter):
         import pyarrow as pa
 
         if self._rows["key"]:
-            self._writer.write_table(pa.table(self._rows, schema=self.schema))
+            columns = {**self._rows, "codes": nested_list_array(self._rows["codes"])}
+            self._writer.write_table(pa.table(columns, schema=self.schema))
             self._rows = {name: [] for name in self.schema.names}
             self._bytes = 0
 
@@ -321,16 +362,46 @@ def _read_tar(path: Path) -> Iterator[CodeRecord]:
         yield record(key)
 
 
+def list_column_codes(column, keys: list[str], path: Path) -> list[np.ndarray]:
+    """A nested-list ``codes`` column (pyarrow, ``[K][F]`` or ``[C][K][F]`` uint16 per row) -> one
+    uint16 array per row, cut from the column's flat values by its offsets (no Python lists)."""
+    import pyarrow as pa
+
+    levels, array = [], column
+    while pa.types.is_list(array.type):
+        levels.append(array.offsets.to_numpy())  # indexes into ``array.values``
+        array = array.values
+    values = array.to_numpy(zero_copy_only=False)
+    out = []
+    for row, key in enumerate(keys):
+        lo, hi, shape = row, row + 1, []
+        for offsets in levels:
+            lengths = np.diff(offsets[lo:hi + 1])
+            if lengths.size and (lengths != lengths[0]).any():
+                raise ValueError(f"{path}: record {key!r} has codebook rows of different lengths "
+                                 f"{sorted(set(lengths.tolist()))}")
+            shape.append(int(lengths[0]) if lengths.size else 0)
+            lo, hi = offsets[lo], offsets[hi]
+        out.append(values[lo:hi].astype(np.uint16, copy=False).reshape(shape))
+    return out
+
+
 def _read_parquet(path: Path) -> Iterator[CodeRecord]:
     import pyarrow.parquet as pq
 
     for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-        for row in batch.to_pylist():
-            data, shape = row.pop("codes"), row.pop("shape")
-            flat = np.frombuffer(data, dtype="<u2")
-            if flat.size != np.prod(shape):
-                raise ValueError(f"{path}: record {row['key']!r} has {flat.size} codes, its shape is {shape}")
-            yield _check_record(CodeRecord(row["key"], flat.reshape(shape).astype(np.uint16), row), path)
+        codes = batch.column("codes")
+        if "shape" in batch.schema.names:  # format_version 1: raw bytes and a shape column
+            rows = batch.drop_columns(["codes", "shape"]).to_pylist()
+            for row, data, shape in zip(rows, codes.to_pylist(), batch.column("shape").to_pylist()):
+                flat = np.frombuffer(data, dtype="<u2")
+                if flat.size != np.prod(shape):
+                    raise ValueError(f"{path}: record {row['key']!r} has {flat.size} codes, its shape is {shape}")
+                yield _check_record(CodeRecord(row["key"], flat.reshape(shape).astype(np.uint16), row), path)
+            continue
+        rows = batch.drop_columns(["codes"]).to_pylist()
+        for row, array in zip(rows, list_column_codes(codes, [r["key"] for r in rows], path)):
+            yield _check_record(CodeRecord(row["key"], array, row), path)
 
 
 def read_shard(path: str | os.PathLike) -> Iterator[CodeRecord]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,24 @@ from .hub import names_bundled_model, resolve
 from .layers import use_fused_snake
 from .model import DAC, context_frames
 from .segments import make_batches, plan_segments
+
+logger = logging.getLogger("audiotok")
+
+#: Names of the dtypes ``from_pretrained`` runs in (command lines and configs).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_notices_shown: set[tuple[str, str]] = set()
+
+
+def _one_thread_in_forked_child() -> None:
+    """torch's CPU kernels run on a GNU OpenMP thread team, which the parent creates the first time it
+    runs a parallel kernel (loading a model folds weights; encoding runs convolutions). A forked child
+    does not inherit those threads, and its first parallel kernel waits for them forever:
+    ``datasets.Dataset.map(num_proc=N)``, ``multiprocessing`` with fork and a bare ``os.fork()`` hang.
+    With one thread the child's kernels never use the team (torch's DataLoader workers do the same)."""
+    torch.set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_one_thread_in_forked_child)
 
 
 @dataclass
@@ -41,6 +60,10 @@ class EncodedAudio:
     def to(self, device: str | torch.device) -> EncodedAudio:
         return EncodedAudio(self.codes.to(device), self.lengths, self.num_samples, self.sample_rate)
 
+    def unbatch(self) -> list[torch.Tensor]:
+        """Each item's codes without padding: ``[K, F_b]`` (``[C, K, F_b]`` when coded per channel)."""
+        return [codes[..., :n] for codes, n in zip(self.codes, self.lengths.tolist())]
+
 
 class AudioTokenizer:
     """Encode audio to DAC code indices and decode them back, for inference.
@@ -55,6 +78,8 @@ class AudioTokenizer:
         use_fused_snake(model, compile)
         self.model = model.eval()
         self.model_id = model_id
+        self.notice: str | None = None  # shown on loading, saved with the model
+        self.card: str | None = None  # the model card (README.md), saved with the model
         self.dtype = dtype
         self.decoder_dtype = decoder_dtype
         self.device = torch.device(device or "cpu")
@@ -65,13 +90,16 @@ class AudioTokenizer:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | None = None, device: str | torch.device | None = None,
                         dtype: torch.dtype = torch.float32, compile: bool = False,
-                        decoder_dtype: torch.dtype | None = None) -> AudioTokenizer:
+                        decoder_dtype: torch.dtype | None = None, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
+                        local_files_only: bool = False, force_download: bool = False) -> AudioTokenizer:
         """Load a model for inference.
 
         Args:
-            source: ``None`` for the model that ships with the package; an audiotok folder; a
-                transformers DAC folder; an original descript ``.pth`` file; or a Hugging Face hub id
-                (e.g. ``descript/dac_44khz``), taken from the local cache when present.
+            source: ``None`` or ``"default"`` for the model that ships with the package; an audiotok
+                folder; a transformers DAC folder; an original descript ``.pth`` file; or a Hugging
+                Face hub id (e.g. ``descript/dac_44khz``, alias ``dac_44khz`` or ``44khz``), taken from
+                the local cache when present.
             device: where the model runs (default CPU).
             dtype: weights and activations; ``torch.bfloat16`` / ``torch.float16`` trade exactness for
                 speed (code lookups, the decoder's last block and its output layer always run in
@@ -83,13 +111,24 @@ class AudioTokenizer:
             decoder_dtype: the decoder's dtype when it should differ from ``dtype``: codes depend on
                 the encoder only, so ``dtype=float32, decoder_dtype=bfloat16`` keeps exact codes and
                 decodes about 1.6x faster on CPUs with bf16 units.
+            revision, cache_dir, token, local_files_only, force_download: for hub ids, passed to
+                ``huggingface_hub.snapshot_download`` (ignored for the bundled model and local paths).
+
+        A model's notice (e.g. that it is an early checkpoint) is logged once per process as a
+        warning of the ``audiotok`` logger.
         """
-        checkpoint = load_checkpoint(resolve(source))
+        hub_arguments = dict(revision=revision, cache_dir=cache_dir, token=token,
+                             local_files_only=local_files_only, force_download=force_download)
+        checkpoint = load_checkpoint(resolve(source, **hub_arguments))
         if not names_bundled_model(source) and not Path(str(source)).expanduser().exists():
             checkpoint.model_id = str(source)
-        if checkpoint.notice:
-            warnings.warn(f"{checkpoint.model_id}: {checkpoint.notice}", UserWarning, stacklevel=2)
-        return cls(build_model(checkpoint, folded=True), checkpoint.model_id, device, dtype, compile, decoder_dtype)
+        if checkpoint.notice and (checkpoint.model_id, checkpoint.notice) not in _notices_shown:
+            _notices_shown.add((checkpoint.model_id, checkpoint.notice))
+            logger.warning("%s: %s", checkpoint.model_id, checkpoint.notice)
+        tokenizer = cls(build_model(checkpoint, folded=True), checkpoint.model_id, device, dtype, compile,
+                        decoder_dtype)
+        tokenizer.notice, tokenizer.card = checkpoint.notice, checkpoint.card
+        return tokenizer
 
     @classmethod
     def from_config(cls, config: DACConfig | str, device: str | torch.device | None = None,
@@ -101,20 +140,40 @@ class AudioTokenizer:
             torch.manual_seed(seed)
         return cls(DAC(config), "random", device)
 
-    def checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.config, self.model.state_dict(), self.model_id)
+    def checkpoint(self, model_id: str | None = None) -> Checkpoint:
+        """The model as a :class:`Checkpoint` (with its notice and model card), named ``model_id``
+        (default: :attr:`model_id`)."""
+        return Checkpoint(self.config, self.model.state_dict(), model_id or self.model_id, self.notice, self.card)
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write ``config.json`` and plain weights (``model.safetensors``) to ``folder``."""
-        save_folder(self.checkpoint(), folder)
+    def save_pretrained(self, folder: str | os.PathLike, model_id: str | None = None) -> None:
+        """Write ``config.json`` (model id, architecture, notice), plain weights (``model.safetensors``)
+        and the model card (``README.md``, when the model has one) to ``folder``. ``model_id``: the
+        name code files written with the saved model record (default: this model's)."""
+        save_folder(self.checkpoint(model_id), folder)
 
-    def export_transformers(self, folder: str | os.PathLike) -> None:
+    def export_transformers(self, folder: str | os.PathLike, model_id: str | None = None) -> None:
         """Write a folder that ``transformers.DacModel.from_pretrained`` loads with every weight used."""
-        save_transformers(self.checkpoint(), folder)
+        save_transformers(self.checkpoint(model_id), folder)
 
-    def export_original(self, path: str | os.PathLike) -> None:
+    def export_original(self, path: str | os.PathLike, model_id: str | None = None) -> None:
         """Write an original descript-audio-codec ``.pth`` file (weight_g / weight_v keys)."""
-        save_original(self.checkpoint(), path)
+        save_original(self.checkpoint(model_id), path)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    revision: str | None = None, commit_message: str | None = None,
+                    model_id: str | None = None) -> str:
+        """Upload the :meth:`save_pretrained` folder to the Hugging Face hub repository ``repo_id``
+        (created if missing) and return the commit URL. The saved ``model_id`` is ``repo_id`` unless
+        given: ``from_pretrained(repo_id)`` names the model by the id it was loaded from."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, model_id=model_id or repo_id)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                       commit_message=commit_message or f"Upload {model_id or repo_id} with audiotok")
+        return str(commit.commit_url)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
            decoder_dtype: torch.dtype | None = None) -> AudioTokenizer:
@@ -190,26 +249,32 @@ class AudioTokenizer:
         """Code frames of ``num_samples`` samples at :attr:`sample_rate`: ``ceil(num_samples / hop_length)``."""
         return -(-num_samples // self.hop_length)
 
-    def _prepare(self, audio: audio_utils.AudioInput, sample_rate: int,
-                 mono: bool) -> tuple[list[np.ndarray], list[int], int]:
-        """-> (items ``[T]`` at the model rate, original sample counts, channels per clip)."""
-        sample_rate = audio_utils.check_sample_rate(sample_rate)
+    def _prepare(self, audio: audio_utils.AudioInput, sample_rate: int | list[int],
+                 mono: bool) -> tuple[list[np.ndarray], list[int], int, int]:
+        """-> (items ``[T]`` at the model rate, sample counts, the rate they count at, channels per clip).
+
+        ``sample_rate``: one rate, or one per clip; clips of mixed rates are counted at the model rate."""
         clips = audio_utils.split_clips(audio)
+        rates = sample_rate if isinstance(sample_rate, list) else [sample_rate] * len(clips)
         channels = {c.shape[0] for c in clips}
         if not mono and len(channels) > 1:
             raise ValueError(f"with mono=False every clip needs the same channel count, got {sorted(channels)}")
         items: list[np.ndarray] = []
-        for i, clip in enumerate(clips):
-            clip = audio_utils.resample(audio_utils.downmix(clip) if mono else clip, sample_rate, self.sample_rate)
+        resampled: list[int] = []
+        for i, (clip, rate) in enumerate(zip(clips, rates)):
+            clip = audio_utils.resample(audio_utils.downmix(clip) if mono else clip, rate, self.sample_rate)
             if clip.shape[-1] == 0:
-                raise ValueError(f"clip {i} is too short to resample from {sample_rate} to {self.sample_rate} Hz")
+                raise ValueError(f"clip {i} is too short to resample from {rate} to {self.sample_rate} Hz")
             items.extend(clip)
-        return items, [c.shape[-1] for c in clips], 1 if mono else channels.pop()
+            resampled.append(clip.shape[-1])
+        if len(set(rates)) == 1:
+            return items, [c.shape[-1] for c in clips], rates[0], 1 if mono else channels.pop()
+        return items, resampled, self.sample_rate, 1 if mono else channels.pop()
 
     @torch.inference_mode()
-    def encode(self, audio: audio_utils.AudioInput, sample_rate: int, n_quantizers: int | None = None, *,
-               mono: bool = True, chunk_seconds: float | None = None,
-               batch_seconds: float | None = None) -> EncodedAudio:
+    def encode(self, audio: audio_utils.AudioInput, sample_rate: int | None = None, n_quantizers: int | None = None,
+               *, sampling_rate: int | None = None, mono: bool = True, chunk_seconds: float | None = None,
+               batch_seconds: float | None = None, progress: bool = False) -> EncodedAudio:
         """Encode audio to code indices.
 
         Clips of different lengths are batched with padding that never reaches any clip's codes, and
@@ -218,25 +283,34 @@ class AudioTokenizer:
 
         Args:
             audio: ``[T]``, ``[C, T]`` or ``[B, C, T]`` tensor or array (float, or int PCM), or a list
-                of ``[T]`` / ``[C, T]`` clips of different lengths.
-            sample_rate: rate of ``audio`` in Hz; it is resampled to :attr:`sample_rate`.
+                of ``[T]`` / ``[C, T]`` clips of different lengths (tensors, arrays or lists of
+                floats), or what ``datasets`` gives for an Audio column: a record
+                ``{"array", "sampling_rate"}`` (or ``{"bytes", "path"}`` with ``Audio(decode=False)``)
+                or a list of them (a batch of ``Dataset.map(batched=True)``).
+            sample_rate: rate of ``audio`` in Hz (``sampling_rate=`` as feature extractors name it;
+                records carry their own); it is resampled to :attr:`sample_rate`. Records of
+                different rates are each resampled, and counted at the model rate in the result.
             n_quantizers: code with the first K codebooks only (default: all).
             mono: average channels (default); ``False`` codes each channel on its own.
             chunk_seconds: longest stretch of audio per forward pass (default per device; ``inf``
                 for none). Bounds peak memory; does not change the codes.
             batch_seconds: most audio (padding included) per forward pass (default per device).
+            progress: show a progress bar over the forward passes (seconds of audio).
 
         Returns:
             :class:`EncodedAudio` with ``codes`` ``[B, K, F]`` (``[B, C, K, F]`` with ``mono=False``).
         """
         n_quantizers = check_n_quantizers(n_quantizers, self.n_codebooks)
-        items, num_samples, channels = self._prepare(audio, sample_rate, mono)
+        if sample_rate is not None and sampling_rate is not None and sample_rate != sampling_rate:
+            raise ValueError(f"sample_rate={sample_rate} and sampling_rate={sampling_rate} differ; give one")
+        audio, rates = audio_utils.unpack_records(audio, sampling_rate if sample_rate is None else sample_rate)
+        items, num_samples, rate, channels = self._prepare(audio, rates, mono)
         chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
         hop = self.hop_length
         frames = [self.num_frames(len(x)) for x in items]
         codes = torch.zeros(len(items), n_quantizers, max(frames), dtype=torch.long)
         segments = plan_segments(frames, chunk, context_frames(self.config)["encoder"])
-        for batch in make_batches(segments, max_frames):
+        for batch in _progress(make_batches(segments, max_frames), progress, "encoding", self.frame_rate):
             lengths = [min(len(items[s.item]), s.stop * hop) - s.start * hop for s in batch]
             x = torch.zeros(len(batch), 1, max(lengths))
             for j, (s, n) in enumerate(zip(batch, lengths)):
@@ -248,7 +322,7 @@ class AudioTokenizer:
                 codes[s.item, :, s.keep_start:s.keep_stop] = out[j, :, s.keep_start - s.start:s.keep_stop - s.start]
         if not mono:
             codes = codes.reshape(len(num_samples), channels, *codes.shape[1:])
-        return EncodedAudio(codes, torch.tensor(frames[::channels]), torch.tensor(num_samples), int(sample_rate))
+        return EncodedAudio(codes, torch.tensor(frames[::channels]), torch.tensor(num_samples), rate)
 
     def _check_codes(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
         if isinstance(codes, np.ndarray):
@@ -273,7 +347,7 @@ class AudioTokenizer:
 
     @torch.inference_mode()
     def decode(self, codes: EncodedAudio | torch.Tensor | np.ndarray, *, chunk_seconds: float | None = None,
-               batch_seconds: float | None = None) -> torch.Tensor:
+               batch_seconds: float | None = None, progress: bool = False) -> torch.Tensor:
         """Decode codes to audio at :attr:`sample_rate`.
 
         Args:
@@ -282,6 +356,7 @@ class AudioTokenizer:
                 K may be fewer than :attr:`n_codebooks`: the first K codebooks are used.
             chunk_seconds, batch_seconds: as in :meth:`encode`; long code sequences are decoded in
                 chunks with context, equal to whole decoding within float rounding.
+            progress: show a progress bar over the forward passes (seconds of audio).
 
         Returns:
             float32 audio ``[B, C, T]`` on the CPU (C = 1 unless coded per channel).
@@ -301,7 +376,7 @@ class AudioTokenizer:
         chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
         audio = torch.zeros(len(frames), max(n_out))
         segments = plan_segments(frames, chunk, context_frames(self.config)["decoder"])
-        for group in make_batches(segments, max_frames):
+        for group in _progress(make_batches(segments, max_frames), progress, "decoding", self.frame_rate):
             size = max(s.size for s in group)
             x = torch.zeros(len(group), codes.shape[1], size, dtype=torch.long)
             for j, s in enumerate(group):
@@ -379,6 +454,22 @@ class AudioTokenizer:
         if buffer is not None and start + buffer.shape[-1] > done:
             yield piece(buffer, start + buffer.shape[-1])
 
+
+def _progress(batches: list, show: bool, desc: str, frame_rate: float):
+    """Yield ``batches`` (lists of segments), with a tqdm bar in seconds of audio kept when ``show``."""
+    if not show:
+        yield from batches
+        return
+    from tqdm import tqdm
+
+    total = sum(s.keep_stop - s.keep_start for batch in batches for s in batch) / frame_rate
+    with tqdm(total=total, desc=desc, unit="s", leave=False, bar_format=_BAR) as bar:
+        for batch in batches:
+            yield batch
+            bar.update(sum(s.keep_stop - s.keep_start for s in batch) / frame_rate)
+
+
+_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of audio [{elapsed}<{remaining}]"
 
 #: Default (chunk, batch) seconds of audio per forward pass, per device type: bounded activation memory.
 DEFAULT_SECONDS = {"cpu": (20.0, 20.0), "cuda": (60.0, 600.0), "mps": (20.0, 60.0)}

@@ -15,7 +15,7 @@ from audiotok.data.pack import pack_manifest
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("manifest", help="manifest.csv or its folder (fetch_real_audio.sh + make_manifest.py)")
+    p.add_argument("manifest", help="manifest.csv or its folder (written by recipes/fetch_real_audio.py)")
     p.add_argument("out", help="new folder for part-000, part-001, ...")
     p.add_argument("--split", default="train")
     p.add_argument("--sample-rate", type=int, default=24000, help="8000, 12000, 16000, 24000 or 48000 (Opus)")

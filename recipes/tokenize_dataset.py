@@ -1,20 +1,32 @@
 """Tokenize a whole dataset into code shards (WebDataset tar or Parquet) with a manifest.
 
-    python recipes/tokenize_dataset.py --input corpus/ --input-type folder --output codes/ --model descript/dac_44khz
+    python recipes/tokenize_dataset.py --input corpus/ --input-type folder --output codes/
     python recipes/tokenize_dataset.py --input saved_ds/ --input-type hf --split train --audio-column audio \\
-        --output codes/ --model descript/dac_44khz --format parquet
+        --output codes/ --format parquet
     torchrun --nproc_per_node 8 recipes/tokenize_dataset.py --input 'data/train-{000..511}.tar' \\
-        --input-type webdataset \\
-        --audio-keys flac,wav --output codes/ --model descript/dac_44khz --device cuda --dtype bf16
+        --input-type webdataset --audio-keys flac,wav --output codes/ --model descript/dac_44khz --device cuda \\
+        --dtype bf16
 
-Multi-node: run the same torchrun command on every node (--nnodes, --rdzv-endpoint) with --output on
-a shared filesystem. Running the same command again resumes an interrupted job (same world size and
---num-workers) and does nothing for a finished one. The output format is described in audiotok/codedataset.py.
+The model defaults to the one bundled with audiotok (offline). Multi-node: run the same torchrun
+command on every node (--nnodes, --rdzv-endpoint) with --output on a shared filesystem. Running the
+same command again resumes an interrupted job (same world size and --num-workers) and does nothing
+for a finished one. The output format is described in audiotok/codedataset.py.
+
+Exit status: 0 when every record was tokenized; 1 when some records failed (unreadable, empty,
+NaN, too short: listed under "failures" in the output's manifest.json); 2 for errors that stop the
+job (bad arguments, a missing input, model or package), printed as one line.
 """
 
 import argparse
+import importlib
 import logging
 import os
+import sys
+
+log = logging.getLogger("audiotok.tokenize")
+
+# Packages each input type and output format needs, with the extra that installs them.
+_NEEDS = {"hf": ("datasets", "data"), "webdataset": ("webdataset", "data"), "parquet": ("pyarrow", "data")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,12 +36,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(paths, globs, brace patterns; several allowed for webdataset)")
     p.add_argument("--input-type", required=True, choices=["hf", "webdataset", "folder"])
     p.add_argument("--output", required=True, help="output folder (shared by all ranks)")
-    p.add_argument("--model", required=True, help="audiotok / transformers folder, .pth file or hub id")
+    p.add_argument("--model", default=None,
+                   help="audiotok / transformers folder, .pth file, hub id or alias (default: the bundled model, "
+                        "audiotok-24khz-v0.3, alias 'default')")
     p.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"])
     p.add_argument("--split", default="train", help="dataset split (hf)")
     p.add_argument("--audio-column", default="audio", help="column holding the audio (hf)")
     p.add_argument("--audio-keys", help="comma-separated extensions of the audio member (webdataset) "
-                                        "or of the files to read (folder)")
+                                        "or of the files to read (folder); m4a needs audiotok[ffmpeg]")
     p.add_argument("--streaming", action="store_true", help="read the hf dataset as a stream")
     p.add_argument("--n-quantizers", type=int, help="codebooks to store (default: all)")
     p.add_argument("--per-channel", action="store_true", help="code each channel on its own (default: mono downmix)")
@@ -47,24 +61,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def check_packages(args: argparse.Namespace) -> None:
+    """Every package the job needs, before any work: a missing one is an ImportError naming the extra."""
+    for need in (args.input_type, args.format):
+        if need in _NEEDS:
+            package, extra = _NEEDS[need]
+            try:
+                importlib.import_module(package)
+            except ImportError:
+                raise ImportError(f"{need} needs the {package} package: pip install 'audiotok[{extra}]'") from None
+
+
+def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from audiotok.bulk import BulkConfig, InputSpec, tokenize_dataset
+    try:
+        check_packages(args)
+        from audiotok.bulk import BulkConfig, InputSpec, tokenize_dataset
 
-    spec = InputSpec(args.input_type, args.input, split=args.split, audio_column=args.audio_column,
-                     audio_keys=args.audio_keys, streaming=args.streaming)
-    config = BulkConfig(
-        spec, args.output, args.model, format=args.format, n_quantizers=args.n_quantizers,
-        mono=not args.per_channel, batch_seconds=args.batch_seconds, chunk_seconds=args.chunk_seconds,
-        pool_seconds=args.pool_seconds, num_workers=args.num_workers, shard_records=args.shard_records,
-        shard_frames=args.shard_frames, min_seconds=args.min_seconds, dtype=args.dtype, device=args.device,
-        compile=args.compile, progress=not args.no_progress,
-    )
-    summary = tokenize_dataset(config)
+        spec = InputSpec(args.input_type, args.input, split=args.split, audio_column=args.audio_column,
+                         audio_keys=args.audio_keys, streaming=args.streaming)
+        unread = spec.unread_extensions()
+        if unread:
+            log.warning("not read (extensions not in --audio-keys): %s",
+                        ", ".join(f"{n} {ext}" for ext, n in unread.items()))
+        config = BulkConfig(
+            spec, args.output, args.model, format=args.format, n_quantizers=args.n_quantizers,
+            mono=not args.per_channel, batch_seconds=args.batch_seconds, chunk_seconds=args.chunk_seconds,
+            pool_seconds=args.pool_seconds, num_workers=args.num_workers, shard_records=args.shard_records,
+            shard_frames=args.shard_frames, min_seconds=args.min_seconds, dtype=args.dtype, device=args.device,
+            compile=args.compile, progress=not args.no_progress,
+        )
+        summary = tokenize_dataset(config)
+    except (ValueError, OSError, ImportError) as e:  # FileNotFoundError (input, model), hub errors, bad settings
+        print(f"tokenize_dataset: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tokenize_dataset: interrupted (run the same command again to resume)", file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", 0)) == 0:
         print(summary, flush=True)
+    return 1 if summary.failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,12 +12,13 @@ Running again with the same --save-path resumes from its latest checkpoint. Trai
 
 import argparse
 import logging
+import sys
 
 from audiotok.train.config import load_config
 from audiotok.train.trainer import train
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="a YAML config, e.g. recipes/configs/final/44khz.yml")
     p.add_argument("--save-path", required=True, help="run folder: checkpoints, logs; resumed if it holds a run")
@@ -27,8 +28,13 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="config overrides such as train.batch_size=24")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    train(load_config(args.config, args.overrides), args.save_path, args.max_steps, args.init_from, args.device)
+    try:
+        train(load_config(args.config, args.overrides), args.save_path, args.max_steps, args.init_from, args.device)
+    except FileNotFoundError as e:  # missing data or config: one line that says what to do
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

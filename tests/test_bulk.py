@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -124,8 +125,8 @@ def read_output(out: Path) -> tuple[dict, dict[str, tuple[dict, np.ndarray]]]:
             import pyarrow.parquet as pq
 
             for row in pq.read_table(path).to_pylist():
-                codes = np.frombuffer(row["codes"], dtype="<u2").reshape(row["shape"])
-                meta = {k: v for k, v in row.items() if k not in ("codes", "shape")}
+                codes = np.array(row["codes"], dtype=np.uint16)  # nested lists [K][F] or [C][K][F]
+                meta = {k: v for k, v in row.items() if k != "codes"}
                 records[row["key"]] = (meta, codes)
                 keys.append(row["key"])
                 n += 1
@@ -185,7 +186,7 @@ def test_folder_to_webdataset_exact_and_rerun_does_nothing(corpus, tok, folder_j
     manifest, records = read_output(out)
 
     assert check_against_direct(records, tok, lambda k: corpus / k) == sorted(os.path.basename(f) for f in GOOD)
-    assert manifest["format"] == "audiotok-code-dataset" and manifest["format_version"] == 1
+    assert manifest["format"] == "audiotok-code-dataset" and manifest["format_version"] == 2
     assert manifest["config"] == tok.config.to_dict() and manifest["config_hash"] == tok.config.architecture_hash()
     assert (manifest["hop_length"], manifest["frame_rate"]) == (512, tok.frame_rate)
     assert (manifest["n_quantizers"], manifest["mono"], manifest["model_id"]) == (4, True, "random")
@@ -242,15 +243,20 @@ def test_saved_hf_dataset_to_parquet_per_channel(corpus, model_dir, tok, tmp_pat
     import pyarrow.parquet as pq
 
     shard = out / manifest["shards"][0]["path"]
-    assert [(f.name, str(f.type)) for f in pq.read_schema(shard)] == [
-        ("key", "string"), ("codes", "binary"), ("shape", "list<element: int32>"), ("n_frames", "int32"),
+    schema = pq.read_schema(shard)
+    assert [(f.name, str(f.type)) for f in schema] == [
+        ("key", "string"), ("codes", "list<element: list<element: list<element: uint16>>>"), ("n_frames", "int32"),
         ("num_samples", "int64"), ("sample_rate", "int32"), ("channels", "int16"), ("source_key", "string"),
         ("model_id", "string")]
+    assert json.loads(schema.metadata[b"audiotok"]) == {
+        "model_id": tok.model_id, "config_hash": manifest["config_hash"], "sample_rate": tok.sample_rate,
+        "hop_length": tok.hop_length, "frame_rate": tok.frame_rate, "n_quantizers": 2,
+        "codebook_size": tok.codebook_size, "mono": False}
+    # datasets reads the codes as arrays, with no reshaping
     ds = load_dataset("parquet", data_files=[str(out / s["path"]) for s in manifest["shards"]], split="train")
     assert len(ds) == len(GOOD)
-    for row in ds:
-        want = records[row["key"]][1]
-        np.testing.assert_array_equal(np.frombuffer(row["codes"], "<u2").reshape(row["shape"]), want)
+    for row in ds.with_format("numpy"):
+        np.testing.assert_array_equal(row["codes"], records[row["key"]][1])
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -433,8 +439,8 @@ def test_torchrun_two_processes(corpus, model_dir, tok, tmp_path):
            "--output", str(out), "--model", str(model_dir), "--num-workers", "1", "--device", "cpu",
            "--batch-seconds", "1", "--chunk-seconds", "0.5", "--shard-records", "2", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{len(GOOD)} records" in proc.stdout
+    assert proc.returncode == 1, proc.stderr[-3000:]  # some records failed
+    assert f"{len(GOOD)} records" in proc.stdout and f"{len(BAD)} failures" in proc.stdout
     manifest, records = read_output(out)
     assert check_against_direct(records, tok, lambda k: corpus / k) == sorted(os.path.basename(f) for f in GOOD)
     assert sorted(f["key"] for f in manifest["failures"]) == sorted(BAD)
@@ -454,3 +460,59 @@ def test_recipes_run_without_path_workarounds(tmp_path):
         proc = subprocess.run([sys.executable, str(REPO / "recipes" / recipe), "--help"], capture_output=True,
                               text=True, timeout=120, cwd=tmp_path, env=env)
         assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_dataset_map_recipe_gives_the_bulk_codes(corpus, model_dir, tok, tmp_path):
+    """The README's Dataset.map(batched=True) recipe codes each record as bulk tokenization does."""
+    from datasets import Audio, Dataset
+
+    files = [str(corpus / f) for f in sorted(GOOD)]
+    ds = Dataset.from_dict({"audio": files}).cast_column("audio", Audio(decode=False))
+
+    def tokenize(batch):
+        return {"codes": [c.tolist() for c in tok.encode(batch["audio"]).unbatch()]}
+
+    mapped = ds.map(tokenize, batched=True, batch_size=4)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    tokenize_dataset(config(InputSpec("hf", str(tmp_path / "saved")), tmp_path / "out", model_dir))
+    _, records = read_output(tmp_path / "out")
+    bulk = {os.path.basename(meta["source_key"].split(":", 1)[1]): codes for meta, codes in records.values()}
+    assert sorted(bulk) == sorted(os.path.basename(f) for f in files)
+    for row in mapped:
+        np.testing.assert_array_equal(np.array(row["codes"]), bulk[os.path.basename(row["audio"]["path"])])
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("tokenize_recipe", REPO / "recipes" / "tokenize_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tokenize_recipe_exit_status_errors_and_unread_files(corpus, model_dir, tmp_path, capsys, caplog, monkeypatch):
+    recipe = _recipe()
+    common = ["--input-type", "folder", "--model", str(model_dir), "--num-workers", "0", "--no-progress",
+              "--batch-seconds", "1", "--chunk-seconds", "0.5"]
+    assert recipe.main(["--input", str(corpus), "--output", str(tmp_path / "all"), *common]) == 1  # bad records
+    out = capsys.readouterr().out
+    assert f"{len(GOOD)} records" in out and f"{len(BAD)} failures" in out
+    assert any("not read" in r.getMessage() and "1 .txt" in r.getMessage() for r in caplog.records)
+    assert recipe.main(["--input", str(corpus / "a"), "--output", str(tmp_path / "good"), *common]) == 0
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    args = ["--input", str(corpus / "a"), "--output", str(tmp_path / "hub"), *common, "--model", "someone/no-model"]
+    assert recipe.main(args) == 2
+    err = capsys.readouterr().err  # (log lines of the run may come first)
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("tokenize_dataset: error: could not load 'someone/no-model'")
+    assert "Traceback" not in err
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
+    args = ["--input", str(corpus / "a"), "--output", str(tmp_path / "pq"), *common, "--format", "parquet"]
+    assert recipe.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("tokenize_dataset: error: parquet needs the pyarrow package: pip install 'audiotok[data]'\n")
+    assert not (tmp_path / "pq").exists()  # checked before any work

@@ -108,9 +108,63 @@ def test_encode_decode_file(tmp_path, capsys, model_dir, tok, inputs, name):
     assert rc == 0, err
     audio, sr = sf.read(wav, dtype="float32", always_2d=True)
     assert sr == 44100 and audio.shape == (round(info.frames * 44100 / info.samplerate), 1)
+    assert sf.info(wav).subtype == "PCM_16"
     expected = tok.decode(enc)[0, 0].numpy()
     assert np.abs(expected).max() > 0
-    np.testing.assert_array_equal(audio[:, 0], expected)  # float WAV: exactly what the model produced
+    np.testing.assert_allclose(audio[:, 0], np.clip(expected, -1, 1), rtol=0, atol=2**-15)
+    rc, _, err = run(capsys, "decode", atok, wav, "--subtype", "float")
+    assert rc == 0, err
+    np.testing.assert_array_equal(sf.read(wav, dtype="float32")[0], expected)  # exactly what the model produced
+
+
+def test_decode_sample_rate_and_subtype(tmp_path, capsys, model_dir, tok, inputs):
+    atok = tmp_path / "low.atok"
+    assert run(capsys, "encode", inputs["low"], atok, "--model", model_dir)[0] == 0
+    out = tmp_path / "low.wav"
+    for rate, want in (("source", 22050), ("16000", 16000)):
+        rc, _, err = run(capsys, "decode", atok, out, "--sample-rate", rate, "--subtype", "PCM_24")
+        assert rc == 0, err
+        info = sf.info(out)
+        assert (info.samplerate, info.frames, info.subtype) == (want, round(5000 * want / 22050), "PCM_24")
+    audio, _ = sf.read(out, dtype="float32")
+    model_rate, _ = tok.decode(CodeFile.load(atok).to_encoded())[0, 0].numpy(), None
+    assert np.abs(audio).max() > 0.01 and np.isfinite(audio).all() and len(model_rate) == round(5000 * 44100 / 22050)
+    rc, _, err = run(capsys, "decode", atok, tmp_path / "low.flac", "--subtype", "FLOAT")
+    assert rc == 2 and "cannot write .flac files as FLOAT" in err
+    with pytest.raises(SystemExit):
+        main(["decode", str(atok), str(out), "--sample-rate", "fast"])
+
+
+def test_quiet_dtype_compile_options_and_default_device(tmp_path, capsys, model_dir, inputs):
+    from audiotok.checkpoint import load_checkpoint, save_folder
+    from audiotok.distributed import rank_device
+
+    assert rank_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    noted = load_checkpoint(model_dir)
+    noted.notice = f"a test notice {tmp_path.name}"
+    save_folder(noted, tmp_path / "noted")
+    args = ["encode", inputs["mono"], tmp_path / "m.atok", "--model", tmp_path / "noted", "--dtype", "bf16"]
+    rc, _, err = run(capsys, *args, "--quiet")
+    assert rc == 0 and err == ""
+    assert CodeFile.load(tmp_path / "m.atok").shape[1] == 4
+    rc, _, err = run(capsys, *args)  # the notice, once per process (the quiet run already loaded it)
+    assert rc == 0 and err == ""
+    (tmp_path / "noted2").mkdir()
+    noted.notice += " again"
+    save_folder(noted, tmp_path / "noted2")
+    rc, _, err = run(capsys, "encode", inputs["mono"], tmp_path / "m.atok", "--model", tmp_path / "noted2")
+    assert rc == 0 and err.splitlines() == [f"audiotok: warning: {noted.model_id}: {noted.notice}"]
+
+
+def test_progress_over_the_chunks_of_one_file(tmp_path, capsys, tok, inputs):
+    from audiotok.cli.files import decode_path, encode_path
+
+    encode_path(tok, inputs["mono"], tmp_path / "m.atok", progress=True)
+    assert "encoding:   0%|          | 0.0/0.2 s of audio" in capsys.readouterr().err
+    decode_path(tmp_path / "m.atok", tmp_path / "m.wav", tok, progress=True)
+    assert "decoding:   0%|          | 0.0/0.2 s of audio" in capsys.readouterr().err
+    encode_path(tok, inputs["mono"], tmp_path / "m.atok", progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_encode_options(tmp_path, capsys, model_dir, tok, inputs):

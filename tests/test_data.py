@@ -451,7 +451,7 @@ def test_validation_set_passes_over_clips_shorter_than_its_excerpts(tmp_path):
 
 
 @pytest.mark.skipif(
-    not os.environ.get("AUDIOTOK_REAL_AUDIO"), reason="set AUDIOTOK_REAL_AUDIO to a fetch_real_audio.sh folder"
+    not os.environ.get("AUDIOTOK_REAL_AUDIO"), reason="set AUDIOTOK_REAL_AUDIO to a recipes/fetch_real_audio.py folder"
 )
 def test_real_audio_manifest():
     groups = sources_from_manifest(os.environ["AUDIOTOK_REAL_AUDIO"], "train")

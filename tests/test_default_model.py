@@ -1,5 +1,6 @@
 """The model that ships inside the package: loads offline with no argument, and round-trips."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,14 +18,15 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "speech.flac"
 
 def test_default_model_loads_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.warns(UserWarning, match="early"):  # says so while it is an early checkpoint
-        tok = AudioTokenizer.from_pretrained()
+    tok = AudioTokenizer.from_pretrained()
+    assert "early" in tok.notice  # says so (logged once per process) while it is an early checkpoint
     assert tok.model_id == DEFAULT_MODEL_ID
     assert (tok.sample_rate, tok.n_codebooks, tok.codebook_size) == (24000, 10, 1024)
     assert tok.config.bitrate() <= 8000
     assert (PRETRAINED_DIR / "default" / "model.safetensors").stat().st_size < 40e6
-    with pytest.warns(UserWarning):
-        same = AudioTokenizer.from_pretrained(DEFAULT_MODEL_ID)
+    same = AudioTokenizer.from_pretrained(DEFAULT_MODEL_ID)
+    alias = AudioTokenizer.from_pretrained("default")
+    assert same.model_id == alias.model_id == DEFAULT_MODEL_ID
     assert all(torch.equal(a, b) for a, b in zip(tok.model.state_dict().values(), same.model.state_dict().values()))
 
 
@@ -38,7 +40,6 @@ def test_default_model_writes_the_codes_of_the_models_it_stands_in_for():
     assert codes_fingerprint({**weights, quantizer: weights[quantizer] + 1e-6}) != fingerprint
 
 
-@pytest.mark.filterwarnings("ignore:audiotok-24khz")
 def test_default_model_round_trip_and_cli(tmp_path):
     audio, sr = sf.read(EXAMPLE, dtype="float32")
     tok = AudioTokenizer.from_pretrained()
@@ -54,7 +55,6 @@ def test_default_model_round_trip_and_cli(tmp_path):
     torch.testing.assert_close(torch.from_numpy(wav), decoded[0, 0], rtol=0, atol=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore:audiotok-24khz")
 @pytest.mark.parametrize("model_id", SAME_CODES_AS)
 def test_code_files_of_an_earlier_model_with_the_same_codes_decode(tmp_path, model_id):
     audio, sr = sf.read(EXAMPLE, dtype="float32")
@@ -68,7 +68,6 @@ def test_code_files_of_an_earlier_model_with_the_same_codes_decode(tmp_path, mod
     torch.testing.assert_close(torch.from_numpy(wav), expected, rtol=0, atol=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore:audiotok-24khz")
 def test_default_model_codes_carry_the_input():
     """Guards against shipping a collapsed model, whose codebooks use one code each and whose output
     does not depend on the input (as the first v0 checkpoint did)."""
@@ -84,7 +83,6 @@ def test_default_model_codes_carry_the_input():
     assert own < 0.7 * other, (own, other)
 
 
-@pytest.mark.filterwarnings("ignore:audiotok-24khz")
 def test_default_model_decodes_in_bf16_close_to_float32():
     """A bf16 decoder keeps its last block and output layer in float32: all-bf16 adds a noise floor
     (mel distance to the float32 output about 0.6 on this clip, against 0.02 with the float32 tail)."""
@@ -96,3 +94,19 @@ def test_default_model_decodes_in_bf16_close_to_float32():
     assert tok.model.decoder.conv1.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for m in tok.model.decoder.float32_tail() for p in m.parameters())
     assert mel_distance(tok.decode(enc)[0, 0], reference, sr) < 0.1
+
+
+def test_info_and_help_name_the_bundled_model_and_the_aliases(capsys):
+    assert cli.main(["info"]) == 0
+    fields = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert fields["model_id"] == DEFAULT_MODEL_ID and fields["aliases"] == "default"
+    assert "dac_16khz, 16khz = descript/dac_16khz" in fields["model_names"]
+    assert cli.main(["info", "default", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_id"] == DEFAULT_MODEL_ID
+    with pytest.raises(SystemExit):
+        cli.main(["encode", "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert f"default = {DEFAULT_MODEL_ID} (bundled)" in usage and "dac_44khz, 44khz = descript/dac_44khz" in usage
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert f"default = {DEFAULT_MODEL_ID} (bundled)" in " ".join(capsys.readouterr().out.split())

@@ -1,9 +1,11 @@
 """Checkpoint formats: transformers DAC folders, original descript .pth files, our folders, the hub."""
 
 import json
+import logging
 import math
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -221,7 +223,6 @@ def test_an_earlier_bundled_model_id_says_so():
         AudioTokenizer.from_pretrained("audiotok-24khz-v0")
 
 
-@pytest.mark.filterwarnings("ignore:audiotok-24khz")
 @pytest.mark.parametrize("model_id", SAME_CODES_AS)
 def test_an_earlier_bundled_model_with_the_same_codes_loads_the_bundled_one(model_id):
     tok = AudioTokenizer.from_pretrained(model_id)
@@ -247,12 +248,18 @@ def test_hub_id_offline_cached_and_not_cached(tmp_path, monkeypatch):
     assert tok.model_id == "dac_16khz" and tok.sample_rate == 16000
 
 
-def test_notice_is_saved_and_shown(tmp_path):
+def test_notice_is_saved_and_logged_once_per_process(tmp_path, caplog):
     tok = random_tokenizer("tiny-16khz")
     checkpoint = tok.checkpoint()
     checkpoint.notice = "an early checkpoint, not for production"
     from audiotok.checkpoint import save_folder
 
     save_folder(checkpoint, tmp_path)
-    with pytest.warns(UserWarning, match="not for production"):
-        AudioTokenizer.from_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a log line, not a Python warning with a source line
+        with caplog.at_level(logging.WARNING, logger="audiotok"):
+            loaded = AudioTokenizer.from_pretrained(tmp_path)
+            AudioTokenizer.from_pretrained(tmp_path)
+    shown = [r for r in caplog.records if "not for production" in r.getMessage()]
+    assert len(shown) == 1 and shown[0].levelno == logging.WARNING
+    assert loaded.notice == checkpoint.notice

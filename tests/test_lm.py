@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from audiotok import DACConfig
+from audiotok.bulk import ParquetShardWriter
 from audiotok.lm import (
     IGNORE_INDEX,
     CodebookPattern,
@@ -302,26 +303,34 @@ def write_tar(path, records: list[CodeRecord]) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
-PARQUET_SCHEMA = pa.schema([
+PARQUET_V1_SCHEMA = pa.schema([  # format_version 1: raw bytes and a shape column
     ("key", pa.string()), ("codes", pa.binary()), ("shape", pa.list_(pa.int32())), ("n_frames", pa.int32()),
     ("num_samples", pa.int64()), ("sample_rate", pa.int32()), ("channels", pa.int16()),
     ("source_key", pa.string()), ("model_id", pa.string()),
 ])
 
 
-def write_parquet(path, records: list[CodeRecord]) -> None:
+def write_parquet_v1(path, records: list[CodeRecord]) -> None:
     rows = [dict(r.meta, codes=r.codes.astype("<u2").tobytes(order="C"), shape=list(r.codes.shape)) for r in records]
-    pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), path)
+    pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_V1_SCHEMA), path)
+
+
+def write_parquet(path, records: list[CodeRecord]) -> None:
+    writer = ParquetShardWriter(path, {"mono": records[0].codes.ndim == 2})
+    for r in records:
+        writer.add(r.meta, r.codes)
+    writer.close()
 
 
 def write_dataset(root, shards: list[tuple[str, list[CodeRecord]]]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     entries = []
     for name, records in shards:
-        (write_tar if name.endswith(".tar") else write_parquet)(root / name, records)
+        write = write_tar if name.endswith(".tar") else write_parquet_v1 if "-v1" in name else write_parquet
+        write(root / name, records)
         entries.append({"path": name, "records": len(records), "frames": sum(r.codes.shape[-1] for r in records)})
     manifest = {
-        "format": "audiotok-code-dataset", "format_version": 1, "model_id": "tiny", "config": CONFIG.to_dict(),
+        "format": "audiotok-code-dataset", "format_version": 2, "model_id": "tiny", "config": CONFIG.to_dict(),
         "config_hash": CONFIG.architecture_hash(), "hop_length": CONFIG.hop_length, "frame_rate": CONFIG.frame_rate,
         "shards": entries, "records": sum(e["records"] for e in entries), "audio_hours": 0.001,
         "failures": [{"key": "bad.wav", "reason": "decode"}],
@@ -331,12 +340,12 @@ def write_dataset(root, shards: list[tuple[str, list[CodeRecord]]]) -> None:
 
 @pytest.fixture(scope="module")
 def code_dataset(tmp_path_factory):
-    """Three tar shards and two Parquet shards, with [K, F] and [C, K, F] records."""
+    """Three tar shards and two Parquet shards (format versions 1 and 2), with [K, F] and [C, K, F] records."""
     rng = np.random.default_rng(0)
     shards = [
         ("shard-00000.tar", make_records("a", 4, rng, stereo=True)),
         ("shard-00001.tar", make_records("b", 3, rng)),
-        ("shard-00002.parquet", make_records("c", 5, rng, stereo=True)),
+        ("shard-00002-v1.parquet", make_records("c", 5, rng, stereo=True)),
         ("shard-00003.tar", make_records("d", 2, rng)),
         ("shard-00004.parquet", make_records("e", 3, rng)),
     ]
@@ -382,7 +391,7 @@ def test_code_dataset_rejects_bad_manifests_and_shards(tmp_path):
     rng = np.random.default_rng(3)
     write_dataset(tmp_path, [("shard-00000.tar", make_records("a", 2, rng))])
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    for change, match in (({"format": "other"}, "format"), ({"format_version": 2}, "format_version")):
+    for change, match in (({"format": "other"}, "format"), ({"format_version": 3}, "format_version")):
         (tmp_path / "manifest.json").write_text(json.dumps({**manifest, **change}))
         with pytest.raises(ValueError, match=match):
             CodeDataset(tmp_path)
@@ -408,13 +417,13 @@ def test_code_dataset_rejects_bad_manifests_and_shards(tmp_path):
 def test_parquet_shard_loads_with_datasets(code_dataset, tmp_path):
     datasets = pytest.importorskip("datasets")
     root, expected = code_dataset
-    hf = datasets.load_dataset("parquet", data_files=str(root / "shard-00002.parquet"), split="train",
-                               cache_dir=str(tmp_path))
-    assert hf.num_rows == 5 and set(PARQUET_SCHEMA.names) <= set(hf.column_names)
-    row, record = hf[0], next(r for r in expected if r.key == hf[0]["key"])
-    codes = np.frombuffer(row["codes"], dtype="<u2").reshape(row["shape"])
-    np.testing.assert_array_equal(codes, record.codes)
-    assert row["n_frames"] == record.codes.shape[-1] and row["channels"] == 2
+    hf = datasets.load_dataset("parquet", data_files=str(root / "shard-00004.parquet"), split="train",
+                               cache_dir=str(tmp_path)).with_format("numpy")
+    assert hf.num_rows == 3
+    for row in hf:
+        record = next(r for r in expected if r.key == row["key"])
+        np.testing.assert_array_equal(row["codes"], record.codes)  # an array, no reshaping
+        assert row["n_frames"] == record.codes.shape[-1]
 
 
 def decode_stream(vocab: CodeVocabulary, blocks, pattern: str = "flatten") -> list[np.ndarray]:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from conftest import make_audio, random_tokenizer
 
@@ -220,3 +221,35 @@ def test_decode_stream_errors(tok):
     with pytest.raises(ValueError, match="code values"):
         list(tok.decode_stream([codes + tok.codebook_size]))
     assert list(tok.decode_stream([])) == []
+
+
+def test_encode_takes_what_datasets_and_feature_extractors_give(tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    a, b = make_audio(3000, seed=1)[0], make_audio(5000, seed=2)[0]
+    want = tok.encode([a, b], 16000)
+    # lists of Python floats (a batch, as feature extractors take it), sampling_rate= as they name it
+    same = tok.encode([a.tolist(), b.tolist()], sampling_rate=16000)
+    assert torch.equal(same.codes, want.codes) and torch.equal(same.lengths, want.lengths)
+    assert torch.equal(tok.encode(a.tolist(), sampling_rate=16000).codes, tok.encode(a, 16000).codes)
+    # datasets Audio values: decoded {"array", "sampling_rate"} and undecoded {"bytes", "path"}
+    records = [{"array": a, "sampling_rate": 16000, "path": None}, {"array": b.tolist(), "sampling_rate": 16000}]
+    assert torch.equal(tok.encode(records).codes, want.codes)
+    sf.write(tmp_path / "b.wav", b, 16000, subtype="FLOAT")
+    undecoded = [{"bytes": None, "path": str(tmp_path / "a.npy")}, {"bytes": (tmp_path / "b.wav").read_bytes()}]
+    with pytest.raises(FileNotFoundError, match="a.npy"):
+        tok.encode(undecoded)
+    one = tok.encode(undecoded[1])
+    assert torch.equal(one.unbatch()[0], want.unbatch()[1])
+    # records of different rates are each resampled; lengths count at the model rate
+    mixed = tok.encode([{"array": a, "sampling_rate": 16000}, {"array": b, "sampling_rate": 22050}])
+    assert torch.equal(mixed.unbatch()[0], want.unbatch()[0])
+    assert torch.equal(mixed.unbatch()[1], tok.encode(b, 22050).unbatch()[0])
+    assert mixed.sample_rate == tok.sample_rate and tok.decode(mixed).shape[-1] == int(mixed.num_samples.max())
+    with pytest.raises(ValueError, match="give the audio's sample_rate"):
+        tok.encode(a)
+    with pytest.raises(ValueError, match="not sample_rate=8000"):
+        tok.encode(records, 8000)
+    with pytest.raises(ValueError, match="differ"):
+        tok.encode(a, 16000, sampling_rate=8000)
+    with pytest.raises(ValueError, match="neither 'array'"):
+        tok.encode({"audio": a})

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..audio import downmix, resample
+from ..audio import AUDIO_EXTENSIONS, downmix, resample
 from ..data.config import build_sources
 from ..data.sources import AudioSource, DecodeError, Record, WebDatasetSource
 
@@ -90,6 +90,22 @@ class InputSpec:
         """The :class:`~audiotok.data.AudioSource` that reads this input."""
         (source,) = build_sources(self.source_spec())
         return source
+
+    def unread_extensions(self) -> dict[str, int]:
+        """For a folder: how many files of each extension the folder holds that are not read
+        (not in ``audio_keys`` or :data:`~audiotok.audio.AUDIO_EXTENSIONS`), e.g. ``{".txt": 1}``.
+        Hidden files and folders are left out, as the folder lister leaves them out."""
+        if self.type != "folder":
+            return {}
+        listed = tuple("." + k for k in self.audio_keys) if self.audio_keys else AUDIO_EXTENSIONS
+        counts: dict[str, int] = {}
+        for _, dirnames, names in os.walk(str(self.path), followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in names:
+                if not name.startswith(".") and not name.lower().endswith(listed):
+                    ext = os.path.splitext(name)[1].lower() or "(none)"
+                    counts[ext] = counts.get(ext, 0) + 1
+        return dict(sorted(counts.items()))
 
     def _where(self, path: str) -> str:
         """Local paths made absolute (hub ids, URLs and ``pipe:`` commands as given)."""

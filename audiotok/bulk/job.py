@@ -16,20 +16,19 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ..codedataset import MANIFEST_NAME, SHARD_WRITERS, ShardWriter, manifest_header, record_key
+from ..codedataset import MANIFEST_NAME, SHARD_WRITERS, ShardWriter, dataset_metadata, manifest_header, record_key
 from ..codes import check_n_quantizers, check_uint16
 from ..data.sources import DecodeError, SkipCounter, WebDatasetSource
 from ..distributed import DistEnv, init_process_group, rank_device, shutdown
 from ..io import read_json, write_json_atomic
 from ..segments import make_batches, plan_segments
-from ..tokenizer import AudioTokenizer
+from ..tokenizer import DTYPES, AudioTokenizer
 from .inputs import Decoded, Failure, InputSpec, PartReader, identity_collate, source_fingerprint
 
 logger = logging.getLogger("audiotok.bulk")
 
 #: Folder (inside the output) for per-part progress and per-rank index files.
 STATE_DIR = ".bulk"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = tuple(SHARD_WRITERS)
 
 
@@ -40,7 +39,8 @@ class BulkConfig:
     Attributes:
         input: what to read.
         output: output folder (shared by all ranks; on several nodes, a shared filesystem).
-        model: anything :meth:`AudioTokenizer.from_pretrained` loads (ignored when a tokenizer is passed).
+        model: anything :meth:`AudioTokenizer.from_pretrained` loads (default: the bundled model;
+            ignored when a tokenizer is passed).
         format: ``webdataset`` (tar shards) or ``parquet``.
         n_quantizers: codebooks stored (default: all of the model's).
         mono: downmix to mono (codes ``[K, F]``); ``False`` codes each channel (``[C, K, F]``).
@@ -201,8 +201,9 @@ class PartWriter:
     """Writes the results of one part, in position order, to its shards; commits a shard (file
     moved into place, then progress updated) when it reaches ``shard_records`` or ``shard_frames``."""
 
-    def __init__(self, progress: PartProgress, fmt: str, shard_records: int, shard_frames: int):
-        self.progress, self.fmt = progress, fmt
+    def __init__(self, progress: PartProgress, fmt: str, shard_records: int, shard_frames: int,
+                 metadata: dict[str, Any]):
+        self.progress, self.fmt, self.metadata = progress, fmt, metadata
         self.shard_records, self.shard_frames = shard_records, shard_frames
         self.position = progress.position
         self.shard: ShardWriter | None = None
@@ -223,7 +224,7 @@ class PartWriter:
         if self.shard is None:
             name = shard_name(self.progress.part, self.progress.workers_per_rank, len(self.progress.shards),
                               SHARD_WRITERS[self.fmt].suffix)
-            self.shard = SHARD_WRITERS[self.fmt](self.progress.out / name)
+            self.shard = SHARD_WRITERS[self.fmt](self.progress.out / name, self.metadata)
             self.shard_start = self.progress.position
         self.shard.add(meta, codes)
         if self.shard.records >= self.shard_records or self.shard.frames >= self.shard_frames:
@@ -395,8 +396,6 @@ def tokenize_dataset(config: BulkConfig, tokenizer: AudioTokenizer | None = None
 
 def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: DistEnv, t0: float) -> BulkSummary:
     if tokenizer is None:
-        if config.model is None:
-            raise ValueError("no model given")
         device = rank_device(config.device, env.local_rank)
         tokenizer = AudioTokenizer.from_pretrained(config.model, device, DTYPES[config.dtype], config.compile)
     check_uint16(tokenizer.codebook_size)
@@ -464,7 +463,8 @@ def _encode_parts(config: BulkConfig, tokenizer: AudioTokenizer, source, env: Di
                         config.min_seconds, bundle_seconds=pool_seconds / (2 * workers))
     loader = DataLoader(reader, batch_size=None, num_workers=config.num_workers, collate_fn=identity_collate,
                         in_order=False, prefetch_factor=2 if config.num_workers else None)
-    writers = {p.part: PartWriter(p, config.format, config.shard_records, config.shard_frames)
+    metadata = dataset_metadata(tokenizer.model_id, tokenizer.config, k, config.mono)
+    writers = {p.part: PartWriter(p, config.format, config.shard_records, config.shard_frames, metadata)
                for p in parts if p.part in todo}
     remaining = None
     if source.random_access:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..audio import AUDIO_EXTENSIONS, AUDIO_WRITE_FORMATS, find_files, load_audio, save_audio
+from ..audio import (
+    AUDIO_EXTENSIONS,
+    AUDIO_WRITE_FORMATS,
+    check_sample_rate,
+    check_subtype,
+    find_files,
+    load_audio,
+    resample,
+    save_audio,
+)
 from ..codefile import SUFFIX, CodeFile, CodeHeader, read_header
 from ..codes import check_10bit, check_n_quantizers
 from ..tokenizer import AudioTokenizer
@@ -91,12 +101,12 @@ def _single_output(src: Path, output: Path, suffixes: tuple[str, ...], kind: str
 
 
 def encode_file(tokenizer: AudioTokenizer, path: str | os.PathLike, n_quantizers: int | None = None,
-                per_channel: bool = False) -> CodeFile:
+                per_channel: bool = False, progress: bool = False) -> CodeFile:
     """Read and encode one audio file.
 
     By default the channels are averaged to mono (``C = 1``); ``per_channel=True`` codes each
-    channel on its own (``C = channels``). Raises ``ValueError`` naming the file for unreadable or
-    empty audio and NaN / Inf samples.
+    channel on its own (``C = channels``). ``progress``: a bar over the file's chunks. Raises
+    ``ValueError`` naming the file for unreadable or empty audio and NaN / Inf samples.
     """
     audio, sample_rate = load_audio(path)
     channels, num_samples = audio.shape
@@ -106,9 +116,10 @@ def encode_file(tokenizer: AudioTokenizer, path: str | os.PathLike, n_quantizers
         raise ValueError(f"{path}: audio contains NaN or Inf samples")
     try:
         if per_channel and channels > 1:
-            encoded = tokenizer.encode([audio[c: c + 1] for c in range(channels)], sample_rate, n_quantizers)
+            encoded = tokenizer.encode([audio[c: c + 1] for c in range(channels)], sample_rate, n_quantizers,
+                                       progress=progress)
             return CodeFile.from_encoded(tokenizer, encoded, list(range(channels)), channels)
-        encoded = tokenizer.encode(audio, sample_rate, n_quantizers)
+        encoded = tokenizer.encode(audio, sample_rate, n_quantizers, progress=progress)
         return CodeFile.from_encoded(tokenizer, encoded, 0, channels)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
@@ -126,17 +137,18 @@ def encode_path(tokenizer: AudioTokenizer, input: str | os.PathLike, output: str
     """Encode an audio file to an ``.atok`` file, or a folder tree to a mirrored tree of them.
 
     A single file that fails raises ``ValueError``. In a folder, files that fail (unreadable,
-    empty, NaN) are logged, skipped and listed in the report. ``progress``: show a tqdm bar for
-    folders (``None``: only on a terminal).
+    empty, NaN) are logged, skipped and listed in the report. ``progress``: show tqdm bars, over
+    the files of a folder and over the chunks of each file (``None``: only on a terminal).
     """
     src, out = Path(input), Path(output)
     _check_encode_args(tokenizer, n_quantizers, pack_10bit)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file or folder")
     report = BatchReport()
+    chunks = _show_progress(progress)
     if src.is_file():
         dst = _single_output(src, out, (SUFFIX,), "code")
-        encode_file(tokenizer, src, n_quantizers, per_channel).save(dst, pack_10bit)
+        encode_file(tokenizer, src, n_quantizers, per_channel, chunks).save(dst, pack_10bit)
         report.done.append((src, dst))
         return report
     if out.is_file():
@@ -147,10 +159,15 @@ def encode_path(tokenizer: AudioTokenizer, input: str | os.PathLike, output: str
         logger.warning("no audio files with extensions %s under %s", ",".join(exts), src)
 
     def work(a: Path, b: Path) -> None:
-        encode_file(tokenizer, a, n_quantizers, per_channel).save(b, pack_10bit)
+        encode_file(tokenizer, a, n_quantizers, per_channel, chunks).save(b, pack_10bit)
 
     _run_batch(pairs, work, report, "encoding", progress)
     return report
+
+
+def _show_progress(progress: bool | None) -> bool:
+    """``progress``, with ``None`` meaning: when stderr is a terminal."""
+    return progress if progress is not None else sys.stderr.isatty()
 
 
 def _run_batch(pairs: list[tuple[Path, Path]], work: Callable[[Path, Path], None], report: BatchReport,
@@ -175,23 +192,31 @@ def _run_batch(pairs: list[tuple[Path, Path]], work: Callable[[Path, Path], None
 # Decoding
 
 
-def decode_code_file(tokenizer: AudioTokenizer, code_file: CodeFile) -> np.ndarray:
-    """Decode to float32 ``[C, T]`` at the model's sample rate, cropped to the original duration."""
+def decode_code_file(tokenizer: AudioTokenizer, code_file: CodeFile, sample_rate: int | str | None = None,
+                     progress: bool = False) -> tuple[np.ndarray, int]:
+    """Decode to float32 ``[C, T]``, cropped to the original duration: ``(audio, rate)``.
+
+    ``sample_rate``: ``None`` for the model's rate, ``"source"`` for the rate of the audio that was
+    encoded, or a rate in Hz (resampled with soxr). ``progress``: a bar over the chunks.
+    """
     code_file.check_compatible(tokenizer)
-    audio = tokenizer.decode(code_file.to_encoded())
-    return audio[:, 0, :].numpy()
+    audio = tokenizer.decode(code_file.to_encoded(), progress=progress)[:, 0, :].numpy()
+    rate = code_file.source_sample_rate if sample_rate == "source" else sample_rate or tokenizer.sample_rate
+    rate = check_sample_rate(rate)
+    return resample(audio, tokenizer.sample_rate, rate), rate
 
 
 class ModelCache:
     """Tokenizers by source, so that files naming the same model load it once."""
 
-    def __init__(self, device: str | torch.device | None = None):
+    def __init__(self, device: str | torch.device | None = None, **load_kwargs):
         self.device = device
+        self.load_kwargs = load_kwargs  # dtype, compile, ... for from_pretrained
         self._models: dict[str, AudioTokenizer] = {}
 
     def get(self, source: str) -> AudioTokenizer:
         if source not in self._models:
-            self._models[source] = AudioTokenizer.from_pretrained(source, device=self.device)
+            self._models[source] = AudioTokenizer.from_pretrained(source, device=self.device, **self.load_kwargs)
         return self._models[source]
 
 
@@ -209,12 +234,16 @@ def _model_for(header: CodeHeader, path: Path, tokenizer: AudioTokenizer | None,
 
 def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: AudioTokenizer | None = None,
                 format: str | None = None, device: str | torch.device | None = None,
-                progress: bool | None = None) -> BatchReport:
+                progress: bool | None = None, sample_rate: int | str | None = None, subtype: str | None = None,
+                **load_kwargs) -> BatchReport:
     """Decode an ``.atok`` file to audio, or a folder tree of them to a mirrored tree of audio files.
 
-    Audio is written at the model's sample rate, cropped to the original duration. ``tokenizer``:
-    the model to decode with; ``None`` loads each file's ``model_id`` with ``from_pretrained``.
-    ``format``: ``"wav"`` or ``"flac"`` (for a single file, default: from the output's extension).
+    Audio is cropped to the original duration and written at the model's sample rate (or at
+    ``sample_rate``: ``"source"`` or Hz, see :func:`decode_code_file`) with ``subtype`` (default
+    per format, see :data:`~audiotok.audio.AUDIO_WRITE_FORMATS`). ``tokenizer``: the model to
+    decode with; ``None`` loads each file's ``model_id`` with ``from_pretrained`` (``load_kwargs``:
+    dtype, compile). ``format``: ``"wav"`` or ``"flac"`` (for a single file, default: from the
+    output's extension).
 
     Before anything is decoded, every file's header is checked against its model: a config hash
     mismatch (or a model that cannot be loaded) raises ``ValueError``. Files that are corrupt are
@@ -228,18 +257,28 @@ def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: 
                              f"{', '.join(e[1:] for e in AUDIO_WRITE_FORMATS)}")
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file or folder")
-    cache = ModelCache(device)
+    if sample_rate is not None and sample_rate != "source":
+        check_sample_rate(sample_rate)
+    cache = ModelCache(device, **load_kwargs)
+    chunks = _show_progress(progress)
+
+    def decode_to(dst: Path, code_file: CodeFile, model: AudioTokenizer) -> None:
+        audio, rate = decode_code_file(model, code_file, sample_rate, chunks)
+        save_audio(dst, audio, rate, subtype)
+
     if src.is_file():
         suffixes = ("." + format,) if format else tuple(AUDIO_WRITE_FORMATS)
         dst = _single_output(src, out, suffixes, "audio")
+        check_subtype(dst.suffix.lower(), subtype)
         code_file = CodeFile.load(src)
         model = _model_for(code_file.header, src, tokenizer, cache)
         _check(code_file, src, model)
-        save_audio(dst, decode_code_file(model, code_file), model.sample_rate)
+        decode_to(dst, code_file, model)
         return BatchReport(done=[(src, dst)])
     if out.is_file():
         raise ValueError(f"{out}: is a file; the output for a folder must be a folder")
     suffix = "." + (format or "wav")
+    check_subtype(suffix, subtype)
     pairs = mirror_paths(find_files(src, (SUFFIX,)), src, out, suffix)
     if not pairs:
         logger.warning("no %s files under %s", SUFFIX, src)
@@ -263,7 +302,7 @@ def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: 
         code_file = CodeFile.load(a)
         model = _model_for(code_file.header, a, tokenizer, cache)
         _check(code_file, a, model)
-        save_audio(b, decode_code_file(model, code_file), model.sample_rate)
+        decode_to(b, code_file, model)
 
     report = BatchReport()
     _run_batch(pairs, work, report, "decoding", progress)

@@ -32,25 +32,43 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
-def _setup_logging(verbose: int) -> None:
+def _setup_logging(verbose: int, quiet: bool = False) -> None:
     logger = logging.getLogger("audiotok")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         logger.addHandler(_StderrHandler())
-    logger.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logger.setLevel(level)
+
+
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    from ..tokenizer import DTYPES
+
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda when available, "
+                                                  "else cpu)")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                   help="fp32 (exact codes) or bf16 / fp16 (faster on GPUs and bf16 CPUs; some codes differ)")
+    p.add_argument("--compile", action="store_true",
+                   help="fuse the Snake activations with torch.compile (faster after seconds of compiling)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="print errors only: no warnings, no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..audio import AUDIO_EXTENSIONS
+    from ..audio import AUDIO_EXTENSIONS, AUDIO_SUBTYPES
+    from ..hub import describe_names
     from .modelinfo import CONVERT_FORMATS
 
     parser = argparse.ArgumentParser(
-        prog="audiotok", description="Audio to discrete DAC codes and back.", epilog=_EPILOG)
+        prog="audiotok", description="Audio to discrete DAC codes and back.",
+        epilog=f"model names: {describe_names()}. {_EPILOG}")
     parser.add_argument("--version", action="version", version=f"audiotok {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    model_help = ("model source: a model folder, an original DAC .pth file or a hub id "
-                  "(default: the model that ships with audiotok)")
+    model_help = (f"model source: a model folder, an original DAC .pth file, a hub id or a name ({describe_names()}). "
+                  "Default: the bundled model")
 
     p = sub.add_parser("encode", help="audio file or folder -> .atok code files", epilog=_EPILOG,
                        description="Encode an audio file to an .atok file, or every audio file under a folder "
@@ -61,33 +79,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="SRC", help=model_help)
     p.add_argument("--n-quantizers", type=_positive_int, default=None, metavar="K",
                    help="store only the first K codebooks (default: all)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    _add_runtime_options(p)
     p.add_argument("--pack-10bit", action="store_true",
                    help="bit-pack the codes, 10 bits each (codebook_size <= 1024)")
     p.add_argument("--per-channel", action="store_true",
                    help="code each channel separately instead of averaging them to mono")
     p.add_argument("--extensions", default=",".join(e.lstrip(".") for e in AUDIO_EXTENSIONS), metavar="LIST",
                    help="comma-separated audio extensions to pick up in folders (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_encode)
 
     p = sub.add_parser("decode", help=".atok file or folder -> audio", epilog=_EPILOG,
-                       description="Decode an .atok file, or every .atok file under a folder, to audio at the "
-                                   "model's sample rate, cropped to the original duration.")
+                       description="Decode an .atok file, or every .atok file under a folder, to audio "
+                                   "cropped to the original duration.")
     p.add_argument("input", type=Path, metavar="INPUT", help=".atok file or folder")
     p.add_argument("output", type=Path, metavar="OUTPUT", help="audio file (or existing folder) for a file; "
                                                                "output folder for a folder")
     p.add_argument("--model", default=None, metavar="SRC",
                    help="model source (default: the model_id stored in each file)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    _add_runtime_options(p)
     p.add_argument("--format", choices=("wav", "flac"), default=None,
-                   help="output format (default: the output file's extension; wav for folders). "
-                        "WAV is 32-bit float, FLAC 24-bit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="output format (default: the output file's extension; wav for folders)")
+    p.add_argument("--subtype", type=str.upper, choices=AUDIO_SUBTYPES, default=None,
+                   help="sample format (default: PCM_16 for WAV, PCM_24 for FLAC; FLOAT keeps the model's output "
+                        "exactly)")
+    p.add_argument("--sample-rate", type=_sample_rate, default=None, metavar="HZ|source",
+                   help="write at this rate, or 'source' for the rate of the audio that was encoded "
+                        "(default: the model's rate)")
     p.set_defaults(func=_cmd_decode)
 
-    p = sub.add_parser("info", help="describe a model or an .atok file", epilog=_EPILOG)
-    p.add_argument("source", metavar="SRC", help="model source or .atok file")
+    p = sub.add_parser("info", help="describe a model or an .atok file", epilog=_EPILOG,
+                       description=f"Describe a model or an .atok file. Model names: {describe_names()}.")
+    p.add_argument("source", metavar="SRC", nargs="?", default=None,
+                   help="model source or .atok file (default: the bundled model)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
 
@@ -95,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SRC", help="model source")
     p.add_argument("dst", type=Path, metavar="DST", help="output folder (audiotok, transformers) or .pth file")
     p.add_argument("--to", required=True, choices=CONVERT_FORMATS, help="target format")
+    p.add_argument("--model-id", default=None, help="the id the copy records (default: the source's)")
     p.set_defaults(func=_cmd_convert)
     return parser
 
@@ -109,11 +133,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _load_model(source: str | None, device: str):
-    from ..distributed import resolve_device
+def _sample_rate(text: str) -> int | str:
+    return "source" if text == "source" else _positive_int(text)
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    """``False`` when asked for no bars, ``None`` (bars on a terminal) otherwise."""
+    return False if args.no_progress or args.quiet else None
+
+
+def _load_options(args: argparse.Namespace) -> dict:
+    from ..tokenizer import DTYPES
+
+    return {"dtype": DTYPES[args.dtype], "compile": args.compile}
+
+
+def _load_model(args: argparse.Namespace):
+    from ..distributed import rank_device
     from ..tokenizer import AudioTokenizer
 
-    return AudioTokenizer.from_pretrained(source, device=resolve_device(device))
+    return AudioTokenizer.from_pretrained(args.model, device=rank_device(args.device), **_load_options(args))
 
 
 def _finish(report, verb: str, single: bool) -> int:
@@ -129,29 +168,34 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
     if not args.input.exists():
         raise FileNotFoundError(f"{args.input}: no such file or folder")
-    tokenizer = _load_model(args.model, args.device)
+    tokenizer = _load_model(args)
     report = encode_path(tokenizer, args.input, args.output, n_quantizers=args.n_quantizers,
                          per_channel=args.per_channel, pack_10bit=args.pack_10bit, extensions=args.extensions,
-                         progress=False if args.no_progress else None)
+                         progress=_progress(args))
     return _finish(report, "encoded", args.input.is_file())
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
-    from ..distributed import resolve_device
+    from ..distributed import rank_device
     from .files import decode_path
 
-    tokenizer = None if args.model is None else _load_model(args.model, args.device)
-    report = decode_path(args.input, args.output, tokenizer, format=args.format,
-                         device=resolve_device(args.device), progress=False if args.no_progress else None)
+    tokenizer = None if args.model is None else _load_model(args)
+    report = decode_path(args.input, args.output, tokenizer, format=args.format, device=rank_device(args.device),
+                         progress=_progress(args), sample_rate=args.sample_rate, subtype=args.subtype,
+                         **_load_options(args))
     return _finish(report, "decoded", args.input.is_file())
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from ..codefile import SUFFIX
+    from ..hub import describe_names
     from .modelinfo import code_file_info, model_info
 
-    path = Path(args.source).expanduser()
-    info = code_file_info(path) if path.is_file() and path.suffix == SUFFIX else model_info(args.source)
+    path = Path(args.source or "").expanduser()
+    is_code_file = args.source is not None and path.is_file() and path.suffix == SUFFIX
+    info = code_file_info(path) if is_code_file else model_info(args.source)
+    if not is_code_file and not args.json:
+        info["model_names"] = describe_names()  # every name --model takes besides paths and hub ids
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -166,7 +210,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .modelinfo import convert_model
 
-    dst = convert_model(args.source, args.dst, args.to)
+    dst = convert_model(args.source, args.dst, args.to, model_id=args.model_id)
     print(f"wrote {args.to} checkpoint to {dst}")
     return 0
 
@@ -174,7 +218,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (argparse usage errors exit with 2)."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.quiet)
     try:
         return args.func(args)
     except (ValueError, OSError) as e:  # FileNotFoundError, PermissionError, ... are OSErrors

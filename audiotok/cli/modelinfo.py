@@ -8,7 +8,7 @@ from typing import Any
 
 from ..checkpoint import detect_format
 from ..codefile import CodeFile
-from ..hub import resolve
+from ..hub import ALIASES, resolve
 from ..tokenizer import AudioTokenizer
 
 #: Checkpoint formats :func:`convert_model` writes.
@@ -23,8 +23,10 @@ def model_info(source: str | os.PathLike | None, device: str | None = None) -> d
     c = tok.config
     params = {name: sum(p.numel() for p in getattr(tok.model, name).parameters())
               for name in ("encoder", "quantizer", "decoder")}
+    aliases = [name for name, target in ALIASES.items() if target in (source, tok.model_id)]
     return {
         "model_id": tok.model_id,
+        **({"aliases": ", ".join(aliases)} if aliases else {}),
         "format": fmt,
         "path": str(path),
         "sample_rate": c.sample_rate,
@@ -69,11 +71,13 @@ def code_file_info(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def convert_model(source: str | os.PathLike, dst: str | os.PathLike, to: str,
-                  device: str | None = None) -> Path:
+def convert_model(source: str | os.PathLike | None, dst: str | os.PathLike, to: str,
+                  device: str | None = None, model_id: str | None = None) -> Path:
     """Load ``source`` and write it to ``dst`` in format ``to`` (see :data:`CONVERT_FORMATS`).
 
-    ``"audiotok"`` and ``"transformers"`` write a folder; ``"original"`` writes a ``.pth`` file.
+    ``"audiotok"`` and ``"transformers"`` write a folder (with the model card); ``"original"`` writes
+    a ``.pth`` file. The copy keeps the source's model id (which code files it writes record) unless
+    ``model_id`` is given.
     """
     if to not in CONVERT_FORMATS:
         raise ValueError(f"unknown target format {to!r}; choose one of {', '.join(CONVERT_FORMATS)}")
@@ -90,10 +94,10 @@ def convert_model(source: str | os.PathLike, dst: str | os.PathLike, to: str,
         raise ValueError(f"{dst}: is a file; the {to} format is a folder")
     tok = AudioTokenizer.from_pretrained(source, device=device)
     if to == "audiotok":
-        tok.save_pretrained(dst)
+        tok.save_pretrained(dst, model_id)
     elif to == "transformers":
-        tok.export_transformers(dst)
+        tok.export_transformers(dst, model_id)
     else:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tok.export_original(dst)
+        tok.export_original(dst, model_id)
     return dst

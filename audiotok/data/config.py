@@ -15,7 +15,7 @@ from ..config import check_keys
 from .dataset import Excerpt, ExcerptDataset, SourceGroup, build_validation_set
 from .sources import AudioFileSource, AudioFolderSource, AudioSource, HFDatasetSource, WebDatasetSource
 
-#: Manifest categories (``make_manifest.py``) -> groups. ``speech8k`` (8 kHz telephone speech,
+#: Manifest categories (``audiotok.data.real_audio``) -> groups. ``speech8k`` (8 kHz telephone speech,
 #: eval only) stays apart so that it is not averaged with wide-band speech.
 MANIFEST_GROUPS = {
     "speech": "speech", "music": "music", "instrument": "music", "general": "general", "speech8k": "speech8k",
@@ -23,14 +23,18 @@ MANIFEST_GROUPS = {
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Rows of a ``manifest.csv`` written by ``make_manifest.py`` (``path``: the file or its folder).
+    """Rows of a ``manifest.csv`` written by ``recipes/fetch_real_audio.py`` (``path``: the file or its
+    folder). A missing manifest is a ``FileNotFoundError`` that says how to fetch the set.
 
     Columns: split, category, source, license, path (relative to the manifest's folder), sr,
     channels, seconds, format, subtype.
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".csv":
         path = path / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such manifest; fetch the real-audio set with: "
+                                f"python recipes/fetch_real_audio.py {path.parent} core")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     missing = {"split", "category", "path"} - set(rows[0] if rows else {"split", "category", "path"})
@@ -62,8 +66,9 @@ def build_sources(spec: Mapping[str, Any]) -> list[AudioSource]:
     """Sources from a spec dict; ``type`` selects the kind, other keys are its arguments:
 
     * ``{"type": "folder", "root": ..., "extensions": [...], "name": ...}``
-    * ``{"type": "hf", "path": ..., "split": "train", "audio_column": "audio", "streaming": false, ...}``
-      (further keys go to ``load_dataset``)
+    * ``{"type": "hf", "path": ..., "config": ..., "split": "train", "audio_column": "audio",
+      "streaming": false, ...}`` (``config``: the dataset's configuration; further keys go to
+      ``load_dataset``)
     * ``{"type": "webdataset", "urls": ..., "audio_keys": [...], "size": ...}``
     * ``{"type": "manifest", "path": ..., "split": "train", "group": "speech"}`` (``group``: one
       name or a list, of :data:`MANIFEST_GROUPS` values; ``path`` may be a glob over several

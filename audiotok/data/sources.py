@@ -1,7 +1,8 @@
 """Raw audio sources for training: folders and file lists, Hugging Face datasets, WebDataset shards.
 
-Every source yields :class:`Record` ``(key, audio [C, T] float32, sample_rate)``. Audio is always
-decoded with soundfile (libsndfile), never with torchcodec/FFmpeg. A record that cannot be used
+Every source yields :class:`Record` ``(key, audio [C, T] float32, sample_rate)``. Audio is
+decoded with soundfile (libsndfile), or for m4a/AAC with FFmpeg through PyAV when it is installed
+(:func:`audiotok.audio.load_audio`), never with torchcodec. A record that cannot be used
 (unreadable or corrupt data, no samples, NaN/Inf samples, no audio member) is never fatal: it is
 reported as a :class:`DecodeError`, skipped, and counted in the source's :class:`SkipCounter`.
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import io
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..audio import AUDIO_EXTENSIONS, find_files, load_audio, to_float_array
+from ..audio import AUDIO_EXTENSIONS, FFMPEG_EXTENSIONS, find_files, load_audio, read_audio_bytes, to_float_array
 from .transforms import ArrayClip, Clip
 
 logger = logging.getLogger(__name__)
@@ -108,15 +108,13 @@ def check_audio(key: str, audio: np.ndarray, sample_rate: int) -> Record:
 
 def decode_bytes(key: str, data: bytes) -> Record:
     """Decode an encoded audio file held in memory (any libsndfile format)."""
-    import soundfile as sf
-
     if not data:
         raise DecodeError(key, "empty", "0 bytes")
     try:
-        audio, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as e:  # LibsndfileError, RuntimeError, struct errors on odd headers
+        audio, sample_rate = read_audio_bytes(data)
+    except ValueError as e:
         raise DecodeError(key, "decode", str(e)) from e
-    return check_audio(key, audio.T, sample_rate)
+    return check_audio(key, audio, sample_rate)
 
 
 def decode_file(key: str, path: str | os.PathLike) -> Record:
@@ -249,7 +247,9 @@ class AudioFileSource(AudioSource):
     def load(self, index: int) -> Record:
         return decode_file(self.key(index), self.files[index])
 
-    def clip(self, index: int) -> FileClip:
+    def clip(self, index: int) -> Clip:
+        if self.files[index].suffix.lower() in FFMPEG_EXTENSIONS:  # no seeking: decoded whole
+            return super().clip(index)
         return FileClip(self.key(index), self.files[index])
 
 
@@ -276,7 +276,8 @@ class HFDatasetSource(AudioSource):
 
     ``path_or_name`` is a folder written by ``save_to_disk`` (read with ``load_from_disk``), a
     folder of audio files (``load_dataset("audiofolder", data_dir=...)``, labels and metadata
-    dropped), or a dataset id / builder name for ``load_dataset`` (``**load_kwargs`` passed on).
+    dropped), or a dataset id / builder name for ``load_dataset`` (its configuration ``config``,
+    and ``**load_kwargs``, passed on).
     ``streaming=True`` gives an ``IterableDataset`` read through :meth:`records` only.
 
     The audio column is cast to ``datasets.Audio(decode=False)``, so rows give the stored
@@ -293,17 +294,19 @@ class HFDatasetSource(AudioSource):
         audio_column: str = "audio",
         streaming: bool = False,
         name: str | None = None,
+        config: str | None = None,
         **load_kwargs: Any,
     ):
         import datasets
 
-        super().__init__(name or f"{path_or_name}:{split}")
+        super().__init__(name or f"{path_or_name}{'/' + config if config else ''}:{split}")
         self.audio_column = audio_column
         self.streaming = streaming
         path = Path(path_or_name)
         if _is_saved_dataset(path):
-            if load_kwargs:
-                raise ValueError(f"{path} is a saved dataset: load_dataset arguments {sorted(load_kwargs)} don't apply")
+            if load_kwargs or config:
+                raise ValueError(f"{path} is a saved dataset: load_dataset arguments "
+                                 f"{sorted(load_kwargs) + (['config'] if config else [])} don't apply")
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split]
@@ -318,7 +321,7 @@ class HFDatasetSource(AudioSource):
                 features=features, drop_labels=True, drop_metadata=True, **load_kwargs,
             )
         else:
-            ds = datasets.load_dataset(str(path_or_name), split=split, streaming=streaming, **load_kwargs)
+            ds = datasets.load_dataset(str(path_or_name), config, split=split, streaming=streaming, **load_kwargs)
         if audio_column not in (ds.features or {}):
             raise ValueError(f"{self.name}: no column {audio_column!r}; columns: {list(ds.features or {})}")
         if isinstance(ds.features[audio_column], datasets.Audio):
