@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -45,7 +46,10 @@ def split_clips(audio: AudioInput) -> list[np.ndarray]:
     """Audio ``[T]``, ``[C, T]``, ``[B, C, T]`` or a list of ``[T]``/``[C, T]`` clips -> list of ``[C, T]`` float32.
 
     A flat list of numbers is one ``[T]`` clip; a list of lists is a list of clips (as feature
-    extractors take a batch). Raises ``ValueError`` for wrong ranks, empty clips, NaN or Inf.
+    extractors take a batch). Raises ``ValueError`` for wrong ranks, empty clips, NaN or Inf, and a
+    clip with more channels than samples (audio ``[T, C]``, as ``soundfile.read`` returns it, passed
+    without transposing). Warns when the peak amplitude is above 1 (naming integer PCM stored in a
+    float array).
     """
     if isinstance(audio, (list, tuple)) and audio and isinstance(audio[0], (int, float, np.number)):
         audio = [audio]
@@ -73,9 +77,34 @@ def split_clips(audio: AudioInput) -> list[np.ndarray]:
     for i, clip in enumerate(clips):
         if clip.shape[0] == 0 or clip.shape[-1] == 0:
             raise ValueError(f"clip {i} is empty (shape {tuple(clip.shape)}); give at least one sample per channel")
+        if clip.shape[0] > clip.shape[1]:
+            raise ValueError(
+                f"clip {i} has shape {tuple(clip.shape)}: {clip.shape[0]} channels of {clip.shape[1]} samples. Audio "
+                f"is [C, T] (channels first); this looks like [T, C], as soundfile.read returns it: pass audio.T")
         if not np.isfinite(clip).all():
             raise ValueError(f"clip {i} contains NaN or Inf samples; clean the audio before encoding")
+        _warn_if_loud(clip, i)
     return clips
+
+
+def _warn_if_loud(clip: np.ndarray, index: int) -> None:
+    """Warn when the peak amplitude is above 1: the codec expects float audio in [-1, 1]."""
+    peak = float(np.abs(clip).max())
+    if peak <= 1.0:
+        return
+    if peak <= 2.0**31 and np.array_equal(clip, np.round(clip)):
+        bits = 16 if peak <= 2.0**15 else 32
+        hint = (f"its samples are whole numbers up to {peak:.0f}: integer PCM in a float array? Divide by "
+                f"{2**(bits - 1)} (or pass the int{bits} array itself)")
+    else:
+        hint = "scale it into [-1, 1]"
+    warnings.warn(f"clip {index} has peak amplitude {peak:.4g}, above 1: the codes will not represent it well; "
+                  f"{hint}", UserWarning, stacklevel=4)
+
+
+#: Sample rates in Hz that audio may have, and the largest resampling factor either way: a rate of
+#: 1 Hz would be resampled to the model rate for minutes, and rates of 2**50 never finish.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE, MAX_RESAMPLE_RATIO = 1000, 768_000, 64
 
 
 def unpack_records(audio: AudioInput, sample_rate: int | None) -> tuple[AudioInput, int | list[int]]:
@@ -111,10 +140,15 @@ def unpack_records(audio: AudioInput, sample_rate: int | None) -> tuple[AudioInp
 
 
 def check_sample_rate(sample_rate: object) -> int:
+    """``sample_rate`` as an int; ``ValueError`` unless it is a whole number of Hz in
+    ``[MIN_SAMPLE_RATE, MAX_SAMPLE_RATE]``."""
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer, np.floating)):
         raise ValueError(f"sample_rate must be a positive number, got {sample_rate!r}")
     if not np.isfinite(sample_rate) or sample_rate <= 0 or int(sample_rate) != sample_rate:
         raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}")
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise ValueError(f"sample_rate {sample_rate!r} Hz is outside the supported {MIN_SAMPLE_RATE}.."
+                         f"{MAX_SAMPLE_RATE} Hz")
     return int(sample_rate)
 
 
@@ -122,6 +156,9 @@ def resample(clip: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     """Resample ``[C, T]`` float32 with soxr (very high quality); a no-op when the rates match."""
     if orig_sr == target_sr:
         return clip
+    if max(orig_sr / target_sr, target_sr / orig_sr) > MAX_RESAMPLE_RATIO:
+        raise ValueError(f"resampling from {orig_sr} to {target_sr} Hz is a factor above {MAX_RESAMPLE_RATIO}: "
+                         f"resample the audio to a nearer rate first")
     import soxr
 
     out = soxr.resample(np.ascontiguousarray(clip.T), orig_sr, target_sr, quality="VHQ")
@@ -139,6 +176,7 @@ def downmix(clip: np.ndarray) -> np.ndarray:
 # Audio files
 
 import os  # noqa: E402
+import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 #: File extensions :func:`save_audio` writes, and the libsndfile format and default subtype used.
@@ -224,8 +262,9 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     Any format libsndfile reads (WAV, FLAC, OGG/Vorbis, Opus, MP3, AIFF, ...) with soundfile;
     :data:`FFMPEG_EXTENSIONS` (m4a/AAC/MP4) with FFmpeg through PyAV (``pip install
     'audiotok[ffmpeg]'``). Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming
-    the file when it cannot be decoded (or PyAV is needed and missing). The samples are returned as
-    stored: empty files and NaN samples are not rejected here.
+    the file when it cannot be decoded (or PyAV is needed and missing); warns when the file is
+    shorter than its header says (a truncated WAV). The samples are returned as stored: empty files
+    and NaN samples are not rejected here.
     """
     import soundfile as sf
 
@@ -234,9 +273,14 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     if Path(path).suffix.lower() in FFMPEG_EXTENSIONS:
         return _load_with_ffmpeg(str(path), str(path))
     try:
-        data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            data, sample_rate = f.read(dtype="float32", always_2d=True), f.samplerate
+            truncated = re.search(r"data\s*:\s*(\d+) \(should be (\d+)\)", f.extra_info)
     except Exception as e:  # soundfile.LibsndfileError, RuntimeError, struct errors on odd headers
         raise ValueError(f"{path}: cannot read audio file: {e}") from e
+    if truncated and int(truncated[2]) < int(truncated[1]):
+        warnings.warn(f"{path}: truncated: its header announces {truncated[1]} bytes of audio, the file holds "
+                      f"{truncated[2]}; only those are read", UserWarning, stacklevel=2)
     return np.ascontiguousarray(data.T), int(sample_rate)
 
 

@@ -209,10 +209,14 @@ def load_original(path: str | os.PathLike) -> Checkpoint:
         raise ValueError(f"{path}: not a loadable DAC .pth checkpoint (read with weights_only=True): {e}") from e
     if not isinstance(blob, dict) or "state_dict" not in blob:
         raise ValueError(f"{path}: expected a dict with 'state_dict' and 'metadata' (an original DAC .pth file)")
-    kwargs = (blob.get("metadata") or {}).get("kwargs")
+    metadata = blob.get("metadata")
+    kwargs = metadata.get("kwargs") if isinstance(metadata, dict) else None
     if not isinstance(kwargs, dict):
         raise ValueError(f"{path}: no metadata.kwargs in the checkpoint; cannot tell its architecture")
-    config = DACConfig(**{k: kwargs[k] for k in _PTH_KWARGS if k in kwargs and kwargs[k] is not None})
+    try:
+        config = DACConfig(**{k: kwargs[k] for k in _PTH_KWARGS if k in kwargs and kwargs[k] is not None})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: invalid architecture in metadata.kwargs: {e}") from None
     state_dict = from_original_keys(blob["state_dict"], config)
     model_id = blob["metadata"].get("model_id")  # written by audiotok; the original package has none
     return Checkpoint(config, state_dict, model_id if isinstance(model_id, str) and model_id else path.stem)
@@ -235,16 +239,17 @@ def save_original(checkpoint: Checkpoint, path: str | os.PathLike) -> None:
 
 def config_from_transformers(data: dict) -> DACConfig:
     """Our config from a transformers ``DacConfig`` dict; its ``hop_length`` is ignored (often wrong)."""
-    return DACConfig(
-        sample_rate=int(data.get("sampling_rate", 16000)),
-        encoder_dim=int(data.get("encoder_hidden_size", 64)),
-        encoder_rates=list(data.get("downsampling_ratios", [2, 4, 8, 8])),
-        decoder_dim=int(data.get("decoder_hidden_size", 1536)),
-        decoder_rates=list(data.get("upsampling_ratios") or list(data.get("downsampling_ratios", [2, 4, 8, 8]))[::-1]),
-        n_codebooks=int(data.get("n_codebooks", 9)),
-        codebook_size=int(data.get("codebook_size", 1024)),
-        codebook_dim=int(data.get("codebook_dim", 8)),
-        quantizer_dropout=float(data.get("quantizer_dropout", 0.0)),
+    down = data.get("downsampling_ratios", [2, 4, 8, 8])
+    return DACConfig(  # values as stored: DACConfig checks each one by name
+        sample_rate=data.get("sampling_rate", 16000),
+        encoder_dim=data.get("encoder_hidden_size", 64),
+        encoder_rates=down,
+        decoder_dim=data.get("decoder_hidden_size", 1536),
+        decoder_rates=data.get("upsampling_ratios") or (down[::-1] if isinstance(down, list) else down),
+        n_codebooks=data.get("n_codebooks", 9),
+        codebook_size=data.get("codebook_size", 1024),
+        codebook_dim=data.get("codebook_dim", 8),
+        quantizer_dropout=data.get("quantizer_dropout", 0.0),
     )
 
 
@@ -318,14 +323,28 @@ def load_folder(folder: str | os.PathLike) -> Checkpoint:
     if not config_path.is_file():
         raise ValueError(f"{folder}: no {CONFIG_FILE}; not an audiotok or transformers DAC model folder")
     data = _read_json(config_path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_path}: not a JSON object")
     if _folder_format(config_path, data) == "audiotok":
-        if int(data.get("format_version", 0)) > FORMAT_VERSION:
-            raise ValueError(f"{folder}: written by a newer audiotok (format_version {data['format_version']})")
-        config = DACConfig.from_dict(data["config"])
+        if not isinstance(data.get("format_version", 0), int) or data.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{folder}: written by a newer audiotok (format_version {data['format_version']!r})")
+        if "config" not in data:
+            raise ValueError(f"{config_path}: no 'config' entry (the model's DACConfig)")
+        try:
+            config = DACConfig.from_dict(data["config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{config_path}: invalid model config: {e}") from None
+        stored = data.get("architecture_hash")
+        if stored is not None and stored != config.architecture_hash():
+            raise ValueError(f"{config_path}: architecture_hash {stored!r} does not match its config "
+                             f"({config.architecture_hash()}): the config was edited after the model was saved")
         model_id = data.get("model_id") or folder.name
         notice = data.get("notice")
     else:
-        config = config_from_transformers(data)
+        try:
+            config = config_from_transformers(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{config_path}: invalid transformers DAC config: {e}") from None
         model_id = data.get("_name_or_path") or folder.name
         notice = None
     card = (folder / CARD_FILE).read_text() if (folder / CARD_FILE).is_file() else None

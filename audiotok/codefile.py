@@ -23,7 +23,8 @@ key                      meaning
 ======================== ======================================================================
 ``format``               always ``"audiotok-codes"``
 ``format_version``       ``"1"``. A reader must refuse a version newer than it knows.
-``model_id``             name of the model that wrote the codes (informational, may be ``"random"``)
+``model_id``             name of the model that wrote the codes (informational, may be ``"random"``;
+                         a reader must not load a model by this name without the user's say-so)
 ``config_hash``          ``DACConfig.architecture_hash()`` of that model: 16 lowercase hex digits.
                          Codes are only meaningful to a model with the same hash.
 ``sample_rate``          the model's sample rate in Hz (decoded audio comes out at this rate)
@@ -36,6 +37,10 @@ key                      meaning
 ``channels``             channel count of the original audio file
 ``packing``              ``"none"`` or ``"10bit"`` (how the codes tensor is stored, see below)
 ``shape``                ``"C,K,F"``: the code array's shape as three comma-separated decimal integers
+``codes_fingerprint``    optional: ``checkpoint.codes_fingerprint`` of the weights that wrote the
+                         codes (16 lowercase hex digits). A model of the same architecture with
+                         another fingerprint has other codebooks: a reader should refuse to decode
+                         unless told otherwise.
 ======================== ======================================================================
 
 Readers must ignore metadata keys and tensors they do not know.
@@ -68,8 +73,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,6 +97,7 @@ _INT_FIELDS = ("sample_rate", "hop_length", "n_codebooks", "codebook_size", "num
                "source_sample_rate", "channels")
 _STR_FIELDS = ("model_id", "config_hash", "packing")
 REQUIRED_METADATA = ("format", "format_version", *_STR_FIELDS, *_INT_FIELDS, "shape")
+_FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,16 +157,25 @@ class _CodeInfo:
     num_samples: int
     source_sample_rate: int
     channels: int
+    codes_fingerprint: str | None = field(default=None, kw_only=True)
 
     @property
     def duration(self) -> float:
         """Duration of the original audio in seconds."""
         return self.num_samples / self.source_sample_rate
 
-    def check_compatible(self, tokenizer: AudioTokenizer) -> None:
+    def check_compatible(self, tokenizer: AudioTokenizer, allow_other_weights: bool = False) -> None:
         """Raise ``ValueError`` (naming both model ids and config hashes) unless ``tokenizer`` has the
-        architecture these codes were written with."""
+        architecture these codes were written with and, unless ``allow_other_weights``, the same encoder
+        and quantizer weights (when the file records their fingerprint)."""
         check_codec(tokenizer, self.model_id, self.config_hash, self.n_codebooks, self.codebook_size)
+        if not allow_other_weights and self.codes_fingerprint not in (None, tokenizer.codes_fingerprint):
+            raise ValueError(
+                f"codes were written by model {self.model_id!r} (weights fingerprint {self.codes_fingerprint}) but the "
+                f"model in use is {tokenizer.model_id!r} (fingerprint {tokenizer.codes_fingerprint}): the same "
+                f"architecture with other weights, whose codes mean other sounds. Decode them with the model that "
+                f"wrote them (--allow-other-weights decodes anyway)"
+            )
 
 
 def check_codec(tokenizer: AudioTokenizer, model_id: str, config_hash: str, n_codebooks: int, codebook_size: int,
@@ -229,7 +245,11 @@ def _parse_metadata(meta: dict[str, str] | None, where: str) -> CodeHeader:
         shape = ()
     if len(shape) != 3 or min(shape) <= 0:
         raise ValueError(f"{where}: metadata shape={meta['shape']!r} is not three positive integers 'C,K,F'")
-    header = CodeHeader(**values, shape=shape, format_version=version)  # type: ignore[arg-type]
+    fingerprint = meta.get("codes_fingerprint")
+    if fingerprint is not None and not _FINGERPRINT.fullmatch(fingerprint):
+        raise ValueError(f"{where}: metadata codes_fingerprint={fingerprint!r} is not 16 lowercase hex digits")
+    header = CodeHeader(**values, shape=shape, format_version=version,  # type: ignore[arg-type]
+                        codes_fingerprint=fingerprint)
     if header.packing not in PACKINGS:
         raise ValueError(f"{where}: unknown packing {header.packing!r}; expected one of {PACKINGS}")
     c, k, f = shape
@@ -309,6 +329,7 @@ class CodeFile(_CodeInfo):
         one per coded channel (for audio whose channels were encoded as a batch of clips).
         ``channels`` is the channel count of the original audio file.
         """
+        tokenizer.check_encoded(encoded)  # the codes are this model's: the file will say so
         indices = [index] if isinstance(index, (int, np.integer)) else list(index)
         batch = encoded.codes.shape[0]
         if not indices or any(not 0 <= int(i) < batch for i in indices):
@@ -329,6 +350,7 @@ class CodeFile(_CodeInfo):
             sample_rate=config.sample_rate, hop_length=config.hop_length, n_codebooks=codes.shape[1],
             codebook_size=config.codebook_size, num_samples=samples.pop(),
             source_sample_rate=int(encoded.sample_rate), channels=int(channels),
+            codes_fingerprint=tokenizer.codes_fingerprint,
         )
 
     def to_encoded(self) -> EncodedAudio:
@@ -337,7 +359,7 @@ class CodeFile(_CodeInfo):
 
         c, _, f = self.codes.shape
         return EncodedAudio(self.codes.clone(), torch.full((c,), f), torch.full((c,), self.num_samples),
-                            self.source_sample_rate)
+                            self.source_sample_rate, self.model_id, self.config_hash, self.codes_fingerprint)
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -355,7 +377,7 @@ class CodeFile(_CodeInfo):
         meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "packing": packing,
                 "shape": ",".join(str(s) for s in self.codes.shape)}
         for f in fields(self):
-            if f.name not in ("codes", "packing"):
+            if f.name not in ("codes", "packing") and getattr(self, f.name) is not None:
                 meta[f.name] = str(getattr(self, f.name))
         return meta
 
@@ -423,4 +445,5 @@ class CodeFile(_CodeInfo):
             sample_rate=header.sample_rate, hop_length=header.hop_length, n_codebooks=header.n_codebooks,
             codebook_size=header.codebook_size, num_samples=header.num_samples,
             source_sample_rate=header.source_sample_rate, channels=header.channels, packing=header.packing,
+            codes_fingerprint=header.codes_fingerprint,
         )

@@ -16,12 +16,13 @@ PACKED_10BIT_CODEBOOK_SIZE = 1 << 10
 
 
 def check_n_quantizers(n_quantizers: int | None, n_codebooks: int) -> int:
-    """The number of codebooks to code with: ``n_codebooks`` for ``None``; ``ValueError`` unless
-    ``1 <= n_quantizers <= n_codebooks``."""
+    """The number of codebooks to code with: ``n_codebooks`` for ``None``; ``ValueError`` unless an
+    integer (not a float or bool) with ``1 <= n_quantizers <= n_codebooks``."""
     if n_quantizers is None:
         return n_codebooks
-    if not 1 <= int(n_quantizers) <= n_codebooks:
-        raise ValueError(f"n_quantizers must be in 1..{n_codebooks}, got {n_quantizers}")
+    integer = isinstance(n_quantizers, (int, np.integer)) and not isinstance(n_quantizers, bool)
+    if not integer or not 1 <= n_quantizers <= n_codebooks:
+        raise ValueError(f"n_quantizers must be an integer in 1..{n_codebooks}, got {n_quantizers!r}")
     return int(n_quantizers)
 
 

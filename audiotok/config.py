@@ -40,11 +40,16 @@ class DACConfig:
     quantizer_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        self.encoder_rates = [int(r) for r in self.encoder_rates]
-        self.decoder_rates = [int(r) for r in self.decoder_rates]
-        if self.latent_dim is None:
+        for name in ("encoder_rates", "decoder_rates"):
+            rates = getattr(self, name)
+            if not isinstance(rates, (list, tuple)) or not all(_is_int(r) for r in rates):
+                raise ValueError(f"DACConfig.{name} must be a list of integers, got {rates!r}")
+            setattr(self, name, [int(r) for r in rates])
+        if self.latent_dim is None and _is_int(self.encoder_dim):
             self.latent_dim = self.encoder_dim * 2 ** len(self.encoder_rates)
         # Early published configs store quantizer_dropout as a bool.
+        if isinstance(self.quantizer_dropout, str) or not isinstance(self.quantizer_dropout, (int, float)):
+            raise ValueError(f"DACConfig.quantizer_dropout must be a number in [0, 1], got {self.quantizer_dropout!r}")
         self.quantizer_dropout = float(self.quantizer_dropout)
         self.validate()
 
@@ -62,10 +67,15 @@ class DACConfig:
         for name, value in ints.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"DACConfig.{name} must be a positive integer, got {value!r}")
+            if value > LIMITS[name]:
+                raise ValueError(f"DACConfig.{name}={value} is above the supported {LIMITS[name]}")
         for name in ("encoder_rates", "decoder_rates"):
             rates = getattr(self, name)
             if not rates or any(r <= 0 for r in rates):
                 raise ValueError(f"DACConfig.{name} must be a non-empty list of positive integers, got {rates}")
+            if len(rates) > LIMITS["blocks"] or max(rates) > LIMITS["rate"]:
+                raise ValueError(f"DACConfig.{name}={rates}: at most {LIMITS['blocks']} blocks with rates up to "
+                                 f"{LIMITS['rate']} are supported")
         if math.prod(self.encoder_rates) != math.prod(self.decoder_rates):
             raise ValueError(
                 f"encoder_rates {self.encoder_rates} and decoder_rates {self.decoder_rates} must have the same "
@@ -78,6 +88,27 @@ class DACConfig:
             )
         if not 0.0 <= self.quantizer_dropout <= 1.0:
             raise ValueError(f"quantizer_dropout must be in [0, 1], got {self.quantizer_dropout}")
+        if self.parameter_count() > LIMITS["parameters"]:
+            raise ValueError(f"this DACConfig describes about {self.parameter_count() / 1e9:.1f} billion parameters, "
+                             f"above the supported {LIMITS['parameters'] / 1e9:.0f} billion")
+
+    def parameter_count(self) -> int:
+        """The generator's number of weights (convolution kernels and codebooks; biases and Snake
+        parameters are left out), from the config alone: checked before anything is allocated."""
+        res_unit = lambda c: 3 * (c * c * 7 + c * c)  # noqa: E731  (three residual units: 7-tap and 1x1 convs)
+        latent = int(self.latent_dim or 0)  # set by __post_init__
+        count, c = 7 * self.encoder_dim, self.encoder_dim
+        for stride in self.encoder_rates:
+            count += res_unit(c) + c * 2 * c * 2 * stride
+            c *= 2
+        count += c * latent * 3
+        count += self.n_codebooks * (2 * latent * self.codebook_dim + self.codebook_size * self.codebook_dim)
+        c = self.decoder_dim
+        count += latent * c * 7
+        for stride in self.decoder_rates:
+            count += c * (c // 2) * 2 * stride + res_unit(c // 2)
+            c //= 2
+        return count + c * 7
 
     @property
     def hop_length(self) -> int:
@@ -104,6 +135,8 @@ class DACConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DACConfig:
         """Build a config from a dict; unknown keys raise ``ValueError``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a DACConfig must be a mapping of fields, got {type(data).__name__}")
         check_keys(cls, data, "DACConfig")
         return cls(**data)
 
@@ -120,6 +153,16 @@ class DACConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: Upper bounds of :class:`DACConfig` values (far above any published model; ``codebook_size`` is
+#: what the uint16 code storage holds), checked before a model is built from an untrusted config.
+LIMITS = {"sample_rate": 768_000, "encoder_dim": 4096, "latent_dim": 65536, "decoder_dim": 65536, "n_codebooks": 1024,
+          "codebook_size": 65536, "codebook_dim": 4096, "blocks": 16, "rate": 1024, "parameters": 2_000_000_000}
 
 
 PRESETS: dict[str, dict[str, Any]] = {

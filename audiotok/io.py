@@ -24,9 +24,11 @@ from typing import IO, Any
 
 
 def temp_path(path: str | os.PathLike) -> Path:
-    """A fresh temporary path beside ``path``: ``.NAME.<12 hex digits>.tmp`` (hidden, unique)."""
+    """A fresh temporary path beside ``path``: ``.NAME.<12 hex digits>.tmp`` (hidden, unique), with NAME
+    cut to its first 100 characters so that the temporary name stays under the file system's limit
+    (255 bytes) whatever the final name."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    return path.with_name(f".{path.name[:100]}.{secrets.token_hex(6)}.tmp")
 
 
 def fsync_file(path: str | os.PathLike) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -13,7 +15,15 @@ import numpy as np
 import torch
 
 from . import audio as audio_utils
-from .checkpoint import Checkpoint, build_model, load_checkpoint, save_folder, save_original, save_transformers
+from .checkpoint import (
+    Checkpoint,
+    build_model,
+    codes_fingerprint,
+    load_checkpoint,
+    save_folder,
+    save_original,
+    save_transformers,
+)
 from .codes import check_n_quantizers, is_integer_dtype
 from .config import DACConfig
 from .hub import names_bundled_model, resolve
@@ -50,15 +60,21 @@ class EncodedAudio:
         lengths: ``[B]`` valid frames per item.
         num_samples: ``[B]`` samples per item in the input, at ``sample_rate``.
         sample_rate: rate of the audio that was encoded (before resampling to the model rate).
+        model_id, config_hash, codes_fingerprint: the model that wrote the codes (its name, its
+            ``DACConfig.architecture_hash()`` and the ``checkpoint.codes_fingerprint`` of its weights);
+            ``None`` when unknown. :meth:`AudioTokenizer.decode` refuses codes of another model.
     """
 
     codes: torch.Tensor
     lengths: torch.Tensor
     num_samples: torch.Tensor
     sample_rate: int
+    model_id: str | None = None
+    config_hash: str | None = None
+    codes_fingerprint: str | None = None
 
     def to(self, device: str | torch.device) -> EncodedAudio:
-        return EncodedAudio(self.codes.to(device), self.lengths, self.num_samples, self.sample_rate)
+        return dataclasses.replace(self, codes=self.codes.to(device))
 
     def unbatch(self) -> list[torch.Tensor]:
         """Each item's codes without padding: ``[K, F_b]`` (``[C, K, F_b]`` when coded per channel)."""
@@ -69,6 +85,8 @@ class AudioTokenizer:
     """Encode audio to DAC code indices and decode them back, for inference.
 
     Weight norm is folded, the model is in eval mode and all work runs under ``torch.inference_mode``.
+    ``codes_fingerprint`` identifies the weights the tokenizer was made with (see
+    :func:`~audiotok.checkpoint.codes_fingerprint`); it is recorded with every encoding and checked on decoding.
     """
 
     def __init__(self, model: DAC, model_id: str = "dac", device: str | torch.device | None = None,
@@ -80,6 +98,7 @@ class AudioTokenizer:
         self.model_id = model_id
         self.notice: str | None = None  # shown on loading, saved with the model
         self.card: str | None = None  # the model card (README.md), saved with the model
+        self.codes_fingerprint = codes_fingerprint(model.state_dict())  # before any cast to half precision
         self.dtype = dtype
         self.decoder_dtype = decoder_dtype
         self.device = torch.device(device or "cpu")
@@ -231,8 +250,10 @@ class AudioTokenizer:
         default_chunk, default_batch = DEFAULT_SECONDS.get(self.device.type, DEFAULT_SECONDS["cpu"])
         chunk_seconds = default_chunk if chunk_seconds is None else chunk_seconds
         batch_seconds = max(chunk_seconds, default_batch) if batch_seconds is None else batch_seconds
-        if chunk_seconds <= 0 or batch_seconds <= 0:
-            raise ValueError(f"chunk_seconds and batch_seconds must be positive, got {chunk_seconds}, {batch_seconds}")
+        for value in (chunk_seconds, batch_seconds):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+                raise ValueError(f"chunk_seconds and batch_seconds must be positive numbers (inf: no limit), got "
+                                 f"{chunk_seconds!r}, {batch_seconds!r}")
         return chunk_seconds, batch_seconds
 
     def frame_budgets(self, chunk_seconds: float | None = None,
@@ -316,13 +337,47 @@ class AudioTokenizer:
             for j, (s, n) in enumerate(zip(batch, lengths)):
                 x[j, 0, :n] = torch.from_numpy(items[s.item][s.start * hop: s.start * hop + n])
             padded = any(n != x.shape[-1] for n in lengths)
-            out = self.model.encode(x.to(self.device, self.dtype), n_quantizers, lengths if padded else None).codes
-            out = out.cpu()
+            q = self.model.encode(x.to(self.device, self.dtype), n_quantizers, lengths if padded else None)
+            if not torch.isfinite(q.latents).all():
+                raise ValueError("the encoder produced non-finite latents (NaN or Inf): the audio is far outside "
+                                 "[-1, 1] or the model's weights are broken")
+            out = q.codes.cpu()
             for j, s in enumerate(batch):
                 codes[s.item, :, s.keep_start:s.keep_stop] = out[j, :, s.keep_start - s.start:s.keep_stop - s.start]
         if not mono:
             codes = codes.reshape(len(num_samples), channels, *codes.shape[1:])
-        return EncodedAudio(codes, torch.tensor(frames[::channels]), torch.tensor(num_samples), rate)
+        return EncodedAudio(codes, torch.tensor(frames[::channels]), torch.tensor(num_samples), rate,
+                            str(self.model_id), self.config.architecture_hash(), self.codes_fingerprint)
+
+    def check_encoded(self, encoded: EncodedAudio, allow_other_weights: bool = False) -> None:
+        """Raise ``ValueError`` unless ``encoded`` is well formed and was written by this model: the same
+        architecture, and the same encoder and quantizer weights unless ``allow_other_weights``."""
+        if not isinstance(encoded.codes, torch.Tensor) or encoded.codes.ndim not in (3, 4):
+            raise ValueError("EncodedAudio.codes must be a [B, K, F] or [B, C, K, F] tensor")
+        batch, frames = encoded.codes.shape[0], encoded.codes.shape[-1]
+        for name in ("lengths", "num_samples"):
+            value = getattr(encoded, name)
+            if (not isinstance(value, torch.Tensor) or value.shape != (batch,) or value.dtype.is_floating_point
+                    or value.dtype == torch.bool):
+                raise ValueError(f"EncodedAudio.{name} must be an integer tensor [B] with B = {batch}")
+            if batch and int(value.min()) < 1:
+                raise ValueError(f"EncodedAudio.{name} must be positive, got {value.tolist()}")
+        if batch and int(encoded.lengths.max()) > frames:
+            raise ValueError(f"EncodedAudio.lengths {encoded.lengths.tolist()} exceed the {frames} frames of its codes")
+        audio_utils.check_sample_rate(encoded.sample_rate)
+        model_hash = self.config.architecture_hash()
+        if encoded.config_hash is not None and encoded.config_hash != model_hash:
+            raise ValueError(f"these codes were written by model {encoded.model_id!r} (config hash "
+                             f"{encoded.config_hash}) but this is {self.model_id!r} (config hash {model_hash}): "
+                             f"they mean nothing to it")
+        if (not allow_other_weights and encoded.codes_fingerprint is not None
+                and encoded.codes_fingerprint != self.codes_fingerprint):
+            raise ValueError(
+                f"these codes were written by model {encoded.model_id!r} (weights fingerprint "
+                f"{encoded.codes_fingerprint}) but this is {self.model_id!r} (fingerprint {self.codes_fingerprint}): "
+                f"the same architecture with other encoder or quantizer weights, whose codes mean other sounds. "
+                f"Decode with the model that wrote them (allow_other_weights=True, --allow-other-weights, "
+                f"decodes anyway)")
 
     def _check_codes(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
         if isinstance(codes, np.ndarray):
@@ -347,7 +402,8 @@ class AudioTokenizer:
 
     @torch.inference_mode()
     def decode(self, codes: EncodedAudio | torch.Tensor | np.ndarray, *, chunk_seconds: float | None = None,
-               batch_seconds: float | None = None, progress: bool = False) -> torch.Tensor:
+               batch_seconds: float | None = None, progress: bool = False,
+               allow_other_weights: bool = False) -> torch.Tensor:
         """Decode codes to audio at :attr:`sample_rate`.
 
         Args:
@@ -357,12 +413,20 @@ class AudioTokenizer:
             chunk_seconds, batch_seconds: as in :meth:`encode`; long code sequences are decoded in
                 chunks with context, equal to whole decoding within float rounding.
             progress: show a progress bar over the forward passes (seconds of audio).
+            allow_other_weights: decode an :class:`EncodedAudio` written by a model with the same
+                architecture but other weights (refused by default, see :meth:`check_encoded`).
 
         Returns:
             float32 audio ``[B, C, T]`` on the CPU (C = 1 unless coded per channel).
         """
-        encoded = codes if isinstance(codes, EncodedAudio) else None
-        checked = self._check_codes(codes.codes if isinstance(codes, EncodedAudio) else codes)
+        encoded: EncodedAudio | None = None
+        raw: torch.Tensor | np.ndarray
+        if isinstance(codes, EncodedAudio):
+            self.check_encoded(codes, allow_other_weights)
+            encoded, raw = codes, codes.codes
+        else:
+            raw = codes
+        checked = self._check_codes(raw)
         batch, channels = checked.shape[0], checked.shape[1] if checked.ndim == 4 else 1
         codes = checked.reshape(batch * channels, *checked.shape[-2:])
         hop = self.hop_length
@@ -384,6 +448,9 @@ class AudioTokenizer:
             lengths = [s.size for s in group]
             out = self.model.decode_codes(x.to(self.device), None if min(lengths) == size else lengths)
             out = out[:, 0].float().cpu()
+            if not torch.isfinite(out).all():
+                raise ValueError(f"the decoder of {self.model_id!r} produced non-finite audio (NaN or Inf): its "
+                                 f"weights are broken")
             for j, s in enumerate(group):
                 a, b = s.keep_start * hop, min(s.keep_stop * hop, n_out[s.item])
                 if b > a:

@@ -23,10 +23,12 @@ def main() -> None:
     p.add_argument("--part-mib", type=float, default=60.0)
     p.add_argument("--max-parts", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--outside-root", action="store_true",
+                   help="read files the manifest names outside its folder (absolute or ../ paths)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parts = pack_manifest(args.manifest, args.out, args.split, args.sample_rate, args.excerpt_seconds,
-                          args.part_mib, args.max_parts, args.seed)
+                          args.part_mib, args.max_parts, args.seed, args.outside_root)
     for part in parts:
         size = sum(f.stat().st_size for f in part.rglob("*") if f.is_file())
         print(f"{part}: {size / 2**20:.1f} MiB")

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 recipes/train.py --config recipes/configs/final/44khz.yml --save-path runs/44k
     python recipes/train.py --config recipes/configs/tiny.yml --save-path runs/ft --init-from descript/dac_44khz
 
-Running again with the same --save-path resumes from its latest checkpoint. Trailing
+Running again with the same --save-path resumes from its newest complete checkpoint. Trailing
 ``section.key=value`` arguments override the config (values parsed as YAML).
 """
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from audiotok import AudioTokenizer, DACConfig
+from audiotok import DAC, AudioTokenizer, DACConfig
 from audiotok.layers import Snake1d
 
 
@@ -39,9 +39,13 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def random_tokenizer(preset: str | DACConfig, seed: int = 0) -> AudioTokenizer:
-    tok = AudioTokenizer.from_config(preset, seed=seed)
-    randomize_(tok.model, seed)
-    return tok
+    """``AudioTokenizer.from_config(preset, seed=seed)`` with :func:`randomize_` weights (set before the
+    tokenizer is made, so its ``codes_fingerprint`` is theirs)."""
+    config = DACConfig.preset(preset) if isinstance(preset, str) else preset
+    torch.manual_seed(seed)
+    model = DAC(config)
+    model.fold_weight_norm()
+    return AudioTokenizer(randomize_(model, seed), "random")
 
 
 def make_audio(num_samples: int, channels: int = 1, batch: int | None = None, seed: int = 0) -> np.ndarray:

@@ -20,7 +20,7 @@ from audiotok.codefile import CodeFile
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A tiny model folder whose stored model_id is its own path, so decode can find it from the codes."""
+    """A tiny model folder whose stored model_id is its own path (decode never loads it from the codes)."""
     folder = tmp_path_factory.mktemp("model") / "tiny"
     tok = AudioTokenizer.from_config("tiny-44khz", seed=0)
     tok.model_id = str(folder)
@@ -102,9 +102,8 @@ def test_encode_decode_file(tmp_path, capsys, model_dir, tok, inputs, name):
     assert (cf.num_samples, cf.source_sample_rate, cf.channels) == (info.frames, info.samplerate, info.channels)
     assert cf.config_hash == tok.config.architecture_hash() and cf.model_id == str(model_dir)
 
-    # Without --model the model is found through the file's model_id.
     wav = tmp_path / "dec" / f"{name}.wav"
-    rc, _, err = run(capsys, "decode", atok, wav)
+    rc, _, err = run(capsys, "decode", atok, wav, "--model", model_dir)
     assert rc == 0, err
     audio, sr = sf.read(wav, dtype="float32", always_2d=True)
     assert sr == 44100 and audio.shape == (round(info.frames * 44100 / info.samplerate), 1)
@@ -112,7 +111,7 @@ def test_encode_decode_file(tmp_path, capsys, model_dir, tok, inputs, name):
     expected = tok.decode(enc)[0, 0].numpy()
     assert np.abs(expected).max() > 0
     np.testing.assert_allclose(audio[:, 0], np.clip(expected, -1, 1), rtol=0, atol=2**-15)
-    rc, _, err = run(capsys, "decode", atok, wav, "--subtype", "float")
+    rc, _, err = run(capsys, "decode", atok, wav, "--subtype", "float", "--model", model_dir)
     assert rc == 0, err
     np.testing.assert_array_equal(sf.read(wav, dtype="float32")[0], expected)  # exactly what the model produced
 
@@ -122,14 +121,15 @@ def test_decode_sample_rate_and_subtype(tmp_path, capsys, model_dir, tok, inputs
     assert run(capsys, "encode", inputs["low"], atok, "--model", model_dir)[0] == 0
     out = tmp_path / "low.wav"
     for rate, want in (("source", 22050), ("16000", 16000)):
-        rc, _, err = run(capsys, "decode", atok, out, "--sample-rate", rate, "--subtype", "PCM_24")
+        rc, _, err = run(capsys, "decode", atok, out, "--sample-rate", rate, "--subtype", "PCM_24",
+                         "--model", model_dir)
         assert rc == 0, err
         info = sf.info(out)
         assert (info.samplerate, info.frames, info.subtype) == (want, round(5000 * want / 22050), "PCM_24")
     audio, _ = sf.read(out, dtype="float32")
     model_rate, _ = tok.decode(CodeFile.load(atok).to_encoded())[0, 0].numpy(), None
     assert np.abs(audio).max() > 0.01 and np.isfinite(audio).all() and len(model_rate) == round(5000 * 44100 / 22050)
-    rc, _, err = run(capsys, "decode", atok, tmp_path / "low.flac", "--subtype", "FLOAT")
+    rc, _, err = run(capsys, "decode", atok, tmp_path / "low.flac", "--subtype", "FLOAT", "--model", model_dir)
     assert rc == 2 and "cannot write .flac files as FLOAT" in err
     with pytest.raises(SystemExit):
         main(["decode", str(atok), str(out), "--sample-rate", "fast"])
@@ -191,7 +191,8 @@ def test_output_into_existing_folder(tmp_path, capsys, model_dir, inputs):
     rc, _, err = run(capsys, "encode", inputs["mono"], tmp_path / "o", "--model", model_dir)
     assert rc == 0, err
     assert (tmp_path / "o" / "mono.atok").is_file()
-    rc, _, err = run(capsys, "decode", tmp_path / "o" / "mono.atok", tmp_path / "o", "--format", "flac")
+    rc, _, err = run(capsys, "decode", tmp_path / "o" / "mono.atok", tmp_path / "o", "--format", "flac",
+                     "--model", model_dir)
     assert rc == 0, err
     assert (tmp_path / "o" / "mono.flac").is_file()
 
@@ -224,7 +225,7 @@ def test_encode_decode_folder_with_bad_files(tmp_path, capsys, model_dir, tok, i
 
     # A corrupt code file in the folder is skipped and makes the exit status 1.
     (out / "sub" / "broken.atok").write_bytes((out / "mono.atok").read_bytes()[:50])
-    rc, stdout, _ = run(capsys, "decode", out, tmp_path / "decoded2")
+    rc, stdout, _ = run(capsys, "decode", out, tmp_path / "decoded2", "--model", model_dir)
     assert rc == 1
     assert "broken.atok" in stdout and "decoded 3 of 4 files" in stdout
 
@@ -273,13 +274,13 @@ def test_wrong_model_is_refused(tmp_path, capsys, model_dir, other_model_dir, to
     assert not (tmp_path / "dec").exists()
 
 
-def test_unloadable_model_id(tmp_path, capsys, inputs):
+def test_without_model_only_the_bundled_model_decodes(tmp_path, capsys, inputs):
     folder = tmp_path / "m"
     AudioTokenizer.from_config("tiny-44khz", seed=0).save_pretrained(folder)  # model_id "random"
     atok = tmp_path / "x.atok"
     assert run(capsys, "encode", inputs["mono"], atok, "--model", folder)[0] == 0
     rc, _, err = run(capsys, "decode", atok, tmp_path / "x.wav")
-    assert rc == 2 and "'random'" in err and "--model" in err
+    assert rc == 2 and "'random'" in err and "--model" in err and "bundled" in err
     assert run(capsys, "decode", atok, tmp_path / "x.wav", "--model", folder)[0] == 0
 
 
@@ -333,6 +334,7 @@ def test_info_model_and_code_file(tmp_path, capsys, model_dir, tok, inputs):
     fields = dict(line.split(None, 1) for line in out.splitlines())
     assert fields["format"] == "audiotok"
     assert fields["config_hash"] == tok.config.architecture_hash()
+    assert fields["codes_fingerprint"] == tok.codes_fingerprint
     assert fields["codebooks"] == "4 x 64 x 4" and fields["hop_length"] == "512"
     params = [int(fields[f"params_{k}"]) for k in ("encoder", "quantizer", "decoder")]
     assert sum(params) == int(fields["params_total"]) == sum(p.numel() for p in tok.model.parameters())
@@ -345,6 +347,7 @@ def test_info_model_and_code_file(tmp_path, capsys, model_dir, tok, inputs):
     info = json.loads(out)
     assert info["code_shape"] == [1, 4, 14] and info["channels"] == 2 and info["packing"] == "10bit"
     assert info["num_samples"] == 7000 and info["config_hash"] == tok.config.architecture_hash()
+    assert info["codes_fingerprint"] == tok.codes_fingerprint
 
 
 def test_python_dash_m_info(model_dir, tok):

@@ -159,6 +159,11 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["config"] = DACConfig.preset("tiny-24khz").to_dict()
     (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="architecture_hash .* does not match its config"):
+        AudioTokenizer.from_pretrained(tmp_path)  # the stored hash is verified on load
+    cfg["config"]["decoder_dim"] = 16  # another architecture, relabelled with its own hash: the weights do not fit
+    cfg["architecture_hash"] = DACConfig.from_dict(cfg["config"]).architecture_hash()
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="another model"):
         AudioTokenizer.from_pretrained(tmp_path)
 

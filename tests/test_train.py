@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,17 +121,47 @@ def _final_weights(run):
     return load_file(run / "latest" / "model.safetensors")
 
 
-def test_resume_continues_exactly(audio_dir, tmp_path):
-    config = tiny_config(audio_dir, "train.valid_every=1000", "train.save_every=3")
+def test_a_run_killed_while_saving_resumes_exactly(audio_dir, tmp_path, monkeypatch):
+    import audiotok.train.state as state_mod
+
+    class Kill(BaseException):
+        pass
+
+    def dies_at_step_4(state, path):
+        if state["step"] == 4:
+            raise Kill  # half-way through the save: step 4's checkpoint is not complete
+        torch.save(state, path)
+
+    config = tiny_config(audio_dir, "train.valid_every=1000", "train.save_every=2")
     train(config, tmp_path / "straight", max_steps=6, device="cpu")
-    train(config, tmp_path / "resumed", max_steps=3, device="cpu")
-    train(config, tmp_path / "resumed", max_steps=6, device="cpu")
+    with monkeypatch.context() as m:
+        m.setattr(state_mod, "_save_state", dies_at_step_4)
+        with pytest.raises(Kill):
+            train(config, tmp_path / "resumed", max_steps=6, device="cpu")
+    rows = lambda run: [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["step"] for r in rows(tmp_path / "resumed")] == [1, 2, 3, 4]
+    train(config, tmp_path / "resumed", max_steps=6, device="cpu")  # from step 2, the newest complete one
     a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    rows = lambda run: [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert rows(tmp_path / "straight") != [] and [r["step"] for r in rows(tmp_path / "resumed")] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in rows(tmp_path / "straight")] == [r["loss"] for r in rows(tmp_path / "resumed")]
+    # A run folder of the earlier layout (real latest/ and best/ folders, as runs started before
+    # checkpoints/ existed have) resumes exactly too.
+    legacy = tmp_path / "legacy"
+    train(config, legacy, max_steps=2, device="cpu")
+    target = (legacy / "latest").resolve()
+    (legacy / "latest").unlink()
+    shutil.copytree(target, legacy / "latest")
+    shutil.rmtree(legacy / "checkpoints")
+    train(config, legacy, max_steps=6, device="cpu")
+    assert (legacy / "latest").is_symlink() and (legacy / "checkpoints" / "step_6").is_dir()
+    c = _final_weights(legacy)
+    assert all(torch.equal(a[key], c[key]) for key in a)
+    changed = tiny_config(audio_dir, "model.n_codebooks=3")
+    with pytest.raises(ValueError, match="model.n_codebooks: 4 in the run, 3 now"):
+        train(changed, tmp_path / "resumed", max_steps=8, device="cpu")
 
 
 def test_a_gan_stage_continues_a_run_trained_without_one(audio_dir, tmp_path):

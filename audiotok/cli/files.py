@@ -142,8 +142,7 @@ def encode_path(tokenizer: AudioTokenizer, input: str | os.PathLike, output: str
     """
     src, out = Path(input), Path(output)
     _check_encode_args(tokenizer, n_quantizers, pack_10bit)
-    if not src.exists():
-        raise FileNotFoundError(f"{src}: no such file or folder")
+    _check_input(src)
     report = BatchReport()
     chunks = _show_progress(progress)
     if src.is_file():
@@ -193,61 +192,38 @@ def _run_batch(pairs: list[tuple[Path, Path]], work: Callable[[Path, Path], None
 
 
 def decode_code_file(tokenizer: AudioTokenizer, code_file: CodeFile, sample_rate: int | str | None = None,
-                     progress: bool = False) -> tuple[np.ndarray, int]:
+                     progress: bool = False, allow_other_weights: bool = False) -> tuple[np.ndarray, int]:
     """Decode to float32 ``[C, T]``, cropped to the original duration: ``(audio, rate)``.
 
     ``sample_rate``: ``None`` for the model's rate, ``"source"`` for the rate of the audio that was
     encoded, or a rate in Hz (resampled with soxr). ``progress``: a bar over the chunks.
+    ``allow_other_weights``: decode codes written by a model of the same architecture with other weights.
     """
-    code_file.check_compatible(tokenizer)
-    audio = tokenizer.decode(code_file.to_encoded(), progress=progress)[:, 0, :].numpy()
+    code_file.check_compatible(tokenizer, allow_other_weights)
+    audio = tokenizer.decode(code_file.to_encoded(), progress=progress,
+                             allow_other_weights=allow_other_weights)[:, 0, :].numpy()
     rate = code_file.source_sample_rate if sample_rate == "source" else sample_rate or tokenizer.sample_rate
     rate = check_sample_rate(rate)
     return resample(audio, tokenizer.sample_rate, rate), rate
 
 
-class ModelCache:
-    """Tokenizers by source, so that files naming the same model load it once."""
-
-    def __init__(self, device: str | torch.device | None = None, **load_kwargs):
-        self.device = device
-        self.load_kwargs = load_kwargs  # dtype, compile, ... for from_pretrained
-        self._models: dict[str, AudioTokenizer] = {}
-
-    def get(self, source: str) -> AudioTokenizer:
-        if source not in self._models:
-            self._models[source] = AudioTokenizer.from_pretrained(source, device=self.device, **self.load_kwargs)
-        return self._models[source]
-
-
-def _model_for(header: CodeHeader, path: Path, tokenizer: AudioTokenizer | None, cache: ModelCache) -> AudioTokenizer:
-    if tokenizer is not None:
-        return tokenizer
-    try:
-        return cache.get(header.model_id)
-    except (ValueError, OSError) as e:
-        raise ValueError(
-            f"{path}: was written by model {header.model_id!r}, which could not be loaded as a model source "
-            f"({e}); give the model to decode with explicitly (--model on the command line)"
-        ) from None
-
-
 def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: AudioTokenizer | None = None,
                 format: str | None = None, device: str | torch.device | None = None,
                 progress: bool | None = None, sample_rate: int | str | None = None, subtype: str | None = None,
-                **load_kwargs) -> BatchReport:
+                allow_other_weights: bool = False, **load_kwargs) -> BatchReport:
     """Decode an ``.atok`` file to audio, or a folder tree of them to a mirrored tree of audio files.
 
     Audio is cropped to the original duration and written at the model's sample rate (or at
     ``sample_rate``: ``"source"`` or Hz, see :func:`decode_code_file`) with ``subtype`` (default
     per format, see :data:`~audiotok.audio.AUDIO_WRITE_FORMATS`). ``tokenizer``: the model to
-    decode with; ``None`` loads each file's ``model_id`` with ``from_pretrained`` (``load_kwargs``:
-    dtype, compile). ``format``: ``"wav"`` or ``"flac"`` (for a single file, default: from the
-    output's extension).
+    decode with; ``None`` uses the model that ships with the package (``load_kwargs``: dtype,
+    compile); the ``model_id`` a code file records is never loaded: a file does not choose what runs.
+    ``format``: ``"wav"`` or ``"flac"`` (for a single file, default: from the output's extension).
+    ``allow_other_weights``: decode codes written by a model of the same architecture with other weights.
 
-    Before anything is decoded, every file's header is checked against its model: a config hash
-    mismatch (or a model that cannot be loaded) raises ``ValueError``. Files that are corrupt are
-    logged, skipped and listed in the report (for a single file: ``ValueError``).
+    Before anything is decoded, every file's header is checked against the model: another architecture
+    or other weights raise ``ValueError``. Files that are corrupt are logged, skipped and listed in the
+    report (for a single file: ``ValueError``).
     """
     src, out = Path(input), Path(output)
     if format is not None:
@@ -255,25 +231,32 @@ def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: 
         if "." + format not in AUDIO_WRITE_FORMATS:
             raise ValueError(f"unknown audio format {format!r}; use one of "
                              f"{', '.join(e[1:] for e in AUDIO_WRITE_FORMATS)}")
-    if not src.exists():
-        raise FileNotFoundError(f"{src}: no such file or folder")
+    _check_input(src)
     if sample_rate is not None and sample_rate != "source":
         check_sample_rate(sample_rate)
-    cache = ModelCache(device, **load_kwargs)
     chunks = _show_progress(progress)
+    chosen = tokenizer is not None
+    model = tokenizer or AudioTokenizer.from_pretrained(None, device=device, **load_kwargs)
 
-    def decode_to(dst: Path, code_file: CodeFile, model: AudioTokenizer) -> None:
-        audio, rate = decode_code_file(model, code_file, sample_rate, chunks)
-        save_audio(dst, audio, rate, subtype)
+    def check(codes: CodeHeader | CodeFile, path: Path) -> None:
+        try:
+            codes.check_compatible(model, allow_other_weights)
+        except ValueError as e:
+            hint = "" if chosen else (f" (no model was given, so the bundled {model.model_id!r} was used; give the "
+                                      f"model that wrote the codes with --model)")
+            raise ValueError(f"{path}: {e}{hint}") from None
+
+    def work(a: Path, b: Path) -> None:
+        code_file = CodeFile.load(a)
+        check(code_file, a)
+        audio, rate = decode_code_file(model, code_file, sample_rate, chunks, allow_other_weights)
+        save_audio(b, audio, rate, subtype)
 
     if src.is_file():
         suffixes = ("." + format,) if format else tuple(AUDIO_WRITE_FORMATS)
         dst = _single_output(src, out, suffixes, "audio")
         check_subtype(dst.suffix.lower(), subtype)
-        code_file = CodeFile.load(src)
-        model = _model_for(code_file.header, src, tokenizer, cache)
-        _check(code_file, src, model)
-        decode_to(dst, code_file, model)
+        work(src, dst)
         return BatchReport(done=[(src, dst)])
     if out.is_file():
         raise ValueError(f"{out}: is a file; the output for a folder must be a folder")
@@ -282,35 +265,29 @@ def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: 
     pairs = mirror_paths(find_files(src, (SUFFIX,)), src, out, suffix)
     if not pairs:
         logger.warning("no %s files under %s", SUFFIX, src)
-    # Check every readable header against its model first, so that a wrong model decodes nothing.
+    # Check every readable header against the model first, so that a wrong model decodes nothing.
     mismatched = []
     for a, _ in pairs:
         try:
             header = read_header(a)
         except (ValueError, OSError):
             continue  # reported as skipped below
-        model = _model_for(header, a, tokenizer, cache)  # a model that cannot be loaded stops the run
         try:
-            _check(header, a, model)
+            check(header, a)
         except ValueError as e:
             mismatched.append(str(e))
     if mismatched:
         shown = "\n".join(mismatched[:5]) + (f"\n... ({len(mismatched)} files in all)" if len(mismatched) > 5 else "")
         raise ValueError(f"refusing to decode: {len(mismatched)} file(s) do not fit the model:\n{shown}")
-
-    def work(a: Path, b: Path) -> None:
-        code_file = CodeFile.load(a)
-        model = _model_for(code_file.header, a, tokenizer, cache)
-        _check(code_file, a, model)
-        decode_to(b, code_file, model)
-
     report = BatchReport()
     _run_batch(pairs, work, report, "decoding", progress)
     return report
 
 
-def _check(codes: CodeHeader | CodeFile, path: Path, tokenizer: AudioTokenizer) -> None:
-    try:
-        codes.check_compatible(tokenizer)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+def _check_input(src: Path) -> None:
+    """``FileNotFoundError`` for a missing input, ``ValueError`` for one that is neither a file nor a folder
+    (a FIFO, a device)."""
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    if not src.is_file() and not src.is_dir():
+        raise ValueError(f"{src}: not a regular file or folder")

@@ -1,8 +1,9 @@
 """The ``audiotok`` command line: encode, decode, info and convert.
 
-Exit status: 0 on success; 1 when a folder run skipped some files (listed in the summary);
-2 for errors the user can fix (bad arguments, missing files, a model that does not fit the codes),
-printed as ``audiotok: error: ...`` without a traceback.
+Exit status: 0 on success; 1 when inputs failed (a folder run skipped some files, listed in the
+summary); 2 for errors the user can fix (bad arguments, missing files, a model that does not fit the
+codes); 3 for an internal error (a bug: please report it). Every failure is one line on stderr,
+``audiotok: error: ...`` (``-vv`` adds the traceback of an internal error).
 """
 
 from __future__ import annotations
@@ -11,13 +12,23 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from .. import __version__
 
 _EPILOG = ("exit status: 0 success, 1 some files in a folder were skipped (see the summary), "
-           "2 usage or input error")
+           "2 usage or input error, 3 internal error")
+EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the usage text stays behind ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"audiotok: error: {message} (see {self.prog} --help)\n")
 
 
 class _StderrHandler(logging.Handler):
@@ -32,7 +43,12 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    logging.getLogger("audiotok").warning("%s", message)
+
+
 def _setup_logging(verbose: int, quiet: bool = False) -> None:
+    warnings.showwarning = _show_warning  # one line each, like the log lines
     logger = logging.getLogger("audiotok")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         logger.addHandler(_StderrHandler())
@@ -59,13 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     from ..hub import describe_names
     from .modelinfo import CONVERT_FORMATS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="audiotok", description="Audio to discrete DAC codes and back.",
         epilog=f"model names: {describe_names()}. {_EPILOG}")
     parser.add_argument("--version", action="version", version=f"audiotok {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     model_help = (f"model source: a model folder, an original DAC .pth file, a hub id or a name ({describe_names()}). "
                   "Default: the bundled model")
@@ -95,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", type=Path, metavar="OUTPUT", help="audio file (or existing folder) for a file; "
                                                                "output folder for a folder")
     p.add_argument("--model", default=None, metavar="SRC",
-                   help="model source (default: the model_id stored in each file)")
+                   help="model source (default: the model that ships with audiotok; the model a code file names "
+                        "is never loaded from it)")
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="decode codes written by a model of the same architecture with other weights")
     _add_runtime_options(p)
     p.add_argument("--format", choices=("wav", "flac"), default=None,
                    help="output format (default: the output file's extension; wav for folders)")
@@ -160,7 +179,7 @@ def _finish(report, verb: str, single: bool) -> int:
         print(f"wrote {report.done[0][1]}")
     else:
         print(report.summary(verb))
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_SKIPPED
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
@@ -182,7 +201,7 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     tokenizer = None if args.model is None else _load_model(args)
     report = decode_path(args.input, args.output, tokenizer, format=args.format, device=rank_device(args.device),
                          progress=_progress(args), sample_rate=args.sample_rate, subtype=args.subtype,
-                         **_load_options(args))
+                         allow_other_weights=args.allow_other_weights, **_load_options(args))
     return _finish(report, "decoded", args.input.is_file())
 
 
@@ -222,11 +241,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError) as e:  # FileNotFoundError, PermissionError, ... are OSErrors
-        print(f"audiotok: error: {e}", file=sys.stderr)
-        return 2
+        print(f"audiotok: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("audiotok: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: one line, the traceback with -vv
+        logging.getLogger("audiotok").debug("internal error", exc_info=True)
+        print(f"audiotok: error: internal error ({type(e).__name__}: {_one_line(e)}); please report it",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _one_line(error: BaseException) -> str:
+    return " | ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def model_info(source: str | os.PathLike | None, device: str | None = None) -> d
         "params_decoder": params["decoder"],
         "params_total": sum(params.values()),
         "config_hash": c.architecture_hash(),
+        "codes_fingerprint": tok.codes_fingerprint,
     }
 
 
@@ -57,6 +58,7 @@ def code_file_info(path: str | os.PathLike) -> dict[str, Any]:
         "format_version": cf.header.format_version,
         "model_id": cf.model_id,
         "config_hash": cf.config_hash,
+        "codes_fingerprint": cf.codes_fingerprint or "(not recorded)",
         "sample_rate": cf.sample_rate,
         "hop_length": cf.hop_length,
         "n_codebooks": cf.n_codebooks,

@@ -8,7 +8,7 @@ import glob
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from ..config import check_keys
@@ -22,12 +22,22 @@ MANIFEST_GROUPS = {
 }
 
 
-def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
+def inside_path(value: str, where: str) -> str:
+    """``value`` unchanged if it is a relative path that stays inside its folder (not empty, not
+    absolute, no ``..`` part, no drive); else ``ValueError`` naming ``where``."""
+    posix = PurePosixPath(value.replace("\\", "/"))
+    if not value or posix.is_absolute() or ".." in posix.parts or PureWindowsPath(value).drive:
+        raise ValueError(f"{where}: {value!r} is not a relative path inside the folder")
+    return value
+
+
+def read_manifest(path: str | os.PathLike, outside_root: bool = False) -> list[dict[str, str]]:
     """Rows of a ``manifest.csv`` written by ``recipes/fetch_real_audio.py`` (``path``: the file or its
     folder). A missing manifest is a ``FileNotFoundError`` that says how to fetch the set.
 
     Columns: split, category, source, license, path (relative to the manifest's folder), sr,
-    channels, seconds, format, subtype.
+    channels, seconds, format, subtype. A ``path`` that is absolute or leaves the manifest's folder
+    (``../``) is a ``ValueError`` unless ``outside_root``.
     """
     path = Path(path)
     if path.is_dir() or path.suffix != ".csv":
@@ -40,6 +50,9 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
     missing = {"split", "category", "path"} - set(rows[0] if rows else {"split", "category", "path"})
     if missing:
         raise ValueError(f"{path}: not a manifest, missing columns {sorted(missing)}")
+    if not outside_root:
+        for line, row in enumerate(rows, start=2):
+            inside_path(row["path"], f"{path}:{line}: path (outside_root=True reads files outside its folder)")
     return rows
 
 
@@ -47,14 +60,16 @@ def sources_from_manifest(
     path: str | os.PathLike,
     split: str | Sequence[str] = "train",
     groups: Mapping[str, str] = MANIFEST_GROUPS,
+    outside_root: bool = False,
 ) -> dict[str, AudioFileSource]:
     """Group name -> :class:`AudioFileSource` over the manifest's files of ``split`` (one split
-    name or several). Categories are mapped to groups by ``groups``; others are left out."""
+    name or several). Categories are mapped to groups by ``groups``; others are left out. Files
+    outside the manifest's folder are refused unless ``outside_root`` (see :func:`read_manifest`)."""
     path = Path(path)
     root = path if path.is_dir() else path.parent
     splits = {split} if isinstance(split, str) else set(split)
     files: dict[str, list[str]] = {}
-    for row in read_manifest(path):
+    for row in read_manifest(path, outside_root):
         group = groups.get(row["category"])
         if row["split"] in splits and group is not None:
             files.setdefault(group, []).append(row["path"])

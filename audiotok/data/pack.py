@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,15 @@ log = logging.getLogger("audiotok.data")
 #: Sample rates that Opus codes (libsndfile); pack a 44.1 kHz corpus at 48 kHz.
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 MANIFEST_COLUMNS = ["split", "category", "source", "license", "path", "sr", "channels", "seconds", "format", "subtype"]
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
+
+
+def _plain_name(value: str, where: str) -> None:
+    """``ValueError`` unless ``value`` is a plain file name (letters, digits, ``_.-``; no separator, no ``..``)."""
+    if not _PLAIN_NAME.fullmatch(value) or ".." in value:
+        raise ValueError(f"{where}: {value!r} is not a plain name (letters, digits, '_', '.', '-')")
 
 
 def _opus_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
@@ -73,7 +83,8 @@ def _pieces(rows: list[dict[str, str]], root: Path, sample_rate: int, step: int,
             skipped.add(e)
             continue
         audio = resample(downmix(record.audio), record.sample_rate, sample_rate)
-        stem = Path(row["path"]).with_suffix("").as_posix().replace("/", "__")
+        parts = Path(row["path"]).with_suffix("").parts
+        stem = "__".join(p for p in parts if p not in ("/", ".", ".."))  # one plain name, whatever the path
         for i, start in enumerate(range(0, audio.shape[1], step)):
             piece = audio[:, start:start + step]
             if piece.shape[1] >= sample_rate:
@@ -89,13 +100,16 @@ def pack_manifest(
     part_mib: float = 60.0,
     max_parts: int | None = None,
     seed: int = 0,
+    outside_root: bool = False,
 ) -> list[Path]:
     """Pack ``split`` of ``manifest`` (a ``manifest.csv`` or its folder) into ``out/part-NNN`` folders.
 
     Audio is downmixed to mono, resampled to ``sample_rate`` (one of :data:`OPUS_RATES`) and cut into
     excerpts of ``excerpt_seconds`` (the last one of a file may be shorter; pieces under 1 s are
     dropped). Unreadable files are skipped and logged. Stops after ``max_parts`` parts when given.
-    Returns the part folders written.
+    Returns the part folders written. Every file written stays inside ``out``: ``split`` and the
+    manifest's ``category`` values must be plain names. Audio is read only inside the manifest's
+    folder unless ``outside_root`` (see :func:`~audiotok.data.config.read_manifest`).
     """
     from .config import read_manifest
 
@@ -108,9 +122,12 @@ def pack_manifest(
     out = Path(out)
     if out.exists() and any(out.glob("part-*")):
         raise FileExistsError(f"{out} already holds parts: pack into a new folder")
-    rows = [r for r in read_manifest(manifest) if r["split"] == split]
+    _plain_name(split, "split")
+    rows = [r for r in read_manifest(manifest, outside_root) if r["split"] == split]
     if not rows:
         raise ValueError(f"{manifest}: no files in split {split!r}")
+    for row in rows:
+        _plain_name(row["category"], f"{manifest}: category of {row['path']}")
     random.Random(seed).shuffle(rows)
 
     budget = int(part_mib * 2**20)

@@ -1,9 +1,10 @@
 """The prior training loop: one readable function, top to bottom, built from the codec trainer's parts
 (torchrun set-up, JSONL/TensorBoard logger, atomic run checkpoints, config loading).
 
-The run folder holds ``latest/`` and ``best/`` (each a prior folder that :meth:`CodePrior.from_pretrained`
-loads, plus ``train_state.pt``), ``config.yml``, ``metrics.jsonl`` and TensorBoard logs. Running again
-with the same folder resumes exactly. Only rank 0 logs, validates and writes.
+The run folder holds ``latest`` and ``best`` (links to crash-safe checkpoint folders, see
+:mod:`audiotok.train.state`: each a prior folder that :meth:`CodePrior.from_pretrained` loads, plus
+``train_state.pt``), ``config.yml``, ``metrics.jsonl`` and TensorBoard logs. Running again with the same
+folder resumes exactly from the newest complete checkpoint. Only rank 0 logs, validates and writes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..distributed import DistEnv, barrier, init_process_group, rank_device, shutdown
-from ..train.state import STATE_FILE, load_train_state, replace_folder
+from ..train.state import newest_checkpoint, save_checkpoint
 from ..train.trainer import Logger
 from .config import PriorTrainConfig
 from .dataset import CodeDataset, LMTokenDataset
@@ -132,7 +133,7 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
     codes = CodeDataset(config.data.train)
     if len(codes.shards) < env.world_size:
         raise ValueError(f"{config.data.train}: {len(codes.shards)} shard(s) cannot feed {env.world_size} ranks")
-    resume = (save_path / "latest" / STATE_FILE).exists()
+    found = newest_checkpoint(save_path)  # the newest complete checkpoint, whatever a crash interrupted
     torch.manual_seed(loop.seed)  # the same initial weights on every rank and every run
     prior = CodePrior(config.prior, CodecInfo.from_manifest(codes.manifest)).to(dev)
     decay = [p for p in prior.parameters() if p.ndim >= 2]
@@ -142,8 +143,8 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
                             betas=(config.optim.betas[0], config.optim.betas[1]))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(config, s))
     step, best = 0, math.inf
-    if resume:
-        state = load_train_state(save_path / "latest")
+    if found is not None:
+        state = found[1]
         prior.load_state_dict(state["prior"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -158,20 +159,18 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
     if env.is_main:
         save_path.mkdir(parents=True, exist_ok=True)
         (save_path / "config.yml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        logger = Logger(save_path)
+        logger = Logger(save_path, step)
         if config.data.valid:
             valid = examples(config, prior, CodeDataset(config.data.valid))
             val_blocks = list(itertools.islice(iter(valid), config.data.valid_blocks))
         log.info("%s at step %d of %d; %s prior, %.2fM parameters; %d rank(s) x batch %d of %d steps",
-                 "resuming" if resume else "starting", step, end, prior.pattern.value,
+                 f"resuming from {found[0]}" if found else "starting", step, end, prior.pattern.value,
                  sum(p.numel() for p in prior.parameters()) / 1e6, env.world_size, batch_per_rank, loop.seq_len)
 
-    def checkpoint(folder: str) -> None:
+    def checkpoint(improved: bool) -> None:
         state = {"prior": prior.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                  "step": step, "best": best, "config": config.to_dict()}
-        with replace_folder(save_path / folder) as tmp:
-            prior.save_pretrained(tmp)
-            torch.save(state, tmp / STATE_FILE)
+        save_checkpoint(save_path, state, prior.save_pretrained, best=improved)
 
     metrics: dict[str, float] = {}
     started, first_step = time.perf_counter(), step
@@ -197,15 +196,15 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
                                 if c > 0})
                 logger.write(step, "train", metrics)
                 log.info("step %d: loss %.4f", step, metrics["loss"])
+            improved = False
             if val_blocks and (step % loop.valid_every == 0 or step == end):
                 val = validate(prior, val_blocks, dev, batch_per_rank)
                 logger.write(step, "val", val)
                 log.info("step %d: validation loss %.4f", step, val["loss"])
-                if val["loss"] < best:
-                    best = val["loss"]
-                    checkpoint("best")
-            if step % loop.save_every == 0 or step == end:
-                checkpoint("latest")
+                improved = val["loss"] < best
+                best = min(best, val["loss"])
+            if improved or step % loop.save_every == 0 or step == end:
+                checkpoint(improved)
         if step % loop.save_every == 0 or step == end:
             barrier(env)
 

@@ -20,17 +20,19 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from ..checkpoint import Checkpoint, load_checkpoint, load_weights
+from ..checkpoint import Checkpoint, load_checkpoint, load_weights, save_folder
+from ..config import DACConfig
 from ..distances import MelSpectrogramLoss, MultiScaleSTFTLoss, si_sdr
 from ..distributed import DistEnv, barrier, init_process_group, rank_device, shutdown
 from ..hub import resolve
+from ..io import atomic_write
 from ..layers import use_fused_snake
 from ..metrics import codebook_utilization
 from ..model import DAC
 from .config import TrainConfig
 from .discriminator import Discriminator
 from .losses import discriminator_loss, feature_matching_loss, generator_adversarial_loss
-from .state import load_train_state, save_run_checkpoint
+from .state import check_resumable, newest_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
     from ..data.dataset import Excerpt
@@ -54,16 +56,34 @@ class _GAN:
     sched: torch.optim.lr_scheduler.ExponentialLR
 
 
-class Logger:
-    """JSONL always; TensorBoard when installed. Rank 0 only."""
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (the run resumes there, so the later ones come
+    again); a last line a crash cut short is dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    with atomic_write(path, "w") as f:
+        f.writelines(kept)
 
-    def __init__(self, folder: Path):
+
+class Logger:
+    """JSONL always; TensorBoard when installed. Rank 0 only. Rows (and TensorBoard events) after
+    ``step``, where the run starts, are dropped: a resumed run logs them again."""
+
+    def __init__(self, folder: Path, step: int):
+        _drop_rows_after(folder / "metrics.jsonl", step)
         self.jsonl = open(folder / "metrics.jsonl", "a")
         self.tb: Any = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(folder / "tensorboard"))
+            self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=step + 1)
         except ImportError:
             pass
 
@@ -151,9 +171,16 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
     batch_per_rank = loop.batch_size // env.world_size
 
     # -- state: fresh, fine-tuned, or resumed -------------------------------------------------
-    resume = (save_path / "latest" / "train_state.pt").exists()
+    found = newest_checkpoint(save_path)  # the newest complete checkpoint, whatever a crash interrupted
+    if found is not None:
+        folder, state = found
+        saved = state.get("config")
+        if init_from is not None and saved:  # a fine-tune has the architecture of the model it started from
+            config.model = DACConfig.from_dict({**saved["model"], "quantizer_dropout": config.model.quantizer_dropout})
+        if saved:
+            check_resumable(saved, config.to_dict(), folder, gan=weights.gan and "discriminator" in state)
     torch.manual_seed(loop.seed)  # the same initial networks on every rank and every run
-    generator = build_generator(config, None if resume else init_from).to(dev)
+    generator = build_generator(config, None if found else init_from).to(dev)
     use_fused_snake(generator, loop.fused_snake)
     for part in loop.freeze:
         getattr(generator, part).requires_grad_(False)
@@ -170,8 +197,7 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
     data_config = DataConfig.from_dict({**config.data, "sample_rate": config.model.sample_rate})
     dataset = data_config.train_dataset(env.rank, env.world_size, block_size=batch_per_rank)
     step, best = 0, math.inf
-    if resume:
-        state = load_train_state(save_path / "latest")
+    if found is not None:
         generator.load_state_dict(state["generator"])
         opt_g.load_state_dict(state["opt_g"])
         sched_g.load_state_dict(state["sched_g"])
@@ -198,22 +224,25 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
     if env.is_main:
         save_path.mkdir(parents=True, exist_ok=True)
         (save_path / "config.yml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        logger = Logger(save_path)
+        logger = Logger(save_path, step)
         if data_config.val_groups:
             val_set = data_config.validation_set()
         log.info("%s at step %d of %d; generator %.2fM, discriminator %.2fM parameters; %d rank(s) x batch %d",
-                 "resuming" if resume else "starting", step, end, sum(p.numel() for p in generator.parameters()) / 1e6,
+                 f"resuming from {found[0]}" if found else "starting", step, end,
+                 sum(p.numel() for p in generator.parameters()) / 1e6,
                  sum(p.numel() for p in gan.discriminator.parameters()) / 1e6 if gan else 0.0,
                  env.world_size, batch_per_rank)
 
-    def checkpoint(folder: str) -> None:
+    def checkpoint(improved: bool, milestone: bool) -> None:
         state = {"generator": generator.state_dict(), "opt_g": opt_g.state_dict(), "sched_g": sched_g.state_dict(),
                  "data": dataset.state_dict(consumed=step * batch_per_rank), "step": step, "best": best,
                  "config": config.to_dict()}
         if gan is not None:
             state.update(discriminator=gan.discriminator.state_dict(), opt_d=gan.opt.state_dict(),
                          sched_d=gan.sched.state_dict())
-        save_run_checkpoint(save_path / folder, Checkpoint(config.model, generator.state_dict(), save_path.name), state)
+        inference = Checkpoint(config.model, generator.state_dict(), save_path.name)
+        save_checkpoint(save_path, state, lambda folder: save_folder(inference, folder), best=improved,
+                        milestone=milestone)
 
     # -- the loop -------------------------------------------------------------------------------
     progress: Any = None
@@ -271,16 +300,15 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
                 metrics["steps_per_s"] = (step - first_step) / max(time.perf_counter() - started, 1e-9)
                 logger.write(step, "train", metrics)
                 progress.set_postfix(mel=f"{metrics['mel']:.3f}", loss=f"{metrics['loss']:.2f}")
+            improved = False
             if val_set and step % loop.valid_every == 0:
                 val = validate(generator, val_set, mel_loss, stft_loss, dev)
                 logger.write(step, "val", val)
-                if val["mel_distance"] < best:
-                    best = val["mel_distance"]
-                    checkpoint("best")
-            if step % loop.save_every == 0 or step == end:
-                checkpoint("latest")
-            if step in loop.milestones:
-                checkpoint(f"step_{step}")
+                improved = val["mel_distance"] < best
+                best = min(best, val["mel_distance"])
+            milestone = step in loop.milestones
+            if improved or milestone or step % loop.save_every == 0 or step == end:
+                checkpoint(improved, milestone)
         if step % loop.save_every == 0 or step == end:
             barrier(env)
 

@@ -1,0 +1,182 @@
+"""Crash-safe run checkpoints: a crash injected at every operation of a save loses nothing complete."""
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import audiotok.train.state as state_mod
+from audiotok import DACConfig
+from audiotok.checkpoint import Checkpoint, load_checkpoint, save_folder
+from audiotok.model import DAC
+from audiotok.train.state import STATE_FILE, check_resumable, newest_checkpoint, save_checkpoint
+
+
+class Crash(BaseException):
+    """A kill: no ``except Exception`` catches it and no cleanup of the code under test runs."""
+
+
+GENERATOR = Checkpoint(DACConfig.preset("tiny-44khz"), DAC(DACConfig.preset("tiny-44khz")).state_dict(), "run")
+
+
+def _write_generator(folder: Path) -> None:
+    save_folder(GENERATOR, folder)
+
+
+def _state(step: int) -> dict:
+    return {"step": step, "best": 1.0 / step, "payload": torch.full((1000,), float(step))}
+
+
+class Faults:
+    """Counts the filesystem operations of a save and raises :class:`Crash` at operation ``at``.
+
+    A crash in the middle of writing the training state leaves half the file, as a kill would."""
+
+    def __init__(self, monkeypatch, at: int | None = None):
+        self.count, self.at, self.names = 0, at, []
+        real_os, real_shutil = state_mod.os, state_mod.shutil
+
+        def hook(name, fn):
+            def wrapped(*args, **kwargs):
+                self.names.append(name)
+                self.count += 1
+                if self.count - 1 == self.at:
+                    if name == "torch.save":  # half a file
+                        Path(args[1]).write_bytes(b"PK\x03\x04" + b"\0" * 100)
+                    raise Crash(name)
+                return fn(*args, **kwargs)
+            return wrapped
+
+        fake_os = SimpleNamespace(path=real_os.path, readlink=real_os.readlink, PathLike=real_os.PathLike,
+                                  replace=hook("os.replace", real_os.replace),
+                                  symlink=hook("os.symlink", real_os.symlink))
+        fake_shutil = SimpleNamespace(rmtree=hook("rmtree", real_shutil.rmtree))
+        monkeypatch.setattr(state_mod, "os", fake_os)
+        monkeypatch.setattr(state_mod, "shutil", fake_shutil)
+        self.write = hook("write", _write_generator)
+        monkeypatch.setattr(state_mod, "_save_state", hook("torch.save", state_mod._save_state))
+        # counted, not run: durability against power loss is the kernel's part, and fsync is slow
+        monkeypatch.setattr(state_mod, "fsync_file", hook("fsync_file", lambda path: None))
+        monkeypatch.setattr(state_mod, "fsync_dir", hook("fsync_dir", lambda path: None))
+
+
+def _steps_on_disk(run: Path) -> set[int]:
+    return {int(p.name[5:]) for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")}
+
+
+def _assert_whole(folder: Path, step: int) -> None:
+    assert torch.load(folder / STATE_FILE, weights_only=True)["step"] == step
+    assert load_checkpoint(folder).config == GENERATOR.config
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def _save_with_crash(monkeypatch, run: Path, at: int | None, step: int, **kwargs) -> Faults:
+    """Save step ``step`` with a crash at operation ``at`` (``None``: no crash); the faults seen."""
+    with monkeypatch.context() as m:
+        faults = Faults(m, at)
+        if at is None:
+            save_checkpoint(run, _state(step), faults.write, **kwargs)
+        else:
+            with pytest.raises(Crash):
+                save_checkpoint(run, _state(step), faults.write, **kwargs)
+    return faults
+
+
+def _linked_step(path: Path) -> int:
+    return int(path.resolve().name[len("step_"):])
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A run with a best checkpoint at step 2, a milestone at 3 and latest at 4."""
+    run = tmp_path_factory.mktemp("base") / "run"
+    save_checkpoint(run, _state(2), _write_generator, best=True)
+    save_checkpoint(run, _state(3), _write_generator, milestone=True)
+    save_checkpoint(run, _state(4), _write_generator)
+    assert _steps_on_disk(run) == {2, 3, 4}
+    assert [_linked_step(run / n) for n in ("best", "step_3", "latest")] == [2, 3, 4]
+    return run
+
+
+@pytest.mark.parametrize("best, milestone", [(False, False), (True, True)])
+def test_a_crash_at_every_operation_of_a_save_loses_no_complete_checkpoint(base_run, tmp_path, monkeypatch,
+                                                                            best, milestone):
+    names = _save_with_crash(monkeypatch, _copy(base_run, tmp_path / "probe"), None, 6, best=best,
+                             milestone=milestone).names
+    commit = names.index("os.replace")  # renaming the finished folder: step 6 is complete from here on
+    durable = len(names) - 1 - names[::-1].index("fsync_dir")  # the run folder's links are durable
+    assert 5 < commit < durable < len(names)
+    for at, name in enumerate(names):
+        run = _copy(base_run, tmp_path / f"crash{at}")
+        _save_with_crash(monkeypatch, run, at, 6, best=best, milestone=milestone)
+        folder, state = newest_checkpoint(run)
+        assert state["step"] == (6 if at > commit else 4), (at, name)
+        _assert_whole(folder, state["step"])
+        on_disk = _steps_on_disk(run)
+        if at <= durable:  # nothing complete is deleted before the new checkpoint and its links are durable
+            assert {2, 3, 4} <= on_disk, (at, name)
+        assert 3 in on_disk and _linked_step(run / "step_3") == 3 and _linked_step(run / "best") in on_disk
+        # the next save (a resumed run's) recovers from whatever was left and cleans up
+        _save_with_crash(monkeypatch, run, None, 8)
+        best_step = _linked_step(run / "best")
+        milestone_6 = {6} if (run / "step_6").exists() else set()
+        assert _steps_on_disk(run) == {3, 8, best_step} | milestone_6, (at, name)
+        assert best_step == (6 if best and at > durable else best_step)
+        assert not [p.name for p in [*run.iterdir(), *(run / "checkpoints").iterdir()] if p.name.startswith(".")]
+        _assert_whole(run / "latest", 8)
+        _assert_whole(run / "best", best_step)
+
+
+def _legacy_folder(folder: Path, step: int) -> None:
+    save_folder(GENERATOR, folder)
+    torch.save(_state(step), folder / STATE_FILE)
+
+
+def test_a_run_of_the_earlier_layout_resumes_from_its_newest_complete_folder(tmp_path, monkeypatch):
+    """The earlier layout killed between its two renames: no latest/, .latest.old (step 10) and a finished
+    .latest.tmp (step 15); best/ at 5, a milestone step_10/ and a half-written .step_20.tmp."""
+    base = tmp_path / "legacy"
+    for name, step in [(".latest.old", 10), (".latest.tmp", 15), ("best", 5), ("step_10", 10)]:
+        _legacy_folder(base / name, step)
+    (base / ".step_20.tmp").mkdir()
+    (base / ".step_20.tmp" / STATE_FILE).write_bytes(b"PK\x03\x04 half")
+    folder, state = newest_checkpoint(base)
+    assert folder.name == ".latest.tmp" and state["step"] == 15
+    only_milestone = tmp_path / "only_milestone"  # latest/ gone, step_30/ there: resumes at 30, not 0
+    _legacy_folder(only_milestone / "step_30", 30)
+    assert newest_checkpoint(only_milestone)[1]["step"] == 30
+    assert newest_checkpoint(tmp_path / "no-run-yet") is None
+    names = _save_with_crash(monkeypatch, _copy(base, tmp_path / "probe"), None, 16).names
+    for at in [*range(len(names)), None]:
+        run = _copy(base, tmp_path / f"crash{at}")
+        _save_with_crash(monkeypatch, run, at, 16)
+        assert newest_checkpoint(run)[1]["step"] in (15, 16)
+        _save_with_crash(monkeypatch, run, None, 17)
+        _assert_whole(run / "latest", 17)
+        _assert_whole(run / "best", 5)  # the earlier best/ is kept, now under checkpoints/
+        _assert_whole(run / "step_10", 10)  # earlier milestones stay where they were
+        assert _steps_on_disk(run) == {5, 17}
+        assert sorted(p.name for p in run.iterdir()) == ["best", "checkpoints", "latest", "step_10"]
+
+
+def test_resuming_with_another_architecture_names_the_settings():
+    saved = {"model": {"n_codebooks": 4, "codebook_size": 64, "quantizer_dropout": 0.5},
+             "discriminator": {"periods": [2]}, "train": {"freeze": []}}
+    ok = {**saved, "model": {**saved["model"], "quantizer_dropout": 1.0}}
+    check_resumable(saved, ok, Path("run"), gan=True)
+    newer = {**saved, "discriminator": {"periods": [2], "mpd_channels": [32, 128]}}  # added since the run
+    check_resumable(saved, newer, Path("run"), gan=True)
+    changed = {"model": {"n_codebooks": 8, "codebook_size": 64, "quantizer_dropout": 0.5},
+               "discriminator": {"periods": [2, 3]}, "train": {"freeze": ["encoder"]}}
+    with pytest.raises(ValueError, match=r"model.n_codebooks: 4 in the run, 8 now; discriminator.periods: .*"
+                                         r"train.freeze: \[\] in the run, \['encoder'\] now"):
+        check_resumable(saved, changed, Path("run"), gan=True)
+    with pytest.raises(ValueError) as e:
+        check_resumable(saved, changed, Path("run"), gan=False)  # no discriminator to load: not compared
+    assert "discriminator" not in str(e.value)
