@@ -587,6 +587,12 @@ def test_kept_metadata_round_trips(corpus, model_dir, tmp_path, kind, fmt):
     assert {name(meta["source_key"]): meta["metadata"] for meta, _ in records.values()} == want
     dataset = CodeDataset(out)
     assert {name(r.meta["source_key"]): r.metadata for r in dataset} == want
+    if fmt == "webdataset":  # webdataset itself decodes the kept metadata member
+        import webdataset as wds
+
+        urls = [str(out / s["path"]) for s in manifest["shards"]]
+        assert {s["__key__"]: s["meta.json"] for s in wds.WebDataset(urls, shardshuffle=False).decode()} == {
+            key: meta["metadata"] for key, (meta, _) in records.items()}
 
     # the text field reaches a text-conditioned prior's examples
     text_key = "text" if kind == "hf" else "txt"
