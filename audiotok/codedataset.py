@@ -4,7 +4,7 @@ This module is the format's only implementation (constants, record fields, schem
 names, shard writers and readers); :mod:`audiotok.bulk` writes with it, :class:`audiotok.lm.CodeDataset`
 reads with it.
 
-Format (``format_version`` 2)
+Format (``format_version`` 3)
 =============================
 
 A code dataset is a folder with shards and a ``manifest.json`` (and, while or after the bulk
@@ -12,17 +12,18 @@ tokenizer writes it, a ``.bulk/`` folder of progress files that readers ignore).
 
 ``manifest.json``::
 
-    {"format": "audiotok-code-dataset", "format_version": 2,
+    {"format": "audiotok-code-dataset", "format_version": 3,
      "model_id": str, "config": DACConfig.to_dict(), "config_hash": DACConfig.architecture_hash(),
      "hop_length": int, "frame_rate": float,
      "shards": [{"path": "shard-r000-w00-00000.tar", "records": int, "frames": int}, ...],
      "records": int, "audio_hours": float,
      "failures": [{"key": source key, "reason": str, "detail": str}, ...],
-     "input": {"type": ..., "path": ..., ...}, "n_quantizers": K, "mono": bool, "created": ISO 8601 time}
+     "input": {"type": ..., "path": ..., ...}, "n_quantizers": K, "mono": bool,
+     "metadata": [field, ...], "created": ISO 8601 time}
 
 ``path`` is relative to the folder; ``frames`` is the sum of the records' ``n_frames``;
 ``audio_hours`` is the duration of the source audio of all records. Failure reasons: ``decode``,
-``empty``, ``nonfinite``, ``missing``, ``noaudio``, ``shard`` (see :class:`audiotok.data.DecodeError`),
+``empty``, ``nonfinite``, ``missing``, ``noaudio``, ``shard``, ``metadata`` (see :class:`audiotok.data.DecodeError`),
 ``short``, ``resample``, ``encode``. Readers ignore keys they do not know.
 
 Codes are the first ``K = n_quantizers`` codebooks, ``uint16``, shape ``[K, F]`` (``mono``: channels
@@ -32,16 +33,28 @@ averaged before coding) or ``[C, K, F]`` (each of the ``C`` source channels code
 Each record has the metadata :data:`RECORD_FIELDS`: ``key``, ``source_key`` (the source's own key),
 ``num_samples`` and ``sample_rate`` (of the source audio), ``n_frames``, ``channels`` (of the source
 audio) and ``model_id``. Keys (``{name}_p{part}_{position}``, :func:`record_key`) have no dots or
-slashes and are unique.
+slashes and are unique. ``source_key`` is the stable reference to the source item: ``{row index}`` or
+``{row index}:{audio path}`` for a saved / non-streaming Hugging Face dataset, ``part{p}.{n}[:{path}]``
+for a streaming one (row ``n`` of part ``p`` of the ``input``'s partition), ``{shard url}:{sample key}``
+for WebDataset shards and the path relative to the folder for folders. Keep a dataset's own id
+column (``metadata``) for a reference that does not depend on the partition.
+
+Kept metadata (format 3). ``metadata`` lists the source fields stored with every record (the bulk
+tokenizer's ``keep``: Hugging Face columns, WebDataset members such as ``txt`` or ``json``, or the
+extensions of sidecar files next to folder audio); each record holds them as a JSON object
+(:attr:`CodeRecord.metadata`; members and sidecars ending in ``json`` parsed, others UTF-8 text).
+Format 1 and 2 datasets have no ``metadata`` key and records without kept fields.
 
 WebDataset shards (``.tar``): per record, consecutive members ``{key}.codes.npy`` (``numpy.save`` of
-the codes) and ``{key}.json`` (the metadata).
+the codes) and ``{key}.json`` (the record fields), then ``{key}.meta.json`` (the kept metadata as a
+JSON object) when ``metadata`` is not empty.
 
 Parquet shards (``.parquet``, :func:`parquet_schema`): one row per record, columns ``key`` (string),
 ``codes`` (nested lists of uint16: ``list<list<uint16>>`` ``[K][F]``, or ``list<list<list<uint16>>>``
 ``[C][K][F]``, so ``datasets`` and pyarrow read arrays directly), ``n_frames`` (int32),
 ``num_samples`` (int64), ``sample_rate`` (int32), ``channels`` (int16), ``source_key`` (string),
-``model_id`` (string). The key-value metadata ``audiotok`` (:data:`PARQUET_METADATA_KEY`) holds JSON
+``model_id`` (string), then one column ``meta.{field}`` (string: the value as JSON text) per kept
+metadata field. The key-value metadata ``audiotok`` (:data:`PARQUET_METADATA_KEY`) holds JSON
 with ``model_id``, ``config_hash``, ``sample_rate``, ``hop_length``, ``frame_rate``,
 ``n_quantizers``, ``codebook_size`` and ``mono`` (:func:`dataset_metadata`). Version-1 shards stored
 ``codes`` as raw little-endian bytes with a ``shape`` column; readers take both.
@@ -59,7 +72,7 @@ import re
 import tarfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,12 +85,15 @@ if TYPE_CHECKING:
     from .config import DACConfig
 
 FORMAT_NAME = "audiotok-code-dataset"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 #: Per-record metadata fields, in the order they are written (WebDataset ``{key}.json``).
 RECORD_FIELDS = ("key", "source_key", "num_samples", "sample_rate", "n_frames", "channels", "model_id")
-#: Tar member suffixes of a record: ``{key}.codes.npy`` and ``{key}.json``.
-MEMBER_SUFFIXES = {"codes": ".codes.npy", "json": ".json"}
+#: Tar member suffixes of a record: ``{key}.codes.npy``, ``{key}.meta.json`` (kept metadata, format 3)
+#: and ``{key}.json`` (matched in this order: ``.meta.json`` also ends in ``.json``).
+MEMBER_SUFFIXES = {"codes": ".codes.npy", "metadata": ".meta.json", "json": ".json"}
+#: Prefix of the Parquet columns that hold kept metadata: ``meta.{field}``.
+METADATA_COLUMN_PREFIX = "meta."
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -134,6 +150,12 @@ def check_manifest(manifest: dict[str, Any], where: str | os.PathLike) -> None:
                          f"(this reader knows up to {FORMAT_VERSION})")
 
 
+def check_metadata_fields(fields: list[str] | tuple[str, ...]) -> None:
+    """Raise ``ValueError`` unless ``fields`` are distinct non-empty names."""
+    if any(not isinstance(f, str) or not f for f in fields) or len(set(fields)) != len(fields):
+        raise ValueError(f"metadata fields must be distinct non-empty names, got {list(fields)}")
+
+
 def _check_codes(codes: np.ndarray, what: str) -> None:
     if codes.dtype != np.uint16 or codes.ndim not in (2, 3):
         raise ValueError(f"{what} has {codes.dtype} codes of shape {codes.shape}, expected uint16 [K, F] or [C, K, F]")
@@ -144,21 +166,29 @@ def _check_codes(codes: np.ndarray, what: str) -> None:
 
 class ShardWriter:
     """Base class: records are added to a temporary file; :meth:`close` moves it into place.
-    ``metadata`` (:func:`dataset_metadata`) is stored where the shard type has room for it."""
+    ``metadata`` (:func:`dataset_metadata`) is stored where the shard type has room for it;
+    ``kept_fields`` are the kept metadata fields every record carries (see the module docstring)."""
 
     suffix = ""
 
-    def __init__(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None):
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
+                 kept_fields: tuple[str, ...] = ()):
+        check_metadata_fields(kept_fields)
         self.path = Path(path)
         self.metadata = metadata or {}
+        self.kept_fields = tuple(kept_fields)
         self.tmp = temp_path(self.path)
         self.records = 0
         self.frames = 0
         self.seconds = 0.0
 
     def add(self, meta: dict[str, Any], codes: np.ndarray) -> None:
-        """One record: ``meta`` holds :data:`RECORD_FIELDS`; ``codes`` is uint16 ``[K, F]`` or ``[C, K, F]``."""
+        """One record: ``meta`` holds :data:`RECORD_FIELDS` and, with ``kept_fields``, ``metadata``
+        (a dict with exactly those keys, JSON values); ``codes`` is uint16 ``[K, F]`` or ``[C, K, F]``."""
         _check_codes(codes, f"record {meta['key']!r}")
+        if self.kept_fields and set(meta.get("metadata", {})) != set(self.kept_fields):
+            raise ValueError(f"record {meta['key']!r} has metadata {sorted(meta.get('metadata', {}))}, "
+                             f"expected {sorted(self.kept_fields)}")
         self._add(meta, codes)
         self.records += 1
         self.frames += int(meta["n_frames"])
@@ -190,8 +220,9 @@ class TarShardWriter(ShardWriter):
 
     suffix = ".tar"
 
-    def __init__(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None):
-        super().__init__(path, metadata)
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
+                 kept_fields: tuple[str, ...] = ()):
+        super().__init__(path, metadata, kept_fields)
         self._file = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
         self._mtime = int(time.time())
@@ -206,6 +237,9 @@ class TarShardWriter(ShardWriter):
         np.save(buf, np.ascontiguousarray(codes.astype("<u2", copy=False)), allow_pickle=False)
         self._member(meta["key"] + MEMBER_SUFFIXES["codes"], buf.getvalue())
         self._member(meta["key"] + MEMBER_SUFFIXES["json"], json.dumps({k: meta[k] for k in RECORD_FIELDS}).encode())
+        if self.kept_fields:
+            kept = {k: meta["metadata"][k] for k in self.kept_fields}
+            self._member(meta["key"] + MEMBER_SUFFIXES["metadata"], json.dumps(kept).encode())
 
     def _finish(self) -> None:
         if not self._file.closed:
@@ -218,7 +252,7 @@ class TarShardWriter(ShardWriter):
 PARQUET_METADATA_KEY = "audiotok"
 
 
-def parquet_schema(mono: bool = True, metadata: dict[str, Any] | None = None):
+def parquet_schema(mono: bool = True, metadata: dict[str, Any] | None = None, kept_fields: tuple[str, ...] = ()):
     """Columns of a Parquet shard (see the module docstring): ``codes`` is a nested list of uint16,
     ``[K][F]`` (``mono``) or ``[C][K][F]``; ``metadata`` goes to the key-value metadata as JSON."""
     import pyarrow as pa
@@ -233,6 +267,7 @@ def parquet_schema(mono: bool = True, metadata: dict[str, Any] | None = None):
         ("channels", pa.int16()),
         ("source_key", pa.string()),
         ("model_id", pa.string()),
+        *[(METADATA_COLUMN_PREFIX + f, pa.string()) for f in kept_fields],
     ])
     return schema.with_metadata({PARQUET_METADATA_KEY: json.dumps(metadata or {})})
 
@@ -258,13 +293,13 @@ class ParquetShardWriter(ShardWriter):
     suffix = ".parquet"
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
-                 row_group_records: int = 256, row_group_bytes: int = 64 << 20):
+                 kept_fields: tuple[str, ...] = (), row_group_records: int = 256, row_group_bytes: int = 64 << 20):
         import pyarrow.parquet as pq
 
-        super().__init__(path, metadata)
+        super().__init__(path, metadata, kept_fields)
         mono = self.metadata.get("mono", True)
         self.ndim = 2 if mono else 3  # [K, F] or [C, K, F]
-        self.schema = parquet_schema(mono, self.metadata)
+        self.schema = parquet_schema(mono, self.metadata, self.kept_fields)
         self._writer = pq.ParquetWriter(str(self.tmp), self.schema, compression="zstd")
         self._rows: dict[str, list] = {name: [] for name in self.schema.names}
         self._bytes = 0
@@ -273,7 +308,8 @@ class ParquetShardWriter(ShardWriter):
     def _add(self, meta: dict[str, Any], codes: np.ndarray) -> None:
         if codes.ndim != self.ndim:
             raise ValueError(f"this shard holds codes of rank {self.ndim}, got shape {codes.shape}")
-        row = {**{k: meta[k] for k in RECORD_FIELDS if k in self._rows}, "codes": codes.astype("<u2", copy=False)}
+        row = {**{k: meta[k] for k in RECORD_FIELDS if k in self._rows}, "codes": codes.astype("<u2", copy=False),
+               **{METADATA_COLUMN_PREFIX + k: json.dumps(meta["metadata"][k]) for k in self.kept_fields}}
         for name, column in self._rows.items():
             column.append(row[name])
         self._bytes += codes.nbytes
@@ -306,11 +342,17 @@ SHARD_WRITERS: dict[str, type[ShardWriter]] = {"webdataset": TarShardWriter, "pa
 @dataclass
 class CodeRecord:
     """One coded file: ``codes`` is uint16 ``[K, F]`` (mono) or ``[C, K, F]`` (channels coded one by
-    one); ``meta`` holds ``key, source_key, num_samples, sample_rate, n_frames, channels, model_id``."""
+    one); ``meta`` holds ``key, source_key, num_samples, sample_rate, n_frames, channels, model_id``;
+    ``metadata`` the fields kept from the source (empty for datasets before format 3)."""
 
     key: str
     codes: np.ndarray
     meta: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def lookup(self, name: str) -> Any:
+        """Field ``name`` of :attr:`metadata`, else of :attr:`meta` (a ``KeyError`` if neither has it)."""
+        return self.metadata[name] if name in self.metadata else self.meta[name]
 
     @property
     def channel_codes(self) -> np.ndarray:
@@ -328,7 +370,7 @@ def _check_record(record: CodeRecord, shard: Path) -> CodeRecord:
 
 
 def _split_member(name: str) -> tuple[str, str] | None:
-    """``(key, "codes" | "json")`` for a record's tar member, ``None`` for any other member."""
+    """``(key, "codes" | "metadata" | "json")`` for a record's tar member, ``None`` for any other member."""
     for kind, suffix in MEMBER_SUFFIXES.items():
         if name.endswith(suffix):
             return name[: -len(suffix)], kind
@@ -344,7 +386,8 @@ def _read_tar(path: Path) -> Iterator[CodeRecord]:
         if missing:
             raise ValueError(f"{path}: record {key!r} has no {' or '.join(sorted(missing))} member")
         codes = np.load(io.BytesIO(members["codes"]), allow_pickle=False)
-        return _check_record(CodeRecord(key, codes, json.loads(members["json"])), path)
+        kept = json.loads(members["metadata"]) if "metadata" in members else {}
+        return _check_record(CodeRecord(key, codes, json.loads(members["json"]), kept), path)
 
     with tarfile.open(path, mode="r|*") as tar:
         for member in tar:
@@ -386,6 +429,12 @@ def list_column_codes(column, keys: list[str], path: Path) -> list[np.ndarray]:
     return out
 
 
+def _pop_kept(row: dict[str, Any]) -> dict[str, Any]:
+    """Remove the ``meta.{field}`` columns from a Parquet row; their values, decoded."""
+    names = [name for name in row if name.startswith(METADATA_COLUMN_PREFIX)]
+    return {name[len(METADATA_COLUMN_PREFIX):]: json.loads(row.pop(name)) for name in names}
+
+
 def _read_parquet(path: Path) -> Iterator[CodeRecord]:
     import pyarrow.parquet as pq
 
@@ -397,11 +446,13 @@ def _read_parquet(path: Path) -> Iterator[CodeRecord]:
                 flat = np.frombuffer(data, dtype="<u2")
                 if flat.size != np.prod(shape):
                     raise ValueError(f"{path}: record {row['key']!r} has {flat.size} codes, its shape is {shape}")
-                yield _check_record(CodeRecord(row["key"], flat.reshape(shape).astype(np.uint16), row), path)
+                kept = _pop_kept(row)
+                yield _check_record(CodeRecord(row["key"], flat.reshape(shape).astype(np.uint16), row, kept), path)
             continue
         rows = batch.drop_columns(["codes"]).to_pylist()
         for row, array in zip(rows, list_column_codes(codes, [r["key"] for r in rows], path)):
-            yield _check_record(CodeRecord(row["key"], array, row), path)
+            kept = _pop_kept(row)
+            yield _check_record(CodeRecord(row["key"], array, row, kept), path)
 
 
 def read_shard(path: str | os.PathLike) -> Iterator[CodeRecord]:

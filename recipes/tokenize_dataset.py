@@ -44,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--audio-column", default="audio", help="column holding the audio (hf)")
     p.add_argument("--audio-keys", help="comma-separated extensions of the audio member (webdataset) "
                                         "or of the files to read (folder); m4a needs audiotok[ffmpeg]")
+    p.add_argument("--keep-columns", default="",
+                   help="comma-separated fields stored with the codes as each record's metadata: columns (hf), "
+                        "members such as txt,json (webdataset) or sidecar extensions such as txt (folder: "
+                        "clip.txt next to clip.wav)")
     p.add_argument("--streaming", action="store_true", help="read the hf dataset as a stream")
     p.add_argument("--n-quantizers", type=int, help="codebooks to store (default: all)")
     p.add_argument("--per-channel", action="store_true", help="code each channel on its own (default: mono downmix)")
@@ -80,7 +84,8 @@ def main(argv=None) -> int:
         from audiotok.bulk import BulkConfig, InputSpec, tokenize_dataset
 
         spec = InputSpec(args.input_type, args.input, split=args.split, audio_column=args.audio_column,
-                         audio_keys=args.audio_keys, streaming=args.streaming)
+                         audio_keys=args.audio_keys, streaming=args.streaming,
+                         keep=args.keep_columns)
         unread = spec.unread_extensions()
         if unread:
             log.warning("not read (extensions not in --audio-keys): %s",

@@ -114,8 +114,10 @@ def read_output(out: Path) -> tuple[dict, dict[str, tuple[dict, np.ndarray]]]:
                     key, ext = m.name.split(".", 1)
                     members.setdefault(key, {})[ext] = tar.extractfile(m).read()
             for key, files in members.items():
-                assert set(files) == {"codes.npy", "json"}
+                assert set(files) - {"meta.json"} == {"codes.npy", "json"}
                 meta = json.loads(files["json"])
+                if "meta.json" in files:  # kept metadata, read with plain tarfile + json
+                    meta["metadata"] = json.loads(files["meta.json"])
                 codes = np.load(io.BytesIO(files["codes.npy"]), allow_pickle=False)
                 assert codes.dtype == np.uint16
                 records[key] = (meta, codes)
@@ -126,7 +128,10 @@ def read_output(out: Path) -> tuple[dict, dict[str, tuple[dict, np.ndarray]]]:
 
             for row in pq.read_table(path).to_pylist():
                 codes = np.array(row["codes"], dtype=np.uint16)  # nested lists [K][F] or [C][K][F]
-                meta = {k: v for k, v in row.items() if k != "codes"}
+                meta = {k: v for k, v in row.items() if k != "codes" and not k.startswith("meta.")}
+                kept = {k[len("meta."):]: json.loads(v) for k, v in row.items() if k.startswith("meta.")}
+                if kept:
+                    meta["metadata"] = kept
                 records[row["key"]] = (meta, codes)
                 keys.append(row["key"])
                 n += 1
@@ -186,7 +191,8 @@ def test_folder_to_webdataset_exact_and_rerun_does_nothing(corpus, tok, folder_j
     manifest, records = read_output(out)
 
     assert check_against_direct(records, tok, lambda k: corpus / k) == sorted(os.path.basename(f) for f in GOOD)
-    assert manifest["format"] == "audiotok-code-dataset" and manifest["format_version"] == 2
+    assert manifest["format"] == "audiotok-code-dataset" and manifest["format_version"] == 3
+    assert manifest["metadata"] == []
     assert manifest["config"] == tok.config.to_dict() and manifest["config_hash"] == tok.config.architecture_hash()
     assert (manifest["hop_length"], manifest["frame_rate"]) == (512, tok.frame_rate)
     assert (manifest["n_quantizers"], manifest["mono"], manifest["model_id"]) == (4, True, "random")
@@ -374,7 +380,7 @@ def test_kill_and_resume(corpus, model_dir, folder_job, tmp_path, monkeypatch, k
         bad = sorted(BAD)
     else:  # a streaming source: resuming passes over the done samples without decoding them
         write_tars(tmp_path, corpus)
-        spec = InputSpec("webdataset", str(tmp_path / "in-*.tar"))
+        spec = InputSpec("webdataset", str(tmp_path / "in-*.tar"), keep=["txt"])
         tokenize_dataset(config(spec, tmp_path / "reference", model_dir, shard_records=2))
         reference, want = read_output(tmp_path / "reference")
         bad = sorted(f["key"] for f in reference["failures"])
@@ -516,3 +522,92 @@ def test_tokenize_recipe_exit_status_errors_and_unread_files(corpus, model_dir, 
     err = capsys.readouterr().err
     assert err.endswith("tokenize_dataset: error: parquet needs the pyarrow package: pip install 'audiotok[data]'\n")
     assert not (tmp_path / "pq").exists()  # checked before any work
+
+
+# ---------------------------------------------------------------------------------------------
+# Kept metadata
+
+
+def kept_metadata_input(kind: str, corpus: Path, root: Path) -> tuple[InputSpec, dict[str, dict], list[str]]:
+    """A small input of each kind with a text field per item, one item without it (folder and
+    webdataset) and one corrupt clip. Returns (spec, {source audio file name: metadata}, failure reasons)."""
+    names = ["a/mono16k.wav", "b/tone48k.wav"]
+    want = {os.path.basename(n): {"text": f"words of {i}", "speaker": {"id": i}} for i, n in enumerate(names)}
+    if kind == "hf":
+        from datasets import Audio, Dataset
+
+        files = [str(corpus / n) for n in names] + [str(corpus / "bad/corrupt.wav")]
+        texts = [want[os.path.basename(f)]["text"] for f in files[:2]] + ["bad"]
+        Dataset.from_dict({"audio": files, "text": texts, "speaker": [{"id": 0}, {"id": 1}, {"id": 2}]}).cast_column(
+            "audio", Audio()).save_to_disk(str(root / "saved"))
+        return InputSpec("hf", str(root / "saved"), keep="text,speaker"), want, ["decode"]
+    if kind == "folder":
+        for n in names:
+            target = root / "clips" / os.path.basename(n)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((corpus / n).read_bytes())
+            target.with_suffix(".txt").write_text(want[target.name]["text"])
+            target.with_suffix(".json").write_text(json.dumps({"id": want[target.name]["speaker"]["id"]}))
+        (root / "clips/nosidecar.wav").write_bytes((corpus / names[0]).read_bytes())
+        want = {k: {"txt": v["text"], "json": v["speaker"]} for k, v in want.items()}
+        return InputSpec("folder", str(root / "clips"), keep=["txt", "json"]), want, ["metadata"]
+    import webdataset as wds
+
+    with wds.TarWriter(str(root / "in-00.tar")) as w:
+        for n in names:
+            meta = want[os.path.basename(n)]
+            w.write({"__key__": os.path.basename(n).split(".")[0], "wav": (corpus / n).read_bytes(),
+                     "txt": meta["text"].encode(), "json": json.dumps(meta["speaker"]).encode()})
+        w.write({"__key__": "notext", "wav": (corpus / names[0]).read_bytes(), "json": b"{}"})
+        w.write({"__key__": "corrupt", "wav": (corpus / "bad/corrupt.wav").read_bytes(), "txt": b"x", "json": b"{}"})
+    want = {k: {"txt": v["text"], "json": v["speaker"]} for k, v in want.items()}
+    return InputSpec("webdataset", str(root / "in-00.tar"), keep="txt,json"), want, ["decode", "metadata"]
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+@pytest.mark.parametrize("kind", ["hf", "folder", "webdataset"])
+def test_kept_metadata_round_trips(corpus, model_dir, tmp_path, kind, fmt):
+    from audiotok.lm import CodeDataset, TextTokenizer
+    from audiotok.lm.text import TextCodeDataset
+
+    spec, want, reasons = kept_metadata_input(kind, corpus, tmp_path)
+    out = tmp_path / "out"
+    tokenize_dataset(config(spec, out, model_dir, format=fmt, num_workers=0))
+    manifest, records = read_output(out)  # plain tarfile / pyarrow
+    assert manifest["format_version"] == 3 and manifest["metadata"] == spec.keep
+    assert sorted(f["reason"] for f in manifest["failures"]) == reasons
+
+    def name(source_key: str) -> str:  # the audio file an item came from
+        if kind == "hf":  # "{row}:{path}"
+            return os.path.basename(source_key.split(":", 1)[1])
+        if kind == "folder":  # the path in the folder
+            return source_key
+        return source_key.rsplit(":", 1)[1] + ".wav"  # "{shard}:{sample key}"
+
+    assert {name(meta["source_key"]): meta["metadata"] for meta, _ in records.values()} == want
+    dataset = CodeDataset(out)
+    assert {name(r.meta["source_key"]): r.metadata for r in dataset} == want
+    if fmt == "webdataset":  # webdataset itself decodes the kept metadata member
+        import webdataset as wds
+
+        urls = [str(out / s["path"]) for s in manifest["shards"]]
+        assert {s["__key__"]: s["meta.json"] for s in wds.WebDataset(urls, shardshuffle=False).decode()} == {
+            key: meta["metadata"] for key, (meta, _) in records.items()}
+
+    # the text field reaches a text-conditioned prior's examples
+    text_key = "text" if kind == "hf" else "txt"
+    text = TextTokenizer(None, max_len=24)
+    examples = list(TextCodeDataset(dataset, dataset.vocabulary(), "flatten", text, seq_len=8, text_key=text_key))
+    texts = [r.metadata[text_key] for r in dataset]
+    assert len(examples) == len(texts) == 2
+    for example, t in zip(examples, texts):
+        ids, mask = text.prefix([t])
+        assert torch.equal(example["text_ids"], ids[0]) and torch.equal(example["text_mask"], mask[0])
+
+
+def test_keep_rejects_unknown_hf_columns(corpus, tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"audio": [str(corpus / "a/mono16k.wav")]}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="no column 'text'"):
+        InputSpec("hf", str(tmp_path / "saved"), keep=["text"]).build()

@@ -16,6 +16,7 @@ import torch
 
 from audiotok import DACConfig
 from audiotok.bulk import ParquetShardWriter
+from audiotok.codedataset import FORMAT_VERSION
 from audiotok.lm import (
     IGNORE_INDEX,
     CodebookPattern,
@@ -391,7 +392,8 @@ def test_code_dataset_rejects_bad_manifests_and_shards(tmp_path):
     rng = np.random.default_rng(3)
     write_dataset(tmp_path, [("shard-00000.tar", make_records("a", 2, rng))])
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    for change, match in (({"format": "other"}, "format"), ({"format_version": 3}, "format_version")):
+    too_new = {"format_version": FORMAT_VERSION + 1}
+    for change, match in (({"format": "other"}, "format"), (too_new, "format_version")):
         (tmp_path / "manifest.json").write_text(json.dumps({**manifest, **change}))
         with pytest.raises(ValueError, match=match):
             CodeDataset(tmp_path)

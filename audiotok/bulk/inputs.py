@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..audio import AUDIO_EXTENSIONS, downmix, resample
+from ..codedataset import check_metadata_fields
 from ..data.config import build_sources
 from ..data.sources import AudioSource, DecodeError, Record, WebDatasetSource
 
@@ -47,6 +48,9 @@ class InputSpec:
         audio_keys: extensions of the audio member (``webdataset``) or of the files to list
             (``folder``); default :data:`audiotok.audio.AUDIO_EXTENSIONS`.
         streaming: read a Hugging Face dataset as an ``IterableDataset`` (``hf``).
+        keep: fields stored next to the codes as each record's ``metadata``: columns (``hf``, e.g.
+            ``text``, an id column), members (``webdataset``, e.g. ``txt``, ``json``) or sidecar file
+            extensions (``folder``: ``clip.txt`` next to ``clip.wav`` for ``txt``).
     """
 
     type: str
@@ -55,6 +59,7 @@ class InputSpec:
     audio_column: str = "audio"
     audio_keys: list[str] | None = None
     streaming: bool = False
+    keep: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.type not in INPUT_TYPES:
@@ -70,6 +75,9 @@ class InputSpec:
         if self.audio_keys is not None:
             keys = self.audio_keys.split(",") if isinstance(self.audio_keys, str) else self.audio_keys
             self.audio_keys = [k.strip().lower().lstrip(".") for k in keys if k.strip().strip(".")]
+        keep = self.keep.split(",") if isinstance(self.keep, str) else self.keep
+        self.keep = [k.strip() if self.type == "hf" else k.strip().lstrip(".") for k in keep if k.strip()]
+        check_metadata_fields(self.keep)
 
     def source_spec(self) -> dict[str, Any]:
         """This input as a :func:`audiotok.data.build_sources` spec (the one source factory)."""
@@ -84,6 +92,8 @@ class InputSpec:
             spec = {"type": "webdataset", "urls": self.path}
             if self.audio_keys:
                 spec["audio_keys"] = list(self.audio_keys)
+        if self.keep:
+            spec["keep"] = list(self.keep)
         return spec
 
     def build(self) -> AudioSource:
@@ -124,6 +134,8 @@ class InputSpec:
             d.update(split=self.split, audio_column=self.audio_column, streaming=self.streaming)
         if self.type != "hf" and self.audio_keys:
             d["audio_keys"] = list(self.audio_keys)
+        if self.keep:
+            d["keep"] = list(self.keep)
         return d
 
 
@@ -166,6 +178,7 @@ class Decoded:
     num_samples: int
     sample_rate: int
     channels: int
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -216,7 +229,7 @@ def prepare(part: int, position: int, item: Record | DecodeError, sample_rate: i
     if not np.isfinite(audio).all():
         return Failure(part, position, item.key, "nonfinite", "after resampling")
     return Decoded(part, position, item.key, torch.from_numpy(np.ascontiguousarray(audio)), num_samples,
-                   item.sample_rate, channels)
+                   item.sample_rate, channels, item.metadata)
 
 
 def _worker_info() -> tuple[int, int]:

@@ -202,8 +202,8 @@ class PartWriter:
     moved into place, then progress updated) when it reaches ``shard_records`` or ``shard_frames``."""
 
     def __init__(self, progress: PartProgress, fmt: str, shard_records: int, shard_frames: int,
-                 metadata: dict[str, Any]):
-        self.progress, self.fmt, self.metadata = progress, fmt, metadata
+                 metadata: dict[str, Any], kept_fields: tuple[str, ...] = ()):
+        self.progress, self.fmt, self.metadata, self.kept_fields = progress, fmt, metadata, kept_fields
         self.shard_records, self.shard_frames = shard_records, shard_frames
         self.position = progress.position
         self.shard: ShardWriter | None = None
@@ -224,7 +224,7 @@ class PartWriter:
         if self.shard is None:
             name = shard_name(self.progress.part, self.progress.workers_per_rank, len(self.progress.shards),
                               SHARD_WRITERS[self.fmt].suffix)
-            self.shard = SHARD_WRITERS[self.fmt](self.progress.out / name, self.metadata)
+            self.shard = SHARD_WRITERS[self.fmt](self.progress.out / name, self.metadata, self.kept_fields)
             self.shard_start = self.progress.position
         self.shard.add(meta, codes)
         if self.shard.records >= self.shard_records or self.shard.frames >= self.shard_frames:
@@ -364,6 +364,7 @@ def build_manifest(out: Path, world_size: int, tokenizer: AudioTokenizer, spec: 
         "input": spec.to_dict(),
         "n_quantizers": n_quantizers,
         "mono": mono,
+        "metadata": list(spec.keep),
     }
 
 
@@ -464,7 +465,8 @@ def _encode_parts(config: BulkConfig, tokenizer: AudioTokenizer, source, env: Di
     loader = DataLoader(reader, batch_size=None, num_workers=config.num_workers, collate_fn=identity_collate,
                         in_order=False, prefetch_factor=2 if config.num_workers else None)
     metadata = dataset_metadata(tokenizer.model_id, tokenizer.config, k, config.mono)
-    writers = {p.part: PartWriter(p, config.format, config.shard_records, config.shard_frames, metadata)
+    writers = {p.part: PartWriter(p, config.format, config.shard_records, config.shard_frames, metadata,
+                                  tuple(config.input.keep))
                for p in parts if p.part in todo}
     remaining = None
     if source.random_access:
@@ -494,6 +496,7 @@ def _encode_parts(config: BulkConfig, tokenizer: AudioTokenizer, source, env: Di
                 "key": record_key(item.key, item.part, item.position), "source_key": item.key,
                 "num_samples": item.num_samples, "sample_rate": item.sample_rate,
                 "n_frames": int(result.shape[-1]), "channels": item.channels, "model_id": tokenizer.model_id,
+                "metadata": item.metadata,
             }
             writer.add_record(item.position, meta, result)
             stats["records"] += 1

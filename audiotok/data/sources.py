@@ -22,11 +22,13 @@ source (``for rec in source``) yields the good records of part 0 of 1 and counts
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
+import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +43,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Record:
-    """One decoded item: ``audio`` is float32 ``[C, T]`` with ``C, T >= 1`` and finite samples."""
+    """One decoded item: ``audio`` is float32 ``[C, T]`` with ``C, T >= 1`` and finite samples;
+    ``metadata`` holds the fields the source was asked to keep (``keep``), as JSON values."""
 
     key: str
     audio: np.ndarray
     sample_rate: int
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 class DecodeError(Exception):
     """A record that cannot be used. ``reason`` is one of ``decode``, ``empty``, ``nonfinite``,
-    ``missing``, ``noaudio`` or ``shard`` (an unreadable WebDataset shard)."""
+    ``missing``, ``noaudio``, ``shard`` (an unreadable WebDataset shard) or ``metadata`` (a field to
+    keep is absent or unreadable)."""
 
     def __init__(self, key: str, reason: str, detail: str = ""):
         super().__init__(f"{key}: {reason}" + (f" ({detail})" if detail else ""))
@@ -128,6 +133,20 @@ def decode_file(key: str, path: str | os.PathLike) -> Record:
     except ValueError as e:
         raise DecodeError(key, "decode", str(e)) from e
     return check_audio(key, audio, sample_rate)
+
+
+def decode_member(key: str, name: str, data: bytes) -> Any:
+    """A kept WebDataset member or sidecar file as a JSON value: ``name`` ending in ``json`` is
+    parsed, anything else is UTF-8 text."""
+    try:
+        text = data.decode("utf-8")
+        return json.loads(text) if name.rsplit(".", 1)[-1].lower() == "json" else text
+    except ValueError as e:
+        raise DecodeError(key, "metadata", f"{name}: {e}") from e
+
+
+def _with_metadata(record: Record, metadata: dict[str, Any]) -> Record:
+    return dataclasses.replace(record, metadata=metadata) if metadata else record
 
 
 class FileClip:
@@ -225,17 +244,23 @@ class AudioSource:
 
 
 class AudioFileSource(AudioSource):
-    """Random access over a list of audio files. Keys are paths relative to ``root`` when given."""
+    """Random access over a list of audio files. Keys are paths relative to ``root`` when given.
+
+    ``keep``: extensions of sidecar files (``clip.wav`` + ``clip.txt`` for ``txt``) whose contents
+    become each record's ``metadata`` (:func:`decode_member`); a missing sidecar is a ``metadata`` error.
+    """
 
     random_access = True
 
     def __init__(
-        self, files: Sequence[str | os.PathLike], root: str | os.PathLike | None = None, name: str | None = None
+        self, files: Sequence[str | os.PathLike], root: str | os.PathLike | None = None, name: str | None = None,
+        keep: Sequence[str] = (),
     ):
         super().__init__(name or (str(root) if root is not None else "files"))
         self.root = Path(root) if root is not None else None
         self.files = [Path(f) if self.root is None else self.root / f for f in files]
         self.size = len(self.files)
+        self.keep = tuple(keep)
 
     def key(self, index: int) -> str:
         path = self.files[index]
@@ -245,7 +270,14 @@ class AudioFileSource(AudioSource):
         return len(self.files)
 
     def load(self, index: int) -> Record:
-        return decode_file(self.key(index), self.files[index])
+        key, path = self.key(index), self.files[index]
+        metadata = {}
+        for ext in self.keep:
+            sidecar = path.with_suffix("." + ext)
+            if not sidecar.is_file():
+                raise DecodeError(key, "metadata", f"no sidecar file {sidecar.name}")
+            metadata[ext] = decode_member(key, sidecar.name, sidecar.read_bytes())
+        return _with_metadata(decode_file(key, path), metadata)
 
     def clip(self, index: int) -> Clip:
         if self.files[index].suffix.lower() in FFMPEG_EXTENSIONS:  # no seeking: decoded whole
@@ -257,10 +289,11 @@ class AudioFolderSource(AudioFileSource):
     """The audio files under ``root`` (:func:`audiotok.audio.find_files`: recursive, sorted,
     hidden files left out, links followed) whose extension is in ``extensions``."""
 
-    def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = AUDIO_EXTENSIONS, name: str | None = None):
+    def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = AUDIO_EXTENSIONS, name: str | None = None,
+                 keep: Sequence[str] = ()):
         root = Path(root)
         files = [str(f.relative_to(root)) for f in find_files(root, extensions)]
-        super().__init__(files, root=root, name=name or root.name)
+        super().__init__(files, root=root, name=name or root.name, keep=keep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +317,7 @@ class HFDatasetSource(AudioSource):
     ``{"bytes", "path"}`` and datasets never calls torchcodec; bytes are decoded in memory and
     local paths are read with soundfile (remote paths through ``datasets``' ``xopen``). A column
     of plain ``{"array", "sampling_rate"}`` dicts (array ``[T]`` or ``[C, T]``) or of path
-    strings works as well.
+    strings works as well. ``keep``: columns whose values become each record's ``metadata``.
     """
 
     def __init__(
@@ -295,6 +328,7 @@ class HFDatasetSource(AudioSource):
         streaming: bool = False,
         name: str | None = None,
         config: str | None = None,
+        keep: Sequence[str] = (),
         **load_kwargs: Any,
     ):
         import datasets
@@ -322,11 +356,13 @@ class HFDatasetSource(AudioSource):
             )
         else:
             ds = datasets.load_dataset(str(path_or_name), config, split=split, streaming=streaming, **load_kwargs)
-        if audio_column not in (ds.features or {}):
-            raise ValueError(f"{self.name}: no column {audio_column!r}; columns: {list(ds.features or {})}")
+        self.keep = tuple(keep)
+        for column in (audio_column, *self.keep):
+            if column not in (ds.features or {}):
+                raise ValueError(f"{self.name}: no column {column!r}; columns: {list(ds.features or {})}")
         if isinstance(ds.features[audio_column], datasets.Audio):
             ds = ds.cast_column(audio_column, datasets.Audio(decode=False))
-        self.dataset = ds.select_columns([audio_column])
+        self.dataset = ds.select_columns([audio_column, *self.keep])
         self.random_access = not streaming
         if not streaming:
             self.size = len(self.dataset)
@@ -373,8 +409,9 @@ class HFDatasetSource(AudioSource):
     def load(self, index: int) -> Record:
         if self.streaming:
             return super().load(index)
-        value = self.dataset[index][self.audio_column]
-        return self._decode(self._key(index, value), value)
+        row = self.dataset[index]
+        value = row[self.audio_column]
+        return _with_metadata(self._decode(self._key(index, value), value), {k: row[k] for k in self.keep})
 
     def clip(self, index: int) -> Clip:
         value = self.dataset[index][self.audio_column]
@@ -406,7 +443,7 @@ class HFDatasetSource(AudioSource):
             value = batch[self.audio_column][0]
             key = self._key(f"part{part}.{count - 1}", value)
             try:
-                yield self._decode(key, value)
+                yield _with_metadata(self._decode(key, value), {k: batch[k][0] for k in self.keep})
             except DecodeError as e:
                 yield e
         self._check_start(part, count, start)
@@ -443,7 +480,9 @@ class WebDatasetSource(AudioSource):
     The first member whose extension (last dotted part, lower case) is in ``audio_keys`` is
     decoded with soundfile. A sample without one is skipped as ``noaudio``; an unreadable shard
     (or the unreadable rest of one) is skipped as ``shard``. Streaming only; ``size`` (the number
-    of samples, when known) is used for size weighting.
+    of samples, when known) is used for size weighting. ``keep``: members (by extension, e.g.
+    ``txt``, ``json``) whose contents become each record's ``metadata`` (:func:`decode_member`); a
+    sample without one is a ``metadata`` error.
     """
 
     def __init__(
@@ -452,6 +491,7 @@ class WebDatasetSource(AudioSource):
         audio_keys: Sequence[str] = AUDIO_EXTENSIONS,
         size: int | None = None,
         name: str | None = None,
+        keep: Sequence[str] = (),
     ):
         self.shards = expand_urls(urls_or_glob)
         if not self.shards:
@@ -459,6 +499,7 @@ class WebDatasetSource(AudioSource):
         super().__init__(name or os.path.basename(os.path.dirname(self.shards[0])) or self.shards[0])
         self.audio_keys = tuple(k.lower().lstrip(".") for k in audio_keys)
         self.size = size
+        self.keep = tuple(keep)
 
     def _samples(self, url: str) -> Iterator[dict | DecodeError]:
         from webdataset.tariterators import tarfile_samples
@@ -477,9 +518,14 @@ class WebDatasetSource(AudioSource):
 
     def _decode(self, sample: dict) -> Record:
         key = f"{sample['__url__']}:{sample['__key__']}"
+        metadata = {}
+        for ext in self.keep:
+            if ext not in sample:
+                raise DecodeError(key, "metadata", f"no {ext!r} member")
+            metadata[ext] = decode_member(key, ext, sample[ext])
         for ext, value in sample.items():
             if not ext.startswith("__") and ext.rsplit(".", 1)[-1] in self.audio_keys:
-                return decode_bytes(key, value)
+                return _with_metadata(decode_bytes(key, value), metadata)
         raise DecodeError(key, "noaudio", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
 
     def records(

@@ -108,7 +108,8 @@ class TextTokenizer:
 class TextCodeDataset(IterableDataset):
     """One example per record for a text-conditioned prior: the record's codes (first channel) as ids of
     ``pattern``, cut to ``seq_len`` and padded (no packing: each example has its own text), and the
-    text prefix of ``record.meta[text_key]``.
+    text prefix of the record's ``text_key`` field (:meth:`CodeRecord.lookup`: its kept metadata, e.g. the
+    ``text`` column or ``txt`` member the bulk tokenizer kept, else its record fields).
 
     Yields:
         ``input_ids``, ``attention_mask``, ``labels`` as :func:`~audiotok.lm.pad_to_length` gives, and
@@ -127,10 +128,12 @@ class TextCodeDataset(IterableDataset):
         if worker is not None:
             records = records.split_by_rank(worker.id, worker.num_workers)
         for record in records:
-            if self.text_key not in record.meta:
+            try:
+                text = record.lookup(self.text_key)
+            except KeyError:
                 raise ValueError(f"record {record.key!r} has no {self.text_key!r} metadata: a text-conditioned "
-                                 f"prior needs code datasets that carry each record's text (data.text_key)")
+                                 f"prior needs code datasets that carry each record's text (data.text_key)") from None
             ids = self.vocab.encode(record.channel_codes[0][: self.vocab.n_codebooks], self.pattern)
             example = pad_to_length(ids[..., : self.seq_len], self.seq_len, self.vocab.special_id("pad"))
-            text_ids, text_mask = self.text.prefix([str(record.meta[self.text_key])])
+            text_ids, text_mask = self.text.prefix([str(text)])
             yield {**example, "text_ids": text_ids[0], "text_mask": text_mask[0]}
