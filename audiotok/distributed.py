@@ -79,6 +79,20 @@ def init_process_group(env: DistEnv, backend: str, timeout: datetime.timedelta |
     return True
 
 
+def init_training(device: str | None, batch_size: int) -> tuple[DistEnv, torch.device, int]:
+    """A training process's set-up (the codec's and the prior's trainers): its place in the job, its
+    device (made current on CUDA), the process group joined (NCCL on CUDA, gloo otherwise), and its
+    share of the global ``batch_size``, which must split evenly across the ranks."""
+    env = DistEnv.from_environ()
+    dev = rank_device(device, env.local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    init_process_group(env, "nccl" if dev.type == "cuda" else "gloo")
+    if batch_size % env.world_size:
+        raise ValueError(f"global batch {batch_size} does not split across {env.world_size} ranks")
+    return env, dev, batch_size // env.world_size
+
+
 def barrier(env: DistEnv) -> None:
     """Wait for every rank (nothing to wait for with one rank)."""
     if env.enabled:

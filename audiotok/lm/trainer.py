@@ -23,7 +23,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..distributed import DistEnv, barrier, init_process_group, rank_device, shutdown
+from ..distributed import barrier, init_training, shutdown
 from ..train.state import newest_checkpoint, save_checkpoint
 from ..train.trainer import Logger
 from .config import PriorTrainConfig
@@ -118,17 +118,10 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
 
     Returns the last logged training metrics (``loss``, ``loss/cb{k}``, ``lr``, ...).
     """
-    env = DistEnv.from_environ()
-    dev = rank_device(device, env.local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    init_process_group(env, "nccl" if dev.type == "cuda" else "gloo")
+    env, dev, batch_per_rank = init_training(device, config.train.batch_size)
     save_path = Path(save_path)
     loop = config.train
     end = min(loop.num_iters, max_steps or loop.num_iters)
-    if loop.batch_size % env.world_size:
-        raise ValueError(f"global batch {loop.batch_size} does not split across {env.world_size} ranks")
-    batch_per_rank = loop.batch_size // env.world_size
 
     codes = CodeDataset(config.data.train)
     if len(codes.shards) < env.world_size:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights, save_folder
 from ..config import DACConfig
 from ..distances import MelSpectrogramLoss, MultiScaleSTFTLoss, si_sdr
-from ..distributed import DistEnv, barrier, init_process_group, rank_device, shutdown
+from ..distributed import barrier, init_training, shutdown
 from ..hub import resolve
 from ..io import atomic_write
 from ..layers import use_fused_snake
@@ -158,17 +158,10 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
     """
     from ..data import DataConfig
 
-    env = DistEnv.from_environ()
-    dev = rank_device(device, env.local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    init_process_group(env, "nccl" if dev.type == "cuda" else "gloo")
+    env, dev, batch_per_rank = init_training(device, config.train.batch_size)
     save_path = Path(save_path)
     loop, weights = config.train, config.loss
     end = min(loop.num_iters, max_steps or loop.num_iters)
-    if loop.batch_size % env.world_size:
-        raise ValueError(f"global batch {loop.batch_size} does not split across {env.world_size} ranks")
-    batch_per_rank = loop.batch_size // env.world_size
 
     # -- state: fresh, fine-tuned, or resumed -------------------------------------------------
     found = newest_checkpoint(save_path)  # the newest complete checkpoint, whatever a crash interrupted
