@@ -141,13 +141,18 @@ def dataset_metadata(model_id: str, config: DACConfig, n_quantizers: int, mono: 
 
 
 def check_manifest(manifest: dict[str, Any], where: str | os.PathLike) -> None:
-    """Raise ``ValueError`` unless ``manifest`` is a code-dataset manifest this reader knows."""
+    """Raise ``ValueError`` unless ``manifest`` is a code-dataset manifest this reader knows, whose
+    shard paths stay inside the dataset folder (a manifest never makes a reader open other files)."""
     if manifest.get("format") != FORMAT_NAME:
         raise ValueError(f"{where}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{where}: code dataset format_version {version!r} is not supported "
                          f"(this reader knows up to {FORMAT_VERSION})")
+    for shard in manifest.get("shards", []):
+        path = shard.get("path") if isinstance(shard, dict) else None
+        if not isinstance(path, str) or not path or os.path.isabs(path) or ".." in Path(path).parts:
+            raise ValueError(f"{where}: shard path {path!r} is not a relative path inside the dataset folder")
 
 
 def check_metadata_fields(fields: list[str] | tuple[str, ...]) -> None:

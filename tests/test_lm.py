@@ -397,6 +397,12 @@ def test_code_dataset_rejects_bad_manifests_and_shards(tmp_path):
         (tmp_path / "manifest.json").write_text(json.dumps({**manifest, **change}))
         with pytest.raises(ValueError, match=match):
             CodeDataset(tmp_path)
+    outside = tmp_path.parent / "outside.tar"
+    for path in ("../outside.tar", str(outside), "", None):  # a manifest never points a reader elsewhere
+        bad_shard = {**manifest["shards"][0], "path": path}
+        (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "shards": [bad_shard]}))
+        with pytest.raises(ValueError, match="not a relative path inside the dataset folder"):
+            CodeDataset(tmp_path)
     manifest["shards"][0]["records"] = 3
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="read 2 records, the manifest lists 3"):
