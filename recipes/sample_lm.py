@@ -8,16 +8,8 @@ The prompt is encoded with the prior's codec (the model its codes came from, or 
 another architecture is refused) and is part of the output. Audio is written while it is generated.
 """
 
-import os
-import sys
-
-# Python puts a script's folder first on sys.path, where recipes/tokenize.py would shadow the
-# standard library's tokenize module: drop it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+from pathlib import Path
 
 
 def main(argv=None) -> None:

@@ -8,19 +8,11 @@ Running again with the same --save-path resumes from its latest checkpoint. Trai
 ``section.key=value`` arguments override the config (values parsed as YAML).
 """
 
-import os
-import sys
+import argparse
+import logging
 
-# Python puts a script's folder first on sys.path, where recipes/tokenize.py would shadow the
-# standard library's tokenize module: drop it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-
-from audiotok.lm.config import load_prior_config  # noqa: E402
-from audiotok.lm.trainer import train_prior  # noqa: E402
+from audiotok.lm.config import load_prior_config
+from audiotok.lm.trainer import train_prior
 
 
 def main() -> None:

@@ -462,7 +462,7 @@ def test_recipes_run_without_path_workarounds(tmp_path):
                          text=True, timeout=120, cwd=tmp_path, env=env)
     assert old.returncode == 0, old.stderr[-3000:]
     assert "deprecated" in old.stderr and "tokenize_dataset.py" in old.stderr and "--input-type" in old.stdout
-    for recipe in ("train.py", "pack_data.py"):
+    for recipe in ("train.py", "pack_data.py", "train_lm.py", "sample_lm.py"):
         proc = subprocess.run([sys.executable, str(REPO / "recipes" / recipe), "--help"], capture_output=True,
                               text=True, timeout=120, cwd=tmp_path, env=env)
         assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-3000:]

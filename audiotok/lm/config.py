@@ -48,7 +48,7 @@ class PriorLoopConfig:
 
 @dataclass
 class PriorDataConfig:
-    """Code datasets (folders written by ``recipes/tokenize.py``).
+    """Code datasets (folders written by ``recipes/tokenize_dataset.py``).
 
     ``valid``: held-out codes for the validation loss (``valid_blocks`` examples, in order);
     ``text_key``: the record metadata key holding each record's text (text-conditioned priors).
