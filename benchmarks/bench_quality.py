@@ -43,7 +43,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -183,11 +183,13 @@ class Codec:
     rows: list[Row]
     reconstruct: Callable[[np.ndarray], dict[str, np.ndarray]]
     tokenizer: AudioTokenizer | None = None  # models only (codebook utilization)
+    codes: list[torch.Tensor] = field(default_factory=list)  # models: full-depth [K, F] codes per excerpt
 
 
 def model_codec(name: str, tok: AudioTokenizer, ks: list[int]) -> Codec:
     """A model decoded from its first k codebooks for each k (one full-depth encoding per excerpt)."""
     rows = [Row(name, kbps(tok, k), k) for k in ks]
+    codes: list[torch.Tensor] = []
 
     def reconstruct(x: np.ndarray) -> dict[str, np.ndarray]:
         encoded = tok.encode(x, tok.sample_rate)
@@ -196,11 +198,10 @@ def model_codec(name: str, tok: AudioTokenizer, ks: list[int]) -> Codec:
             part = EncodedAudio(encoded.codes[:, : row.codebooks], encoded.lengths, encoded.num_samples,
                                 encoded.sample_rate)
             out[row.label] = tok.decode(part)[0].numpy()
-        reconstruct.codes.append(encoded.codes[0, :, : int(encoded.lengths[0])])  # type: ignore[attr-defined]
+        codes.append(encoded.codes[0, :, : int(encoded.lengths[0])])
         return out
 
-    reconstruct.codes = []  # type: ignore[attr-defined]
-    return Codec(name, tok.sample_rate, rows, reconstruct, tok)
+    return Codec(name, tok.sample_rate, rows, reconstruct, tok, codes)
 
 
 def opus_roundtrip(x: np.ndarray, sample_rate: int, kbps: float) -> np.ndarray:
@@ -291,8 +292,7 @@ def run_category(codecs: list[Codec], category: str, source, args: argparse.Name
     failure_examples: list[str] = []
     files = []
     for codec in codecs:
-        if codec.tokenizer is not None:
-            codec.reconstruct.codes.clear()  # type: ignore[attr-defined]
+        codec.codes.clear()  # this category's codes only
     timing: dict[str, Any] = {"read": 0.0, "code": {c.name: 0.0 for c in codecs},
                               "metrics": {name: 0.0 for name in fns}}
     bar = tqdm(total=min(args.max_files, len(source)), desc=category, unit="file", file=sys.stderr, dynamic_ncols=True)
@@ -349,12 +349,11 @@ def run_category(codecs: list[Codec], category: str, source, args: argparse.Name
         "_codes": {},
     }
     for codec in codecs:
-        codes = codec.reconstruct.codes if codec.tokenizer is not None else []  # type: ignore[attr-defined]
-        if codes:
-            per, overall = metrics.codebook_utilization(codes, codec.tokenizer.codebook_size)
+        if codec.tokenizer is not None and codec.codes:
+            per, overall = metrics.codebook_utilization(codec.codes, codec.tokenizer.codebook_size)
             result["codebook_utilization"][codec.name] = {
-                "overall": overall, "per_codebook": per, "frames": sum(int(c.shape[-1]) for c in codes)}
-            result["_codes"][codec.name] = list(codes)  # for the pooled utilization; dropped before writing
+                "overall": overall, "per_codebook": per, "frames": sum(int(c.shape[-1]) for c in codec.codes)}
+            result["_codes"][codec.name] = list(codec.codes)  # for the pooled utilization; dropped before writing
     return result
 
 
