@@ -30,7 +30,7 @@ from ..layers import use_fused_snake
 from ..metrics import codebook_utilization
 from ..model import DAC
 from .config import TrainConfig
-from .discriminator import Discriminator
+from .discriminator import Discriminator, FeatureMaps
 from .losses import discriminator_loss, feature_matching_loss, generator_adversarial_loss
 from .state import check_resumable, newest_checkpoint, save_checkpoint
 
@@ -100,7 +100,8 @@ class Logger:
             self.tb.close()
 
 
-def discriminate(disc: torch.nn.Module, fake: torch.Tensor, real: torch.Tensor) -> tuple[list, list]:
+def discriminate(disc: torch.nn.Module, fake: torch.Tensor,
+                 real: torch.Tensor) -> tuple[list[FeatureMaps], list[FeatureMaps]]:
     """One discriminator pass over fake and real audio together (``[2B, 1, N]``: half the calls, larger
     convolutions) -> (feature maps of ``fake``, feature maps of ``real``), each ``[B, ...]`` per map."""
     maps = disc(torch.cat([fake, real]))
