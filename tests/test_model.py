@@ -225,6 +225,23 @@ def test_fused_snake_matches_eager_forward_and_backward():
             torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_snake_inference_path_is_bit_identical_to_the_autograd_path():
+    """Without autograd Snake works in place on one buffer; values equal the reference order bit for
+    bit, and the input is left untouched."""
+    from audiotok.layers import snake
+
+    x = torch.randn(2, 8, 1001) * 3
+    alpha = torch.rand(1, 8, 1) + 0.05
+    reference = snake(x.clone().requires_grad_(), alpha).detach()  # the out-of-place, autograd path
+    before = x.clone()
+    with torch.inference_mode():
+        fast = snake(x, alpha)
+    assert torch.equal(fast, reference)
+    assert torch.equal(x, before)
+    with torch.no_grad():
+        assert torch.equal(snake(x, alpha), reference)
+
+
 def test_decoder_tail_stays_float32_under_autocast():
     """bf16 autocast runs the decoder's body in bf16, its last block and output layer in float32."""
     model = DAC(DACConfig.preset("tiny-44khz"))
