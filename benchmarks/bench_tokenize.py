@@ -1,15 +1,27 @@
-"""Bulk tokenization throughput, end to end: hours of audio tokenized per hour of wall time.
+"""Bulk tokenization throughput per stage and end to end: where the time of a bulk job goes.
 
 Generates a corpus (``--minutes`` of audio as FLAC files of about ``--file-seconds`` each, at mixed
-sample rates, some stereo) in a temporary folder, then times, on the same files:
+sample rates, some stereo) in a temporary folder, or takes the audio files of ``--folder``, then times,
+on the same files, each stage alone in the main process and the whole job:
 
-* ``read``: reading, decoding, downmixing and resampling in the DataLoader workers, no model;
-* ``encode``: the model alone on the already decoded and resampled clips (length-bucketed batches);
-* ``end to end``: ``audiotok.bulk.tokenize_dataset`` (read, decode, resample, encode, write shards).
+* ``read``: the files' bytes;
+* ``decode``: the bytes to float32 samples (libsndfile);
+* ``resample``: downmix to mono and resample to the model's rate (soxr);
+* ``encode``: the model alone on the resampled clips, batches planned by the tokenizer
+  (``--batch-seconds`` may list several values: each is timed, the first is used elsewhere);
+* ``write``: the codes into code shards (``--format``);
+* ``end to end``: ``audiotok.bulk.tokenize_dataset`` (reading, decoding and resampling in
+  ``--num-workers`` DataLoader workers, encoding and writing in the main process).
 
-    python benchmarks/bench_tokenize.py                                 # CPU, 2 min of audio, random 44khz weights
-    python benchmarks/bench_tokenize.py --minutes 60 --device cuda --dtype bf16 --num-workers 8
-    python benchmarks/bench_tokenize.py --model descript/dac_44khz --format parquet
+Rates are in hours of audio per hour of wall time (and times real time); ``share`` is each stage's part
+of the stages' sum. The model is the bottleneck when ``encode`` is most of the sum and the end to end
+rate is close to ``encode``'s.
+
+    python benchmarks/bench_tokenize.py                                   # CPU, the bundled model, 2 min
+    python benchmarks/bench_tokenize.py --threads 1 --num-workers 1 --batch-seconds 5 10 20
+    python benchmarks/bench_tokenize.py --model descript/dac_44khz --device cuda --dtype bf16 --compile \\
+        --minutes 60 --num-workers 8 --batch-seconds 600
+    python benchmarks/bench_tokenize.py --preset 44khz                    # random weights, 44.1 kHz architecture
 """
 
 from __future__ import annotations
@@ -23,23 +35,23 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import machine  # noqa: E402
 from conftest import random_tokenizer  # noqa: E402  (weights with realistic scale)
 
 from audiotok import AudioTokenizer  # noqa: E402
-from audiotok.bulk import DTYPES, BulkConfig, InputSpec, PartReader, tokenize_dataset  # noqa: E402
-from audiotok.bulk.inputs import Decoded, identity_collate  # noqa: E402
+from audiotok.audio import AUDIO_EXTENSIONS, downmix, find_files, read_audio_bytes, resample  # noqa: E402
+from audiotok.bulk import DTYPES, BulkConfig, InputSpec, tokenize_dataset  # noqa: E402
+from audiotok.codedataset import SHARD_WRITERS, dataset_metadata, record_key  # noqa: E402
 from audiotok.layers import use_fused_snake  # noqa: E402
 
 RATES = (44100, 48000, 22050, 16000)
 
 
-def make_corpus(root: Path, minutes: float, file_seconds: float, seed: int = 0) -> tuple[int, float]:
+def make_corpus(root: Path, minutes: float, file_seconds: float, seed: int = 0) -> None:
     """FLAC files (16-bit) totalling ``minutes``: lengths 0.25x..1.75x ``file_seconds``, rates
-    cycling through 44.1/48/22.05/16 kHz, every third file stereo. -> (files, seconds)."""
+    cycling through 44.1/48/22.05/16 kHz, every third file stereo."""
     rng = np.random.default_rng(seed)
     total, n = 0.0, 0
     while total < minutes * 60:
@@ -53,20 +65,26 @@ def make_corpus(root: Path, minutes: float, file_seconds: float, seed: int = 0) 
         sf.write(folder / f"clip{n:05d}.flac", x.astype(np.float32), sr, subtype="PCM_16")
         total += len(t) / sr
         n += 1
-    return n, total
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a model source (default: random weights of --preset)")
-    p.add_argument("--preset", default="44khz")
+    p.add_argument("--model", default="default", help="a model source (default: the bundled model)")
+    p.add_argument("--preset", help="random weights of this architecture preset instead of --model")
+    p.add_argument("--folder", type=Path, help="audio files to tokenize (default: a generated corpus)")
     p.add_argument("--minutes", type=float, default=2.0, help="audio in the generated corpus")
     p.add_argument("--file-seconds", type=float, default=10.0, help="mean file duration")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--batch-seconds", type=float, help="default per device")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--batch-seconds", type=float, nargs="+", help="default per device")
     p.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"])
     p.add_argument("--threads", type=int, help="torch intra-op threads of the main process")
     args = p.parse_args()
@@ -74,60 +92,78 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
-    if args.model:
-        tok = AudioTokenizer.from_pretrained(args.model, device, DTYPES[args.dtype], args.compile)
-        name = args.model
-    else:
+    if args.preset:
         tok = random_tokenizer(args.preset).to(device, DTYPES[args.dtype])
         use_fused_snake(tok.model, args.compile)
         name = f"random {args.preset}"
-    batch_seconds = tok.resolve_seconds(None, args.batch_seconds)[1]
+    else:
+        tok = AudioTokenizer.from_pretrained(args.model, device, DTYPES[args.dtype], args.compile)
+        name = tok.model_id
+    batches = args.batch_seconds or [tok.resolve_seconds()[1]]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus"
-        corpus.mkdir()
-        files, seconds = make_corpus(corpus, args.minutes, args.file_seconds)
+        corpus = args.folder
+        if corpus is None:
+            corpus = Path(tmp) / "corpus"
+            corpus.mkdir()
+            make_corpus(corpus, args.minutes, args.file_seconds)
+        files = find_files(corpus, AUDIO_EXTENSIONS)
+        rows: list[tuple[str, float]] = []
+
+        data, t = timed(lambda: [f.read_bytes() for f in files])
+        rows.append(("read", t))
+        decoded, t = timed(lambda: [read_audio_bytes(d) for d in data])
+        rows.append(("decode", t))
+        clips, t = timed(lambda: [resample(downmix(a), sr, tok.sample_rate)[0] for a, sr in decoded])
+        rows.append(("resample (+ downmix)", t))
+        seconds = sum(len(c) for c in clips) / tok.sample_rate
         hours = seconds / 3600
-        rows = []
 
-        # read: decode + resample in workers
-        spec = InputSpec("folder", str(corpus))
-        source = spec.build()
-        workers = max(1, args.num_workers)
-        reader = PartReader(source, {w: 0 for w in range(workers)}, 0, workers, workers, tok.sample_rate,
-                            bundle_seconds=60.0)
-        start = time.perf_counter()
-        clips = []
-        for bundle in DataLoader(reader, batch_size=None, num_workers=args.num_workers, collate_fn=identity_collate):
-            clips += [x.audio[0].numpy() for x in bundle.items if isinstance(x, Decoded)]
-        rows.append(("read (decode + resample)", time.perf_counter() - start))
+        tok.encode(clips[0][: tok.sample_rate], tok.sample_rate)  # warm-up
+        encode_rows = []
+        for b in batches:
+            def encode(b=b):
+                enc = tok.encode(clips, tok.sample_rate, batch_seconds=b, chunk_seconds=min(b, 60.0))
+                sync()
+                return enc
+            enc, t = timed(encode)
+            encode_rows.append((f"encode, batch {b:g} s", t))
+        rows.append(encode_rows[0])
 
-        # encode only (one warm-up pass on a short clip first)
-        tok.encode(clips[0][: tok.sample_rate], tok.sample_rate)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        tok.encode(clips, tok.sample_rate, batch_seconds=batch_seconds)  # batches planned by the tokenizer
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rows.append(("encode (model only)", time.perf_counter() - start))
+        metadata = dataset_metadata(tok.model_id, tok.config, tok.n_codebooks, True)
 
-        # end to end
-        cfg = BulkConfig(spec, str(Path(tmp) / "out"), format=args.format, num_workers=args.num_workers,
-                         batch_seconds=args.batch_seconds, progress=False)
-        start = time.perf_counter()
-        summary = tokenize_dataset(cfg, tokenizer=tok)
-        rows.append(("end to end (tokenize_dataset)", time.perf_counter() - start))
-        assert summary.records == files and summary.failures == 0, summary
+        def write() -> None:
+            writer = SHARD_WRITERS[args.format](Path(tmp) / f"shard{SHARD_WRITERS[args.format].suffix}", metadata)
+            codes = enc.codes.numpy().astype(np.uint16)
+            for i, f in enumerate(files):
+                n = int(enc.lengths[i])
+                meta = {"key": record_key(f.stem, 0, i), "source_key": f.name, "num_samples": len(clips[i]),
+                        "sample_rate": tok.sample_rate, "n_frames": n, "channels": 1, "model_id": tok.model_id}
+                writer.add(meta, codes[i, :, :n])
+            writer.close()
+
+        _, t = timed(write)
+        rows.append(("write", t))
+        stages = sum(t for _, t in rows)
+
+        cfg = BulkConfig(InputSpec("folder", str(corpus)), str(Path(tmp) / "out"), format=args.format,
+                         num_workers=args.num_workers, batch_seconds=batches[0], progress=False)
+        summary, end_to_end = timed(lambda: tokenize_dataset(cfg, tokenizer=tok))
+        assert summary.records == len(files) and summary.failures == 0, summary
 
     print(f"## bulk tokenization: {name} ({tok.sample_rate} Hz, {tok.n_codebooks} codebooks), {args.dtype}"
           f"{' compile' if args.compile else ''} on {args.device}")
-    print(f"{machine(device)}, torch {torch.__version__}; {files} FLAC files, {seconds / 60:.1f} min of audio, "
-          f"{args.num_workers} workers, batch {batch_seconds:g} s, {args.format}\n")
-    print("| stage                          | wall (s) | h audio / h |  x real |")
-    print("|--------------------------------|----------|-------------|---------|")
+    print(f"{machine(device)}, torch {torch.__version__}; {len(files)} files, {seconds / 60:.1f} min of audio, "
+          f"{args.num_workers} DataLoader workers, {args.format}\n")
+    print("| stage                          | wall (s) | h audio / h |  x real | share |")
+    print("|--------------------------------|----------|-------------|---------|-------|")
     for stage, t in rows:
-        print(f"| {stage:<30} | {t:8.2f} | {hours / (t / 3600):11.1f} | {seconds / t:7.1f} |")
+        print(f"| {stage:<30} | {t:8.2f} | {hours / (t / 3600):11.1f} | {seconds / t:7.1f} | {t / stages:5.0%} |")
+    for stage, t in encode_rows[1:]:
+        print(f"| {stage:<30} | {t:8.2f} | {hours / (t / 3600):11.1f} | {seconds / t:7.1f} |       |")
+    print(f"| {'end to end (tokenize_dataset)':<30} | {end_to_end:8.2f} | {hours / (end_to_end / 3600):11.1f} | "
+          f"{seconds / end_to_end:7.1f} |       |")
 
 
 if __name__ == "__main__":
