@@ -70,7 +70,6 @@ import json
 import os
 import re
 import tarfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +91,8 @@ RECORD_FIELDS = ("key", "source_key", "num_samples", "sample_rate", "n_frames", 
 #: Tar member suffixes of a record: ``{key}.codes.npy``, ``{key}.meta.json`` (kept metadata, format 3)
 #: and ``{key}.json`` (matched in this order: ``.meta.json`` also ends in ``.json``).
 MEMBER_SUFFIXES = {"codes": ".codes.npy", "metadata": ".meta.json", "json": ".json"}
+#: Tar member of a sidecar shard's sample that has no codes: ``{key}.failure.txt`` (``reason: detail``).
+FAILURE_SUFFIX = ".failure.txt"
 #: Prefix of the Parquet columns that hold kept metadata: ``meta.{field}``.
 METADATA_COLUMN_PREFIX = "meta."
 
@@ -172,17 +173,21 @@ def _check_codes(codes: np.ndarray, what: str) -> None:
 class ShardWriter:
     """Base class: records are added to a temporary file; :meth:`close` moves it into place.
     ``metadata`` (:func:`dataset_metadata`) is stored where the shard type has room for it;
-    ``kept_fields`` are the kept metadata fields every record carries (see the module docstring)."""
+    ``kept_fields`` are the kept metadata fields every record carries (see the module docstring).
+    ``staged=True``: ``path`` is itself a staging file (:meth:`audiotok.bulk.store.Store.staging_path`)
+    written directly and left there by :meth:`close`, for the caller to publish
+    (:meth:`~audiotok.bulk.store.Store.put_file`)."""
 
     suffix = ""
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
-                 kept_fields: tuple[str, ...] = ()):
+                 kept_fields: tuple[str, ...] = (), staged: bool = False):
         check_metadata_fields(kept_fields)
         self.path = Path(path)
         self.metadata = metadata or {}
         self.kept_fields = tuple(kept_fields)
-        self.tmp = temp_path(self.path)
+        self.staged = staged
+        self.tmp = self.path if staged else temp_path(self.path)
         self.records = 0
         self.frames = 0
         self.seconds = 0.0
@@ -206,9 +211,10 @@ class ShardWriter:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Finish the file and move it to :attr:`path`."""
+        """Finish the file and move it to :attr:`path` (staged: leave it finished at :attr:`path`)."""
         self._finish()
-        replace_durably(self.tmp, self.path)
+        if not self.staged:
+            replace_durably(self.tmp, self.path)
 
     def abort(self) -> None:
         """Drop the unfinished file."""
@@ -221,21 +227,26 @@ class ShardWriter:
 
 class TarShardWriter(ShardWriter):
     """WebDataset tar: members ``{key}.codes.npy`` (``np.save`` of the uint16 codes) and ``{key}.json``
-    (no room for ``metadata``: the manifest holds it)."""
+    (no room for ``metadata``: the manifest holds it). Members have mtime 0, so the same records
+    give the same bytes."""
 
     suffix = ".tar"
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
-                 kept_fields: tuple[str, ...] = ()):
-        super().__init__(path, metadata, kept_fields)
+                 kept_fields: tuple[str, ...] = (), staged: bool = False):
+        super().__init__(path, metadata, kept_fields, staged)
         self._file = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
-        self._mtime = int(time.time())
 
     def _member(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), self._mtime, 0o644
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
         self._tar.addfile(info, io.BytesIO(data))
+
+    def add_failure(self, key: str, reason: str, detail: str = "") -> None:
+        """Member ``{key}``:data:`FAILURE_SUFFIX` (text ``reason: detail``) for a sample that has no
+        codes (sidecar shards; readers of records pass it over)."""
+        self._member(key + FAILURE_SUFFIX, (f"{reason}: {detail}" if detail else reason).encode())
 
     def _add(self, meta: dict[str, Any], codes: np.ndarray) -> None:
         buf = io.BytesIO()
@@ -298,10 +309,11 @@ class ParquetShardWriter(ShardWriter):
     suffix = ".parquet"
 
     def __init__(self, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
-                 kept_fields: tuple[str, ...] = (), row_group_records: int = 256, row_group_bytes: int = 64 << 20):
+                 kept_fields: tuple[str, ...] = (), staged: bool = False, row_group_records: int = 256,
+                 row_group_bytes: int = 64 << 20):
         import pyarrow.parquet as pq
 
-        super().__init__(path, metadata, kept_fields)
+        super().__init__(path, metadata, kept_fields, staged)
         mono = self.metadata.get("mono", True)
         self.ndim = 2 if mono else 3  # [K, F] or [C, K, F]
         self.schema = parquet_schema(mono, self.metadata, self.kept_fields)

@@ -8,9 +8,13 @@
         --dtype bf16
 
 The model defaults to the one bundled with audiotok (offline). Multi-node: run the same torchrun
-command on every node (--nnodes, --rdzv-endpoint) with --output on a shared filesystem. Running the
-same command again resumes an interrupted job (same world size and --num-workers) and does nothing
-for a finished one. The output format is described in audiotok/codedataset.py.
+command on every node (--nnodes, --rdzv-endpoint), or launch the same command as independent
+processes anywhere, with --output on a shared filesystem: processes claim parts of the input
+(a tar shard, --part-records rows) through the output folder until all are done. Running the same
+command again resumes an interrupted job, with any number of processes, nodes and --num-workers
+(a dead process's parts are taken over once its claims lapse, after --lease-seconds; at once on
+its own host), and does nothing for a finished one. The output format is described in
+audiotok/codedataset.py; the work split in audiotok/bulk/__init__.py.
 
 Exit status: 0 when every record was tokenized; 1 when some records failed (unreadable, empty,
 NaN, too short: listed under "failures" in the output's manifest.json); 2 for errors that stop the
@@ -40,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="audiotok / transformers folder, .pth file, hub id or alias (default: the bundled model, "
                         "audiotok-24khz-v0.3, alias 'default')")
     p.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"])
+    p.add_argument("--layout", default="pooled", choices=["pooled", "sidecar"],
+                   help="pooled: shards part-NNNNNN-NNNN; sidecar (webdataset input and format): one code shard "
+                        "per input shard with its sample keys, NAME.tar -> NAME.codes.tar")
     p.add_argument("--split", default="train", help="dataset split (hf)")
     p.add_argument("--audio-column", default="audio", help="column holding the audio (hf)")
     p.add_argument("--audio-keys", help="comma-separated extensions of the audio member (webdataset) "
@@ -55,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-seconds", type=float, help="longest audio per forward pass (default per device)")
     p.add_argument("--pool-seconds", type=float, help="audio sorted by length at a time (default 4 x batch)")
     p.add_argument("--num-workers", type=int, default=2, help="decoding workers per process (default 2)")
+    p.add_argument("--part-records", type=int, default=1000,
+                   help="rows per part of a folder or saved hf dataset (the unit of work claimed; tar shards "
+                        "and streaming hf shards are parts of their own)")
     p.add_argument("--shard-records", type=int, default=10000, help="records per shard at most")
     p.add_argument("--shard-frames", type=int, default=20_000_000, help="code frames per shard at most")
     p.add_argument("--min-seconds", type=float, default=0.0, help="skip shorter records (listed as 'short')")
@@ -62,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
     p.add_argument("--compile", action="store_true", help="fuse Snake activations with torch.compile")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--lease-seconds", type=float, default=600.0,
+                   help="a claim on a part lapses this long after its last renewal, and another process "
+                        "takes the part over (default 600)")
     return p.parse_args(argv)
 
 
@@ -91,11 +104,12 @@ def main(argv=None) -> int:
             log.warning("not read (extensions not in --audio-keys): %s",
                         ", ".join(f"{n} {ext}" for ext, n in unread.items()))
         config = BulkConfig(
-            spec, args.output, args.model, format=args.format, n_quantizers=args.n_quantizers,
+            spec, args.output, args.model, format=args.format, layout=args.layout, n_quantizers=args.n_quantizers,
             mono=not args.per_channel, batch_seconds=args.batch_seconds, chunk_seconds=args.chunk_seconds,
-            pool_seconds=args.pool_seconds, num_workers=args.num_workers, shard_records=args.shard_records,
+            pool_seconds=args.pool_seconds, num_workers=args.num_workers, part_records=args.part_records,
+            shard_records=args.shard_records,
             shard_frames=args.shard_frames, min_seconds=args.min_seconds, dtype=args.dtype, device=args.device,
-            compile=args.compile, progress=not args.no_progress,
+            compile=args.compile, progress=not args.no_progress, lease_seconds=args.lease_seconds,
         )
         summary = tokenize_dataset(config)
     except (ValueError, OSError, ImportError) as e:  # FileNotFoundError (input, model), hub errors, bad settings

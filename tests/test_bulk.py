@@ -158,7 +158,7 @@ def check_against_direct(records, tok, path_of, n_quantizers=None, mono=True):
 
 
 def config(spec, out, model_dir, **kw) -> BulkConfig:
-    kw = {"num_workers": 2, "progress": False, "batch_seconds": 1.0, "chunk_seconds": 0.5, **kw}
+    kw = {"num_workers": 2, "progress": False, "batch_seconds": 1.0, "chunk_seconds": 0.5, "lease_seconds": 2.0, **kw}
     return BulkConfig(spec, str(out), str(model_dir), **kw)
 
 
@@ -179,9 +179,9 @@ def test_keys_are_webdataset_safe():
 
 @pytest.fixture(scope="module")
 def folder_job(corpus, model_dir, tmp_path_factory):
-    """The corpus folder tokenized to WebDataset shards of two records, with two workers."""
+    """The corpus folder tokenized to WebDataset shards of two records, parts of four files, two workers."""
     out = tmp_path_factory.mktemp("folder-job") / "out"
-    cfg = config(InputSpec("folder", str(corpus)), out, model_dir, shard_records=2)
+    cfg = config(InputSpec("folder", str(corpus)), out, model_dir, shard_records=2, part_records=4)
     return cfg, tokenize_dataset(cfg)
 
 
@@ -203,11 +203,17 @@ def test_folder_to_webdataset_exact_and_rerun_does_nothing(corpus, tok, folder_j
     assert {f["key"]: f["reason"] for f in manifest["failures"]} == BAD
     assert all(set(f) == {"key", "reason", "detail"} for f in manifest["failures"])
     assert summary.failures == len(BAD) and summary.throughput > 0
-    # two workers: two parts, each in shards of at most two records, nothing else in the folder
-    shards = sorted(p.name for p in out.glob("shard-*"))
-    assert shards == sorted(s["path"] for s in manifest["shards"]) and {s[:14] for s in shards} == {
-        "shard-r000-w00", "shard-r000-w01"}
-    assert all(s["records"] <= 2 for s in manifest["shards"])
+    # 11 files in parts of 4: [a, a, b, b] in two shards of two, [bad x 4] in none, [bad, c, c] in one
+    shards = sorted(p.name for p in out.glob("part-*"))
+    assert shards == [s["path"] for s in manifest["shards"]] == [
+        "part-000000-0000.tar", "part-000000-0001.tar", "part-000002-0000.tar"]
+    assert [s["records"] for s in manifest["shards"]] == [2, 2, 2]
+    assert sorted(p.name for p in out.iterdir()) == [".bulk", "manifest.json", *shards]
+    plan = json.loads((out / ".bulk/plan.json").read_text())
+    assert plan["parts"] == [{"rows": [0, 4]}, {"rows": [4, 8]}, {"rows": [8, 11]}]
+    assert plan["job"]["part_records"] == 4 and plan["job"]["shard_records"] == 2
+    assert sorted(p.name for p in (out / ".bulk/done").iterdir()) == [f"part-00000{i}.json" for i in range(3)]
+    assert not list((out / ".bulk/claims").iterdir())  # released when done
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
     # readable with webdataset itself
@@ -299,7 +305,7 @@ def write_tars(root: Path, corpus: Path) -> dict[str, str]:
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
-@pytest.mark.parametrize("workers", [2, 3])  # 2 tars: by tar for two workers, by sample for three
+@pytest.mark.parametrize("workers", [2, 3])  # 2 tars, 2 parts: a third worker has nothing to read
 def test_webdataset_input(corpus, model_dir, tok, tmp_path, workers):
     where = write_tars(tmp_path, corpus)
     out = tmp_path / "out"
@@ -347,33 +353,48 @@ def test_part_stream_resumes_at_a_position(corpus, tmp_path, monkeypatch, kind):
     if kind == "webdataset":
         write_tars(tmp_path, corpus)
         source = InputSpec("webdataset", str(tmp_path / "in-*.tar")).build()
+        want = [{"shard": str(tmp_path / f"in-0{i}.tar")} for i in range(2)]  # one part per tar
+        everything = [x.key for x in source.records()]
     elif kind == "hf-streaming":
         source = InputSpec("hf", str(corpus / "a"), streaming=True).build()
+        want = [{"shard": 0, "of": 1}]  # one part per shard of the stream: audiofolder makes one
+        everything = [x.key.split(":", 1)[1] for x in source.records()]
     else:
         source = InputSpec("folder", str(corpus)).build()
-    for part, num_parts in [(0, 1), (1, 2), (2, 3)]:
-        full = [(pos, type(x).__name__, x.key) for pos, x in part_stream(source, part, num_parts)]
+        want = [{"rows": [0, 4]}, {"rows": [4, 8]}, {"rows": [8, 11]}]
+        everything = [x.key for x in source.records()]
+    parts = source.partition(4)
+    assert parts == want
+    seen = []
+    for part in parts:
+        full = [(pos, type(x).__name__, x.key) for pos, x in part_stream(source, part)]
         assert [pos for pos, *_ in full] == list(range(len(full)))
+        seen += [key.split(":", 1)[1] if kind == "hf-streaming" else key for _, _, key in full]
         calls = {"n": 0}
         for name in ("decode_bytes", "decode_file"):
             monkeypatch.setattr(sources, name, _counting(getattr(sources, name), calls))
         start = (len(full) + 1) // 2
-        rest = [(pos, type(x).__name__, x.key) for pos, x in part_stream(source, part, num_parts, start)]
+        rest = [(pos, type(x).__name__, x.key) for pos, x in part_stream(source, part, start)]
         monkeypatch.undo()
         assert rest == full[start:]
         assert calls["n"] <= len(full) - start  # the first `start` items were not decoded
-        assert list(part_stream(source, part, num_parts, len(full))) == []  # all done: nothing left
+        assert list(part_stream(source, part, len(full))) == []  # all done: nothing left
         with pytest.raises(ValueError, match="fewer than start"):  # the input shrank since the job began
-            list(part_stream(source, part, num_parts, len(full) + 1))
+            list(part_stream(source, part, len(full) + 1))
+    assert sorted(seen) == sorted(everything)  # the parts cover every item once
+    if kind == "hf-streaming":  # a stable reference: row within the stream's shard
+        assert [x.key.split(":", 1)[0] for _, x in part_stream(source, parts[0])] == ["shard0.0", "shard0.1"]
 
 
 class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("kind,where", [("folder", "mid-shard"), ("folder", "after-shard-rename"),
+@pytest.mark.parametrize("kind,where", [("folder", "mid-shard"), ("folder", "after-shard-publish"),
                                         ("webdataset", "mid-shard")])
 def test_kill_and_resume(corpus, model_dir, folder_job, tmp_path, monkeypatch, kind, where):
+    from audiotok.bulk.store import LocalStore
+
     if kind == "folder":
         spec = InputSpec("folder", str(corpus))
         _, want = read_output(Path(folder_job[0].output))  # the same job, uninterrupted
@@ -381,49 +402,48 @@ def test_kill_and_resume(corpus, model_dir, folder_job, tmp_path, monkeypatch, k
     else:  # a streaming source: resuming passes over the done samples without decoding them
         write_tars(tmp_path, corpus)
         spec = InputSpec("webdataset", str(tmp_path / "in-*.tar"), keep=["txt"])
-        tokenize_dataset(config(spec, tmp_path / "reference", model_dir, shard_records=2))
+        tokenize_dataset(config(spec, tmp_path / "reference", model_dir, shard_records=2, part_records=4))
         reference, want = read_output(tmp_path / "reference")
         bad = sorted(f["key"] for f in reference["failures"])
 
     out = tmp_path / "out"
-    cfg = config(spec, out, model_dir, shard_records=2)
+    cfg = config(spec, out, model_dir, shard_records=2, part_records=4)
     calls = {"n": 0}
     # like a killed process, leave unfinished temporary files behind
     monkeypatch.setattr(bulk_job.PartWriter, "abort", lambda self: None)
-    if where == "mid-shard":  # dies with a partial temporary shard on disk
+    if where == "mid-shard":  # dies with a partial temporary shard on disk, after a shard was committed
         original = bulk_job.PartWriter.add_record
 
         def add_record(self, *args):
-            calls["n"] += 1
-            if calls["n"] == 5:  # the second record of the second part (three records per part)
-                raise Crash()
+            if self.shard is not None and self.shard.records and list(out.glob("part-*")):
+                raise Crash()  # a shard is half written, another one is in place
             original(self, *args)
 
         monkeypatch.setattr(bulk_job.PartWriter, "add_record", add_record)
     else:  # dies after a shard file is in place but before the progress file records it
-        original = bulk_job.PartProgress.commit
+        original = LocalStore.put_file
 
-        def commit(self, shard, *args):
-            if shard is not None:
-                calls["n"] += 1
-                if calls["n"] == 2:
-                    raise Crash()
-            original(self, shard, *args)
+        def put_file(self, *args):
+            original(self, *args)
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise Crash()
 
-        monkeypatch.setattr(bulk_job.PartProgress, "commit", commit)
+        monkeypatch.setattr(LocalStore, "put_file", put_file)
     with pytest.raises(Crash):
         tokenize_dataset(cfg)
     assert not (out / "manifest.json").exists()
-    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
-    if where == "after-shard-rename":
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
+    if where == "after-shard-publish":
         assert len(kept) == 2  # one recorded, one orphan
     else:
-        assert len(kept) == 2 and len(list(out.glob(".shard-*.tmp"))) == 1  # one part done, one shard open
+        assert len(kept) >= 1 and len(list(out.glob(".part-*.tmp"))) == 1  # a shard open
     monkeypatch.undo()
 
-    with pytest.raises(ValueError, match="other settings"):  # a different split of the work is refused
-        tokenize_dataset(config(spec, out, model_dir, shard_records=2, num_workers=1))
-    summary = tokenize_dataset(cfg)
+    with pytest.raises(ValueError, match="other settings.*shard_records"):  # other shards: refused
+        tokenize_dataset(config(spec, out, model_dir, shard_records=3, part_records=4))
+    # resumed with another number of workers: the parts do not depend on it
+    summary = tokenize_dataset(config(spec, out, model_dir, shard_records=2, part_records=4, num_workers=1))
     manifest, records = read_output(out)
     assert summary.run_records < len(GOOD)  # resumed, not redone
     assert sorted(records) == sorted(want)
@@ -431,9 +451,9 @@ def test_kill_and_resume(corpus, model_dir, folder_job, tmp_path, monkeypatch, k
         assert meta == want[key][0]
         np.testing.assert_array_equal(codes, want[key][1])
     assert sorted(f["key"] for f in manifest["failures"]) == bad
-    assert sorted(p.name for p in out.glob("shard-*")) == sorted(s["path"] for s in manifest["shards"])
+    assert sorted(p.name for p in out.glob("part-*")) == sorted(s["path"] for s in manifest["shards"])
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
-    recorded = {p.name for p in out.glob("shard-*")} & set(kept)
+    recorded = {p.name for p in out.glob("part-*")} & set(kept)
     assert recorded and any(kept[n] == (out / n).stat().st_mtime_ns for n in recorded)  # committed shards kept
 
 
@@ -443,15 +463,14 @@ def test_torchrun_two_processes(corpus, model_dir, tok, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "recipes/tokenize_dataset.py"), "--input", str(corpus), "--input-type", "folder",
            "--output", str(out), "--model", str(model_dir), "--num-workers", "1", "--device", "cpu",
-           "--batch-seconds", "1", "--chunk-seconds", "0.5", "--shard-records", "2", "--no-progress"]
+           "--batch-seconds", "1", "--chunk-seconds", "0.5", "--part-records", "1", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
     assert proc.returncode == 1, proc.stderr[-3000:]  # some records failed
     assert f"{len(GOOD)} records" in proc.stdout and f"{len(BAD)} failures" in proc.stdout
     manifest, records = read_output(out)
     assert check_against_direct(records, tok, lambda k: corpus / k) == sorted(os.path.basename(f) for f in GOOD)
     assert sorted(f["key"] for f in manifest["failures"]) == sorted(BAD)
-    assert {s["path"][:10] for s in manifest["shards"]} == {"shard-r000", "shard-r001"}
-    assert sorted(p.name for p in (out / ".bulk").glob("rank-*.json")) == ["rank-000.json", "rank-001.json"]
+    assert len(list((out / ".bulk/done").iterdir())) == 11  # one part per file (--part-records 1)
 
 
 def test_recipes_run_without_path_workarounds(tmp_path):

@@ -1,17 +1,20 @@
 """The input side of a bulk job: which source, how it is split, and decoding in DataLoader workers.
 
-Partition. A job with ``world_size`` ranks and ``W = max(1, num_workers)`` DataLoader workers per
-rank splits the source into ``P = world_size * W`` *parts* with the sources' own partitioning:
-part ``p = rank * W + worker`` is ``source.records(p, P)`` (seed ``None``: listed order, no
-shuffle). Parts never overlap and together cover every record once. Each part is a deterministic,
-ordered stream; an item's *position* is its index in that stream, counting both good records and
+Partition. The source is cut into a fixed list of *parts* that depends only on the source (and, for
+random-access sources, ``part_records``), never on the number of processes or workers:
+``source.partition(part_records)`` (see :mod:`audiotok.data.sources`): one part per WebDataset
+shard, ``part_records`` consecutive rows per part of a folder or saved / non-streaming Hugging Face
+dataset, one part per shard (data file) of a streaming Hugging Face dataset. Parts never overlap
+and together cover every record once. Each part is a deterministic, ordered stream; an item's
+*position* is its index in that stream, counting both good records and
 :class:`~audiotok.data.DecodeError` items (so failures are positions too).
 
-Random-access sources (folders, saved / non-streaming Hugging Face datasets) give part ``p`` the
-indices ``p, p + P, ...`` (as ``AudioSource.records`` does with ``seed=None``), so resuming at a
-position costs nothing. Streaming sources (WebDataset shards, streaming Hugging Face datasets) are
-read from the start of the part and the first ``start`` items are passed over without decoding
-their audio.
+Random-access parts resume at a position at no cost; streaming parts are read from their start and
+the first ``start`` items are passed over without decoding their audio.
+
+Workers. :class:`PartReader` takes ``(part, start)`` tasks from a queue that the job's main process
+fills as it claims parts: each DataLoader worker reads whole parts, one at a time, so the split
+among workers changes nothing in the output.
 """
 
 from __future__ import annotations
@@ -20,16 +23,16 @@ import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from ..audio import AUDIO_EXTENSIONS, downmix, resample
 from ..codedataset import check_metadata_fields
 from ..data.config import build_sources
-from ..data.sources import AudioSource, DecodeError, Record, WebDatasetSource
+from ..data.sources import AudioSource, DecodeError, Record
 
 INPUT_TYPES = ("folder", "hf", "webdataset")
 
@@ -144,8 +147,6 @@ def source_fingerprint(source: AudioSource) -> dict[str, Any]:
     fp: dict[str, Any] = {"kind": type(source).__name__, "random_access": bool(source.random_access)}
     if source.random_access:
         fp["size"] = len(source)
-    if isinstance(source, WebDatasetSource):
-        fp["shards"] = list(source.shards)
     return fp
 
 
@@ -153,13 +154,11 @@ def source_fingerprint(source: AudioSource) -> dict[str, Any]:
 # One part of the source, as an ordered stream of (position, Record | DecodeError)
 
 
-def part_stream(source: AudioSource, part: int, num_parts: int,
+def part_stream(source: AudioSource, part: dict[str, Any],
                 start: int = 0) -> Iterator[tuple[int, Record | DecodeError]]:
-    """``(position, Record | DecodeError)`` for positions ``start, start + 1, ...`` of part ``part``
-    (the items before ``start`` are not decoded)."""
-    if not 0 <= part < num_parts:
-        raise ValueError(f"part {part} out of range for {num_parts} parts")
-    yield from zip(itertools.count(start), source.records(part, num_parts, start=start))
+    """``(position, Record | DecodeError)`` for positions ``start, start + 1, ...`` of ``part`` (one
+    of ``source.partition(...)``; the items before ``start`` are not decoded)."""
+    yield from zip(itertools.count(start), source.read_part(part, start))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,37 +231,36 @@ def prepare(part: int, position: int, item: Record | DecodeError, sample_rate: i
                    item.sample_rate, channels, item.metadata)
 
 
-def _worker_info() -> tuple[int, int]:
-    """``(worker id, num_workers)`` of this DataLoader worker, ``(0, 1)`` outside workers."""
-    info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
+class TaskQueue(Protocol):
+    """Where :class:`PartReader` takes its tasks: ``(part, start)``, or ``None`` to stop (a
+    ``torch.multiprocessing.SimpleQueue`` made before the DataLoader starts its workers)."""
+
+    def get(self) -> tuple[int, int] | None: ...
 
 
 class PartReader(IterableDataset):
-    """The parts of one rank as a stream of :class:`Bundle`, decoded in DataLoader workers.
+    """Parts of ``parts`` (``source.partition(...)``) as a stream of :class:`Bundle`, decoded in
+    DataLoader workers.
 
-    Worker ``w`` (``0`` without workers) reads part ``rank * workers_per_rank + w`` from position
-    ``starts[part]``; parts missing from ``starts`` (already finished) are not read. Bundles hold
-    about ``bundle_seconds`` of audio (or ``bundle_items`` items) and come in position order.
+    Each worker (or the main process without workers) takes a task ``(part, start)`` from ``tasks``,
+    reads that part from position ``start`` to its end, and takes the next, until it gets ``None``.
+    Bundles hold about ``bundle_seconds`` of audio (or ``bundle_items`` items) and come in position
+    order; a part's last bundle has its ``end``.
     """
 
-    def __init__(self, source: AudioSource, starts: dict[int, int], rank: int, workers_per_rank: int,
-                 num_parts: int, sample_rate: int, mono: bool = True, min_seconds: float = 0.0,
-                 bundle_seconds: float = 60.0, bundle_items: int = 256):
-        self.source, self.starts = source, dict(starts)
-        self.rank, self.workers_per_rank, self.num_parts = rank, workers_per_rank, num_parts
+    def __init__(self, source: AudioSource, parts: list[dict[str, Any]], tasks: TaskQueue, sample_rate: int,
+                 mono: bool = True, min_seconds: float = 0.0, bundle_seconds: float = 60.0, bundle_items: int = 256):
+        self.source, self.parts, self.tasks = source, parts, tasks
         self.sample_rate, self.mono, self.min_seconds = sample_rate, mono, min_seconds
         self.bundle_seconds, self.bundle_items = bundle_seconds, bundle_items
 
     def __iter__(self) -> Iterator[Bundle]:
-        worker, num_workers = _worker_info()
-        if num_workers != self.workers_per_rank:
-            raise RuntimeError(f"PartReader built for {self.workers_per_rank} workers runs with {num_workers}")
-        part = self.rank * self.workers_per_rank + worker
-        if part not in self.starts:
-            return
-        bundle, seconds, position = Bundle(part), 0.0, self.starts[part]
-        for position, item in part_stream(self.source, part, self.num_parts, self.starts[part]):
+        while (task := self.tasks.get()) is not None:
+            yield from self._read(*task)
+
+    def _read(self, part: int, start: int) -> Iterator[Bundle]:
+        bundle, seconds, position = Bundle(part), 0.0, start
+        for position, item in part_stream(self.source, self.parts[part], start):
             out = prepare(part, position, item, self.sample_rate, self.mono, self.min_seconds)
             bundle.items.append(out)
             seconds += out.seconds if isinstance(out, Decoded) else 0.0

@@ -1,35 +1,51 @@
-"""Running a bulk tokenization job: progress files, the encode loop, per-rank indexes, the manifest."""
+"""Running a bulk tokenization job: the plan, part claims, progress files, the encode loop, the manifest."""
 
 from __future__ import annotations
 
 import datetime
 import logging
 import os
+import re
+import secrets
+import socket
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
+import zlib
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
-from ..codedataset import MANIFEST_NAME, SHARD_WRITERS, ShardWriter, dataset_metadata, manifest_header, record_key
+from ..codedataset import (
+    MANIFEST_NAME,
+    SHARD_WRITERS,
+    ShardWriter,
+    TarShardWriter,
+    dataset_metadata,
+    manifest_header,
+    record_key,
+)
 from ..codes import check_n_quantizers, check_uint16
-from ..data.sources import DecodeError, SkipCounter, WebDatasetSource
+from ..data.sources import DecodeError, SkipCounter
 from ..distributed import DistEnv, init_process_group, rank_device, shutdown
-from ..io import read_json, write_json_atomic
 from ..segments import make_batches, plan_segments
 from ..tokenizer import DTYPES, AudioTokenizer
-from .inputs import Decoded, Failure, InputSpec, PartReader, identity_collate, source_fingerprint
+from .inputs import Bundle, Decoded, Failure, InputSpec, PartReader, identity_collate, source_fingerprint
+from .store import Store, open_store
 
 logger = logging.getLogger("audiotok.bulk")
 
-#: Folder (inside the output) for per-part progress and per-rank index files.
+#: Folder (inside the output) for the plan, claims, per-part progress and done markers.
 STATE_DIR = ".bulk"
+PLAN_NAME = f"{STATE_DIR}/plan.json"
 FORMATS = tuple(SHARD_WRITERS)
+#: ``pooled``: a part's records in shards of ``shard_records``; ``sidecar``: one code shard per input
+#: WebDataset shard, sample for sample.
+LAYOUTS = ("pooled", "sidecar")
 
 
 @dataclass
@@ -38,34 +54,43 @@ class BulkConfig:
 
     Attributes:
         input: what to read.
-        output: output folder (shared by all ranks; on several nodes, a shared filesystem).
+        output: output folder (shared by all processes; on several nodes, a shared filesystem).
         model: anything :meth:`AudioTokenizer.from_pretrained` loads (default: the bundled model;
             ignored when a tokenizer is passed).
         format: ``webdataset`` (tar shards) or ``parquet``.
+        layout: ``pooled`` (shards ``part-{part}-{n}``) or ``sidecar`` (WebDataset input and format
+            only: ``NAME.tar`` -> ``NAME.codes.tar`` with the input's sample keys; see :mod:`audiotok.bulk`).
         n_quantizers: codebooks stored (default: all of the model's).
         mono: downmix to mono (codes ``[K, F]``); ``False`` codes each channel (``[C, K, F]``).
         batch_seconds: most audio, padding included, per forward pass (default per device).
         chunk_seconds: longest audio per forward pass; longer files are chunked exactly (default per device).
         pool_seconds: audio collected before sorting by length into batches (default ``max(4 * batch, 120)``).
-        num_workers: DataLoader workers per rank for reading, decoding and resampling (0: in process).
-        shard_records, shard_frames: a shard is closed at this many records or code frames.
+        num_workers: DataLoader workers per process for reading, decoding and resampling (0: in process).
+        part_records: rows per part of a random-access input (folder, saved Hugging Face dataset);
+            part of the job's plan.
+        shard_records, shard_frames: a shard is closed at this many records or code frames (pooled).
         min_seconds: records shorter than this are skipped as ``short``.
         dtype: ``fp32`` (exact), ``bf16`` or ``fp16``.
         device: ``cpu``, ``cuda`` (``cuda:LOCAL_RANK`` under torchrun) ... (default: cuda when available).
         compile: fuse Snake activations with ``torch.compile``.
         progress: show a progress bar (rank 0).
+        lease_seconds: a claim on a part lapses this long after its last renewal (renewed every
+            quarter of it while the part is worked on); then another process takes the part over.
+        owner: this process's claim owner id (default ``{host}/{pid}/{random}``).
     """
 
     input: InputSpec
     output: str
     model: str | None = None
     format: str = "webdataset"
+    layout: str = "pooled"
     n_quantizers: int | None = None
     mono: bool = True
     batch_seconds: float | None = None
     chunk_seconds: float | None = None
     pool_seconds: float | None = None
     num_workers: int = 2
+    part_records: int = 1000
     shard_records: int = 10000
     shard_frames: int = 20_000_000
     min_seconds: float = 0.0
@@ -73,15 +98,22 @@ class BulkConfig:
     device: str | None = None
     compile: bool = False
     progress: bool = True
+    lease_seconds: float = 600.0
+    owner: str | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.layout == "sidecar" and (self.input.type != "webdataset" or self.format != "webdataset"):
+            raise ValueError(f"the sidecar layout needs webdataset input and format, got {self.input.type} "
+                             f"input and {self.format} format")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.num_workers < 0 or self.shard_records < 1 or self.shard_frames < 1:
-            raise ValueError("num_workers must be >= 0, shard_records and shard_frames >= 1")
-        for name in ("batch_seconds", "chunk_seconds", "pool_seconds"):
+        if self.num_workers < 0 or self.shard_records < 1 or self.shard_frames < 1 or self.part_records < 1:
+            raise ValueError("num_workers must be >= 0, part_records, shard_records and shard_frames >= 1")
+        for name in ("batch_seconds", "chunk_seconds", "pool_seconds", "lease_seconds"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -89,8 +121,8 @@ class BulkConfig:
 
 @dataclass
 class BulkSummary:
-    """What a job holds (``records``, ``audio_hours``, ``failures``, ``shards``: the whole output on
-    rank 0, this rank's parts elsewhere) and what this run did (``run_*``, over all ranks on rank 0)."""
+    """What the output holds (``records``, ``audio_hours``, ``failures``, ``shards``, from the
+    manifest) and what this run did (``run_*``, over all ranks under torchrun, else this process)."""
 
     output: str
     records: int
@@ -127,122 +159,258 @@ class BulkSummary:
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-part progress
+# The plan and shard names
 
 
-def shard_name(part: int, workers_per_rank: int, index: int, suffix: str) -> str:
-    rank, worker = divmod(part, workers_per_rank)
-    return f"shard-r{rank:03d}-w{worker:02d}-{index:05d}{suffix}"
+def sidecar_name(url: str) -> str:
+    """The code shard of an input shard: ``.../train-000123.tar`` -> ``train-000123.codes.tar``."""
+    name = PurePosixPath(url.split("?", 1)[0].rstrip("/")).name
+    name = re.sub(r"(\.tar|\.tar\.gz|\.tgz)$", "", name)
+    return f"{name}.codes.tar"
 
 
-class PartProgress:
-    """``.bulk/part-NNNNN.json``: the completed shards of a part, its committed failures and the
-    stream position they cover (every position below ``position`` is in a shard or a failure).
+def part_shard_name(part: int, index: int, suffix: str) -> str:
+    """Shard ``index`` of ``part`` in the pooled layout: ``part-000123-0000.tar``."""
+    return f"part-{part:06d}-{index:04d}{suffix}"
 
-    Loading it removes the part's leftovers of an interrupted run: temporary files, and shards
-    written but not yet recorded here (they are written again).
+
+_PART_SHARD = re.compile(r"part-\d{6}-\d{4,}\.(tar|parquet)")
+
+
+def _state(kind: str, part: int) -> str:
+    return f"{STATE_DIR}/{kind}/part-{part:06d}.json"
+
+
+def load_plan(store: Store, plan: dict[str, Any]) -> None:
+    """Write ``plan`` to ``.bulk/plan.json``, or check that the one there is the same."""
+    if store.exists(PLAN_NAME):
+        old = store.read_json(PLAN_NAME)
+        if old != plan:
+            a, b = old.get("job") or {}, plan["job"]
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) or ["parts"]
+            raise ValueError(
+                f"{store.url} holds a job with other settings ({', '.join(diff)}: {[a.get(k) for k in diff]} "
+                f"now {[b.get(k) for k in diff]}); resume with the same settings, or write to a new --output")
+    else:
+        store.write_json(PLAN_NAME, plan)  # every process computes the same plan: racing writes agree
+
+
+# ---------------------------------------------------------------------------------------------
+# Claims
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+
+
+def _dead_here(owner: str) -> bool:
+    """Whether ``owner`` (``host/pid/...``) is a process of this host that no longer runs."""
+    host, _, rest = owner.partition("/")
+    pid = rest.partition("/")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, not ours
+        return False
+    return False
+
+
+class Claims:
+    """Claim files ``.bulk/claims/part-N.json`` ``{"owner", "expires"}`` (see :mod:`audiotok.bulk`).
+
+    A claim is free when missing, expired, or held by a process of this host that no longer runs.
+    :meth:`take` writes claims, waits ``settle`` seconds and re-reads them: the parts whose claim
+    still names this owner are won (without exclusive create two processes may both win a part,
+    rarely; outputs are deterministic, so that costs work, not correctness).
     """
 
-    def __init__(self, out: Path, part: int, job: dict[str, Any], listing: list[str] | None = None):
-        self.out, self.part = out, part
-        self.workers_per_rank = job["workers_per_rank"]
-        self.path = out / STATE_DIR / f"part-{part:05d}.json"
-        if self.path.exists():
-            data = read_json(self.path)
-            if data.get("job") != job:
-                old = data.get("job") or {}
-                diff = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
-                raise ValueError(
-                    f"{out} holds a job with other settings ({', '.join(diff)}: {[old.get(k) for k in diff]} "
-                    f"now {[job.get(k) for k in diff]}); resume with the same command, world size and "
-                    f"--num-workers, or write to a new --output"
-                )
-        else:
-            data = {"part": part, "job": job, "position": 0, "done": False, "shards": [], "failures": []}
-            write_json_atomic(self.path, data)
-        self.data = data
-        self._clean(os.listdir(out) if listing is None else listing)
+    def __init__(self, store: Store, owner: str, lease: float):
+        self.store, self.owner, self.lease = store, owner, lease
+        self.settle = min(1.0, lease / 10)
+        self.renewed = time.time()
 
-    def _clean(self, listing: list[str]) -> None:
-        rank, worker = divmod(self.part, self.workers_per_rank)
-        prefix = f"shard-r{rank:03d}-w{worker:02d}-"
-        keep = {s["path"] for s in self.shards}
-        for name in keep:
-            if not (self.out / name).is_file():
-                raise FileNotFoundError(f"{self.out / name} is recorded in {self.path} but missing")
-        for name in listing:
-            stale = name.startswith(prefix) and name not in keep
-            temp = name.startswith("." + prefix) and name.endswith(".tmp")
-            if stale or temp:
-                logger.info("removing %s left by an interrupted run", self.out / name)
-                (self.out / name).unlink(missing_ok=True)
+    def read(self, part: int) -> dict[str, Any] | None:
+        try:
+            claim = self.store.read_json(_state("claims", part))
+        except (OSError, ValueError):
+            return None
+        return claim if isinstance(claim, dict) else None
 
-    @property
-    def position(self) -> int:
-        return self.data["position"]
+    def held_by_other(self, part: int, now: float) -> float | None:
+        """The expiry time of another live owner's claim on ``part``, else ``None``."""
+        claim = self.read(part)
+        if claim is None or claim.get("owner") == self.owner or claim.get("expires", 0) <= now:
+            return None
+        return None if _dead_here(str(claim.get("owner"))) else float(claim["expires"])
 
-    @property
-    def done(self) -> bool:
-        return self.data["done"]
+    def _write(self, part: int) -> None:
+        self.store.write_json(_state("claims", part), {"owner": self.owner, "expires": time.time() + self.lease})
+
+    def take(self, parts: list[int]) -> list[int]:
+        for part in parts:
+            self._write(part)
+        time.sleep(self.settle)
+        return [p for p in parts if (self.read(p) or {}).get("owner") == self.owner]
+
+    def renew(self, parts: list[int]) -> list[int]:
+        """Renew the claims on ``parts``; returns those another owner has taken."""
+        lost = []
+        for part in parts:
+            if (self.read(part) or {}).get("owner") == self.owner:
+                self._write(part)
+            else:
+                lost.append(part)
+        self.renewed = time.time()
+        return lost
 
     @property
-    def shards(self) -> list[dict[str, Any]]:
-        return self.data["shards"]
+    def renew_due(self) -> bool:
+        return time.time() - self.renewed >= self.lease / 4
 
-    def commit(self, shard: dict[str, Any] | None, failures: list[dict[str, Any]], position: int, done: bool) -> None:
-        if shard is not None:
-            self.data["shards"].append(shard)
-        self.data["failures"].extend(failures)
-        self.data["position"], self.data["done"] = position, done
-        write_json_atomic(self.path, self.data)
+    def release(self, part: int) -> None:
+        self.store.delete(_state("claims", part))
+
+
+class Scheduler:
+    """Which parts this process works on next: not done, claim free, in order from ``offset``."""
+
+    def __init__(self, store: Store, claims: Claims, num_parts: int, offset: int):
+        self.store, self.claims, self.num_parts = store, claims, num_parts
+        self.order = [(offset + i) % num_parts for i in range(num_parts)]
+        self.done: set[int] = set()
+        self.next_expiry: float | None = None
+
+    def refresh_done(self) -> bool:
+        """Re-list the done markers; whether every part is done."""
+        names = self.store.list(f"{STATE_DIR}/done")
+        self.done = {int(m.group(1)) for n in names if (m := re.search(r"part-(\d+)\.json$", n))}
+        return len(self.done) >= self.num_parts
+
+    def is_done(self, part: int) -> bool:
+        if part not in self.done and self.store.exists(_state("done", part)):
+            self.done.add(part)
+        return part in self.done
+
+    def claim(self, want: int, busy: set[int]) -> list[int]:
+        """Claim up to ``want`` free parts not in ``busy``."""
+        now, self.next_expiry = time.time(), None
+        candidates: list[int] = []
+        for part in self.order:
+            if len(candidates) >= want:
+                break
+            if part in busy or self.is_done(part):
+                continue
+            expires = self.claims.held_by_other(part, now)
+            if expires is not None:
+                self.next_expiry = min(expires, self.next_expiry or expires)
+                continue
+            candidates.append(part)
+        won = self.claims.take(candidates) if candidates else []
+        return [p for p in won if not self.is_done(p)]  # finished by someone while we claimed
+
+    def wait(self) -> None:
+        """Sleep until a claim of another process may have lapsed, or a part may be done (a few seconds)."""
+        limit = min(self.claims.lease / 4, 5.0)
+        delay = limit if self.next_expiry is None else min(limit, self.next_expiry - time.time() + 0.05)
+        time.sleep(max(delay, 0.1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-part progress and done markers
 
 
 class PartWriter:
-    """Writes the results of one part, in position order, to its shards; commits a shard (file
-    moved into place, then progress updated) when it reaches ``shard_records`` or ``shard_frames``."""
+    """Writes the results of one part, in position order, to its shards, through the store.
 
-    def __init__(self, progress: PartProgress, fmt: str, shard_records: int, shard_frames: int,
-                 metadata: dict[str, Any], kept_fields: tuple[str, ...] = ()):
-        self.progress, self.fmt, self.metadata, self.kept_fields = progress, fmt, metadata, kept_fields
+    Progress (``.bulk/progress/part-N.json``: the part's committed shards and failures and the
+    position they cover) is written after each shard is published, so a process that takes the part
+    over continues at ``position``; shards it writes again get the same names and contents. The done
+    marker (``.bulk/done/part-N.json``) is written when the part ends.
+    Pooled: a shard is committed at ``shard_records`` records or ``shard_frames`` frames. Sidecar
+    (``sidecar`` = the shard's name): one shard for the whole part, failures included as members.
+    """
+
+    def __init__(self, store: Store, part: int, fmt: str, shard_records: int, shard_frames: int,
+                 metadata: dict[str, Any], kept_fields: tuple[str, ...] = (), sidecar: str | None = None,
+                 url: str = ""):
+        self.store, self.part, self.fmt, self.metadata, self.kept_fields = store, part, fmt, metadata, kept_fields
         self.shard_records, self.shard_frames = shard_records, shard_frames
-        self.position = progress.position
+        self.sidecar, self.url = sidecar, url
+        self.state: dict[str, Any] = {"part": part, "position": 0, "shards": [], "failures": []}
+        if store.exists(_state("progress", part)):
+            self.state = store.read_json(_state("progress", part))
+        for shard in self.state["shards"]:
+            if not store.exists(shard["path"]):
+                raise FileNotFoundError(f"{store.url}: {shard['path']} is recorded in "
+                                        f"{_state('progress', part)} but missing")
+        self.position = self.state["position"]
         self.shard: ShardWriter | None = None
         self.shard_start = self.position
         self.failures: list[dict[str, Any]] = []
 
+    @property
+    def name(self) -> str:
+        if self.sidecar is not None:
+            return self.sidecar
+        return part_shard_name(self.part, len(self.state["shards"]), SHARD_WRITERS[self.fmt].suffix)
+
     def _advance(self, position: int) -> None:
         if position != self.position:
-            raise RuntimeError(f"part {self.progress.part}: got position {position}, expected {self.position}")
+            raise RuntimeError(f"part {self.part}: got position {position}, expected {self.position}")
         self.position += 1
+
+    def _open(self) -> ShardWriter:
+        if self.shard is None:
+            self.shard = SHARD_WRITERS[self.fmt](self.store.staging_path(self.name), self.metadata,
+                                                 self.kept_fields, staged=True)
+            self.shard_start = self.position
+        return self.shard
+
+    def sample_key(self, key: str) -> str | None:
+        """The input sample's ``__key__`` of a source key ``{url}:{__key__}`` (sidecar), else ``None``."""
+        prefix = self.url + ":"
+        return key[len(prefix):] if key.startswith(prefix) else None
 
     def add_failure(self, failure: Failure) -> None:
         self._advance(failure.position)
         self.failures.append({**failure.to_dict(), "position": failure.position})
+        if self.sidecar is not None and (key := self.sample_key(failure.key)) is not None:
+            shard = self._open()
+            assert isinstance(shard, TarShardWriter)  # sidecar: webdataset format
+            shard.add_failure(key, failure.reason, failure.detail)
 
     def add_record(self, position: int, meta: dict[str, Any], codes: np.ndarray) -> None:
         self._advance(position)
-        if self.shard is None:
-            name = shard_name(self.progress.part, self.progress.workers_per_rank, len(self.progress.shards),
-                              SHARD_WRITERS[self.fmt].suffix)
-            self.shard = SHARD_WRITERS[self.fmt](self.progress.out / name, self.metadata, self.kept_fields)
-            self.shard_start = self.progress.position
-        self.shard.add(meta, codes)
-        if self.shard.records >= self.shard_records or self.shard.frames >= self.shard_frames:
+        self._open().add(meta, codes)
+        shard = self.shard
+        if self.sidecar is None and shard is not None and (
+                shard.records >= self.shard_records or shard.frames >= self.shard_frames):
             self.commit()
 
     def commit(self, done: bool = False) -> None:
+        if done and self.sidecar is not None:
+            self._open()  # a sidecar shard exists for every input shard, even one without records
         entry = None
         if self.shard is not None:
             self.shard.close()
-            entry = {"path": self.shard.path.name, "records": self.shard.records, "frames": self.shard.frames,
+            self.store.put_file(self.shard.path, self.name)
+            entry = {"path": self.name, "records": self.shard.records, "frames": self.shard.frames,
                      "seconds": self.shard.seconds, "start": self.shard_start, "end": self.position}
-        if entry is not None or self.failures or done:
-            self.progress.commit(entry, self.failures, self.position, done)
+            self.state["shards"].append(entry)
+        self.state["failures"].extend(self.failures)
+        self.state["position"] = self.position
+        if done:
+            self.store.write_json(_state("done", self.part), {**self.state, "end": self.position})
+        elif entry is not None or self.failures:
+            self.store.write_json(_state("progress", self.part), self.state)
         self.shard, self.failures = None, []
 
     def finish(self, end: int) -> None:
         if end != self.position:
-            raise RuntimeError(f"part {self.progress.part} ended at {end} but {self.position} positions were written")
+            raise RuntimeError(f"part {self.part} ended at {end} but {self.position} positions were written")
         self.commit(done=True)
 
     def abort(self) -> None:
@@ -311,61 +479,49 @@ def encode_items(tokenizer: AudioTokenizer, items: list[Decoded], n_quantizers: 
     return results
 
 
+
 # ---------------------------------------------------------------------------------------------
 # The job
 
 
-def _rank_index(rank: int, world_size: int, num_parts: int, job: dict[str, Any],
-                parts: Iterable[PartProgress]) -> dict[str, Any]:
-    parts = list(parts)
-    shards = [s for p in parts for s in p.shards]
-    return {
-        "rank": rank, "world_size": world_size, "num_parts": num_parts, "job": job,
-        "parts": [p.part for p in parts], "done": all(p.done for p in parts),
-        "records": sum(s["records"] for s in shards), "frames": sum(s["frames"] for s in shards),
-        "seconds": sum(s["seconds"] for s in shards),
-        "shards": [{"path": s["path"], "records": s["records"], "frames": s["frames"]} for s in shards],
-        "failures": [{k: f[k] for k in ("key", "reason", "detail")} for p in parts for f in p.data["failures"]],
-    }
-
-
-def _write_if_changed(path: Path, obj: dict[str, Any], ignore: tuple[str, ...] = ()) -> bool:
-    if path.exists():
-        try:
-            old = read_json(path)
-        except (OSError, ValueError):
-            old = None
-        if isinstance(old, dict) and {k: v for k, v in old.items() if k not in ignore} == {
-            k: v for k, v in obj.items() if k not in ignore
-        }:
-            return False
-    write_json_atomic(path, obj)
-    return True
-
-
-def build_manifest(out: Path, world_size: int, tokenizer: AudioTokenizer, spec: InputSpec, n_quantizers: int,
-                   mono: bool) -> dict[str, Any]:
-    """Merge the per-rank indexes into the manifest (``created`` left out)."""
-    indexes = []
-    for r in range(world_size):
-        path = out / STATE_DIR / f"rank-{r:03d}.json"
-        if not path.exists():
-            raise RuntimeError(f"{path} is missing: rank {r} has not finished")
-        index = read_json(path)
-        if not index["done"]:
-            raise RuntimeError(f"{path}: rank {r} has not finished")
-        indexes.append(index)
+def build_manifest(store: Store, num_parts: int, tokenizer: AudioTokenizer, config: BulkConfig,
+                   n_quantizers: int) -> dict[str, Any]:
+    """The manifest from the done markers, in part order (``created`` left out): the same whoever builds it."""
+    done = [store.read_json(_state("done", p)) for p in range(num_parts)]
+    shards = [s for d in done for s in d["shards"]]
     return {
         **manifest_header(tokenizer.model_id, tokenizer.config),
-        "shards": [s for ix in indexes for s in ix["shards"]],
-        "records": sum(ix["records"] for ix in indexes),
-        "audio_hours": sum(ix["seconds"] for ix in indexes) / 3600,
-        "failures": [f for ix in indexes for f in ix["failures"]],
-        "input": spec.to_dict(),
+        "shards": [{"path": s["path"], "records": s["records"], "frames": s["frames"]} for s in shards],
+        "records": sum(s["records"] for s in shards),
+        "audio_hours": sum(s["seconds"] for s in shards) / 3600,
+        "failures": [{k: f[k] for k in ("key", "reason", "detail")} for d in done for f in d["failures"]],
+        "input": config.input.to_dict(),
         "n_quantizers": n_quantizers,
-        "mono": mono,
-        "metadata": list(spec.keep),
+        "mono": config.mono,
+        "metadata": list(config.input.keep),
+        "layout": config.layout,
     }
+
+
+def write_manifest(store: Store, manifest: dict[str, Any]) -> None:
+    """Write the manifest unless the same one (but for ``created``) is there; then remove shards no
+    part records (left by a run whose failures differed) and staging leftovers of killed processes."""
+    old = None
+    if store.exists(MANIFEST_NAME):
+        try:
+            old = store.read_json(MANIFEST_NAME)
+        except (OSError, ValueError):
+            pass
+    if not (isinstance(old, dict) and {k: v for k, v in old.items() if k != "created"} == manifest):
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        store.write_json(MANIFEST_NAME, {**manifest, "created": created})
+    listed = {s["path"] for s in manifest["shards"]}
+    for name in store.list():
+        if "/" not in name and _PART_SHARD.fullmatch(name) and name not in listed:
+            logger.info("removing %s: no part records it", name)
+            store.delete(name)
+    for name in store.clean_staging():
+        logger.info("removed %s left by an interrupted run", name)
 
 
 def _progress_bar(enabled: bool):
@@ -379,9 +535,10 @@ def _progress_bar(enabled: bool):
 def tokenize_dataset(config: BulkConfig, tokenizer: AudioTokenizer | None = None) -> BulkSummary:
     """Tokenize ``config.input`` into ``config.output`` (see :mod:`audiotok.bulk`).
 
-    Under ``torchrun`` each rank processes its parts; rank 0 writes the manifest once every rank
-    has finished. Running the same command again resumes an interrupted job, or does nothing for a
-    finished one. Returns a :class:`BulkSummary`.
+    Any number of processes (torchrun ranks or independent launches) may run the same job at once:
+    they claim parts through the output folder until every part is done, and the manifest is
+    written when all are. Running the same command again resumes an interrupted job (with any
+    number of processes), or does nothing for a finished one. Returns a :class:`BulkSummary`.
     """
     t0 = time.perf_counter()
     env = DistEnv.from_environ()
@@ -395,6 +552,19 @@ def tokenize_dataset(config: BulkConfig, tokenizer: AudioTokenizer | None = None
             shutdown()
 
 
+@dataclass
+class _Settings:
+    """What the encode loop needs besides the config."""
+
+    tokenizer: AudioTokenizer
+    n_quantizers: int
+    batch_seconds: float
+    chunk_seconds: float | None
+    pool_seconds: float
+    parts: list[dict[str, Any]]
+    stats: dict[str, Any] = field(default_factory=lambda: {"records": 0, "seconds": 0.0, "failures": 0})
+
+
 def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: DistEnv, t0: float) -> BulkSummary:
     if tokenizer is None:
         device = rank_device(config.device, env.local_rank)
@@ -405,82 +575,99 @@ def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: DistEnv, t0:
     pool_seconds = config.pool_seconds or max(4 * batch_seconds, 120.0)
 
     source = config.input.build()
-    workers = max(1, config.num_workers)
-    num_parts = env.world_size * workers
-    if isinstance(source, WebDatasetSource) and len(source.shards) < num_parts and env.rank == 0:
-        logger.warning("%d tar shards for %d parts (ranks x workers): every part reads every shard and keeps "
-                       "1/%d of the samples; use at least as many shards as parts", len(source.shards),
-                       num_parts, num_parts)
+    parts = source.partition(config.part_records)
+    if not parts:
+        raise ValueError(f"{config.input.path}: the input holds no records")
+    if config.layout == "sidecar":
+        names = [sidecar_name(p["shard"]) for p in parts]
+        if len(set(names)) != len(names):
+            raise ValueError("the sidecar layout needs input shards with distinct file names")
     job = {
-        "format": config.format, "model_id": tokenizer.model_id, "config_hash": tokenizer.config.architecture_hash(),
-        "n_quantizers": k, "mono": config.mono, "dtype": str(tokenizer.dtype).replace("torch.", ""),
-        "min_seconds": config.min_seconds, "input": config.input.to_dict(), "source": source_fingerprint(source),
-        "world_size": env.world_size, "workers_per_rank": workers, "num_parts": num_parts,
+        "format": config.format, "layout": config.layout, "model_id": tokenizer.model_id,
+        "config_hash": tokenizer.config.architecture_hash(), "n_quantizers": k, "mono": config.mono,
+        "dtype": str(tokenizer.dtype).replace("torch.", ""), "min_seconds": config.min_seconds,
+        "shard_records": config.shard_records, "shard_frames": config.shard_frames,
+        "part_records": config.part_records if source.random_access else None,
+        "input": config.input.to_dict(), "source": source_fingerprint(source),
     }
-    out = Path(config.output)
-    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    listing = os.listdir(out)
-    parts = [PartProgress(out, env.rank * workers + w, job, listing) for w in range(workers)]
-    todo = {p.part: p.position for p in parts if not p.done}
+    store = open_store(config.output)
+    load_plan(store, {"job": job, "parts": parts})
+    if len(parts) < env.world_size and env.rank == 0:
+        logger.warning("%d parts for %d processes: some will have nothing to do", len(parts), env.world_size)
 
-    stats = {"records": 0, "seconds": 0.0, "failures": 0}
-    reasons = SkipCounter(f"tokenize rank {env.rank}")
-    if todo:
-        logger.info("rank %d: parts %s of %d, resuming at positions %s", env.rank, sorted(todo), num_parts, todo)
-        _encode_parts(config, tokenizer, source, env, parts, todo, workers, num_parts, k, batch_seconds,
-                      chunk_seconds, pool_seconds, stats, reasons)
+    owner = config.owner or default_owner()
+    claims = Claims(store, owner, config.lease_seconds)
+    offset = env.rank * len(parts) // env.world_size if env.world_size > 1 else zlib.crc32(owner.encode())
+    scheduler = Scheduler(store, claims, len(parts), offset % len(parts))
+    settings = _Settings(tokenizer, k, batch_seconds, chunk_seconds, pool_seconds, parts)
+    reasons = SkipCounter(f"tokenize {owner}")
+    if not scheduler.refresh_done():
+        _encode_parts(config, settings, source, scheduler, env, reasons)
 
-    index = _rank_index(env.rank, env.world_size, num_parts, job, parts)
-    _write_if_changed(out / STATE_DIR / f"rank-{env.rank:03d}.json", index)
-    run_stats: list[Any] = [stats]
-    if dist.is_available() and dist.is_initialized():
+    run_stats: list[Any] = [settings.stats]
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
         dist.barrier()
         run_stats = [None] * env.world_size
-        dist.all_gather_object(run_stats, stats)
-    seconds = time.perf_counter() - t0
-    run_records = int(sum(s["records"] for s in run_stats))
-    run_hours = sum(s["seconds"] for s in run_stats) / 3600
-    run_failures = int(sum(s["failures"] for s in run_stats))
+        dist.all_gather_object(run_stats, settings.stats)
     if env.rank == 0:
-        manifest = build_manifest(out, env.world_size, tokenizer, config.input, k, config.mono)
-        manifest["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        _write_if_changed(out / MANIFEST_NAME, manifest, ignore=("created",))
-        counts: dict[str, int] = {}
-        for f in manifest["failures"]:
-            counts[f["reason"]] = counts.get(f["reason"], 0) + 1
-        return BulkSummary(str(out), manifest["records"], manifest["audio_hours"], len(manifest["failures"]),
-                           len(manifest["shards"]), run_records, run_hours, run_failures, seconds,
-                           env.world_size, counts)
-    return BulkSummary(str(out), index["records"], index["seconds"] / 3600, len(index["failures"]),
-                       len(index["shards"]), run_records, run_hours, run_failures, seconds, env.world_size,
-                       dict(reasons.counts))
+        write_manifest(store, build_manifest(store, len(parts), tokenizer, config, k))
+    if distributed:
+        dist.barrier()
+    manifest = store.read_json(MANIFEST_NAME)
+    counts: dict[str, int] = {}
+    for f in manifest["failures"]:
+        counts[f["reason"]] = counts.get(f["reason"], 0) + 1
+    return BulkSummary(config.output, manifest["records"], manifest["audio_hours"], len(manifest["failures"]),
+                       len(manifest["shards"]), int(sum(s["records"] for s in run_stats)),
+                       sum(s["seconds"] for s in run_stats) / 3600, int(sum(s["failures"] for s in run_stats)),
+                       time.perf_counter() - t0, env.world_size, counts)
 
 
-def _encode_parts(config: BulkConfig, tokenizer: AudioTokenizer, source, env: DistEnv, parts: list[PartProgress],
-                  todo: dict[int, int], workers: int, num_parts: int, k: int, batch_seconds: float,
-                  chunk_seconds: float | None, pool_seconds: float, stats: dict[str, Any],
+def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Scheduler, env: DistEnv,
                   reasons: SkipCounter) -> None:
-    reader = PartReader(source, todo, env.rank, workers, num_parts, tokenizer.sample_rate, config.mono,
-                        config.min_seconds, bundle_seconds=pool_seconds / (2 * workers))
+    """Claim parts and encode them until every part of the job is done."""
+    tok, k, stats = settings.tokenizer, settings.n_quantizers, settings.stats
+    store, claims = scheduler.store, scheduler.claims
+    workers = max(1, config.num_workers)
+    tasks: Any = mp.SimpleQueue()
+    reader = PartReader(source, settings.parts, tasks, tok.sample_rate, config.mono, config.min_seconds,
+                        bundle_seconds=settings.pool_seconds / (2 * workers))
     loader = DataLoader(reader, batch_size=None, num_workers=config.num_workers, collate_fn=identity_collate,
                         in_order=False, prefetch_factor=2 if config.num_workers else None)
-    metadata = dataset_metadata(tokenizer.model_id, tokenizer.config, k, config.mono)
-    writers = {p.part: PartWriter(p, config.format, config.shard_records, config.shard_frames, metadata,
-                                  tuple(config.input.keep))
-               for p in parts if p.part in todo}
-    remaining = None
-    if source.random_access:
-        remaining = sum(len(range(p, len(source), num_parts)) - start for p, start in todo.items())
+    metadata = dataset_metadata(tok.model_id, tok.config, k, config.mono)
+    sidecar = config.layout == "sidecar"
+    writers: dict[int, PartWriter] = {}  # claimed parts being read
+    dropped: set[int] = set()  # parts another process took over, read to their end and ignored
     bar = _progress_bar(config.progress and env.rank == 0)
     started = time.perf_counter()
     pool: list[Decoded | Failure] = []
     pool_samples = 0
     ends: dict[int, int] = {}
 
+    def fill() -> None:
+        want = workers + 1 - len(writers) - len(dropped)
+        if want <= 0:
+            return
+        for part in scheduler.claim(want, set(writers) | dropped):
+            url = settings.parts[part].get("shard", "") if sidecar else ""
+            writer = PartWriter(store, part, config.format, config.shard_records, config.shard_frames, metadata,
+                                tuple(config.input.keep), sidecar_name(url) if sidecar else None, url)
+            writers[part] = writer
+            tasks.put((part, writer.position))
+
+    def renew() -> None:
+        for part in claims.renew(list(writers)):
+            logger.warning("part %d was taken over by another process: leaving it", part)
+            writers.pop(part).abort()
+            dropped.add(part)
+
     def flush() -> None:
         nonlocal pool, pool_samples
+        pool = [x for x in pool if x.part in writers]
         decoded = [x for x in pool if isinstance(x, Decoded)]
-        results = encode_items(tokenizer, decoded, k, batch_seconds, chunk_seconds, config.mono) if decoded else []
+        results = (encode_items(tok, decoded, k, settings.batch_seconds, settings.chunk_seconds, config.mono)
+                   if decoded else [])
         by_item = {id(x): r for x, r in zip(decoded, results)}
         hours = 0.0
         for item in sorted(pool, key=lambda x: (x.part, x.position)):
@@ -492,10 +679,11 @@ def _encode_parts(config: BulkConfig, tokenizer: AudioTokenizer, source, env: Di
                 stats["failures"] += 1
                 continue
             assert isinstance(item, Decoded)  # a Failure item is its own result
+            sample = writer.sample_key(item.key) if sidecar else None
             meta = {
-                "key": record_key(item.key, item.part, item.position), "source_key": item.key,
-                "num_samples": item.num_samples, "sample_rate": item.sample_rate,
-                "n_frames": int(result.shape[-1]), "channels": item.channels, "model_id": tokenizer.model_id,
+                "key": sample if sample is not None else record_key(item.key, item.part, item.position),
+                "source_key": item.key, "num_samples": item.num_samples, "sample_rate": item.sample_rate,
+                "n_frames": int(result.shape[-1]), "channels": item.channels, "model_id": tok.model_id,
                 "metadata": item.metadata,
             }
             writer.add_record(item.position, meta, result)
@@ -503,29 +691,48 @@ def _encode_parts(config: BulkConfig, tokenizer: AudioTokenizer, source, env: Di
             stats["seconds"] += item.seconds
             hours += item.seconds / 3600
         for part, end in ends.items():
-            writers[part].finish(end)
+            if part in writers:
+                writers.pop(part).finish(end)
+                claims.release(part)
+                scheduler.done.add(part)
+            dropped.discard(part)
         pool, pool_samples = [], 0
         ends.clear()
         rate = stats["seconds"] / 3600 / max(time.perf_counter() - started, 1e-9)
-        postfix = (f"{rate:.3g} h/s ({rate * 3600:.3g}x real time), {stats['records']} records, "
-                   f"{stats['failures']} failed")
-        if remaining is not None:
-            postfix += f", {stats['records'] + stats['failures']}/{remaining} items"
-        bar.set_postfix_str(postfix, refresh=False)
+        bar.set_postfix_str(f"{rate:.3g} h/s ({rate * 3600:.3g}x real time), {stats['records']} records, "
+                            f"{stats['failures']} failed, {len(scheduler.done)}/{len(settings.parts)} parts",
+                            refresh=False)
         bar.update(hours)
 
+    it = iter(loader)  # workers start now and wait for tasks
     try:
-        for bundle in loader:
+        while True:
+            fill()
+            if not writers and not dropped:
+                if scheduler.refresh_done():
+                    break
+                scheduler.wait()  # every part left is claimed by a live process
+                continue
+            bundle: Bundle = next(it)
             pool.extend(bundle.items)
             pool_samples += sum(x.audio.numel() for x in bundle.items if isinstance(x, Decoded))
             if bundle.end is not None:
                 ends[bundle.part] = bundle.end
-            if pool_samples >= pool_seconds * tokenizer.sample_rate or ends:
+            if pool_samples >= settings.pool_seconds * tok.sample_rate or ends:
                 flush()
-        flush()
+            if claims.renew_due:
+                renew()
+        for _ in range(workers):
+            tasks.put(None)
+        for _ in it:
+            raise RuntimeError("a reader gave a bundle after every part was done")
     except BaseException:
-        for w in writers.values():
+        for part, w in writers.items():  # give the parts back at once (a killed process's claims lapse)
             w.abort()
+            try:
+                claims.release(part)
+            except OSError:
+                pass
         raise
     finally:
         bar.close()

@@ -61,6 +61,11 @@ class Store:
         """Remove ``name``; a missing file is not an error."""
         raise NotImplementedError
 
+    def clean_staging(self) -> tuple[str, ...]:
+        """Remove what unfinished builds left at staging paths of this store (a killed process's
+        half-written shards); call it only when no build is under way. Returns what was removed."""
+        return ()
+
     def local_path(self, name: str) -> Path | None:
         """The local path of ``name`` when the store is a local folder, else ``None``."""
         return None
@@ -122,6 +127,16 @@ class LocalStore(Store):
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
+
+    def clean_staging(self) -> tuple[str, ...]:
+        removed = []
+        for dirpath, _, files in os.walk(self.root):
+            for f in files:
+                if f.startswith(".") and f.endswith(".tmp"):  # temp_path's names
+                    path = Path(dirpath) / f
+                    path.unlink(missing_ok=True)
+                    removed.append(path.relative_to(self.root).as_posix())
+        return tuple(sorted(removed))
 
     def local_path(self, name: str) -> Path | None:
         return self._path(name)

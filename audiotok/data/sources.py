@@ -17,6 +17,11 @@ Two access patterns:
 
 ``records()`` exists for both kinds and yields ``Record`` or ``DecodeError`` items; iterating a
 source (``for rec in source``) yields the good records of part 0 of 1 and counts the rest.
+
+Fixed parts (bulk jobs): ``source.partition(rows_per_part)`` cuts a source into parts that depend
+only on the source, described by small JSON dicts: ``{"rows": [start, stop]}`` for random-access
+sources, ``{"shard": url}`` per WebDataset shard, ``{"shard": i, "of": n}`` per shard of a
+streaming Hugging Face dataset. ``source.read_part(part, start)`` reads one of them in order.
 """
 
 from __future__ import annotations
@@ -215,7 +220,25 @@ class AudioSource:
             except DecodeError as e:
                 yield e
 
-    def _check_start(self, part: int, count: int, start: int) -> None:
+    def partition(self, rows_per_part: int = 1000) -> list[dict[str, Any]]:
+        """Fixed parts (see the module docstring); random access: ``rows_per_part`` consecutive rows each."""
+        if rows_per_part < 1:
+            raise ValueError(f"rows_per_part must be >= 1, got {rows_per_part}")
+        n = len(self)
+        return [{"rows": [a, min(a + rows_per_part, n)]} for a in range(0, n, rows_per_part)]
+
+    def read_part(self, part: dict[str, Any], start: int = 0) -> Iterator[Record | DecodeError]:
+        """The items of ``part`` (from :meth:`partition`) in order, from item ``start`` on (the
+        items before it are not decoded; a ``ValueError`` if the part has fewer)."""
+        a, b = part["rows"]
+        self._check_start(f"rows {a}:{b}", b - a, start)
+        for i in range(a + start, b):
+            try:
+                yield self.load(i)
+            except DecodeError as e:
+                yield e
+
+    def _check_start(self, part: int | str, count: int, start: int) -> None:
         if count < start:
             raise ValueError(f"{self.name}: part {part} has {count} items, fewer than start={start} "
                              "(the input changed since the positions were recorded?)")
@@ -448,6 +471,36 @@ class HFDatasetSource(AudioSource):
                 yield e
         self._check_start(part, count, start)
 
+    def partition(self, rows_per_part: int = 1000) -> list[dict[str, Any]]:
+        """Map-style: row ranges (:meth:`AudioSource.partition`); streaming: one part per shard of the
+        stream (``IterableDataset.n_shards``: its data files), whatever ``rows_per_part``."""
+        if not self.streaming:
+            return super().partition(rows_per_part)
+        n = self.dataset.n_shards
+        return [{"shard": i, "of": n} for i in range(n)]
+
+    def read_part(self, part: dict[str, Any], start: int = 0) -> Iterator[Record | DecodeError]:
+        """Map-style: see :meth:`AudioSource.read_part`. Streaming: shard ``i`` of the stream's ``n``;
+        keys are ``shard{i}.{row}[:{path}]`` (row within the shard)."""
+        if not self.streaming:
+            yield from super().read_part(part, start)
+            return
+        i, n = part["shard"], part["of"]
+        if n != self.dataset.n_shards:
+            raise ValueError(f"{self.name}: the stream has {self.dataset.n_shards} shards, the part is of {n}")
+        ds = self.dataset.shard(num_shards=n, index=i) if n > 1 else self.dataset
+        count = 0
+        for count, batch in enumerate(ds.iter(batch_size=1), start=1):  # iter: see records()
+            if count <= start:
+                continue
+            value = batch[self.audio_column][0]
+            key = self._key(f"shard{i}.{count - 1}", value)
+            try:
+                yield _with_metadata(self._decode(key, value), {k: batch[k][0] for k in self.keep})
+            except DecodeError as e:
+                yield e
+        self._check_start(f"shard {i}", count, start)
+
 
 # ---------------------------------------------------------------------------------------------
 # WebDataset shards
@@ -563,3 +616,24 @@ class WebDatasetSource(AudioSource):
                 except DecodeError as e:
                     yield e
         self._check_start(part, items, start)
+
+    def partition(self, rows_per_part: int = 1000) -> list[dict[str, Any]]:
+        """One part per shard, in listed order (whatever ``rows_per_part``)."""
+        return [{"shard": url} for url in self.shards]
+
+    def read_part(self, part: dict[str, Any], start: int = 0) -> Iterator[Record | DecodeError]:
+        """The samples of shard ``part["shard"]`` in order (shard-level errors count as items); the
+        first ``start`` are passed over without decoding."""
+        url, items = part["shard"], 0
+        for sample in self._samples(url):
+            items += 1
+            if items <= start:
+                continue
+            if isinstance(sample, DecodeError):
+                yield sample
+                continue
+            try:
+                yield self._decode(sample)
+            except DecodeError as e:
+                yield e
+        self._check_start(url, items, start)
