@@ -8,18 +8,21 @@ Format (``format_version`` 3)
 =============================
 
 A code dataset is a folder with shards and a ``manifest.json`` (and, while or after the bulk
-tokenizer writes it, a ``.bulk/`` folder of progress files that readers ignore).
+tokenizer writes it, a ``.bulk/`` folder of job files that readers ignore). The bulk tokenizer
+names shards ``part-{part:06d}-{n:04d}.tar`` / ``.parquet`` (shard ``n`` of part ``part`` of the
+input's fixed partition, :mod:`audiotok.bulk`), or, in the sidecar layout, ``{input shard
+name}.codes.tar``; readers take the shards the manifest lists, whatever their names.
 
 ``manifest.json``::
 
     {"format": "audiotok-code-dataset", "format_version": 3,
      "model_id": str, "config": DACConfig.to_dict(), "config_hash": DACConfig.architecture_hash(),
      "hop_length": int, "frame_rate": float,
-     "shards": [{"path": "shard-r000-w00-00000.tar", "records": int, "frames": int}, ...],
+     "shards": [{"path": "part-000000-0000.tar", "records": int, "frames": int}, ...],
      "records": int, "audio_hours": float,
      "failures": [{"key": source key, "reason": str, "detail": str}, ...],
      "input": {"type": ..., "path": ..., ...}, "n_quantizers": K, "mono": bool,
-     "metadata": [field, ...], "created": ISO 8601 time}
+     "metadata": [field, ...], "layout": "pooled" | "sidecar", "created": ISO 8601 time}
 
 ``path`` is relative to the folder; ``frames`` is the sum of the records' ``n_frames``;
 ``audio_hours`` is the duration of the source audio of all records. Failure reasons: ``decode``,
@@ -32,12 +35,13 @@ averaged before coding) or ``[C, K, F]`` (each of the ``C`` source channels code
 
 Each record has the metadata :data:`RECORD_FIELDS`: ``key``, ``source_key`` (the source's own key),
 ``num_samples`` and ``sample_rate`` (of the source audio), ``n_frames``, ``channels`` (of the source
-audio) and ``model_id``. Keys (``{name}_p{part}_{position}``, :func:`record_key`) have no dots or
-slashes and are unique. ``source_key`` is the stable reference to the source item: ``{row index}`` or
-``{row index}:{audio path}`` for a saved / non-streaming Hugging Face dataset, ``part{p}.{n}[:{path}]``
-for a streaming one (row ``n`` of part ``p`` of the ``input``'s partition), ``{shard url}:{sample key}``
-for WebDataset shards and the path relative to the folder for folders. Keep a dataset's own id
-column (``metadata``) for a reference that does not depend on the partition.
+audio) and ``model_id``. Keys (``{name}_p{part}_{position}``, :func:`record_key`: item ``position`` of
+part ``part``) have no dots or slashes and are unique; in the sidecar layout a record's key is its
+input sample's WebDataset ``__key__`` (no dots; it may hold slashes). ``source_key`` is the stable
+reference to the source item: ``{row index}`` or ``{row index}:{audio path}`` for a saved /
+non-streaming Hugging Face dataset, ``shard{i}.{n}[:{path}]`` for a streaming one (row ``n`` of shard
+``i`` of the stream, ``IterableDataset.shard(n_shards, i)``), ``{shard url}:{sample key}`` for
+WebDataset shards and the path relative to the folder for folders.
 
 Kept metadata (format 3). ``metadata`` lists the source fields stored with every record (the bulk
 tokenizer's ``keep``: Hugging Face columns, WebDataset members such as ``txt`` or ``json``, or the
@@ -47,7 +51,10 @@ Format 1 and 2 datasets have no ``metadata`` key and records without kept fields
 
 WebDataset shards (``.tar``): per record, consecutive members ``{key}.codes.npy`` (``numpy.save`` of
 the codes) and ``{key}.json`` (the record fields), then ``{key}.meta.json`` (the kept metadata as a
-JSON object) when ``metadata`` is not empty.
+JSON object) when ``metadata`` is not empty. Sidecar shards also hold, in input order, a member
+``{key}.failure.txt`` (text ``reason: detail``) for each input sample that has no codes, so that
+they pair sample for sample with their input shard; readers of records pass other members over.
+Members have mtime 0.
 
 Parquet shards (``.parquet``, :func:`parquet_schema`): one row per record, columns ``key`` (string),
 ``codes`` (nested lists of uint16: ``list<list<uint16>>`` ``[K][F]``, or ``list<list<list<uint16>>>``
@@ -59,8 +66,10 @@ with ``model_id``, ``config_hash``, ``sample_rate``, ``hop_length``, ``frame_rat
 ``n_quantizers``, ``codebook_size`` and ``mono`` (:func:`dataset_metadata`). Version-1 shards stored
 ``codes`` as raw little-endian bytes with a ``shape`` column; readers take both.
 
-Every shard is written to a temporary name in its final folder and moved into place with
-:func:`audiotok.io.replace_durably`, so a reader (or a resumed job) sees the whole file or none of it.
+Every shard is written to a temporary file and moved into place atomically (:func:`audiotok.io.replace_durably`;
+the bulk tokenizer builds it at :meth:`audiotok.bulk.store.Store.staging_path` and publishes it with
+:meth:`~audiotok.bulk.store.Store.put_file`), so a reader (or a resumed job) sees the whole file or none
+of it; ``manifest.json`` is written last.
 """
 
 from __future__ import annotations
@@ -111,7 +120,8 @@ def safe_name(source_key: str, max_len: int = 64) -> str:
 
 
 def record_key(source_key: str, part: int, position: int) -> str:
-    """Unique output key of the record at ``position`` of ``part``: ``{safe_name}_p{part}_{position}``.
+    """Unique output key of the record at ``position`` of ``part`` (of the input's fixed partition):
+    ``{safe_name}_p{part}_{position}``.
 
     No dots (WebDataset splits member names at the first dot of the base name) and no slashes; unique
     in the whole output since ``(part, position)`` is.

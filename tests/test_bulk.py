@@ -457,6 +457,149 @@ def test_kill_and_resume(corpus, model_dir, folder_job, tmp_path, monkeypatch, k
     assert recorded and any(kept[n] == (out / n).stat().st_mtime_ns for n in recorded)  # committed shards kept
 
 
+# ---------------------------------------------------------------------------------------------
+# Elastic work split: processes come and go
+
+
+ELASTIC = ["--part-records", "2", "--shard-records", "1", "--lease-seconds", "5"]
+
+
+def launch(corpus: Path, out: Path, model_dir: Path) -> subprocess.Popen:
+    """recipes/tokenize_dataset.py on the corpus folder, in its own process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, str(REPO / "recipes/tokenize_dataset.py"), "--input", str(corpus), "--input-type",
+           "folder", "--output", str(out), "--model", str(model_dir), "--num-workers", "0", "--device", "cpu",
+           "--batch-seconds", "1", "--chunk-seconds", "0.5", "--no-progress", *ELASTIC]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out.parent, env=env)
+
+
+def kill_mid_job(proc: subprocess.Popen, out: Path) -> None:
+    """SIGKILL ``proc`` once a shard is in place and ``proc`` holds the claim on an unfinished part."""
+    import signal
+    import time
+
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]  # finished before it could be killed
+        claims = list((out / ".bulk/claims").glob("*.json")) if list(out.glob("part-*")) else []
+        for claim in claims:
+            try:
+                owner = json.loads(claim.read_text())["owner"]
+            except (OSError, ValueError):
+                continue
+            if f"/{proc.pid}/" in owner and not (out / ".bulk/done" / claim.name).exists():
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return
+        time.sleep(0.01)
+    raise AssertionError("no shard within 180 s")
+
+
+@pytest.fixture(scope="module")
+def elastic_reference(corpus, model_dir, tmp_path_factory):
+    """The corpus tokenized uninterrupted by one process, with the settings of :data:`ELASTIC`."""
+    out = tmp_path_factory.mktemp("elastic") / "reference"
+    tokenize_dataset(config(InputSpec("folder", str(corpus)), out, model_dir, num_workers=0, part_records=2,
+                            shard_records=1))
+    return read_output(out)
+
+
+def assert_same_output(out: Path, reference) -> None:
+    """Record for record (keys, metadata, codes) and failure for failure, with nothing left over."""
+    want_manifest, want = reference
+    manifest, records = read_output(out)  # no key twice (read_output checks it)
+    assert sorted(records) == sorted(want)
+    for key, (meta, codes) in records.items():
+        assert meta == want[key][0]
+        np.testing.assert_array_equal(codes, want[key][1])
+    assert manifest["failures"] == want_manifest["failures"] and manifest["shards"] == want_manifest["shards"]
+    assert sorted(p.name for p in out.glob("part-*")) == sorted(s["path"] for s in manifest["shards"])
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not list((out / ".bulk/claims").iterdir())  # every claim taken over and released
+
+
+def test_kill_one_of_two_processes_and_finish_with_one(corpus, model_dir, elastic_reference, tmp_path):
+    out = tmp_path / "out"
+    first, second = launch(corpus, out, model_dir), launch(corpus, out, model_dir)
+    kill_mid_job(first, out)
+    assert second.wait(timeout=240) == 1, second.communicate()[1][-3000:]  # 1: some records failed
+    assert f"{len(GOOD)} records" in second.communicate()[0]
+    assert_same_output(out, elastic_reference)
+
+
+def test_resume_a_one_process_job_with_three(corpus, model_dir, elastic_reference, tmp_path):
+    out = tmp_path / "out"
+    kill_mid_job(launch(corpus, out, model_dir), out)
+    assert not (out / "manifest.json").exists() and list(out.glob("part-*"))
+    procs = [launch(corpus, out, model_dir) for _ in range(3)]
+    for proc in procs:
+        assert proc.wait(timeout=240) == 1, proc.communicate()[1][-3000:]
+    assert_same_output(out, elastic_reference)
+
+
+def test_a_claim_is_honoured_until_its_lease_lapses(corpus, model_dir, folder_job, tmp_path):
+    """A part claimed by a process elsewhere is left alone until its claim expires, then taken over."""
+    import time
+
+    out = tmp_path / "out"
+    expires = time.time() + 3
+    (out / ".bulk/claims").mkdir(parents=True)
+    (out / ".bulk/claims/part-000001.json").write_text(json.dumps({"owner": "elsewhere/1/x", "expires": expires}))
+    tokenize_dataset(config(InputSpec("folder", str(corpus)), out, model_dir, shard_records=2, part_records=4))
+    assert (out / ".bulk/done/part-000001.json").stat().st_mtime >= expires
+    _, want = read_output(Path(folder_job[0].output))
+    _, records = read_output(out)
+    assert sorted(records) == sorted(want)
+
+
+def test_outputs_of_earlier_versions_are_refused(corpus, model_dir, tmp_path):
+    (tmp_path / "out/.bulk").mkdir(parents=True)
+    (tmp_path / "out/.bulk/rank-000.json").write_text("{}")  # the per-rank split of earlier versions
+    with pytest.raises(ValueError, match="earlier audiotok version"):
+        tokenize_dataset(config(InputSpec("folder", str(corpus / "a")), tmp_path / "out", model_dir))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_sidecar_shards_zip_with_their_input(corpus, model_dir, tok, tmp_path):
+    """--layout sidecar: in-00.tar -> in-00.codes.tar, sample for sample, so a zipped read pairs them."""
+    import webdataset as wds
+
+    from audiotok.lm import CodeDataset
+
+    where = write_tars(tmp_path, corpus)
+    out = tmp_path / "out"
+    spec = InputSpec("webdataset", str(tmp_path / "in-*.tar"), keep=["txt"])
+    tokenize_dataset(config(spec, out, model_dir, layout="sidecar", shard_records=1))  # one shard per input shard
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["path"] for s in manifest["shards"]] == ["in-00.codes.tar", "in-01.codes.tar"]
+    assert manifest["layout"] == "sidecar" and manifest["records"] == len(GOOD)
+    assert sorted((f["key"].rsplit(":", 1)[1], f["reason"]) for f in manifest["failures"]) == [
+        ("s1/junk", "metadata"), ("s1/notes", "noaudio")]  # junk has no txt member
+    pairs = 0
+    for i in range(2):
+        url = str(tmp_path / f"in-0{i}.tar")
+        audio = wds.WebDataset(url, shardshuffle=False)
+        codes = wds.WebDataset(str(out / f"in-0{i}.codes.tar"), shardshuffle=False).decode()
+        samples = list(zip(audio, codes, strict=True))
+        for a, c in samples:
+            key = a["__key__"]
+            assert c["__key__"] == key
+            if key in where:  # a good sample: its codes, record fields and kept text
+                np.testing.assert_array_equal(c["codes.npy"], direct_codes(tok, where[key]))
+                assert c["json"]["key"] == key and c["json"]["source_key"] == f"{url}:{key}"
+                assert c["meta.json"] == {"txt": a["txt"].decode()} and "failure.txt" not in c
+            else:  # a failed one: the reason, no codes
+                assert set(c) - {"__key__", "__url__", "__local_path__"} == {"failure.txt"}
+                assert c["failure.txt"].split(":")[0] == {"s1/notes": "noaudio", "s1/junk": "metadata"}[key]
+        pairs += len(samples)
+    assert pairs == len(where) + 2
+    assert sorted(r.key for r in CodeDataset(out)) == sorted(where)  # the code-dataset reader passes failures over
+
+    for bad in ({"format": "parquet"}, {"spec": InputSpec("folder", str(corpus))}):
+        with pytest.raises(ValueError, match="sidecar layout needs webdataset input and format"):
+            config(bad.pop("spec", spec), out, model_dir, layout="sidecar", **bad)
+
+
 def test_torchrun_two_processes(corpus, model_dir, tok, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

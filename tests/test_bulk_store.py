@@ -25,6 +25,10 @@ def test_local_store_round_trip(tmp_path):
     store.delete("b.bin")  # missing: not an error
     assert not store.exists("b.bin")
     assert store.local_path("sub/c.tar") == tmp_path / "out" / "sub" / "c.tar"
+    left = store.staging_path("sub/d.tar")  # a build a killed process never published
+    left.write_bytes(b"half")
+    assert store.clean_staging() == (f"sub/{left.name}",) and not left.exists()
+    assert store.list() == [".bulk/a.json", "sub/c.tar"]
 
 
 @pytest.mark.parametrize("name", ["../x", "/etc/x", "", "a/../../x"])

@@ -1,25 +1,76 @@
-"""Bulk tokenization: a whole dataset to code shards, on many processes, resumable.
+"""Bulk tokenization: a whole dataset to code shards, on any number of processes, resumable.
 
     python recipes/tokenize_dataset.py --input corpus/ --input-type folder --output codes/ --model descript/dac_44khz
     torchrun --nproc_per_node 8 recipes/tokenize_dataset.py --input 'shards/train-{000..999}.tar' \\
         --input-type webdataset --output codes/ --model descript/dac_44khz --device cuda --dtype bf16
 
-The output is a code dataset (a folder of shards and ``manifest.json``, plus a ``.bulk/`` folder of
-progress files that readers ignore; it lets the job resume and must stay for "run again does
-nothing"); its format is specified and implemented in :mod:`audiotok.codedataset`.
+The output is a code dataset (shards and ``manifest.json``, plus a ``.bulk/`` folder of job files
+that readers ignore; it lets the job resume and must stay for "run again does nothing"); its format
+is specified and implemented in :mod:`audiotok.codedataset`. Every file operation on the output goes
+through a :class:`~audiotok.bulk.store.Store`, which guarantees atomic whole-file writes only (no
+exclusive create, no compare-and-swap); the protocol below relies on nothing else.
 
-Work split, resume, failures
-============================
+Work split
+==========
 
-With ``world_size`` ranks and ``W`` DataLoader workers per rank the input is cut into
-``world_size * W`` parts with the sources' own partitioning (part ``rank * W + worker``, see
-:mod:`audiotok.bulk.inputs`); each part is a deterministic stream written to its own shards
-``shard-r{rank}-w{worker}-{n}``. ``.bulk/part-*.json`` records, atomically after each shard is
-moved into place, the shards and failures of the part and the stream position they cover. A
-restarted job (same command, world size and workers) deletes what an interrupted run left
-unrecorded and continues every part at its recorded position: no record is written twice or
-missed. Each rank then writes ``.bulk/rank-*.json``; rank 0 waits for every rank (a barrier) and
-merges them into ``manifest.json``. Unreadable, empty, NaN, too-short records are skipped and listed.
+The plan. The input is cut into a fixed list of parts that depends only on the input (and
+``part_records``), never on the number of processes or workers (:mod:`audiotok.bulk.inputs`): one
+part per tar shard, ``part_records`` rows per part of a folder or saved dataset, one part per
+shard of a streaming Hugging Face dataset. Every process computes the same plan, the part list
+and a fingerprint of the job's settings, and writes it to ``.bulk/plan.json`` if it is not there;
+a plan there with other settings is an error (resume with the same settings, or a new output).
+
+Claims. A process claims parts dynamically: a part is free when it has no done marker
+``.bulk/done/part-N.json`` and its claim ``.bulk/claims/part-N.json`` (``{"owner", "expires"}``)
+is missing, expired, or names a process of this host that no longer runs. The process writes its
+claim (owner ``host/pid/random``, expiry now + ``lease_seconds``), waits a moment (a tenth of the
+lease, at most 1 s), re-reads it and works on the part if the claim still names it. While it works
+it renews its claims every quarter lease; a claim found to name another owner is given up (the
+part's unfinished shard is dropped). A process that fails releases its claims; a killed one's
+lapse. Each process holds up to ``max(1, num_workers) + 1`` parts and hands them whole to its
+DataLoader workers (a worker reads one part at a time), so the output does not depend on the
+workers. A process ends when every part is done, waiting (and taking over lapsed claims) while
+other processes finish theirs.
+
+At least once, same output. Without exclusive create two processes may both win a part (a claim
+written during another's wait, a lease that lapsed under a live but stalled process). That costs
+work, not correctness: a part's output is deterministic (its records in order; codes do not depend
+on batching; shard names ``part-{part:06d}-{n:04d}`` and tar bytes fixed), so both write the same
+files and nothing is duplicated.
+
+Progress. After each shard is published (built at :meth:`Store.staging_path` and moved into place
+with :meth:`Store.put_file`), ``.bulk/progress/part-N.json`` records the part's shards, failures
+and the position they cover; a process that takes a part over continues there (no record is
+encoded twice), and a shard published but not yet recorded is written again with the same name and
+content. When a part ends, its done marker records its shards and failures and its claim is
+deleted.
+
+Manifest. When every part is done, ``manifest.json`` is built from the done markers in part order
+(the same whoever builds it) and written last, by every process that finds the job finished
+(rank 0 only under torchrun, after a barrier; several writers are harmless). Then shards no part
+records (only possible when a failure was not deterministic, e.g. an out-of-memory retry) and
+staging files of killed processes are removed.
+
+Failure modes. A process that stalls longer than the lease (without renewing) loses its parts to
+another process and leaves them when it notices; clocks of the machines must agree to well within
+the lease. Only ``encode`` failures (out of memory) can make two runs of a part differ: should two
+processes race on such a part, its done marker may not match its shard files.
+
+Sidecar layout
+==============
+
+``layout="sidecar"`` (WebDataset input and format) writes one code shard per input shard,
+``train-000123.tar`` -> ``train-000123.codes.tar``, with the input's sample keys (``__key__``) in
+input order: a zipped read of the two shards pairs every sample. A sample that failed has a member
+``{key}.failure.txt`` (``reason: detail``) instead of codes, and is listed in the manifest's
+failures; shard-level errors (an unreadable rest of a tar) have no key and are only listed.
+
+    import webdataset as wds
+    for audio, codes in zip(wds.WebDataset("train-000123.tar"), wds.WebDataset("codes/train-000123.codes.tar")):
+        assert audio["__key__"] == codes["__key__"]   # codes["codes.npy"], or codes["failure.txt"]
+
+A sidecar part has one shard, so a part interrupted mid-way is read again from its start.
+Unreadable, empty, NaN, too-short records are skipped and listed in the manifest in either layout.
 """
 
 from ..codedataset import (
@@ -36,13 +87,14 @@ from ..codedataset import (
     safe_name,
 )
 from .inputs import Decoded, Failure, InputSpec, PartReader, part_stream, prepare
-from .job import DTYPES, FORMATS, STATE_DIR, BulkConfig, BulkSummary, encode_items, tokenize_dataset
+from .job import DTYPES, FORMATS, LAYOUTS, STATE_DIR, BulkConfig, BulkSummary, encode_items, tokenize_dataset
 
 __all__ = [
     "DTYPES",
     "FORMATS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "LAYOUTS",
     "MANIFEST_NAME",
     "PARQUET_METADATA_KEY",
     "RECORD_FIELDS",

@@ -192,6 +192,9 @@ def load_plan(store: Store, plan: dict[str, Any]) -> None:
                 f"{store.url} holds a job with other settings ({', '.join(diff)}: {[a.get(k) for k in diff]} "
                 f"now {[b.get(k) for k in diff]}); resume with the same settings, or write to a new --output")
     else:
+        if any(re.fullmatch(rf"{re.escape(STATE_DIR)}/(part|rank)-\d+\.json", n) for n in store.list(STATE_DIR)):
+            raise ValueError(f"{store.url} holds a job of an earlier audiotok version, which this one cannot "
+                             "resume: write to a new --output")
         store.write_json(PLAN_NAME, plan)  # every process computes the same plan: racing writes agree
 
 
@@ -645,11 +648,17 @@ def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Sc
     pool_samples = 0
     ends: dict[int, int] = {}
 
+    next_claim = 0.0  # when to look for parts again after a scan found too few
+
     def fill() -> None:
+        nonlocal next_claim
         want = workers + 1 - len(writers) - len(dropped)
-        if want <= 0:
+        if want <= 0 or time.time() < next_claim:
             return
-        for part in scheduler.claim(want, set(writers) | dropped):
+        got = scheduler.claim(want, set(writers) | dropped)
+        if len(got) < want:
+            next_claim = time.time() + min(claims.lease / 4, 5.0)
+        for part in got:
             url = settings.parts[part].get("shard", "") if sidecar else ""
             writer = PartWriter(store, part, config.format, config.shard_records, config.shard_frames, metadata,
                                 tuple(config.input.keep), sidecar_name(url) if sidecar else None, url)
@@ -663,7 +672,7 @@ def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Sc
             dropped.add(part)
 
     def flush() -> None:
-        nonlocal pool, pool_samples
+        nonlocal pool, pool_samples, next_claim
         pool = [x for x in pool if x.part in writers]
         decoded = [x for x in pool if isinstance(x, Decoded)]
         results = (encode_items(tok, decoded, k, settings.batch_seconds, settings.chunk_seconds, config.mono)
@@ -696,6 +705,8 @@ def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Sc
                 claims.release(part)
                 scheduler.done.add(part)
             dropped.discard(part)
+        if ends:
+            next_claim = 0.0
         pool, pool_samples = [], 0
         ends.clear()
         rate = stats["seconds"] / 3600 / max(time.perf_counter() - started, 1e-9)
@@ -712,6 +723,7 @@ def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Sc
                 if scheduler.refresh_done():
                     break
                 scheduler.wait()  # every part left is claimed by a live process
+                next_claim = 0.0
                 continue
             bundle: Bundle = next(it)
             pool.extend(bundle.items)
@@ -727,6 +739,8 @@ def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Sc
         for _ in it:
             raise RuntimeError("a reader gave a bundle after every part was done")
     except BaseException:
+        for _ in range(workers):  # let idle workers end
+            tasks.put(None)
         for part, w in writers.items():  # give the parts back at once (a killed process's claims lapse)
             w.abort()
             try:
