@@ -606,7 +606,8 @@ def test_torchrun_two_processes(corpus, model_dir, tok, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "recipes/tokenize_dataset.py"), "--input", str(corpus), "--input-type", "folder",
            "--output", str(out), "--model", str(model_dir), "--num-workers", "1", "--device", "cpu",
-           "--batch-seconds", "1", "--chunk-seconds", "0.5", "--part-records", "1", "--no-progress"]
+           "--batch-seconds", "1", "--chunk-seconds", "0.5", "--part-records", "1", "--lease-seconds", "5",
+           "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
     assert proc.returncode == 1, proc.stderr[-3000:]  # some records failed
     assert f"{len(GOOD)} records" in proc.stdout and f"{len(BAD)} failures" in proc.stdout

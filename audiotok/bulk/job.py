@@ -225,9 +225,9 @@ class Claims:
     """Claim files ``.bulk/claims/part-N.json`` ``{"owner", "expires"}`` (see :mod:`audiotok.bulk`).
 
     A claim is free when missing, expired, or held by a process of this host that no longer runs.
-    :meth:`take` writes claims, waits ``settle`` seconds and re-reads them: the parts whose claim
-    still names this owner are won (without exclusive create two processes may both win a part,
-    rarely; outputs are deterministic, so that costs work, not correctness).
+    :meth:`offer` writes claims; :meth:`won`, ``settle`` seconds later, re-reads them: the parts whose
+    claim still names this owner are won (without exclusive create two processes may both win a
+    part, rarely; outputs are deterministic, so that costs work, not correctness).
     """
 
     def __init__(self, store: Store, owner: str, lease: float):
@@ -252,10 +252,11 @@ class Claims:
     def _write(self, part: int) -> None:
         self.store.write_json(_state("claims", part), {"owner": self.owner, "expires": time.time() + self.lease})
 
-    def take(self, parts: list[int]) -> list[int]:
+    def offer(self, parts: list[int]) -> None:
         for part in parts:
             self._write(part)
-        time.sleep(self.settle)
+
+    def won(self, parts: list[int]) -> list[int]:
         return [p for p in parts if (self.read(p) or {}).get("owner") == self.owner]
 
     def renew(self, parts: list[int]) -> list[int]:
@@ -274,7 +275,9 @@ class Claims:
         return time.time() - self.renewed >= self.lease / 4
 
     def release(self, part: int) -> None:
-        self.store.delete(_state("claims", part))
+        """Delete this owner's claim on ``part`` (another owner's is left)."""
+        if (self.read(part) or {}).get("owner") == self.owner:
+            self.store.delete(_state("claims", part))
 
 
 class Scheduler:
@@ -297,8 +300,8 @@ class Scheduler:
             self.done.add(part)
         return part in self.done
 
-    def claim(self, want: int, busy: set[int]) -> list[int]:
-        """Claim up to ``want`` free parts not in ``busy``."""
+    def propose(self, want: int, busy: set[int]) -> list[int]:
+        """Offer claims on up to ``want`` free parts not in ``busy``; :meth:`confirm` them later."""
         now, self.next_expiry = time.time(), None
         candidates: list[int] = []
         for part in self.order:
@@ -311,8 +314,18 @@ class Scheduler:
                 self.next_expiry = min(expires, self.next_expiry or expires)
                 continue
             candidates.append(part)
-        won = self.claims.take(candidates) if candidates else []
-        return [p for p in won if not self.is_done(p)]  # finished by someone while we claimed
+        self.claims.offer(candidates)
+        return candidates
+
+    def confirm(self, parts: list[int]) -> list[int]:
+        """The parts of :meth:`propose` this process won and that are still to do."""
+        won = []
+        for part in self.claims.won(parts):
+            if self.is_done(part):  # finished by another process meanwhile
+                self.claims.release(part)
+            else:
+                won.append(part)
+        return won
 
     def wait(self) -> None:
         """Sleep until a claim of another process may have lapsed, or a part may be done (a few seconds)."""
@@ -649,21 +662,26 @@ def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Sc
     ends: dict[int, int] = {}
 
     next_claim = 0.0  # when to look for parts again after a scan found too few
+    offered: list[int] = []  # claims written, to be confirmed ``claims.settle`` seconds after ``offered_at``
+    offered_at = 0.0
 
     def fill() -> None:
-        nonlocal next_claim
+        """Confirm offered claims that have settled (their parts go to the workers), offer new ones."""
+        nonlocal next_claim, offered, offered_at
+        now = time.time()
+        if offered and now >= offered_at + claims.settle:
+            for part in scheduler.confirm(offered):
+                url = settings.parts[part].get("shard", "") if sidecar else ""
+                writer = PartWriter(store, part, config.format, config.shard_records, config.shard_frames,
+                                    metadata, tuple(config.input.keep), sidecar_name(url) if sidecar else None, url)
+                writers[part] = writer
+                tasks.put((part, writer.position))
+            offered = []
         want = workers + 1 - len(writers) - len(dropped)
-        if want <= 0 or time.time() < next_claim:
-            return
-        got = scheduler.claim(want, set(writers) | dropped)
-        if len(got) < want:
-            next_claim = time.time() + min(claims.lease / 4, 5.0)
-        for part in got:
-            url = settings.parts[part].get("shard", "") if sidecar else ""
-            writer = PartWriter(store, part, config.format, config.shard_records, config.shard_frames, metadata,
-                                tuple(config.input.keep), sidecar_name(url) if sidecar else None, url)
-            writers[part] = writer
-            tasks.put((part, writer.position))
+        if want > 0 and not offered and now >= next_claim:
+            offered, offered_at = scheduler.propose(want, set(writers) | dropped), now
+            if len(offered) < want:
+                next_claim = now + min(claims.lease / 4, 5.0)
 
     def renew() -> None:
         for part in claims.renew(list(writers)):
@@ -720,6 +738,9 @@ def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Sc
         while True:
             fill()
             if not writers and not dropped:
+                if offered:
+                    time.sleep(max(0.0, offered_at + claims.settle - time.time()))
+                    continue
                 if scheduler.refresh_done():
                     break
                 scheduler.wait()  # every part left is claimed by a live process
@@ -741,8 +762,9 @@ def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Sc
     except BaseException:
         for _ in range(workers):  # let idle workers end
             tasks.put(None)
-        for part, w in writers.items():  # give the parts back at once (a killed process's claims lapse)
+        for w in writers.values():
             w.abort()
+        for part in [*writers, *offered]:  # give the parts back at once (a killed process's claims lapse)
             try:
                 claims.release(part)
             except OSError:
