@@ -592,8 +592,6 @@ def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: DistEnv, t0:
 
     source = config.input.build()
     parts = source.partition(config.part_records)
-    if not parts:
-        raise ValueError(f"{config.input.path}: the input holds no records")
     if config.layout == "sidecar":
         names = [sidecar_name(p["shard"]) for p in parts]
         if len(set(names)) != len(names):
@@ -608,13 +606,13 @@ def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: DistEnv, t0:
     }
     store = open_store(config.output)
     load_plan(store, {"job": job, "parts": parts})
-    if len(parts) < env.world_size and env.rank == 0:
+    if env.world_size > len(parts) and env.world_size > 1 and env.rank == 0:
         logger.warning("%d parts for %d processes: some will have nothing to do", len(parts), env.world_size)
 
     owner = config.owner or default_owner()
     claims = Claims(store, owner, config.lease_seconds)
     offset = env.rank * len(parts) // env.world_size if env.world_size > 1 else zlib.crc32(owner.encode())
-    scheduler = Scheduler(store, claims, len(parts), offset % len(parts))
+    scheduler = Scheduler(store, claims, len(parts), offset % max(1, len(parts)))
     settings = _Settings(tokenizer, k, batch_seconds, chunk_seconds, pool_seconds, parts)
     reasons = SkipCounter(f"tokenize {owner}")
     if not scheduler.refresh_done():
