@@ -48,8 +48,8 @@ deleted.
 Manifest. When every part is done, ``manifest.json`` is built from the done markers in part order
 (the same whoever builds it) and written last, by every process that finds the job finished
 (rank 0 only under torchrun, after a barrier; several writers are harmless). Then shards no part
-records (only possible when a failure was not deterministic, e.g. an out-of-memory retry) and
-staging files of killed processes are removed.
+records (only possible when a failure was not deterministic, e.g. an out-of-memory retry),
+staging files and claims left by killed processes are removed.
 
 Failure modes. A process that stalls longer than the lease (without renewing) loses its parts to
 another process and leaves them when it notices; clocks of the machines must agree to well within

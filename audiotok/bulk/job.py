@@ -521,7 +521,8 @@ def build_manifest(store: Store, num_parts: int, tokenizer: AudioTokenizer, conf
 
 def write_manifest(store: Store, manifest: dict[str, Any]) -> None:
     """Write the manifest unless the same one (but for ``created``) is there; then remove shards no
-    part records (left by a run whose failures differed) and staging leftovers of killed processes."""
+    part records (left by a run whose failures differed), staging leftovers and the claims of killed
+    processes (one killed after it wrote a done marker, before it deleted its claim)."""
     old = None
     if store.exists(MANIFEST_NAME):
         try:
@@ -536,6 +537,8 @@ def write_manifest(store: Store, manifest: dict[str, Any]) -> None:
         if "/" not in name and _PART_SHARD.fullmatch(name) and name not in listed:
             logger.info("removing %s: no part records it", name)
             store.delete(name)
+    for name in store.list(f"{STATE_DIR}/claims"):
+        store.delete(name)
     for name in store.clean_staging():
         logger.info("removed %s left by an interrupted run", name)
 
