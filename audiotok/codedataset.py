@@ -37,7 +37,7 @@ Each record has the metadata :data:`RECORD_FIELDS`: ``key``, ``source_key`` (the
 ``num_samples`` and ``sample_rate`` (of the source audio), ``n_frames``, ``channels`` (of the source
 audio) and ``model_id``. Keys (``{name}_p{part}_{position}``, :func:`record_key`: item ``position`` of
 part ``part``) have no dots or slashes and are unique; in the sidecar layout a record's key is its
-input sample's WebDataset ``__key__`` (no dots; it may hold slashes). ``source_key`` is the stable
+input sample's WebDataset ``__key__`` (it may hold slashes). ``source_key`` is the stable
 reference to the source item: ``{row index}`` or ``{row index}:{audio path}`` for a saved /
 non-streaming Hugging Face dataset, ``shard{i}.{n}[:{path}]`` for a streaming one (row ``n`` of shard
 ``i`` of the stream, ``IterableDataset.shard(n_shards, i)``), ``{shard url}:{sample key}`` for
