@@ -6,9 +6,11 @@ import importlib.util
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -475,9 +477,6 @@ def launch(corpus: Path, out: Path, model_dir: Path) -> subprocess.Popen:
 
 def kill_mid_job(proc: subprocess.Popen, out: Path) -> None:
     """SIGKILL ``proc`` once a shard is in place and ``proc`` holds the claim on an unfinished part."""
-    import signal
-    import time
-
     deadline = time.time() + 180
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-3000:]  # finished before it could be killed
@@ -539,8 +538,6 @@ def test_resume_a_one_process_job_with_three(corpus, model_dir, elastic_referenc
 
 def test_a_claim_is_honoured_until_its_lease_lapses(corpus, model_dir, folder_job, tmp_path):
     """A part claimed by a process elsewhere is left alone until its claim expires, then taken over."""
-    import time
-
     out = tmp_path / "out"
     expires = time.time() + 3
     (out / ".bulk/claims").mkdir(parents=True)
