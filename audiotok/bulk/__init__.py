@@ -54,7 +54,11 @@ staging files and claims left by killed processes are removed.
 Failure modes. A process that stalls longer than the lease (without renewing) loses its parts to
 another process and leaves them when it notices; clocks of the machines must agree to well within
 the lease. Only ``encode`` failures (out of memory) can make two runs of a part differ: should two
-processes race on such a part, its done marker may not match its shard files.
+processes race on such a part, its done marker may not match its shard files. Processes on machines
+with the same host name but separate process ids (containers sharing the host's name) may take a
+live process's part for a dead one's: work done twice, same output. A process still redoing a part
+when another writes the manifest may lose its staging file to the cleanup and fail; its work was
+not needed.
 
 Sidecar layout
 ==============
