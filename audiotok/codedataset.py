@@ -11,7 +11,8 @@ A code dataset is a folder with shards and a ``manifest.json`` (and, while or af
 tokenizer writes it, a ``.bulk/`` folder of job files that readers ignore). The bulk tokenizer
 names shards ``part-{part:06d}-{n:04d}.tar`` / ``.parquet`` (shard ``n`` of part ``part`` of the
 input's fixed partition, :mod:`audiotok.bulk`), or, in the sidecar layout, ``{input shard
-name}.codes.tar``; readers take the shards the manifest lists, whatever their names.
+name}.codes.tar``; readers take the shards the manifest lists, whatever their names. The folder may be a location in an
+object store (``s3://bucket/codes``), read and written with fsspec.
 
 ``manifest.json``::
 
@@ -82,7 +83,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -387,7 +388,7 @@ class CodeRecord:
         return self.codes if self.codes.ndim == 3 else self.codes[None]
 
 
-def _check_record(record: CodeRecord, shard: Path) -> CodeRecord:
+def _check_record(record: CodeRecord, shard: str | os.PathLike) -> CodeRecord:
     codes = record.codes
     _check_codes(codes, f"{shard}: record {record.key!r}")
     if "n_frames" in record.meta and record.meta["n_frames"] != codes.shape[-1]:
@@ -404,7 +405,7 @@ def _split_member(name: str) -> tuple[str, str] | None:
     return None
 
 
-def _read_tar(path: Path) -> Iterator[CodeRecord]:
+def _read_tar(path: str | os.PathLike, fileobj: IO[bytes] | None = None) -> Iterator[CodeRecord]:
     members: dict[str, bytes] = {}
     key: str | None = None
 
@@ -416,7 +417,7 @@ def _read_tar(path: Path) -> Iterator[CodeRecord]:
         kept = json.loads(members["metadata"]) if "metadata" in members else {}
         return _check_record(CodeRecord(key, codes, json.loads(members["json"]), kept), path)
 
-    with tarfile.open(path, mode="r|*") as tar:
+    with tarfile.open(path if fileobj is None else None, mode="r|*", fileobj=fileobj) as tar:
         for member in tar:
             split = _split_member(member.name) if member.isfile() else None
             if split is None:
@@ -432,7 +433,7 @@ def _read_tar(path: Path) -> Iterator[CodeRecord]:
         yield record(key)
 
 
-def list_column_codes(column, keys: list[str], path: Path) -> list[np.ndarray]:
+def list_column_codes(column, keys: list[str], path: str | os.PathLike) -> list[np.ndarray]:
     """A nested-list ``codes`` column (pyarrow, ``[K][F]`` or ``[C][K][F]`` uint16 per row) -> one
     uint16 array per row, cut from the column's flat values by its offsets (no Python lists)."""
     import pyarrow as pa
@@ -462,10 +463,10 @@ def _pop_kept(row: dict[str, Any]) -> dict[str, Any]:
     return {name[len(METADATA_COLUMN_PREFIX):]: json.loads(row.pop(name)) for name in names}
 
 
-def _read_parquet(path: Path) -> Iterator[CodeRecord]:
+def _read_parquet(path: str | os.PathLike, fileobj: IO[bytes] | None = None) -> Iterator[CodeRecord]:
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+    for batch in pq.ParquetFile(path if fileobj is None else fileobj).iter_batches(batch_size=256):
         codes = batch.column("codes")
         if "shape" in batch.schema.names:  # format_version 1: raw bytes and a shape column
             rows = batch.drop_columns(["codes", "shape"]).to_pylist()
@@ -482,11 +483,12 @@ def _read_parquet(path: Path) -> Iterator[CodeRecord]:
             yield _check_record(CodeRecord(row["key"], array, row, kept), path)
 
 
-def read_shard(path: str | os.PathLike) -> Iterator[CodeRecord]:
-    """The records of one shard (``.tar`` or ``.parquet``), in order, each checked."""
-    path = Path(path)
-    if path.suffix == ".tar":
-        return _read_tar(path)
-    if path.suffix == ".parquet":
-        return _read_parquet(path)
+def read_shard(path: str | os.PathLike, fileobj: IO[bytes] | None = None) -> Iterator[CodeRecord]:
+    """The records of one shard (``.tar`` or ``.parquet``, by the suffix of ``path``), in order, each
+    checked; read from ``fileobj`` (an open binary file, seekable for Parquet) when given."""
+    suffix = os.path.splitext(os.fspath(path))[1]
+    if suffix == ".tar":
+        return _read_tar(path, fileobj)
+    if suffix == ".parquet":
+        return _read_parquet(path, fileobj)
     raise ValueError(f"{path}: unknown shard type (expected .tar or .parquet)")

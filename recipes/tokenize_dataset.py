@@ -7,6 +7,11 @@
         --input-type webdataset --audio-keys flac,wav --output codes/ --model descript/dac_44khz --device cuda \\
         --dtype bf16
 
+    python recipes/tokenize_dataset.py --input 's3://corpus/train-{000..099}.tar' --input-type webdataset \
+        --output s3://codes/train --storage-options '{"profile": "research"}'
+
+--input and --output take fsspec URLs (s3://, gs://, hf://; pip install 'audiotok[cloud]' for s3, gcsfs
+for gs): a shard appears there only when complete and the manifest last, as on a local folder.
 The model defaults to the one bundled with audiotok (offline). Multi-node: run the same torchrun
 command on every node (--nnodes, --rdzv-endpoint), or launch the same command as independent
 processes anywhere, with --output on a shared filesystem: processes claim parts of the input
@@ -23,6 +28,7 @@ job (bad arguments, a missing input, model or package), printed as one line.
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -33,13 +39,26 @@ log = logging.getLogger("audiotok.tokenize")
 _NEEDS = {"hf": ("datasets", "data"), "webdataset": ("webdataset", "data"), "parquet": ("pyarrow", "data")}
 
 
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, nargs="+",
                    help="folder, Hugging Face dataset (saved folder, audio folder, hub id) or tar shards "
                         "(paths, globs, brace patterns; several allowed for webdataset)")
     p.add_argument("--input-type", required=True, choices=["hf", "webdataset", "folder"])
-    p.add_argument("--output", required=True, help="output folder (shared by all ranks)")
+    p.add_argument("--output", required=True, help="output folder (shared by all ranks) or fsspec URL (s3://...)")
+    p.add_argument("--storage-options", type=json_object, default={},
+                   help="JSON object of fsspec filesystem options (credentials, endpoint_url, ...) for a URL "
+                        "--output and, unless --input-storage-options is given, a URL --input")
+    p.add_argument("--input-storage-options", type=json_object, default=None,
+                   help="JSON object of fsspec filesystem options for a URL --input")
     p.add_argument("--model", default=None,
                    help="audiotok / transformers folder, .pth file, hub id or alias (default: the bundled model, "
                         "audiotok-24khz-v0.3, alias 'default')")
@@ -79,7 +98,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_packages(args: argparse.Namespace) -> None:
-    """Every package the job needs, before any work: a missing one is an ImportError naming the extra."""
+    """Every package the job needs, before any work: a missing one is an ImportError naming the extra
+    (or, for a URL, the package of its scheme)."""
+    from audiotok.urls import check_scheme
+
+    for location in (*args.input, args.output):
+        check_scheme(location)
     for need in (args.input_type, args.format):
         if need in _NEEDS:
             package, extra = _NEEDS[need]
@@ -97,8 +121,9 @@ def main(argv=None) -> int:
         from audiotok.bulk import BulkConfig, InputSpec, tokenize_dataset
 
         spec = InputSpec(args.input_type, args.input, split=args.split, audio_column=args.audio_column,
-                         audio_keys=args.audio_keys, streaming=args.streaming,
-                         keep=args.keep_columns)
+                         audio_keys=args.audio_keys, streaming=args.streaming, keep=args.keep_columns,
+                         storage_options=args.storage_options if args.input_storage_options is None
+                         else args.input_storage_options)
         unread = spec.unread_extensions()
         if unread:
             log.warning("not read (extensions not in --audio-keys): %s",
@@ -110,6 +135,7 @@ def main(argv=None) -> int:
             shard_records=args.shard_records,
             shard_frames=args.shard_frames, min_seconds=args.min_seconds, dtype=args.dtype, device=args.device,
             compile=args.compile, progress=not args.no_progress, lease_seconds=args.lease_seconds,
+            storage_options=args.storage_options,
         )
         summary = tokenize_dataset(config)
     except (ValueError, OSError, ImportError) as e:  # FileNotFoundError (input, model), hub errors, bad settings

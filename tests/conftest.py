@@ -60,3 +60,34 @@ def make_audio(num_samples: int, channels: int = 1, batch: int | None = None, se
 @pytest.fixture
 def tiny_tokenizer() -> AudioTokenizer:
     return random_tokenizer("tiny-44khz")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto's server mode, in a thread, on a free port) for the
+    object-storage tests: ``(endpoint_url, storage_options)`` with fake credentials for s3fs."""
+    pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
+    yield endpoint, options
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on :func:`s3_server`: ``(url "s3://NAME", storage_options)``."""
+    import uuid
+
+    import fsspec
+
+    _, options = s3_server
+    url = f"s3://test-{uuid.uuid4().hex[:16]}"
+    fsspec.filesystem("s3", **options).mkdir(url)
+    return url, options

@@ -4,6 +4,9 @@
     torchrun --nproc_per_node 8 recipes/tokenize_dataset.py --input 'shards/train-{000..999}.tar' \\
         --input-type webdataset --output codes/ --model descript/dac_44khz --device cuda --dtype bf16
 
+Inputs and the output may be fsspec URLs (``s3://bucket/codes``, ``gs://``, ``hf://``, with
+``storage_options``): outputs go through :mod:`audiotok.bulk.store`, which uploads each file whole.
+
 The output is a code dataset (shards and ``manifest.json``, plus a ``.bulk/`` folder of job files
 that readers ignore; it lets the job resume and must stay for "run again does nothing"); its format
 is specified and implemented in :mod:`audiotok.codedataset`. Every file operation on the output goes

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,6 +34,7 @@ from ..audio import AUDIO_EXTENSIONS, downmix, resample
 from ..codedataset import check_metadata_fields
 from ..data.config import build_sources
 from ..data.sources import AudioSource, DecodeError, Record
+from ..urls import is_url, list_url, local_path
 
 INPUT_TYPES = ("folder", "hf", "webdataset")
 
@@ -54,6 +56,9 @@ class InputSpec:
         keep: fields stored next to the codes as each record's ``metadata``: columns (``hf``, e.g.
             ``text``, an id column), members (``webdataset``, e.g. ``txt``, ``json``) or sidecar file
             extensions (``folder``: ``clip.txt`` next to ``clip.wav`` for ``txt``).
+        storage_options: options of the fsspec filesystem when ``path`` is a URL (``s3://``, ``gs://``,
+            ``hf://``: a folder, a saved dataset or tar shards there; see :mod:`audiotok.urls`);
+            credentials, so not written anywhere (not in :meth:`to_dict`, not in the repr).
     """
 
     type: str
@@ -63,6 +68,7 @@ class InputSpec:
     audio_keys: list[str] | None = None
     streaming: bool = False
     keep: list[str] = field(default_factory=list)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.type not in INPUT_TYPES:
@@ -97,6 +103,9 @@ class InputSpec:
                 spec["audio_keys"] = list(self.audio_keys)
         if self.keep:
             spec["keep"] = list(self.keep)
+        paths = self.path if isinstance(self.path, list) else [self.path]
+        if self.storage_options and any(is_url(local_path(p)) for p in paths):  # local inputs take none
+            spec["storage_options"] = dict(self.storage_options)
         return spec
 
     def build(self) -> AudioSource:
@@ -111,13 +120,19 @@ class InputSpec:
         if self.type != "folder":
             return {}
         listed = tuple("." + k for k in self.audio_keys) if self.audio_keys else AUDIO_EXTENSIONS
+        path = local_path(str(self.path))
+        if is_url(path):
+            names = [posixpath.basename(f) for f in list_url(path, self.storage_options)]
+        else:
+            names = []
+            for _, dirnames, files in os.walk(path, followlinks=True):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                names += [f for f in files if not f.startswith(".")]
         counts: dict[str, int] = {}
-        for _, dirnames, names in os.walk(str(self.path), followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in names:
-                if not name.startswith(".") and not name.lower().endswith(listed):
-                    ext = os.path.splitext(name)[1].lower() or "(none)"
-                    counts[ext] = counts.get(ext, 0) + 1
+        for name in names:
+            if not name.lower().endswith(listed):
+                ext = os.path.splitext(name)[1].lower() or "(none)"
+                counts[ext] = counts.get(ext, 0) + 1
         return dict(sorted(counts.items()))
 
     def _where(self, path: str) -> str:

@@ -54,7 +54,8 @@ class BulkConfig:
 
     Attributes:
         input: what to read.
-        output: output folder (shared by all processes; on several nodes, a shared filesystem).
+        output: output folder (shared by all processes; on several nodes, a shared filesystem), or an
+            fsspec URL such as ``s3://bucket/codes`` (:func:`audiotok.bulk.store.open_store`).
         model: anything :meth:`AudioTokenizer.from_pretrained` loads (default: the bundled model;
             ignored when a tokenizer is passed).
         format: ``webdataset`` (tar shards) or ``parquet``.
@@ -77,6 +78,8 @@ class BulkConfig:
         lease_seconds: a claim on a part lapses this long after its last renewal (renewed every
             quarter of it while the part is worked on); then another process takes the part over.
         owner: this process's claim owner id (default ``{host}/{pid}/{random}``).
+        storage_options: options of the fsspec filesystem of an ``output`` URL (credentials,
+            ``endpoint_url``; see :mod:`audiotok.urls`); not written anywhere.
     """
 
     input: InputSpec
@@ -100,6 +103,7 @@ class BulkConfig:
     progress: bool = True
     lease_seconds: float = 600.0
     owner: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -607,7 +611,7 @@ def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: DistEnv, t0:
         "part_records": config.part_records if source.random_access else None,
         "input": config.input.to_dict(), "source": source_fingerprint(source),
     }
-    store = open_store(config.output)
+    store = open_store(config.output, config.storage_options)
     load_plan(store, {"job": job, "parts": parts})
     if env.world_size > len(parts) and env.world_size > 1 and env.rank == 0:
         logger.warning("%d parts for %d processes: some will have nothing to do", len(parts), env.world_size)

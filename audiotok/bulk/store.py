@@ -1,12 +1,13 @@
 """Where a bulk job's output lives: every file operation of a job goes through a :class:`Store`.
 
-A store is a root (a local folder; object-store URLs are added by :func:`open_store`) holding files
-named by ``/``-separated paths relative to it. The guarantees a job relies on:
+A store is a root (a local folder, :class:`LocalStore`, or an fsspec URL such as ``s3://bucket/codes``,
+:class:`FsspecStore`; :func:`open_store` picks) holding files named by ``/``-separated paths
+relative to it. The guarantees a job relies on:
 
 * :meth:`Store.write_bytes` and :meth:`Store.put_file` are atomic: a reader sees the old file or
   the whole new one, never a partial file under the final name;
 * a file is built locally at :meth:`Store.staging_path` and published with :meth:`Store.put_file`
-  (on a local store that is a rename in the same folder);
+  (on a local store that is a rename in the same folder, on an object store one upload);
 * there is no exclusive create or compare-and-swap (object stores do not all have one): a job's
   correctness must not depend on it, only on outputs being deterministic, so that two processes
   writing the same name write the same content.
@@ -20,12 +21,30 @@ named by ``/``-separated paths relative to it. The guarantees a job relies on:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import posixpath
+import shutil
+import socket
+import tempfile
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..io import atomic_write, replace_durably, temp_path
+from ..urls import is_url, local_path, url_to_fs
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
+
+def check_name(name: str) -> str:
+    """``name`` unchanged if it is a store name: ``/``-separated, relative, without empty, ``.`` or
+    ``..`` parts (so one file has one name, on every kind of store); else ``ValueError``."""
+    if not isinstance(name, str) or any(part in ("", ".", "..") for part in name.split("/")):
+        raise ValueError(f"store names are relative paths inside the store, got {name!r}")
+    return name
 
 
 class Store:
@@ -88,10 +107,7 @@ class LocalStore(Store):
         self.url = str(self.root)
 
     def _path(self, name: str) -> Path:
-        parts = Path(name).parts
-        if not name or Path(name).is_absolute() or ".." in parts:
-            raise ValueError(f"store names are relative paths inside the store, got {name!r}")
-        return self.root / name
+        return self.root / check_name(name)
 
     def exists(self, name: str) -> bool:
         return self._path(name).is_file()
@@ -142,6 +158,118 @@ class LocalStore(Store):
         return self._path(name)
 
 
-def open_store(location: str | os.PathLike) -> Store:
-    """The store at ``location``: a local folder path (created on first write)."""
-    return LocalStore(location)
+class FsspecStore(Store):
+    """A location of an fsspec filesystem (``s3://bucket/codes``, ``gs://...``, ``hf://...``; see
+    :mod:`audiotok.urls`): an object store, where a single upload is atomic.
+
+    Files are built in a local staging folder (under ``TMPDIR``, removed with the store; a killed
+    process's by :meth:`clean_staging` on the same machine) and uploaded whole by :meth:`put_file`;
+    :meth:`write_bytes` is one upload. On S3 and GCS an object appears whole or not at all: below
+    ``2 * chunksize`` (100 MiB by default) s3fs does one ``PutObject``, above it a multipart upload
+    whose object S3 creates only at ``CompleteMultipartUpload`` (a failed upload is aborted; one
+    killed mid-way leaves invisible parts until a bucket lifecycle rule
+    ``AbortIncompleteMultipartUpload`` drops them). On the Hugging Face hub every upload is a
+    commit. Listings are read afresh on each call (fsspec's listing cache is cleared), since other
+    processes write to the same location.
+
+    Args:
+        url: the location (a "folder": names are appended after a ``/``).
+        storage_options: options of the fsspec filesystem (credentials, ``endpoint_url`` ...).
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.root = url_to_fs(self.url, self.storage_options)[1]
+        # TMPDIR/audiotok-staging/{url hash}-{host}-{pid}-{random}: clean_staging finds a gone process's
+        staging = Path(tempfile.gettempdir(), "audiotok-staging")
+        staging.mkdir(exist_ok=True)
+        self._prefix = f"{_url_hash(self.url)}-{socket.gethostname()}-"
+        self._staging = Path(tempfile.mkdtemp(prefix=f"{self._prefix}{os.getpid()}-", dir=staging))
+        weakref.finalize(self, _remove_staging, self._staging, os.getpid())
+
+    @property
+    def fs(self) -> AbstractFileSystem:
+        """The filesystem, this process's (fsspec makes a new one in a forked child)."""
+        return url_to_fs(self.url, self.storage_options)[0]
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{check_name(name)}"
+
+    def exists(self, name: str) -> bool:
+        path, fs = self._path(name), self.fs
+        fs.invalidate_cache()
+        return bool(fs.isfile(path))
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        fs = self.fs
+        fs.invalidate_cache()
+        if not fs.isdir(base):
+            return []
+        names = (posixpath.relpath(p, self.root) for p in fs.find(base))
+        return sorted(n for n in names if not (n.rsplit("/", 1)[-1].startswith(".") and n.endswith(".tmp")))
+
+    def read_bytes(self, name: str) -> bytes:
+        return bytes(self.fs.cat_file(self._path(name)))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.fs.pipe_file(self._path(name), data)
+
+    def staging_path(self, name: str) -> Path:
+        return temp_path(self._staging / posixpath.basename(check_name(name)))
+
+    def put_file(self, local: str | os.PathLike, name: str) -> None:
+        self.fs.put_file(os.fspath(local), self._path(name))
+        os.unlink(local)
+
+    def delete(self, name: str) -> None:
+        try:
+            self.fs.rm_file(self._path(name))
+        except FileNotFoundError:
+            pass
+
+    def clean_staging(self) -> tuple[str, ...]:
+        """Empty this store's staging folder and remove those that processes now gone left on this
+        machine for the same URL (files of a killed process's unfinished builds); returns their paths."""
+        removed: list[str] = []
+        for folder in sorted(self._staging.parent.glob(self._prefix + "*")):
+            if folder == self._staging or _left_by_a_gone_process(folder):
+                removed += [str(f) for f in sorted(folder.rglob("*")) if f.is_file()]
+                shutil.rmtree(folder, ignore_errors=True)
+        self._staging.mkdir(exist_ok=True)
+        return tuple(removed)
+
+
+def _url_hash(url: str) -> str:
+    return hashlib.sha1(url.encode()).hexdigest()[:16]
+
+
+def _left_by_a_gone_process(folder: Path) -> bool:
+    """Whether a staging folder ``{url hash}-{host}-{pid}-{random}`` was made on this machine by a
+    process that has ended."""
+    host, pid, _ = (folder.name[17:].rsplit("-", 2) + ["", ""])[:3]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        return False
+    return False
+
+
+def _remove_staging(folder: Path, pid: int) -> None:
+    """Remove a store's staging folder, in the process that made it only (not in forked children)."""
+    if os.getpid() == pid:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def open_store(location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Store:
+    """The store at ``location``: a local folder path or ``file://`` URL (a :class:`LocalStore`,
+    created on first write; ``storage_options`` unused), or an fsspec URL such as
+    ``s3://bucket/codes`` (a :class:`FsspecStore` made with ``storage_options``)."""
+    if is_url(location):
+        return FsspecStore(os.fspath(location), storage_options)
+    return LocalStore(local_path(location))

@@ -12,8 +12,16 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from ..config import check_keys
+from ..urls import is_url
 from .dataset import Excerpt, ExcerptDataset, SourceGroup, build_validation_set
-from .sources import AudioFileSource, AudioFolderSource, AudioSource, HFDatasetSource, WebDatasetSource
+from .sources import (
+    AudioFileSource,
+    AudioFolderSource,
+    AudioSource,
+    HFDatasetSource,
+    URLFolderSource,
+    WebDatasetSource,
+)
 
 #: Manifest categories (``audiotok.data.real_audio``) -> groups. ``speech8k`` (8 kHz telephone speech,
 #: eval only) stays apart so that it is not averaged with wide-band speech.
@@ -80,11 +88,14 @@ def sources_from_manifest(
 def build_sources(spec: Mapping[str, Any]) -> list[AudioSource]:
     """Sources from a spec dict; ``type`` selects the kind, other keys are its arguments:
 
-    * ``{"type": "folder", "root": ..., "extensions": [...], "name": ...}``
+    * ``{"type": "folder", "root": ..., "extensions": [...], "name": ...}`` (a ``root`` URL such as
+      ``s3://bucket/corpus`` is a :class:`~audiotok.data.URLFolderSource`, with ``storage_options``)
     * ``{"type": "hf", "path": ..., "config": ..., "split": "train", "audio_column": "audio",
-      "streaming": false, ...}`` (``config``: the dataset's configuration; further keys go to
-      ``load_dataset``)
-    * ``{"type": "webdataset", "urls": ..., "audio_keys": [...], "size": ...}``
+      "streaming": false, "storage_options": {...}, ...}`` (``config``: the dataset's configuration;
+      further keys go to ``load_dataset``)
+    * ``{"type": "webdataset", "urls": ..., "audio_keys": [...], "size": ..., "storage_options": {...}}``
+
+    ``storage_options``: options of the fsspec filesystem of URL inputs (see :mod:`audiotok.urls`).
     * ``{"type": "manifest", "path": ..., "split": "train", "group": "speech"}`` (``group``: one
       name or a list, of :data:`MANIFEST_GROUPS` values; ``path`` may be a glob over several
       manifest folders, such as the parts :func:`~audiotok.data.pack.pack_manifest` writes)
@@ -93,7 +104,7 @@ def build_sources(spec: Mapping[str, Any]) -> list[AudioSource]:
     kind = spec.pop("type", None)
     try:
         if kind == "folder":
-            return [AudioFolderSource(**spec)]
+            return [URLFolderSource(**spec) if is_url(spec.get("root", "")) else AudioFolderSource(**spec)]
         if kind == "hf":
             return [HFDatasetSource(spec.pop("path"), **spec)]
         if kind == "webdataset":

@@ -32,6 +32,7 @@ import glob
 import json
 import logging
 import os
+import posixpath
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from ..audio import AUDIO_EXTENSIONS, FFMPEG_EXTENSIONS, find_files, load_audio, read_audio_bytes, to_float_array
+from ..urls import glob_url, is_url, list_url, local_path, scheme, url_to_fs
 from .transforms import ArrayClip, Clip
 
 logger = logging.getLogger(__name__)
@@ -314,26 +316,80 @@ class AudioFolderSource(AudioFileSource):
 
     def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = AUDIO_EXTENSIONS, name: str | None = None,
                  keep: Sequence[str] = ()):
-        root = Path(root)
+        root = Path(local_path(root))
         files = [str(f.relative_to(root)) for f in find_files(root, extensions)]
         super().__init__(files, root=root, name=name or root.name, keep=keep)
+
+
+class URLFolderSource(AudioSource):
+    """The audio files under an fsspec URL (``s3://bucket/corpus``, see :mod:`audiotok.urls`),
+    listed once as :class:`AudioFolderSource` lists a folder (recursive, sorted, hidden files left
+    out, by extension); each file is read whole and decoded in memory. Keys are paths relative to
+    ``root``; ``keep``: sidecar extensions, as :class:`AudioFolderSource`.
+    """
+
+    random_access = True
+
+    def __init__(self, root: str, extensions: Sequence[str] = AUDIO_EXTENSIONS, name: str | None = None,
+                 keep: Sequence[str] = (), storage_options: dict[str, Any] | None = None):
+        self.root = str(root).rstrip("/")
+        super().__init__(name or posixpath.basename(self.root))
+        self.storage_options = dict(storage_options or {})
+        exts = tuple("." + e.lower().lstrip(".") for e in extensions)
+        self.files = [f for f in list_url(self.root, self.storage_options) if f.lower().endswith(exts)]
+        self.size = len(self.files)
+        self.keep = tuple(keep)
+
+    def key(self, index: int) -> str:
+        return self.files[index]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _read(self, name: str) -> bytes:
+        fs, base = url_to_fs(self.root, self.storage_options)  # per process: fsspec's instance cache
+        return bytes(fs.cat_file(f"{base}/{name}"))
+
+    def load(self, index: int) -> Record:
+        key = self.files[index]
+        metadata = {}
+        for ext in self.keep:
+            sidecar = posixpath.splitext(key)[0] + "." + ext
+            try:
+                data = self._read(sidecar)
+            except FileNotFoundError:
+                raise DecodeError(key, "metadata", f"no sidecar file {posixpath.basename(sidecar)}") from None
+            metadata[ext] = decode_member(key, posixpath.basename(sidecar), data)
+        try:
+            data = self._read(key)
+        except FileNotFoundError as e:
+            raise DecodeError(key, "missing", str(e)) from e
+        return _with_metadata(decode_bytes(key, data), metadata)
 
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face datasets
 
 
-def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+def _is_saved_dataset(location: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether the folder or fsspec URL ``location`` holds a dataset written by ``save_to_disk``."""
+    names = ("dataset_info.json", "state.json", "dataset_dict.json")
+    if is_url(location):
+        fs, base = url_to_fs(location, storage_options)
+        return any(fs.isfile(f"{base}/{name}") for name in names)
+    path = Path(location)
+    return path.is_dir() and any((path / name).is_file() for name in names)
 
 
 class HFDatasetSource(AudioSource):
     """A Hugging Face dataset, decoded with soundfile.
 
-    ``path_or_name`` is a folder written by ``save_to_disk`` (read with ``load_from_disk``), a
-    folder of audio files (``load_dataset("audiofolder", data_dir=...)``, labels and metadata
-    dropped), or a dataset id / builder name for ``load_dataset`` (its configuration ``config``,
-    and ``**load_kwargs``, passed on).
+    ``path_or_name`` is a folder written by ``save_to_disk`` (read with ``load_from_disk``; also
+    at an fsspec URL such as ``s3://bucket/saved``, which ``datasets`` first copies to a local
+    temporary folder), a folder of audio files (``load_dataset("audiofolder", data_dir=...)``, labels
+    and metadata dropped), or a dataset id / builder name for ``load_dataset`` (its configuration
+    ``config``, and ``**load_kwargs``, passed on). ``storage_options`` go to the fsspec filesystem
+    of a URL (``load_from_disk``, and ``load_dataset``'s remote data files).
     ``streaming=True`` gives an ``IterableDataset`` read through :meth:`records` only.
 
     The audio column is cast to ``datasets.Audio(decode=False)``, so rows give the stored
@@ -352,6 +408,7 @@ class HFDatasetSource(AudioSource):
         name: str | None = None,
         config: str | None = None,
         keep: Sequence[str] = (),
+        storage_options: dict[str, Any] | None = None,
         **load_kwargs: Any,
     ):
         import datasets
@@ -359,16 +416,20 @@ class HFDatasetSource(AudioSource):
         super().__init__(name or f"{path_or_name}{'/' + config if config else ''}:{split}")
         self.audio_column = audio_column
         self.streaming = streaming
-        path = Path(path_or_name)
-        if _is_saved_dataset(path):
+        location = local_path(path_or_name)
+        path = Path(location)
+        if _is_saved_dataset(location, storage_options):
             if load_kwargs or config:
-                raise ValueError(f"{path} is a saved dataset: load_dataset arguments "
+                raise ValueError(f"{location} is a saved dataset: load_dataset arguments "
                                  f"{sorted(load_kwargs) + (['config'] if config else [])} don't apply")
-            ds = datasets.load_from_disk(str(path))
+            ds = datasets.load_from_disk(location, storage_options=storage_options)
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split]
             if streaming:
                 ds = ds.to_iterable_dataset()
+        elif is_url(location):
+            raise ValueError(f"{location} is not a dataset saved with save_to_disk, the one kind of hf input read "
+                             "from a URL (audio files at a URL: a folder input; a hub dataset: its id)")
         elif path.is_dir():
             # The audiofolder builder encodes its rows through Audio.encode_example, which needs
             # torchcodec even for plain paths: declare the column as strings instead.
@@ -378,7 +439,8 @@ class HFDatasetSource(AudioSource):
                 features=features, drop_labels=True, drop_metadata=True, **load_kwargs,
             )
         else:
-            ds = datasets.load_dataset(str(path_or_name), config, split=split, streaming=streaming, **load_kwargs)
+            ds = datasets.load_dataset(location, config, split=split, streaming=streaming,
+                                       storage_options=storage_options, **load_kwargs)
         self.keep = tuple(keep)
         for column in (audio_column, *self.keep):
             if column not in (ds.features or {}):
@@ -506,29 +568,40 @@ class HFDatasetSource(AudioSource):
 # WebDataset shards
 
 
-def expand_urls(urls: str | Iterable[str]) -> list[str]:
-    """Brace patterns (``data-{000..099}.tar``) and, for local paths, globs -> list of shards.
+#: URL schemes webdataset opens itself (``webdataset.gopen``: curl); other URLs are opened with fsspec.
+GOPEN_SCHEMES = ("http", "https")
 
-    Lists are expanded item by item; glob matches are sorted; order is otherwise kept.
+
+def _fsspec_shard(url: str) -> bool:
+    return is_url(url) and scheme(url) not in GOPEN_SCHEMES
+
+
+def expand_urls(urls: str | Iterable[str], storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Brace patterns (``data-{000..099}.tar``) and globs -> list of shards.
+
+    Globs are expanded for local paths (``file://`` URLs become paths) and for fsspec URLs on their
+    filesystem (``s3://bucket/train-*.tar``, made with ``storage_options``); not for ``http(s)://``
+    and ``pipe:``. Lists are expanded item by item; glob matches are sorted; order is otherwise kept.
     """
     import braceexpand
 
     out: list[str] = []
     for pattern in [urls] if isinstance(urls, str) else urls:
-        for url in braceexpand.braceexpand(str(pattern)):
-            if "://" not in url and not url.startswith("pipe:") and glob.has_magic(url):
-                matches = sorted(glob.glob(url))
-                if not matches:
-                    raise FileNotFoundError(f"no files match {url}")
-                out.extend(matches)
-            else:
+        for url in braceexpand.braceexpand(local_path(str(pattern))):
+            if not glob.has_magic(url) or url.startswith("pipe:") or scheme(url) in GOPEN_SCHEMES:
                 out.append(url)
+                continue
+            matches = glob_url(url, storage_options) if is_url(url) else sorted(glob.glob(url))
+            if not matches:
+                raise FileNotFoundError(f"no files match {url}")
+            out.extend(matches)
     return out
 
 
 class WebDatasetSource(AudioSource):
-    """Tar shards in WebDataset layout (members ``KEY.EXT`` grouped by key), opened with
-    ``webdataset`` (local paths, ``pipe:``, ``http(s)://`` ... via ``webdataset.gopen``).
+    """Tar shards in WebDataset layout (members ``KEY.EXT`` grouped by key): local paths, ``pipe:``
+    and ``http(s)://`` opened by ``webdataset.gopen``, other URLs (``s3://``, ``gs://``, ``hf://``
+    ...) streamed with fsspec, made with ``storage_options`` (:mod:`audiotok.urls`).
 
     The first member whose extension (last dotted part, lower case) is in ``audio_keys`` is
     decoded with soundfile. A sample without one is skipped as ``noaudio``; an unreadable shard
@@ -545,8 +618,10 @@ class WebDatasetSource(AudioSource):
         size: int | None = None,
         name: str | None = None,
         keep: Sequence[str] = (),
+        storage_options: dict[str, Any] | None = None,
     ):
-        self.shards = expand_urls(urls_or_glob)
+        self.storage_options = dict(storage_options or {})
+        self.shards = expand_urls(urls_or_glob, self.storage_options)
         if not self.shards:
             raise ValueError("WebDatasetSource needs at least one shard")
         super().__init__(name or os.path.basename(os.path.dirname(self.shards[0])) or self.shards[0])
@@ -554,8 +629,19 @@ class WebDatasetSource(AudioSource):
         self.size = size
         self.keep = tuple(keep)
 
+    def _stream(self, url: str, handler: Any) -> Iterator[dict[str, Any]]:
+        """``{"url", "stream"}`` of an fsspec shard, for webdataset's tar reader (closed after)."""
+        try:
+            fs, path = url_to_fs(url, self.storage_options)
+            stream = fs.open(path, "rb")
+        except Exception as e:  # a missing or unreadable shard: an item of its own
+            handler(e)
+            return
+        with stream:
+            yield {"url": url, "stream": stream}
+
     def _samples(self, url: str) -> Iterator[dict | DecodeError]:
-        from webdataset.tariterators import tarfile_samples
+        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
         errors: list[Exception] = []
 
@@ -563,7 +649,11 @@ class WebDatasetSource(AudioSource):
             errors.append(exn)
             return True
 
-        for sample in tarfile_samples(iter([{"url": url}]), handler=handler):
+        if _fsspec_shard(url):
+            streams = self._stream(url, handler)
+        else:
+            streams = url_opener(iter([{"url": url}]), handler=handler)
+        for sample in group_by_keys(tar_file_expander(streams, handler=handler), handler=handler):
             yield from (DecodeError(url, "shard", str(e)) for e in errors)
             errors.clear()
             yield sample

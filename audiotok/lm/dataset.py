@@ -19,6 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..codedataset import MANIFEST_NAME, CodeRecord, check_manifest, read_shard
 from ..config import DACConfig
+from ..urls import is_url, local_path, url_to_fs
 from .packing import pack_sequences
 from .patterns import CodebookPattern
 from .vocab import DEFAULT_SPECIAL, CodeVocabulary
@@ -28,19 +29,28 @@ class CodeDataset:
     """The records of a code dataset, streamed shard by shard in manifest order.
 
     Args:
-        path: the dataset folder (holding ``manifest.json``).
+        path: the dataset folder (holding ``manifest.json``), or its fsspec URL (``s3://bucket/codes``,
+            see :mod:`audiotok.urls`; shards are streamed from there).
+        storage_options: options of the fsspec filesystem of a URL (credentials, ``endpoint_url`` ...).
 
     Attributes:
-        root: the folder.
+        root: the folder (a ``Path``), or the URL (a ``str``).
         manifest: the parsed ``manifest.json``.
         shards: the manifest's shard entries this dataset reads (all, or one part after
             :meth:`split_by_rank`).
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.root = Path(path)
-        self.manifest: dict[str, Any] = json.loads((self.root / MANIFEST_NAME).read_text())
-        check_manifest(self.manifest, self.root / MANIFEST_NAME)
+    def __init__(self, path: str | os.PathLike, storage_options: dict[str, Any] | None = None):
+        location = local_path(path)
+        self.root: Path | str = location.rstrip("/") if is_url(location) else Path(location)
+        self.storage_options = dict(storage_options or {})
+        if isinstance(self.root, Path):
+            manifest = (self.root / MANIFEST_NAME).read_bytes()
+        else:
+            fs, base = url_to_fs(self.root, self.storage_options)
+            manifest = fs.cat_file(f"{base}/{MANIFEST_NAME}")
+        self.manifest: dict[str, Any] = json.loads(manifest)
+        check_manifest(self.manifest, f"{self.root}/{MANIFEST_NAME}")
         self.shards: list[dict[str, Any]] = list(self.manifest["shards"])
 
     @property
@@ -70,15 +80,23 @@ class CodeDataset:
         """Records in this dataset's shards, as the manifest counts them."""
         return sum(int(shard["records"]) for shard in self.shards)
 
+    def _read(self, name: str) -> Iterator[CodeRecord]:
+        if isinstance(self.root, Path):
+            yield from read_shard(self.root / name)
+            return
+        fs, base = url_to_fs(self.root, self.storage_options)  # in each DataLoader worker: its own
+        with fs.open(f"{base}/{name}", "rb") as f:
+            yield from read_shard(f"{self.root}/{name}", f)
+
     def __iter__(self) -> Iterator[CodeRecord]:
         for shard in self.shards:
-            path = self.root / shard["path"]
             count = 0
-            for record in read_shard(path):
+            for record in self._read(shard["path"]):
                 count += 1
                 yield record
             if count != shard["records"]:
-                raise ValueError(f"{path}: read {count} records, the manifest lists {shard['records']}")
+                raise ValueError(f"{self.root}/{shard['path']}: read {count} records, "
+                                 f"the manifest lists {shard['records']}")
 
     def __repr__(self) -> str:
         return f"CodeDataset({str(self.root)!r}, shards={len(self.shards)}, records={len(self)})"
