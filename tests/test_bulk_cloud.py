@@ -14,7 +14,6 @@ import test_bulk
 from test_bulk import GOOD, _recipe, check_against_direct, config, direct_codes, read_output, write_tars
 
 from audiotok.bulk import InputSpec, tokenize_dataset
-from audiotok.bulk import job as bulk_job
 from audiotok.data import AudioFolderSource, DecodeError, HFDatasetSource, URLFolderSource, WebDatasetSource
 from audiotok.lm import CodeDataset
 
@@ -151,7 +150,6 @@ def test_saved_hf_dataset_at_a_url(corpus, s3_bucket, tmp_path):
         HFDatasetSource(url + "/nothing", storage_options=options)
 
 
-@pytest.mark.xfail("open_store" not in vars(bulk_job), reason="needs the store-based job (issue-16a)", strict=True)
 def test_tokenize_to_s3_output(corpus, model_dir, tok, s3_bucket, tmp_path, monkeypatch):
     """Shards and manifest written to a bucket: read back, the codes are those of
     AudioTokenizer.encode; run again, no object is written."""
