@@ -18,7 +18,7 @@ object store (``s3://bucket/codes``), read and written with fsspec.
 
     {"format": "audiotok-code-dataset", "format_version": 3,
      "model_id": str, "config": DACConfig.to_dict(), "config_hash": DACConfig.architecture_hash(),
-     "hop_length": int, "frame_rate": float,
+     "codes_fingerprint": str, "hop_length": int, "frame_rate": float,
      "shards": [{"path": "part-000000-0000.tar", "records": int, "frames": int}, ...],
      "records": int, "audio_hours": float,
      "failures": [{"key": source key, "reason": str, "detail": str}, ...],
@@ -26,7 +26,12 @@ object store (``s3://bucket/codes``), read and written with fsspec.
      "metadata": [field, ...], "layout": "pooled" | "sidecar", "created": ISO 8601 time}
 
 ``path`` is relative to the folder; ``frames`` is the sum of the records' ``n_frames``;
-``audio_hours`` is the duration of the source audio of all records. Failure reasons: ``decode``,
+``audio_hours`` is the duration of the source audio of all records. ``codes_fingerprint`` is the
+:func:`audiotok.checkpoint.codes_fingerprint` of the encoder and quantizer weights that wrote the codes
+(16 lowercase hex digits): a model of the same architecture with another fingerprint has other
+codebooks, so readers refuse to pair the codes with it (:meth:`audiotok.lm.CodeDataset.check_codec`,
+priors). Datasets written before audiotok recorded it have no ``codes_fingerprint``: readers then
+check the architecture (``config_hash``) alone. Failure reasons: ``decode``,
 ``empty``, ``nonfinite``, ``missing``, ``noaudio``, ``shard``, ``metadata`` (see :class:`audiotok.data.DecodeError`),
 ``short``, ``resample``, ``encode``. Readers ignore keys they do not know.
 
@@ -63,8 +68,9 @@ Parquet shards (``.parquet``, :func:`parquet_schema`): one row per record, colum
 ``num_samples`` (int64), ``sample_rate`` (int32), ``channels`` (int16), ``source_key`` (string),
 ``model_id`` (string), then one column ``meta.{field}`` (string: the value as JSON text) per kept
 metadata field. The key-value metadata ``audiotok`` (:data:`PARQUET_METADATA_KEY`) holds JSON
-with ``model_id``, ``config_hash``, ``sample_rate``, ``hop_length``, ``frame_rate``,
-``n_quantizers``, ``codebook_size`` and ``mono`` (:func:`dataset_metadata`). Version-1 shards stored
+with ``model_id``, ``config_hash``, ``codes_fingerprint`` (not in shards written before it existed),
+``sample_rate``, ``hop_length``, ``frame_rate``, ``n_quantizers``, ``codebook_size`` and ``mono``
+(:func:`dataset_metadata`). Version-1 shards stored
 ``codes`` as raw little-endian bytes with a ``shape`` column; readers take both.
 
 Every shard is written to a temporary file and moved into place atomically (:func:`audiotok.io.replace_durably`;
@@ -88,6 +94,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from .audio import AUDIO_EXTENSIONS
+from .codes import check_fingerprint
 from .io import replace_durably, temp_path
 
 if TYPE_CHECKING:
@@ -130,37 +137,42 @@ def record_key(source_key: str, part: int, position: int) -> str:
     return f"{safe_name(source_key)}_p{part}_{position}"
 
 
-def manifest_header(model_id: str, config: DACConfig) -> dict[str, Any]:
-    """The manifest's format and model fields (the writer adds shards, counts and its own keys)."""
+def manifest_header(model_id: str, config: DACConfig, codes_fingerprint: str) -> dict[str, Any]:
+    """The manifest's format and model fields (the writer adds shards, counts and its own keys):
+    ``codes_fingerprint`` is the :attr:`AudioTokenizer.codes_fingerprint` of the model that writes the codes."""
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "model_id": model_id,
         "config": config.to_dict(),
         "config_hash": config.architecture_hash(),
+        "codes_fingerprint": codes_fingerprint,
         "hop_length": config.hop_length,
         "frame_rate": config.frame_rate,
     }
 
 
-def dataset_metadata(model_id: str, config: DACConfig, n_quantizers: int, mono: bool) -> dict[str, Any]:
+def dataset_metadata(model_id: str, config: DACConfig, codes_fingerprint: str, n_quantizers: int,
+                     mono: bool) -> dict[str, Any]:
     """What a reader needs to interpret a shard's codes without the manifest: the model (``model_id``,
-    ``config_hash``), the rates (``sample_rate``, ``hop_length``, ``frame_rate``) and the codes
-    (``n_quantizers``, ``codebook_size``, ``mono``)."""
-    return {"model_id": model_id, "config_hash": config.architecture_hash(), "sample_rate": config.sample_rate,
-            "hop_length": config.hop_length, "frame_rate": config.frame_rate, "n_quantizers": n_quantizers,
-            "codebook_size": config.codebook_size, "mono": mono}
+    ``config_hash``, ``codes_fingerprint``), the rates (``sample_rate``, ``hop_length``, ``frame_rate``)
+    and the codes (``n_quantizers``, ``codebook_size``, ``mono``)."""
+    return {"model_id": model_id, "config_hash": config.architecture_hash(), "codes_fingerprint": codes_fingerprint,
+            "sample_rate": config.sample_rate, "hop_length": config.hop_length, "frame_rate": config.frame_rate,
+            "n_quantizers": n_quantizers, "codebook_size": config.codebook_size, "mono": mono}
 
 
 def check_manifest(manifest: dict[str, Any], where: str | os.PathLike) -> None:
     """Raise ``ValueError`` unless ``manifest`` is a code-dataset manifest this reader knows, whose
-    shard paths stay inside the dataset folder (a manifest never makes a reader open other files)."""
+    shard paths stay inside the dataset folder (a manifest never makes a reader open other files) and
+    whose ``codes_fingerprint``, if any, is 16 lowercase hex digits."""
     if manifest.get("format") != FORMAT_NAME:
         raise ValueError(f"{where}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{where}: code dataset format_version {version!r} is not supported "
                          f"(this reader knows up to {FORMAT_VERSION})")
+    check_fingerprint(manifest.get("codes_fingerprint"), f"{where}: codes_fingerprint")
     for shard in manifest.get("shards", []):
         path = shard.get("path") if isinstance(shard, dict) else None
         if not isinstance(path, str) or not path or os.path.isabs(path) or ".." in Path(path).parts:

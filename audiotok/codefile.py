@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -82,7 +81,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .codes import PACKED_10BIT_CODEBOOK_SIZE, check_10bit, check_uint16, is_integer_dtype
+from .codes import PACKED_10BIT_CODEBOOK_SIZE, check_10bit, check_fingerprint, check_uint16, is_integer_dtype
 from .io import atomic_write
 
 if TYPE_CHECKING:
@@ -97,7 +96,6 @@ _INT_FIELDS = ("sample_rate", "hop_length", "n_codebooks", "codebook_size", "num
                "source_sample_rate", "channels")
 _STR_FIELDS = ("model_id", "config_hash", "packing")
 REQUIRED_METADATA = ("format", "format_version", *_STR_FIELDS, *_INT_FIELDS, "shape")
-_FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,22 +166,21 @@ class _CodeInfo:
         """Raise ``ValueError`` (naming both model ids and config hashes) unless ``tokenizer`` has the
         architecture these codes were written with and, unless ``allow_other_weights``, the same encoder
         and quantizer weights (when the file records their fingerprint)."""
-        check_codec(tokenizer, self.model_id, self.config_hash, self.n_codebooks, self.codebook_size)
-        if not allow_other_weights and self.codes_fingerprint not in (None, tokenizer.codes_fingerprint):
-            raise ValueError(
-                f"codes were written by model {self.model_id!r} (weights fingerprint {self.codes_fingerprint}) but the "
-                f"model in use is {tokenizer.model_id!r} (fingerprint {tokenizer.codes_fingerprint}): the same "
-                f"architecture with other weights, whose codes mean other sounds. Decode them with the model that "
-                f"wrote them (--allow-other-weights decodes anyway)"
-            )
+        check_codec(tokenizer, self.model_id, self.config_hash, self.n_codebooks, self.codebook_size,
+                    codes_fingerprint=None if allow_other_weights else self.codes_fingerprint,
+                    override="--allow-other-weights decodes anyway")
 
 
 def check_codec(tokenizer: AudioTokenizer, model_id: str, config_hash: str, n_codebooks: int, codebook_size: int,
-                what: str = "codes were written by") -> None:
-    """Raise ``ValueError`` (naming both model ids and config hashes) unless ``tokenizer`` is a model of
-    the architecture ``config_hash`` with at least ``n_codebooks`` codebooks of ``codebook_size``.
+                what: str = "codes were written by", codes_fingerprint: str | None = None,
+                override: str | None = None) -> None:
+    """Raise ``ValueError`` (naming both models) unless ``tokenizer`` is a model of the architecture
+    ``config_hash`` with at least ``n_codebooks`` codebooks of ``codebook_size`` and, when
+    ``codes_fingerprint`` is given, the encoder and quantizer weights of that
+    :func:`~audiotok.checkpoint.codes_fingerprint`.
 
-    ``what`` starts the message: codes ``were written by`` a model, a prior ``was trained on the codes of`` one.
+    ``what`` starts the message: codes ``were written by`` a model, a prior ``was trained on the codes of``
+    one; ``override`` (how the caller decodes anyway, if it can) ends the message about other weights.
     """
     model_hash = tokenizer.config.architecture_hash()
     if config_hash != model_hash:
@@ -191,6 +188,13 @@ def check_codec(tokenizer: AudioTokenizer, model_id: str, config_hash: str, n_co
             f"{what} model {model_id!r} (config hash {config_hash}) but the model in use is "
             f"{tokenizer.model_id!r} (config hash {model_hash}); these codes mean nothing to it. Use the model "
             f"that wrote them"
+        )
+    if codes_fingerprint is not None and codes_fingerprint != tokenizer.codes_fingerprint:
+        raise ValueError(
+            f"{what} model {model_id!r} (weights fingerprint {codes_fingerprint}) but the model in use is "
+            f"{tokenizer.model_id!r} (fingerprint {tokenizer.codes_fingerprint}): the same architecture with other "
+            f"weights, whose codes mean other sounds. Use the model that wrote them"
+            + (f" ({override})" if override else "")
         )
     if n_codebooks > tokenizer.n_codebooks or codebook_size != tokenizer.codebook_size:
         raise ValueError(
@@ -245,9 +249,7 @@ def _parse_metadata(meta: dict[str, str] | None, where: str) -> CodeHeader:
         shape = ()
     if len(shape) != 3 or min(shape) <= 0:
         raise ValueError(f"{where}: metadata shape={meta['shape']!r} is not three positive integers 'C,K,F'")
-    fingerprint = meta.get("codes_fingerprint")
-    if fingerprint is not None and not _FINGERPRINT.fullmatch(fingerprint):
-        raise ValueError(f"{where}: metadata codes_fingerprint={fingerprint!r} is not 16 lowercase hex digits")
+    fingerprint = check_fingerprint(meta.get("codes_fingerprint"), f"{where}: metadata codes_fingerprint")
     header = CodeHeader(**values, shape=shape, format_version=version,  # type: ignore[arg-type]
                         codes_fingerprint=fingerprint)
     if header.packing not in PACKINGS:

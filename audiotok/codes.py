@@ -6,6 +6,8 @@ their exception type says more (``TypeError`` in :mod:`audiotok.lm`).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -13,6 +15,7 @@ import torch
 #: 10-bit packed codes (``.atok`` with ``--pack-10bit``).
 UINT16_CODEBOOK_SIZE = 1 << 16
 PACKED_10BIT_CODEBOOK_SIZE = 1 << 10
+_FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
 def check_n_quantizers(n_quantizers: int | None, n_codebooks: int) -> int:
@@ -44,3 +47,12 @@ def is_integer_dtype(dtype: torch.dtype | np.dtype) -> bool:
     if isinstance(dtype, torch.dtype):
         return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
     return np.dtype(dtype).kind in "iu"
+
+
+def check_fingerprint(value: object, where: str) -> str | None:
+    """``value`` unless it is neither ``None`` (not recorded) nor a
+    :func:`~audiotok.checkpoint.codes_fingerprint` (16 lowercase hex digits): then ``ValueError``
+    naming ``where`` (the field that held it)."""
+    if value is not None and not (isinstance(value, str) and _FINGERPRINT.fullmatch(value)):
+        raise ValueError(f"{where}={value!r} is not 16 lowercase hex digits")
+    return value

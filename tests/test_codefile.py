@@ -21,6 +21,9 @@ from audiotok.codefile import (
     unpack_codes_10bit,
 )
 
+# The inputs here are well-formed audio: a warning (such as the tokenizer's loudness warning) is a failure.
+pytestmark = pytest.mark.filterwarnings("error::UserWarning")
+
 
 @pytest.fixture(scope="module")
 def tok() -> AudioTokenizer:
@@ -264,7 +267,7 @@ def test_header_is_json_readable_without_safetensors(tmp_path):
 
 def test_from_encoded_and_compatibility(tmp_path, tok):
     rng = np.random.default_rng(0)
-    clips = [(0.3 * rng.standard_normal(n)).astype(np.float32) for n in (3000, 5000)]
+    clips = [rng.uniform(-0.5, 0.5, n).astype(np.float32) for n in (3000, 5000)]  # in [-1, 1]: no loudness warning
     enc = tok.encode(clips, 22050, n_quantizers=3)
     cf = CodeFile.from_encoded(tok, enc, index=0, channels=2)
     frames = int(enc.lengths[0])
@@ -293,7 +296,7 @@ def test_from_encoded_and_compatibility(tmp_path, tok):
 
 def test_per_channel_items(tok):
     rng = np.random.default_rng(1)
-    stereo = (0.3 * rng.standard_normal((2, 4000))).astype(np.float32)
+    stereo = rng.uniform(-0.5, 0.5, (2, 4000)).astype(np.float32)
     enc = tok.encode([stereo[0:1], stereo[1:2]], 44100)
     cf = CodeFile.from_encoded(tok, enc, index=[0, 1], channels=2)
     assert cf.shape == (2, 4, 8)

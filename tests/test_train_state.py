@@ -11,7 +11,14 @@ import audiotok.train.state as state_mod
 from audiotok import DACConfig
 from audiotok.checkpoint import Checkpoint, load_checkpoint, save_folder
 from audiotok.model import DAC
-from audiotok.train.state import STATE_FILE, check_resumable, newest_checkpoint, save_checkpoint
+from audiotok.train.state import (
+    CODEC_RESUME_MAY_CHANGE,
+    CODEC_RESUME_SETTINGS,
+    STATE_FILE,
+    check_resumable,
+    newest_checkpoint,
+    save_checkpoint,
+)
 
 
 class Crash(BaseException):
@@ -168,15 +175,18 @@ def test_a_run_of_the_earlier_layout_resumes_from_its_newest_complete_folder(tmp
 def test_resuming_with_another_architecture_names_the_settings():
     saved = {"model": {"n_codebooks": 4, "codebook_size": 64, "quantizer_dropout": 0.5},
              "discriminator": {"periods": [2]}, "train": {"freeze": []}}
+    rules = (CODEC_RESUME_SETTINGS, CODEC_RESUME_MAY_CHANGE)
     ok = {**saved, "model": {**saved["model"], "quantizer_dropout": 1.0}}
-    check_resumable(saved, ok, Path("run"), gan=True)
+    check_resumable(saved, ok, Path("run"), *rules)
     newer = {**saved, "discriminator": {"periods": [2], "mpd_channels": [32, 128]}}  # added since the run
-    check_resumable(saved, newer, Path("run"), gan=True)
+    check_resumable(saved, newer, Path("run"), *rules)
     changed = {"model": {"n_codebooks": 8, "codebook_size": 64, "quantizer_dropout": 0.5},
                "discriminator": {"periods": [2, 3]}, "train": {"freeze": ["encoder"]}}
     with pytest.raises(ValueError, match=r"model.n_codebooks: 4 in the run, 8 now; discriminator.periods: .*"
                                          r"train.freeze: \[\] in the run, \['encoder'\] now"):
-        check_resumable(saved, changed, Path("run"), gan=True)
-    with pytest.raises(ValueError) as e:
-        check_resumable(saved, changed, Path("run"), gan=False)  # no discriminator to load: not compared
-    assert "discriminator" not in str(e.value)
+        check_resumable(saved, changed, Path("run"), *rules)
+    with pytest.raises(ValueError) as e:  # no discriminator to load: not compared
+        check_resumable(saved, changed, Path("run"), ["model", "train.freeze"], CODEC_RESUME_MAY_CHANGE)
+    assert "discriminator" not in str(e.value) and "quantizer_dropout" not in str(e.value)
+    with pytest.raises(ValueError, match="model.quantizer_dropout: 0.5 in the run, 1.0 now"):
+        check_resumable(saved, ok, Path("run"), ["model"])  # may change only where the rules say so

@@ -510,7 +510,7 @@ def build_manifest(store: Store, num_parts: int, tokenizer: AudioTokenizer, conf
     done = [store.read_json(_state("done", p)) for p in range(num_parts)]
     shards = [s for d in done for s in d["shards"]]
     return {
-        **manifest_header(tokenizer.model_id, tokenizer.config),
+        **manifest_header(tokenizer.model_id, tokenizer.config, tokenizer.codes_fingerprint),
         "shards": [{"path": s["path"], "records": s["records"], "frames": s["frames"]} for s in shards],
         "records": sum(s["records"] for s in shards),
         "audio_hours": sum(s["seconds"] for s in shards) / 3600,
@@ -605,7 +605,8 @@ def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: DistEnv, t0:
             raise ValueError("the sidecar layout needs input shards with distinct file names")
     job = {
         "format": config.format, "layout": config.layout, "model_id": tokenizer.model_id,
-        "config_hash": tokenizer.config.architecture_hash(), "n_quantizers": k, "mono": config.mono,
+        "config_hash": tokenizer.config.architecture_hash(), "codes_fingerprint": tokenizer.codes_fingerprint,
+        "n_quantizers": k, "mono": config.mono,
         "dtype": str(tokenizer.dtype).replace("torch.", ""), "min_seconds": config.min_seconds,
         "shard_records": config.shard_records, "shard_frames": config.shard_frames,
         "part_records": config.part_records if source.random_access else None,
@@ -656,7 +657,7 @@ def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Sc
                         bundle_seconds=settings.pool_seconds / (2 * workers))
     loader = DataLoader(reader, batch_size=None, num_workers=config.num_workers, collate_fn=identity_collate,
                         in_order=False, prefetch_factor=2 if config.num_workers else None)
-    metadata = dataset_metadata(tok.model_id, tok.config, k, config.mono)
+    metadata = dataset_metadata(tok.model_id, tok.config, tok.codes_fingerprint, k, config.mono)
     sidecar = config.layout == "sidecar"
     writers: dict[int, PartWriter] = {}  # claimed parts being read
     dropped: set[int] = set()  # parts another process took over, read to their end and ignored

@@ -11,18 +11,22 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..codedataset import MANIFEST_NAME, CodeRecord, check_manifest, read_shard
+from ..codefile import check_codec
 from ..config import DACConfig
 from ..urls import is_url, local_path, url_to_fs
 from .packing import pack_sequences
 from .patterns import CodebookPattern
 from .vocab import DEFAULT_SPECIAL, CodeVocabulary
+
+if TYPE_CHECKING:
+    from ..tokenizer import AudioTokenizer
 
 
 class CodeDataset:
@@ -35,7 +39,7 @@ class CodeDataset:
 
     Attributes:
         root: the folder (a ``Path``), or the URL (a ``str``).
-        manifest: the parsed ``manifest.json``.
+        manifest: the parsed ``manifest.json`` (:mod:`audiotok.codedataset` describes it).
         shards: the manifest's shard entries this dataset reads (all, or one part after
             :meth:`split_by_rank`).
     """
@@ -57,6 +61,26 @@ class CodeDataset:
     def config(self) -> DACConfig:
         """The configuration of the model that wrote the codes."""
         return DACConfig.from_dict(self.manifest["config"])
+
+    @property
+    def model_id(self) -> str:
+        """The name of the model that wrote the codes."""
+        return str(self.manifest["model_id"])
+
+    @property
+    def codes_fingerprint(self) -> str | None:
+        """The :func:`~audiotok.checkpoint.codes_fingerprint` of the weights that wrote the codes;
+        ``None`` for datasets written before the manifest recorded it."""
+        return self.manifest.get("codes_fingerprint")
+
+    def check_codec(self, tokenizer: AudioTokenizer) -> None:
+        """Raise ``ValueError`` (naming both models) unless ``tokenizer`` can decode these codes: the
+        architecture that wrote them (``config_hash``) with at least ``n_quantizers`` codebooks and, when
+        the dataset records it, the same encoder and quantizer weights (``codes_fingerprint``)."""
+        config = self.config
+        check_codec(tokenizer, self.model_id, self.manifest["config_hash"],
+                    int(self.manifest.get("n_quantizers", config.n_codebooks)), config.codebook_size,
+                    codes_fingerprint=self.codes_fingerprint)
 
     def vocabulary(self, offsets: bool = True, special: Sequence[str] = DEFAULT_SPECIAL,
                    n_codebooks: int | None = None) -> CodeVocabulary:

@@ -15,13 +15,19 @@ sampling alike.
 A prior is saved as one folder::
 
     config.json        {"format": "audiotok-prior", "format_version": 1, "prior": PriorConfig,
-                        "vocabulary": CodeVocabulary.to_dict(), "codec": {"model_id", "config_hash", "config"},
+                        "vocabulary": CodeVocabulary.to_dict(),
+                        "codec": {"model_id", "config_hash", "config", "codes_fingerprint"},
                         "text": null | {"kind": "bytes" | "transformers", "vocab_size", "max_len"}}
     model.safetensors  the weights
     text_tokenizer/    the transformers tokenizer, for "kind": "transformers"
 
-The codec's ``config_hash`` ties the prior to the codec whose codes it models: decoding its samples
-with another architecture is refused (:meth:`CodePrior.check_codec`).
+The codec's ``config_hash`` and ``codes_fingerprint`` (the :func:`~audiotok.checkpoint.codes_fingerprint`
+of the encoder and quantizer weights that wrote the training codes, from the code dataset's manifest)
+tie the prior to the codec whose codes it models: decoding its samples with another architecture, or
+with the same architecture and other weights, is refused (:meth:`CodePrior.check_codec`), and so is
+validating or resuming it on a code dataset of another codec (:meth:`CodePrior.check_dataset`).
+``codes_fingerprint`` is ``null`` (or absent, in priors saved before it existed) when the training codes
+did not record it; then only the architecture is checked, with a warning.
 """
 
 from __future__ import annotations
@@ -30,20 +36,25 @@ import dataclasses
 import inspect
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..codefile import check_codec
+from ..codes import check_fingerprint
 from ..config import DACConfig
 from .packing import IGNORE_INDEX
 from .patterns import CodebookPattern
 from .text import TextTokenizer
 from .vocab import CodeVocabulary
+
+if TYPE_CHECKING:
+    from .dataset import CodeDataset
 
 FORMAT = "audiotok-prior"
 FORMAT_VERSION = 1
@@ -80,28 +91,46 @@ class PriorConfig:
 
 @dataclass(frozen=True)
 class CodecInfo:
-    """The codec whose codes a prior models."""
+    """The codec whose codes a prior models: its name, architecture and, when known, the
+    :func:`~audiotok.checkpoint.codes_fingerprint` of its encoder and quantizer weights."""
 
     model_id: str
     config_hash: str
     config: DACConfig
+    codes_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if self.config.architecture_hash() != self.config_hash:
             raise ValueError(f"codec {self.model_id!r}: config hash {self.config_hash} does not match its config "
                              f"({self.config.architecture_hash()})")
+        check_fingerprint(self.codes_fingerprint, f"codec {self.model_id!r}: codes_fingerprint")
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> CodecInfo:
-        """The codec of a code dataset (its ``manifest.json``)."""
-        return cls(str(manifest["model_id"]), manifest["config_hash"], DACConfig.from_dict(manifest["config"]))
+        """The codec of a code dataset (its ``manifest.json``; no fingerprint in datasets written before it)."""
+        return cls(str(manifest["model_id"]), manifest["config_hash"], DACConfig.from_dict(manifest["config"]),
+                   manifest.get("codes_fingerprint"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model_id": self.model_id, "config_hash": self.config_hash, "config": self.config.to_dict()}
+        return {"model_id": self.model_id, "config_hash": self.config_hash, "config": self.config.to_dict(),
+                "codes_fingerprint": self.codes_fingerprint}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CodecInfo:
-        return cls(data["model_id"], data["config_hash"], DACConfig.from_dict(data["config"]))
+        return cls(data["model_id"], data["config_hash"], DACConfig.from_dict(data["config"]),
+                   data.get("codes_fingerprint"))
+
+    def check_codes_of(self, other: CodecInfo, where: str) -> None:
+        """Raise ``ValueError`` naming both codecs unless the codes ``other`` wrote (held at ``where``) are
+        this codec's: the same architecture and, when both record it, the same weights fingerprint."""
+        ours, theirs = self.codes_fingerprint, other.codes_fingerprint
+        if self.config_hash != other.config_hash or (ours is not None and theirs is not None and ours != theirs):
+            raise ValueError(
+                f"{where} holds the codes of model {other.model_id!r} (config hash {other.config_hash}, weights "
+                f"fingerprint {theirs or 'not recorded'}) but the prior models the codes of {self.model_id!r} "
+                f"(config hash {self.config_hash}, weights fingerprint {ours or 'not recorded'}): another "
+                f"architecture or other weights give codes that mean other sounds"
+            )
 
 
 class CodePrior(nn.Module):
@@ -124,6 +153,7 @@ class CodePrior(nn.Module):
 
         self.config = config
         self.codec = codec
+        self._warned_unchecked_weights = False
         self.pattern = CodebookPattern(config.pattern)
         n_codebooks = config.n_codebooks or codec.config.n_codebooks
         if not 1 <= n_codebooks <= codec.config.n_codebooks:
@@ -255,10 +285,25 @@ class CodePrior(nn.Module):
     # -- codec -------------------------------------------------------------------------------------
 
     def check_codec(self, tokenizer) -> None:
-        """Raise ``ValueError`` unless ``tokenizer`` (an :class:`~audiotok.AudioTokenizer`) is a codec of
-        the architecture this prior was trained on (same config hash, enough codebooks)."""
+        """Raise ``ValueError`` (naming both codecs) unless ``tokenizer`` (an :class:`~audiotok.AudioTokenizer`)
+        is the codec this prior was trained on: the same config hash, enough codebooks and the same
+        encoder and quantizer weights (``codes_fingerprint``). A prior that does not record the fingerprint
+        (saved before it existed, or trained on codes that did not record it) is checked by architecture
+        only, with a warning (once per prior)."""
         check_codec(tokenizer, self.codec.model_id, self.codec.config_hash, self.n_codebooks,
-                    self.vocab.codebook_size, what="this prior was trained on the codes of")
+                    self.vocab.codebook_size, what="this prior was trained on the codes of",
+                    codes_fingerprint=self.codec.codes_fingerprint)
+        if self.codec.codes_fingerprint is None and not self._warned_unchecked_weights:
+            self._warned_unchecked_weights = True
+            warnings.warn(f"this prior does not record the weights fingerprint of its codec {self.codec.model_id!r} "
+                          f"(saved by an earlier audiotok, or trained on a code dataset that does not record it): "
+                          f"only the architecture of {tokenizer.model_id!r} was checked. Its codes must be those "
+                          f"the prior was trained on", stacklevel=2)
+
+    def check_dataset(self, dataset: CodeDataset) -> None:
+        """Raise ``ValueError`` (naming both codecs) unless ``dataset`` holds codes of this prior's codec
+        (:meth:`CodecInfo.check_codes_of`): for validation, evaluation or more training."""
+        self.codec.check_codes_of(CodecInfo.from_manifest(dataset.manifest), f"code dataset {dataset.root}")
 
     # -- saving ------------------------------------------------------------------------------------
 
@@ -284,15 +329,7 @@ class CodePrior(nn.Module):
         folder = Path(folder)
         if not (folder / CONFIG_FILE).exists() and (folder / "latest" / CONFIG_FILE).exists():
             folder = folder / "latest"
-        try:
-            meta = json.loads((folder / CONFIG_FILE).read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{folder}: not a prior folder ({CONFIG_FILE}: {e})") from e
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{folder}: not a prior (format {meta.get('format')!r}, expected {FORMAT!r})")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{folder}: prior format_version {meta['format_version']} is newer than this "
-                             f"audiotok reads ({FORMAT_VERSION})")
+        meta = read_prior_config(folder)
         text = TextTokenizer.load(folder, meta["text"]) if meta.get("text") else None
         prior = cls(PriorConfig(**meta["prior"]), CodecInfo.from_dict(meta["codec"]), text)
         saved = CodeVocabulary.from_dict(meta["vocabulary"])
@@ -300,3 +337,20 @@ class CodePrior(nn.Module):
             raise ValueError(f"{folder}: saved vocabulary {saved} does not match the prior's {prior.vocab}")
         load_model(prior, str(folder / WEIGHTS_FILE), strict=True)
         return prior.to(device or "cpu").eval()
+
+
+def read_prior_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a prior folder (see the module docstring); ``ValueError`` unless it is
+    one of a format this audiotok reads."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}: not a prior folder ({CONFIG_FILE}: {e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else meta
+        raise ValueError(f"{folder}: not a prior (format {found!r}, expected {FORMAT!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{folder}: prior format_version {meta['format_version']} is newer than this "
+                         f"audiotok reads ({FORMAT_VERSION})")
+    return meta

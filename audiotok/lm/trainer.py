@@ -4,7 +4,11 @@
 The run folder holds ``latest`` and ``best`` (links to crash-safe checkpoint folders, see
 :mod:`audiotok.train.state`: each a prior folder that :meth:`CodePrior.from_pretrained` loads, plus
 ``train_state.pt``), ``config.yml``, ``metrics.jsonl`` and TensorBoard logs. Running again with the same
-folder resumes exactly from the newest complete checkpoint. Only rank 0 logs, validates and writes.
+folder resumes exactly from the newest complete checkpoint, with the run's configuration: a resume whose
+``prior``, ``optim``, ``data`` or ``train`` settings differ from the run's is refused, naming them, except
+for :data:`RESUME_MAY_CHANGE` (how long to train, how often to log, validate and save), and so is one
+whose training codes come from another codec (architecture or weights). Only rank 0 logs, validates and
+writes.
 """
 
 from __future__ import annotations
@@ -24,14 +28,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..distributed import barrier, init_training, shutdown
-from ..train.state import newest_checkpoint, save_checkpoint
+from ..train.state import check_resumable, newest_checkpoint, save_checkpoint
 from ..train.trainer import Logger
 from .config import PriorTrainConfig
 from .dataset import CodeDataset, LMTokenDataset
-from .prior import CodecInfo, CodePrior
+from .prior import CodecInfo, CodePrior, read_prior_config
 from .text import TextCodeDataset
 
 log = logging.getLogger("audiotok.lm")
+
+#: The settings a resumed run may change; any other difference from the run's config is refused.
+RESUME_MAY_CHANGE = ("train.num_iters", "train.log_every", "train.valid_every", "train.save_every")
 
 
 def examples(config: PriorTrainConfig, prior: CodePrior, codes: CodeDataset) -> IterableDataset:
@@ -126,9 +133,18 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
     codes = CodeDataset(config.data.train)
     if len(codes.shards) < env.world_size:
         raise ValueError(f"{config.data.train}: {len(codes.shards)} shard(s) cannot feed {env.world_size} ranks")
+    codec = CodecInfo.from_manifest(codes.manifest)
     found = newest_checkpoint(save_path)  # the newest complete checkpoint, whatever a crash interrupted
+    if found is not None:
+        check_resumable(found[1].get("config") or {}, config.to_dict(), found[0], ("prior", "optim", "train", "data"),
+                        RESUME_MAY_CHANGE)
+        run_codec = CodecInfo.from_dict(read_prior_config(found[0])["codec"])
+        run_codec.check_codes_of(codec, f"data.train {config.data.train} (resuming {found[0]})")
     torch.manual_seed(loop.seed)  # the same initial weights on every rank and every run
-    prior = CodePrior(config.prior, CodecInfo.from_manifest(codes.manifest)).to(dev)
+    prior = CodePrior(config.prior, codec).to(dev)
+    valid_codes = CodeDataset(config.data.valid) if config.data.valid else None
+    if valid_codes is not None:  # on every rank: a refusal on rank 0 alone would leave the others waiting
+        prior.check_dataset(valid_codes)
     decay = [p for p in prior.parameters() if p.ndim >= 2]
     no_decay = [p for p in prior.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.optim.weight_decay},
@@ -153,8 +169,8 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
         save_path.mkdir(parents=True, exist_ok=True)
         (save_path / "config.yml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         logger = Logger(save_path, step)
-        if config.data.valid:
-            valid = examples(config, prior, CodeDataset(config.data.valid))
+        if valid_codes is not None:
+            valid = examples(config, prior, valid_codes)
             val_blocks = list(itertools.islice(iter(valid), config.data.valid_blocks))
         log.info("%s at step %d of %d; %s prior, %.2fM parameters; %d rank(s) x batch %d of %d steps",
                  f"resuming from {found[0]}" if found else "starting", step, end, prior.pattern.value,

@@ -35,7 +35,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -191,29 +191,32 @@ def save_checkpoint(run: str | os.PathLike, state: dict[str, Any], write: Callab
     return folder
 
 
-_RESUME_SECTIONS = {"model": "the generator's architecture", "discriminator": "the discriminator",
-                    "train.freeze": "the trained parameters"}
+#: What a resumed codec run shares with the run: its state cannot be loaded otherwise (the generator's
+#: architecture, the discriminator, the trained parameters). ``quantizer_dropout`` may change.
+CODEC_RESUME_SETTINGS = ("model", "discriminator", "train.freeze")
+CODEC_RESUME_MAY_CHANGE = ("model.quantizer_dropout",)
 
 
-def check_resumable(saved: dict[str, Any], current: dict[str, Any], folder: Path, gan: bool) -> None:
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], folder: Path, compared: Sequence[str],
+                    may_change: Collection[str] = (),
+                    advice: str = "Resume with the run's settings, or start a new --save-path") -> None:
     """Raise ``ValueError`` naming every setting that differs between a run's saved training config and
-    the current one when the difference makes the saved state unloadable: the model architecture
-    (``quantizer_dropout`` may change), the discriminator (when both have one) and ``train.freeze``."""
+    the current one, among the ``compared`` ones: whole sections (``"model"``) or single settings
+    (``"train.freeze"``), except the settings in ``may_change`` (``"section.key"``). A setting that one
+    of the two configs lacks (added to the code since the run) is not compared: its default keeps the
+    earlier behaviour. ``advice`` ends the message."""
     differences = []
-    for key in _RESUME_SECTIONS:
+    for key in compared:
         section, _, leaf = key.partition(".")
-        if section == "discriminator" and not gan:
-            continue
-        old, new = saved.get(section, {}), current.get(section, {})
+        old, new = saved.get(section) or {}, current.get(section) or {}
         if leaf:
             old, new = {leaf: old.get(leaf)}, {leaf: new.get(leaf)}
-        for name in sorted(set(old) & set(new)):  # a setting added since keeps the earlier behaviour by default
-            if (section, name) != ("model", "quantizer_dropout") and old.get(name) != new.get(name):
-                path = f"{section}.{name}" if not leaf else key
-                differences.append(f"{path}: {old.get(name)!r} in the run, {new.get(name)!r} now")
+        for name in sorted(set(old) & set(new)):
+            path = f"{section}.{name}"
+            if path not in may_change and old[name] != new[name]:
+                differences.append(f"{path}: {old[name]!r} in the run, {new[name]!r} now")
     if differences:
         raise ValueError(
             f"{folder}: the run was trained with another configuration, so its state cannot be resumed: "
-            + "; ".join(differences)
-            + ". Resume with the run's settings, or start a new --save-path (with --init-from to keep its weights)"
+            + "; ".join(differences) + f". {advice}"
         )

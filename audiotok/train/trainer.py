@@ -32,7 +32,13 @@ from ..model import DAC
 from .config import TrainConfig
 from .discriminator import Discriminator, FeatureMaps
 from .losses import discriminator_loss, feature_matching_loss, generator_adversarial_loss
-from .state import check_resumable, newest_checkpoint, save_checkpoint
+from .state import (
+    CODEC_RESUME_MAY_CHANGE,
+    CODEC_RESUME_SETTINGS,
+    check_resumable,
+    newest_checkpoint,
+    save_checkpoint,
+)
 
 if TYPE_CHECKING:
     from ..data.dataset import Excerpt
@@ -172,7 +178,11 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
         if init_from is not None and saved:  # a fine-tune has the architecture of the model it started from
             config.model = DACConfig.from_dict({**saved["model"], "quantizer_dropout": config.model.quantizer_dropout})
         if saved:
-            check_resumable(saved, config.to_dict(), folder, gan=weights.gan and "discriminator" in state)
+            loads_discriminator = weights.gan and "discriminator" in state  # else any discriminator may come
+            compared = [k for k in CODEC_RESUME_SETTINGS if loads_discriminator or k != "discriminator"]
+            check_resumable(saved, config.to_dict(), folder, compared, CODEC_RESUME_MAY_CHANGE,
+                            "Resume with the run's settings, or start a new --save-path (with --init-from to keep "
+                            "its weights)")
     torch.manual_seed(loop.seed)  # the same initial networks on every rank and every run
     generator = build_generator(config, None if found else init_from).to(dev)
     use_fused_snake(generator, loop.fused_snake)
