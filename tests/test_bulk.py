@@ -196,6 +196,7 @@ def test_folder_to_webdataset_exact_and_rerun_does_nothing(corpus, tok, folder_j
     assert manifest["format"] == "audiotok-code-dataset" and manifest["format_version"] == 3
     assert manifest["metadata"] == []
     assert manifest["config"] == tok.config.to_dict() and manifest["config_hash"] == tok.config.architecture_hash()
+    assert manifest["codes_fingerprint"] == tok.codes_fingerprint
     assert (manifest["hop_length"], manifest["frame_rate"]) == (512, tok.frame_rate)
     assert (manifest["n_quantizers"], manifest["mono"], manifest["model_id"]) == (4, True, "random")
     assert manifest["input"] == {"type": "folder", "path": str(corpus)}
@@ -263,9 +264,9 @@ def test_saved_hf_dataset_to_parquet_per_channel(corpus, model_dir, tok, tmp_pat
         ("num_samples", "int64"), ("sample_rate", "int32"), ("channels", "int16"), ("source_key", "string"),
         ("model_id", "string")]
     assert json.loads(schema.metadata[b"audiotok"]) == {
-        "model_id": tok.model_id, "config_hash": manifest["config_hash"], "sample_rate": tok.sample_rate,
-        "hop_length": tok.hop_length, "frame_rate": tok.frame_rate, "n_quantizers": 2,
-        "codebook_size": tok.codebook_size, "mono": False}
+        "model_id": tok.model_id, "config_hash": manifest["config_hash"], "codes_fingerprint": tok.codes_fingerprint,
+        "sample_rate": tok.sample_rate, "hop_length": tok.hop_length, "frame_rate": tok.frame_rate,
+        "n_quantizers": 2, "codebook_size": tok.codebook_size, "mono": False}
     # datasets reads the codes as arrays, with no reshaping
     ds = load_dataset("parquet", data_files=[str(out / s["path"]) for s in manifest["shards"]], split="train")
     assert len(ds) == len(GOOD)
@@ -774,3 +775,15 @@ def test_keep_rejects_unknown_hf_columns(corpus, tmp_path):
     Dataset.from_dict({"audio": [str(corpus / "a/mono16k.wav")]}).save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(ValueError, match="no column 'text'"):
         InputSpec("hf", str(tmp_path / "saved"), keep=["text"]).build()
+
+
+def test_a_job_resumed_with_other_weights_is_refused(corpus, tmp_path):
+    """A model folder updated in place (same name and architecture, other weights) would mix two
+    models' codes in one dataset, under a manifest naming the second."""
+    model = tmp_path / "model"
+    AudioTokenizer.from_config("tiny-44khz", seed=0).save_pretrained(model)
+    cfg = config(InputSpec("folder", str(corpus / "a")), tmp_path / "out", model, num_workers=0)
+    tokenize_dataset(cfg)
+    AudioTokenizer.from_config("tiny-44khz", seed=1).save_pretrained(model)
+    with pytest.raises(ValueError, match="other settings.*codes_fingerprint"):
+        tokenize_dataset(cfg)

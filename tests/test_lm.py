@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import random_tokenizer
 
 from audiotok import DACConfig
 from audiotok.bulk import ParquetShardWriter
@@ -323,7 +324,9 @@ def write_parquet(path, records: list[CodeRecord]) -> None:
     writer.close()
 
 
-def write_dataset(root, shards: list[tuple[str, list[CodeRecord]]]) -> None:
+def write_dataset(root, shards: list[tuple[str, list[CodeRecord]]], codes_fingerprint: str | None = None) -> None:
+    """A code dataset of ``shards``, with a format-2 manifest (written before ``codes_fingerprint``) unless
+    ``codes_fingerprint`` is given."""
     root.mkdir(parents=True, exist_ok=True)
     entries = []
     for name, records in shards:
@@ -336,6 +339,8 @@ def write_dataset(root, shards: list[tuple[str, list[CodeRecord]]]) -> None:
         "shards": entries, "records": sum(e["records"] for e in entries), "audio_hours": 0.001,
         "failures": [{"key": "bad.wav", "reason": "decode"}],
     }
+    if codes_fingerprint is not None:
+        manifest.update(format_version=3, codes_fingerprint=codes_fingerprint)
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -420,6 +425,30 @@ def test_code_dataset_rejects_bad_manifests_and_shards(tmp_path):
         tar.addfile(info, io.BytesIO(b"{}"))
     with pytest.raises(ValueError, match="'lonely' has no codes member"):
         list(CodeDataset(tmp_path))
+
+
+def test_code_dataset_checks_the_weights_that_wrote_it(tmp_path, code_dataset):
+    tok, twin = random_tokenizer("tiny-16khz"), random_tokenizer("tiny-16khz", seed=1)  # other weights
+    assert tok.codes_fingerprint != twin.codes_fingerprint
+    write_dataset(tmp_path / "ds", [("shard-00000.tar", make_records("a", 2, np.random.default_rng(4)))],
+                  codes_fingerprint=tok.codes_fingerprint)
+    ds = CodeDataset(tmp_path / "ds")
+    assert (ds.model_id, ds.codes_fingerprint) == ("tiny", tok.codes_fingerprint)
+    ds.check_codec(tok)
+    with pytest.raises(ValueError, match="same architecture with other weights") as err:
+        ds.check_codec(twin)
+    for part in ("'tiny'", tok.codes_fingerprint, repr(twin.model_id), twin.codes_fingerprint):
+        assert part in str(err.value)
+    with pytest.raises(ValueError, match="config hash"):
+        ds.check_codec(random_tokenizer("tiny-24khz"))
+    old = CodeDataset(code_dataset[0])  # written before the manifest recorded the fingerprint
+    assert old.codes_fingerprint is None
+    old.check_codec(twin)  # the architecture alone is checked
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    for bad in ("../../etc", tok.codes_fingerprint.upper(), 7):
+        (tmp_path / "ds" / "manifest.json").write_text(json.dumps({**manifest, "codes_fingerprint": bad}))
+        with pytest.raises(ValueError, match="codes_fingerprint"):
+            CodeDataset(tmp_path / "ds")
 
 
 def test_parquet_shard_loads_with_datasets(code_dataset, tmp_path):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +58,18 @@ def learnable_records(prefix: str, n: int, seed: int) -> list[CodeRecord]:
 
 
 @pytest.fixture(scope="module")
-def code_sets(tmp_path_factory):
+def codec_tok():
+    """The codec whose codes the test datasets say they are (its ``codes_fingerprint`` is in their manifests)."""
+    return random_tokenizer("tiny-16khz")
+
+
+@pytest.fixture(scope="module")
+def code_sets(tmp_path_factory, codec_tok):
     root = tmp_path_factory.mktemp("prior-codes")
+    fingerprint = codec_tok.codes_fingerprint
     write_dataset(root / "train", [("shard-00000.tar", learnable_records("t", 40, 0)),
-                                   ("shard-00001.tar", learnable_records("u", 40, 1))])
-    write_dataset(root / "valid", [("shard-00000.tar", learnable_records("v", 12, 2))])
+                                   ("shard-00001.tar", learnable_records("u", 40, 1))], fingerprint)
+    write_dataset(root / "valid", [("shard-00000.tar", learnable_records("v", 12, 2))], fingerprint)
     return root
 
 
@@ -74,18 +83,18 @@ def val_losses(run) -> list[dict]:
     return [r for r in rows if r["split"] == "val"]
 
 
-def tiny_prior(pattern: str, text: TextTokenizer | None = None, seed: int = 0) -> CodePrior:
+def tiny_prior(pattern: str, text: TextTokenizer | None = None, seed: int = 0, codec: CodecInfo = CODEC) -> CodePrior:
     torch.manual_seed(seed)
     config = PriorConfig(pattern=pattern, backbone=BACKBONE, text=None if text is None else "bytes",
                          max_text_len=text.max_len if text is not None else 64)
-    return CodePrior(config, CODEC, text).eval()
+    return CodePrior(config, codec, text).eval()
 
 
 # -- training ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_prior_trains_for_each_pattern(code_sets, tmp_path, pattern):
+def test_prior_trains_for_each_pattern(code_sets, codec_tok, tmp_path, pattern):
     run = tmp_path / "run"
     metrics = train_prior(tiny_config(code_sets, f"prior.pattern={pattern}"), run, max_steps=40)
     assert {f"loss/cb{k}" for k in range(4)} <= set(metrics)
@@ -95,7 +104,8 @@ def test_prior_trains_for_each_pattern(code_sets, tmp_path, pattern):
     for k in range(4):
         assert val[-1][f"loss/cb{k}"] < val[0][f"loss/cb{k}"]
     prior = CodePrior.from_pretrained(run)  # the run folder loads its latest checkpoint
-    assert prior.pattern.value == pattern and prior.codec == CODEC
+    assert prior.pattern.value == pattern
+    assert prior.codec == dataclasses.replace(CODEC, codes_fingerprint=codec_tok.codes_fingerprint)
     assert (run / "best" / "model.safetensors").exists() and (run / "tensorboard").is_dir()
     codes = generate(prior, 2, max_frames=10, seed=0).codes
     assert all(c.shape[0] == 4 and 1 <= c.shape[1] <= 10 for c in codes)
@@ -111,6 +121,46 @@ def test_resumed_run_equals_uninterrupted(code_sets, tmp_path):
     assert whole.keys() == split.keys()
     for key in whole:
         assert torch.equal(whole[key], split[key]), key
+
+
+def test_resuming_with_another_config_names_the_differences(code_sets, tmp_path):
+    run = tmp_path / "run"
+    train_prior(tiny_config(code_sets, "train.save_every=2"), run, max_steps=2)
+    changed = tiny_config(code_sets, "prior.pattern=flatten", "optim.lr=0.1", "train.seq_len=16",
+                          "data.valid_blocks=2", "train.save_every=3")
+    with pytest.raises(ValueError, match="another configuration") as err:
+        train_prior(changed, run, max_steps=4)
+    message = str(err.value)
+    for part in ("prior.pattern: 'delay' in the run, 'flatten' now", "optim.lr: 0.003 in the run, 0.1 now",
+                 "train.seq_len: 32 in the run, 16 now", "data.valid_blocks: 8 in the run, 2 now"):
+        assert part in message
+    assert "save_every" not in message
+    # how long to train and how often to log, validate and save may change
+    safe = tiny_config(code_sets, "train.num_iters=50", "train.log_every=2", "train.valid_every=4",
+                       "train.save_every=4")
+    train_prior(safe, run, max_steps=4)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "val"), (4, "train"), (4, "val")]
+
+
+def test_training_records_and_checks_the_codec_weights(code_sets, codec_tok, tmp_path):
+    twin = random_tokenizer("tiny-16khz", seed=1)  # the same architecture with other weights
+    write_dataset(tmp_path / "twin", [("shard-00000.tar", learnable_records("w", 12, 3))], twin.codes_fingerprint)
+    with pytest.raises(ValueError, match="other weights") as err:  # validation codes of another codec
+        train_prior(tiny_config(code_sets, f"data.valid={tmp_path / 'twin'}"), tmp_path / "refused", max_steps=2)
+    assert codec_tok.codes_fingerprint in str(err.value) and twin.codes_fingerprint in str(err.value)
+    assert not (tmp_path / "refused").exists()
+
+    train = tmp_path / "train"
+    write_dataset(train, [("shard-00000.tar", learnable_records("t", 20, 0))], codec_tok.codes_fingerprint)
+    config = tiny_config(code_sets, f"data.train={train}", "train.save_every=2")
+    train_prior(config, tmp_path / "run", max_steps=2)
+    assert CodePrior.from_pretrained(tmp_path / "run").codec.codes_fingerprint == codec_tok.codes_fingerprint
+    # the same folder written again by the other weights: the run does not go on with those codes
+    write_dataset(train, [("shard-00000.tar", learnable_records("t", 20, 0))], twin.codes_fingerprint)
+    with pytest.raises(ValueError, match="resuming") as err:
+        train_prior(config, tmp_path / "run", max_steps=4)
+    assert codec_tok.codes_fingerprint in str(err.value) and twin.codes_fingerprint in str(err.value)
 
 
 def test_text_conditioned_prior_trains(code_sets, tmp_path):
@@ -292,10 +342,9 @@ def test_save_and_load_round_trip(tmp_path, pattern):
         torch.testing.assert_close(back(ids, None, *prefix)[0], prior(ids, None, *prefix)[0], atol=0, rtol=0)
 
 
-def test_prior_refuses_another_codec(tmp_path):
-    prior = tiny_prior("delay")
-    same = random_tokenizer("tiny-16khz")
-    prior.check_codec(same)
+def test_prior_refuses_another_codec(tmp_path, codec_tok):
+    prior = tiny_prior("delay", codec=dataclasses.replace(CODEC, codes_fingerprint=codec_tok.codes_fingerprint))
+    prior.check_codec(codec_tok)
     other = random_tokenizer("tiny-24khz")
     with pytest.raises(ValueError) as err:
         prior.check_codec(other)
@@ -308,9 +357,43 @@ def test_prior_refuses_another_codec(tmp_path):
         CodePrior.from_pretrained(tmp_path)
 
 
-def test_sample_to_wav_streams_the_decoded_sample(tmp_path):
-    prior = tiny_prior("delay")
-    tok = random_tokenizer("tiny-16khz")
+def test_prior_refuses_a_codec_with_other_weights(tmp_path, codec_tok):
+    twin = random_tokenizer("tiny-16khz", seed=1)
+    codec = dataclasses.replace(CODEC, codes_fingerprint=codec_tok.codes_fingerprint)
+    torch.manual_seed(0)
+    CodePrior(PriorConfig(pattern="delay", backbone=BACKBONE), codec).save_pretrained(tmp_path / "prior")
+    prior = CodePrior.from_pretrained(tmp_path / "prior")
+    assert prior.codec == codec
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prior.check_codec(codec_tok)
+    with pytest.raises(ValueError, match="same architecture with other weights") as err:
+        prior.check_codec(twin)
+    for part in ("'tiny'", codec_tok.codes_fingerprint, twin.codes_fingerprint):
+        assert part in str(err.value)
+    with pytest.raises(ValueError, match="other weights"):
+        sample_to_wav(prior, twin, tmp_path / "x.wav", max_frames=4)
+    assert not (tmp_path / "x.wav").exists()
+
+    meta = json.loads((tmp_path / "prior" / "config.json").read_text())
+    (tmp_path / "prior" / "config.json").write_text(json.dumps({**meta, "codec": {**meta["codec"],
+                                                                                  "codes_fingerprint": "x"}}))
+    with pytest.raises(ValueError, match="codes_fingerprint"):
+        CodePrior.from_pretrained(tmp_path / "prior")
+    # a prior saved before priors recorded the fingerprint loads, and says once that the weights go unchecked
+    del meta["codec"]["codes_fingerprint"]
+    (tmp_path / "prior" / "config.json").write_text(json.dumps(meta))
+    old = CodePrior.from_pretrained(tmp_path / "prior")
+    assert old.codec == CODEC
+    with pytest.warns(UserWarning, match="does not record the weights fingerprint") as record:
+        old.check_codec(twin)
+        old.check_codec(twin)
+    assert len([w for w in record if "weights fingerprint" in str(w.message)]) == 1
+
+
+def test_sample_to_wav_streams_the_decoded_sample(tmp_path, codec_tok):
+    tok = codec_tok
+    prior = tiny_prior("delay", codec=dataclasses.replace(CODEC, codes_fingerprint=tok.codes_fingerprint))
     codes = sample_to_wav(prior, tok, tmp_path / "s.wav", chunk_frames=3, max_frames=20, min_frames=15, seed=0)
     audio, sr = sf.read(tmp_path / "s.wav", dtype="float32")
     assert sr == tok.sample_rate and len(audio) == codes.shape[1] * tok.hop_length
