@@ -4,8 +4,9 @@
     python recipes/train_lm.py --config recipes/configs/prior/small.yml --save-path runs/prior prior.pattern=flatten
     torchrun --nproc_per_node 8 recipes/train_lm.py --config recipes/configs/prior/small.yml --save-path runs/prior
 
-Running again with the same --save-path resumes from its latest checkpoint. Trailing
-``section.key=value`` arguments override the config (values parsed as YAML).
+Running again with the same --save-path resumes from its latest checkpoint, with the run's config:
+a change other than train.num_iters and the log/valid/save intervals is an error naming the settings.
+Trailing ``section.key=value`` arguments override the config (values parsed as YAML).
 """
 
 import argparse
