@@ -72,7 +72,8 @@ def write_v1(path: Path, records: list[np.ndarray], tok: AudioTokenizer, row_gro
 
 
 def write_v2(path: Path, records: list[np.ndarray], tok: AudioTokenizer) -> None:
-    writer = ParquetShardWriter(path, dataset_metadata(tok.model_id, tok.config, tok.codes_fingerprint, tok.n_codebooks, True))
+    metadata = dataset_metadata(tok.model_id, tok.config, tok.codes_fingerprint, tok.n_codebooks, True)
+    writer = ParquetShardWriter(path, metadata)
     for i, codes in enumerate(records):
         writer.add(meta(i, codes, tok), codes)
     writer.close()

@@ -128,7 +128,9 @@ def evaluate(args, work: Path, config) -> dict:
     k_all, size = prior.n_codebooks, prior.vocab.codebook_size
     logp = unigram(CodeDataset(work / "codes" / "train"), k_all, size)
 
-    blocks = list(iter(examples(config, prior, CodeDataset(work / "codes" / "eval"))))[: config.data.valid_blocks]
+    eval_codes = CodeDataset(work / "codes" / "eval")
+    prior.check_dataset(eval_codes)  # the codes of the codec the prior was trained on
+    blocks = list(iter(examples(config, prior, eval_codes)))[: config.data.valid_blocks]
     val = validate(prior, blocks, torch.device("cpu"))
     uni_sum, uni_count = torch.zeros(k_all), torch.zeros(k_all)
     for block in blocks:
@@ -141,7 +143,7 @@ def evaluate(args, work: Path, config) -> dict:
     rng = torch.Generator().manual_seed(args.seed)
     totals = {name: torch.zeros(k_all) for name in ("true", "random", "unigram", "count")}
     n_prompts = 0
-    for record in CodeDataset(work / "codes" / "eval"):
+    for record in eval_codes:
         codes = torch.from_numpy(record.channel_codes[0][:k_all, : n_prompt + n_cont].astype(np.int64))
         if codes.shape[1] < n_prompt + n_cont or n_prompts >= args.max_prompts:
             continue

@@ -5,7 +5,8 @@
     python recipes/sample_lm.py --prior runs/prior --out cont.wav --prompt speech.wav --prompt-seconds 3 --seconds 8
 
 The prompt is encoded with the prior's codec (the model its codes came from, or --codec: a model of
-another architecture is refused) and is part of the output. Audio is written while it is generated.
+another architecture, or of other encoder and quantizer weights, is refused) and is part of the output.
+Audio is written while it is generated.
 """
 
 import argparse
