@@ -131,7 +131,7 @@ def main() -> None:
             encode_rows.append((f"encode, batch {b:g} s", t))
         rows.append(encode_rows[0])
 
-        metadata = dataset_metadata(tok.model_id, tok.config, tok.n_codebooks, True)
+        metadata = dataset_metadata(tok.model_id, tok.config, tok.codes_fingerprint, tok.n_codebooks, True)
 
         def write() -> None:
             writer = SHARD_WRITERS[args.format](Path(tmp) / f"shard{SHARD_WRITERS[args.format].suffix}", metadata)
