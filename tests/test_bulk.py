@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -338,6 +339,26 @@ def test_min_seconds_skips_short_records(corpus, model_dir, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["records"] == 1 and summary.failures == 1
     assert manifest["failures"][0]["key"] == "v1.two.dots.wav" and manifest["failures"][0]["reason"] == "short"
+
+
+def test_loud_records_are_counted_once_not_warned_per_clip(model_dir, tok, tmp_path, caplog):
+    """Audio beyond [-1, 1] (as resampled full-scale recordings are) is coded as ``encode`` codes it; the
+    job logs one count instead of one UserWarning per clip."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i, peak in enumerate([1.3, 0.5, 1.1]):
+        x = noise(rng, 0.3, 24000, 1)
+        sf.write(folder / f"{i}.wav", x * (peak / np.abs(x).max()), 24000, subtype="FLOAT")
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="audiotok.bulk"), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        tokenize_dataset(config(InputSpec("folder", str(folder)), out, model_dir, num_workers=0))
+    loud = [r.getMessage() for r in caplog.records if "peak above 1" in r.getMessage()]
+    assert len(loud) == 1 and loud[0].startswith("2 of the 3 records")
+    _, records = read_output(out)
+    with pytest.warns(UserWarning, match="peak amplitude"):
+        check_against_direct(records, tok, lambda key: folder / key)
 
 
 def _counting(decode, calls):

@@ -9,6 +9,7 @@ import re
 import secrets
 import socket
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -443,6 +444,11 @@ class PartWriter:
 # Encoding
 
 
+#: The tokenizer's warning for audio beyond [-1, 1] (``audiotok.audio``): a bulk job counts such
+#: records and logs the count once instead (resampling makes full-scale recordings peak slightly above 1).
+LOUD_WARNING = r"clip \d+ has peak amplitude"
+
+
 def encode_items(tokenizer: AudioTokenizer, items: list[Decoded], n_quantizers: int, batch_seconds: float,
                  chunk_seconds: float | None, mono: bool = True) -> list[np.ndarray | Failure]:
     """Codes (uint16 ``[K, F]`` when ``mono``, else ``[C, K, F]``) or a :class:`Failure` per item.
@@ -463,8 +469,10 @@ def encode_items(tokenizer: AudioTokenizer, items: list[Decoded], n_quantizers: 
 
     def run(group: list[int]) -> None:
         audio = [items[clips[j][0]].audio[clips[j][1]].numpy() for j in group]
-        enc = tokenizer.encode(audio, tokenizer.sample_rate, n_quantizers, chunk_seconds=chunk_seconds,
-                               batch_seconds=batch_seconds)
+        with warnings.catch_warnings():  # one warning per clip would flood a job's log: counted by the caller
+            warnings.filterwarnings("ignore", LOUD_WARNING, UserWarning)
+            enc = tokenizer.encode(audio, tokenizer.sample_rate, n_quantizers, chunk_seconds=chunk_seconds,
+                                   batch_seconds=batch_seconds)
         out = enc.codes.numpy()
         for b, j in enumerate(group):
             codes[clips[j]] = out[b, :, : int(enc.lengths[b])].astype(np.uint16)
@@ -585,7 +593,7 @@ class _Settings:
     chunk_seconds: float | None
     pool_seconds: float
     parts: list[dict[str, Any]]
-    stats: dict[str, Any] = field(default_factory=lambda: {"records": 0, "seconds": 0.0, "failures": 0})
+    stats: dict[str, Any] = field(default_factory=lambda: {"records": 0, "seconds": 0.0, "failures": 0, "loud": 0})
 
 
 def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: DistEnv, t0: float) -> BulkSummary:
@@ -625,6 +633,10 @@ def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: DistEnv, t0:
     reasons = SkipCounter(f"tokenize {owner}")
     if not scheduler.refresh_done():
         _encode_parts(config, settings, source, scheduler, env, reasons)
+        if settings.stats["loud"]:
+            logger.warning("%d of the %d records coded by this process peak above 1 (a full-scale recording "
+                           "resampled overshoots slightly): their loudest samples are coded clipped",
+                           settings.stats["loud"], settings.stats["records"])
 
     run_stats: list[Any] = [settings.stats]
     distributed = dist.is_available() and dist.is_initialized()
@@ -702,6 +714,7 @@ def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Sc
         results = (encode_items(tok, decoded, k, settings.batch_seconds, settings.chunk_seconds, config.mono)
                    if decoded else [])
         by_item = {id(x): r for x, r in zip(decoded, results)}
+        stats["loud"] += sum(float(x.audio.abs().max()) > 1.0 for x in decoded)
         hours = 0.0
         for item in sorted(pool, key=lambda x: (x.part, x.position)):
             result = by_item[id(item)] if isinstance(item, Decoded) else item
