@@ -36,7 +36,7 @@ from ..distributed import DistEnv, init_process_group, rank_device, shutdown
 from ..segments import make_batches, plan_segments
 from ..tokenizer import DTYPES, AudioTokenizer
 from .inputs import Bundle, Decoded, Failure, InputSpec, PartReader, identity_collate, source_fingerprint
-from .store import Store, open_store
+from .store import Store, open_store, process_gone
 
 logger = logging.getLogger("audiotok.bulk")
 
@@ -214,16 +214,7 @@ def default_owner() -> str:
 def _dead_here(owner: str) -> bool:
     """Whether ``owner`` (``host/pid/...``) is a process of this host that no longer runs."""
     host, _, rest = owner.partition("/")
-    pid = rest.partition("/")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # exists, not ours
-        return False
-    return False
+    return process_gone(host, rest.partition("/")[0])
 
 
 class Claims:

@@ -85,10 +85,6 @@ class Store:
         half-written shards); call it only when no build is under way. Returns what was removed."""
         return ()
 
-    def local_path(self, name: str) -> Path | None:
-        """The local path of ``name`` when the store is a local folder, else ``None``."""
-        return None
-
     def read_json(self, name: str) -> Any:
         return json.loads(self.read_bytes(name))
 
@@ -153,9 +149,6 @@ class LocalStore(Store):
                     path.unlink(missing_ok=True)
                     removed.append(path.relative_to(self.root).as_posix())
         return tuple(sorted(removed))
-
-    def local_path(self, name: str) -> Path | None:
-        return self._path(name)
 
 
 class FsspecStore(Store):
@@ -245,19 +238,25 @@ def _url_hash(url: str) -> str:
     return hashlib.sha1(url.encode()).hexdigest()[:16]
 
 
-def _left_by_a_gone_process(folder: Path) -> bool:
-    """Whether a staging folder ``{url hash}-{host}-{pid}-{random}`` was made on this machine by a
-    process that has ended."""
-    host, pid, _ = (folder.name[17:].rsplit("-", 2) + ["", ""])[:3]
+def process_gone(host: str, pid: str) -> bool:
+    """Whether ``pid`` names a process of this machine (``host`` is this host name) that has ended;
+    ``False`` for another machine's, a running one (another user's included) or a malformed pid."""
     if host != socket.gethostname() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
-    except PermissionError:  # another user's process
+    except OSError:  # exists, another user's
         return False
     return False
+
+
+def _left_by_a_gone_process(folder: Path) -> bool:
+    """Whether a staging folder ``{url hash}-{host}-{pid}-{random}`` was made on this machine by a
+    process that has ended."""
+    host, pid, _ = (folder.name[17:].rsplit("-", 2) + ["", ""])[:3]
+    return process_gone(host, pid)
 
 
 def _remove_staging(folder: Path, pid: int) -> None:

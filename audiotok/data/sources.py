@@ -519,6 +519,10 @@ class HFDatasetSource(AudioSource):
         from datasets.distributed import split_dataset_by_node
 
         ds = split_dataset_by_node(self.dataset, rank=part, world_size=num_parts) if num_parts > 1 else self.dataset
+        yield from self._stream_rows(ds, f"part{part}", part, start)
+
+    def _stream_rows(self, ds: Any, prefix: str, part: int | str, start: int) -> Iterator[Record | DecodeError]:
+        """The rows of a stream from row ``start`` on, keyed ``{prefix}.{row}[:{path}]``."""
         # ``iter`` rather than ``__iter__``: inside a DataLoader worker, ``__iter__`` splits the data
         # among the workers a second time, on top of our parts, and records would be lost.
         count = 0
@@ -526,7 +530,7 @@ class HFDatasetSource(AudioSource):
             if count <= start:
                 continue
             value = batch[self.audio_column][0]
-            key = self._key(f"part{part}.{count - 1}", value)
+            key = self._key(f"{prefix}.{count - 1}", value)
             try:
                 yield _with_metadata(self._decode(key, value), {k: batch[k][0] for k in self.keep})
             except DecodeError as e:
@@ -551,17 +555,7 @@ class HFDatasetSource(AudioSource):
         if n != self.dataset.n_shards:
             raise ValueError(f"{self.name}: the stream has {self.dataset.n_shards} shards, the part is of {n}")
         ds = self.dataset.shard(num_shards=n, index=i) if n > 1 else self.dataset
-        count = 0
-        for count, batch in enumerate(ds.iter(batch_size=1), start=1):  # iter: see records()
-            if count <= start:
-                continue
-            value = batch[self.audio_column][0]
-            key = self._key(f"shard{i}.{count - 1}", value)
-            try:
-                yield _with_metadata(self._decode(key, value), {k: batch[k][0] for k in self.keep})
-            except DecodeError as e:
-                yield e
-        self._check_start(f"shard {i}", count, start)
+        yield from self._stream_rows(ds, f"shard{i}", f"shard {i}", start)
 
 
 # ---------------------------------------------------------------------------------------------
