@@ -60,9 +60,8 @@ def slaney_mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tenso
             sampling_rate=sample_rate,
             norm="slaney",
             mel_scale="slaney",
-            dtype=np.dtype(np.float32),
-        )
-    return torch.from_numpy(np.ascontiguousarray(filters.T))
+        )  # float64 (transformers 5 has no dtype argument)
+    return torch.from_numpy(np.ascontiguousarray(filters.T, dtype=np.float32))
 
 
 class MelSpectrogram(nn.Module):

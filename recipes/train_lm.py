@@ -11,12 +11,13 @@ Trailing ``section.key=value`` arguments override the config (values parsed as Y
 
 import argparse
 import logging
+import sys
 
 from audiotok.lm.config import load_prior_config
 from audiotok.lm.trainer import train_prior
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="a YAML config, e.g. recipes/configs/prior/small.yml")
     p.add_argument("--save-path", required=True, help="run folder: checkpoints, logs; resumed if it holds a run")
@@ -25,8 +26,13 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="config overrides such as train.batch_size=32")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    train_prior(load_prior_config(args.config, args.overrides), args.save_path, args.max_steps, args.device)
+    try:
+        train_prior(load_prior_config(args.config, args.overrides), args.save_path, args.max_steps, args.device)
+    except FileNotFoundError as e:  # missing codes or config: one line that says what to do
+        print(f"train_lm: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

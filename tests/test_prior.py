@@ -451,3 +451,17 @@ def test_two_process_gloo_run_and_sample_recipe(code_sets, tmp_path):
     argv[argv.index("--codec") + 1] = str(tmp_path / "other")
     with pytest.raises(ValueError, match="config hash"):
         sample_lm.main(argv)
+
+
+def test_train_lm_missing_codes_is_one_line_that_says_what_to_run(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "recipes" / "train_lm.py"), "--config",
+                           str(REPO / "recipes" / "configs" / "prior" / "small.yml"), "--save-path",
+                           str(tmp_path / "run"), f"data.train={tmp_path / 'nowhere'}", "--max-steps", "1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"train_lm: error: {tmp_path / 'nowhere'}: no code dataset (manifest.json missing; a bulk job "
+                      f"writes it last); write one with: python recipes/tokenize_dataset.py --output "
+                      f"{tmp_path / 'nowhere'} ..."]

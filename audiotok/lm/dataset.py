@@ -48,11 +48,16 @@ class CodeDataset:
         location = local_path(path)
         self.root: Path | str = location.rstrip("/") if is_url(location) else Path(location)
         self.storage_options = dict(storage_options or {})
-        if isinstance(self.root, Path):
-            manifest = (self.root / MANIFEST_NAME).read_bytes()
-        else:
-            fs, base = url_to_fs(self.root, self.storage_options)
-            manifest = fs.cat_file(f"{base}/{MANIFEST_NAME}")
+        try:
+            if isinstance(self.root, Path):
+                manifest = (self.root / MANIFEST_NAME).read_bytes()
+            else:
+                fs, base = url_to_fs(self.root, self.storage_options)
+                manifest = fs.cat_file(f"{base}/{MANIFEST_NAME}")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.root}: no code dataset ({MANIFEST_NAME} missing; a bulk job writes it "
+                                    "last); write one with: python recipes/tokenize_dataset.py --output "
+                                    f"{self.root} ...") from None
         self.manifest: dict[str, Any] = json.loads(manifest)
         check_manifest(self.manifest, f"{self.root}/{MANIFEST_NAME}")
         self.shards: list[dict[str, Any]] = list(self.manifest["shards"])
