@@ -92,10 +92,11 @@ def test_webdataset_job_equals_the_torch_engines(corpus, model_dir, tmp_path, la
 
 
 def kill_the_actor_mid_part(out: Path, killed: list[int]) -> None:
-    """SIGKILL the process that owns a claim on an unfinished part, once a shard is in place."""
+    """SIGKILL the process that owns a claim on an unfinished part, once a shard is in place and recorded."""
     deadline = time.time() + 60
     while time.time() < deadline and not killed:
-        claims = list((out / ".bulk/claims").glob("*.json")) if list(out.glob("part-*")) else []
+        recorded = list((out / ".bulk/progress").glob("*.json"))
+        claims = list((out / ".bulk/claims").glob("*.json")) if recorded else []
         for claim in claims:
             try:
                 pid = int(json.loads(claim.read_text())["owner"].split("/")[1])
