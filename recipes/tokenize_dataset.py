@@ -7,8 +7,10 @@
         --input-type webdataset --audio-keys flac,wav --output codes/ --model descript/dac_44khz --device cuda \\
         --dtype bf16
 
-    python recipes/tokenize_dataset.py --input 's3://corpus/train-{000..099}.tar' --input-type webdataset \
+    python recipes/tokenize_dataset.py --input 's3://corpus/train-{000..099}.tar' --input-type webdataset \\
         --output s3://codes/train --storage-options '{"profile": "research"}'
+    python recipes/tokenize_dataset.py --input 'data/train-{000..511}.tar' --input-type webdataset \\
+        --output /shared/codes --engine ray --ray-address auto --device cuda --dtype bf16
 
 --input and --output take fsspec URLs (s3://, gs://, hf://; pip install 'audiotok[cloud]' for s3, gcsfs
 for gs): a shard appears there only when complete and the manifest last, as on a local folder.
@@ -18,8 +20,10 @@ processes anywhere, with --output on a shared filesystem: processes claim parts 
 (a tar shard, --part-records rows) through the output folder until all are done. Running the same
 command again resumes an interrupted job, with any number of processes, nodes and --num-workers
 (a dead process's parts are taken over once its claims lapse, after --lease-seconds; at once on
-its own host), and does nothing for a finished one. The output format is described in
-audiotok/codedataset.py; the work split in audiotok/bulk/__init__.py.
+its own host), and does nothing for a finished one. --engine ray runs the same job on a Ray cluster
+(one actor per GPU, parts read by Ray tasks) with the same output; either engine resumes the other's
+job. The output format is described in audiotok/codedataset.py; the work split in
+audiotok/bulk/__init__.py.
 
 Exit status: 0 when every record was tokenized; 1 when some records failed (unreadable, empty,
 NaN, too short: listed under "failures" in the output's manifest.json); 2 for errors that stop the
@@ -36,7 +40,8 @@ import sys
 log = logging.getLogger("audiotok.tokenize")
 
 # Packages each input type and output format needs, with the extra that installs them.
-_NEEDS = {"hf": ("datasets", "data"), "webdataset": ("webdataset", "data"), "parquet": ("pyarrow", "data")}
+_NEEDS = {"hf": ("datasets", "data"), "webdataset": ("webdataset", "data"), "parquet": ("pyarrow", "data"),
+          "ray": ("ray", "ray")}
 
 
 def json_object(text: str) -> dict:
@@ -94,6 +99,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lease-seconds", type=float, default=600.0,
                    help="a claim on a part lapses this long after its last renewal, and another process "
                         "takes the part over (default 600)")
+    p.add_argument("--engine", default="torch", choices=["torch", "ray"],
+                   help="torch: this process (one of any number, torchrun or not) with DataLoader workers; "
+                        "ray: actors and read tasks on a Ray cluster (pip install 'audiotok[ray]'); same output")
+    p.add_argument("--ray-actors", type=int,
+                   help="encoding actors (ray; default: one per GPU with --device cuda, else half the CPUs); "
+                        "--num-workers is then the read tasks per actor")
+    p.add_argument("--ray-address",
+                   help="Ray cluster to join, e.g. auto (default: RAY_ADDRESS or a running local cluster, else a "
+                        "local instance for the job)")
     return p.parse_args(argv)
 
 
@@ -104,7 +118,7 @@ def check_packages(args: argparse.Namespace) -> None:
 
     for location in (*args.input, args.output):
         check_scheme(location)
-    for need in (args.input_type, args.format):
+    for need in (args.input_type, args.format, args.engine):
         if need in _NEEDS:
             package, extra = _NEEDS[need]
             try:
@@ -135,7 +149,8 @@ def main(argv=None) -> int:
             shard_records=args.shard_records,
             shard_frames=args.shard_frames, min_seconds=args.min_seconds, dtype=args.dtype, device=args.device,
             compile=args.compile, progress=not args.no_progress, lease_seconds=args.lease_seconds,
-            storage_options=args.storage_options,
+            storage_options=args.storage_options, engine=args.engine, ray_actors=args.ray_actors,
+            ray_address=args.ray_address,
         )
         summary = tokenize_dataset(config)
     except (ValueError, OSError, ImportError) as e:  # FileNotFoundError (input, model), hub errors, bad settings

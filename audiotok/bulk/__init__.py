@@ -4,6 +4,8 @@
     torchrun --nproc_per_node 8 recipes/tokenize_dataset.py --input 'shards/train-{000..999}.tar' \\
         --input-type webdataset --output codes/ --model descript/dac_44khz --device cuda --dtype bf16
 
+    python recipes/tokenize_dataset.py --input corpus/ --input-type folder --output codes/ --engine ray
+
 Inputs and the output may be fsspec URLs (``s3://bucket/codes``, ``gs://``, ``hf://``, with
 ``storage_options``): outputs go through :mod:`audiotok.bulk.store`, which uploads each file whole.
 
@@ -63,6 +65,39 @@ live process's part for a dead one's: work done twice, same output. A process st
 when another writes the manifest may lose its staging file to the cleanup and fail; its work was
 not needed.
 
+Ray engine
+==========
+
+``engine="ray"`` (``--engine ray``, :mod:`audiotok.bulk.ray_engine`) runs the same job on a Ray
+cluster (``ray_address``; by default the one ``RAY_ADDRESS`` or a local ``ray start`` names, else a
+local instance started for the job). The driver plans the job (``.bulk/plan.json``, as above; the
+model loaded on its CPU only for its identity), starts ``ray_actors`` encoding actors (one GPU
+each with a CUDA ``device``, default one per GPU of the cluster; else one CPU each, default half
+the cluster's CPUs), waits for them, and writes the manifest. Each actor loads the model on its
+device and is one process of the protocol above, the torch engine's own code
+(:func:`audiotok.bulk.job.work`): it claims parts with the claim files (owner ``host/pid/random`` of
+the actor's process), encodes them in length-sorted pools and writes shards, progress and done
+markers with the same part writers. So the output (shards, ``.bulk/`` files, manifest but for its
+``created`` time) is byte for byte the torch engine's, and a job begun by one engine is resumed or
+finished by the other.
+
+The only difference is reading: an actor's parts are read, decoded and resampled by Ray tasks (one
+CPU each, anywhere in the cluster; ``num_workers`` of them per actor, at least one), each streaming
+one part's bundles back to the actor, two ahead at most. Decoding is CPU work: as tasks it runs on
+the CPUs of any node rather than in the GPU actor's process, and the actor's time goes to
+encoding. Actors claim parts themselves rather than being handed them by the driver: one protocol
+for both engines, so resuming, mixing engines and losing an actor need nothing new. The cluster
+needs a CPU beyond its actors' for the read tasks (else an error), and every node must see the
+input and ``output`` (a shared filesystem or an object store URL).
+
+Resume and failures. Running the same command again continues from the done markers and progress
+files, with any number of actors, as above. An actor that dies (its process killed, its node lost)
+leaves its claims: they lapse after ``lease_seconds`` (at once for an actor on the dead one's host,
+which sees its process gone), and the other actors take its parts over, continuing each from its
+progress file; an actor whose work raises releases its claims. The job fails only when every actor
+has stopped with parts left (a ``RuntimeError`` from the first actor's error; the work done stays
+for the next run). A driver that is interrupted kills its actors; their claims lapse.
+
 Sidecar layout
 ==============
 
@@ -94,10 +129,11 @@ from ..codedataset import (
     safe_name,
 )
 from .inputs import Decoded, Failure, InputSpec, PartReader, part_stream, prepare
-from .job import DTYPES, FORMATS, LAYOUTS, STATE_DIR, BulkConfig, BulkSummary, encode_items, tokenize_dataset
+from .job import DTYPES, ENGINES, FORMATS, LAYOUTS, STATE_DIR, BulkConfig, BulkSummary, encode_items, tokenize_dataset
 
 __all__ = [
     "DTYPES",
+    "ENGINES",
     "FORMATS",
     "FORMAT_NAME",
     "FORMAT_VERSION",

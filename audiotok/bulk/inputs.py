@@ -14,7 +14,8 @@ the first ``start`` items are passed over without decoding their audio.
 
 Workers. :class:`PartReader` takes ``(part, start)`` tasks from a queue that the job's main process
 fills as it claims parts: each DataLoader worker reads whole parts, one at a time, so the split
-among workers changes nothing in the output.
+among workers changes nothing in the output. Every reader (DataLoader worker, or Ray task of the
+ray engine) reads a part with :func:`read_bundles`.
 """
 
 from __future__ import annotations
@@ -271,20 +272,29 @@ class PartReader(IterableDataset):
 
     def __iter__(self) -> Iterator[Bundle]:
         while (task := self.tasks.get()) is not None:
-            yield from self._read(*task)
+            part, start = task
+            yield from read_bundles(self.source, self.parts[part], part, start, self.sample_rate, self.mono,
+                                    self.min_seconds, self.bundle_seconds, self.bundle_items)
 
-    def _read(self, part: int, start: int) -> Iterator[Bundle]:
-        bundle, seconds, position = Bundle(part), 0.0, start
-        for position, item in part_stream(self.source, self.parts[part], start):
-            out = prepare(part, position, item, self.sample_rate, self.mono, self.min_seconds)
-            bundle.items.append(out)
-            seconds += out.seconds if isinstance(out, Decoded) else 0.0
-            if seconds >= self.bundle_seconds or len(bundle.items) >= self.bundle_items:
-                yield bundle
-                bundle, seconds = Bundle(part), 0.0
-            position += 1
-        bundle.end = position
-        yield bundle
+
+def read_bundles(source: AudioSource, spec: dict[str, Any], part: int, start: int, sample_rate: int,
+                 mono: bool = True, min_seconds: float = 0.0, bundle_seconds: float = 60.0,
+                 bundle_items: int = 256) -> Iterator[Bundle]:
+    """Part ``part`` (``spec`` = ``source.partition(...)[part]``) from position ``start`` to its end,
+    read and :func:`prepare` d, as :class:`Bundle` s of about ``bundle_seconds`` of audio (or
+    ``bundle_items`` items) in position order; the last one has the part's ``end``. What every
+    engine's readers run (DataLoader workers, Ray tasks)."""
+    bundle, seconds, position = Bundle(part), 0.0, start
+    for position, item in part_stream(source, spec, start):
+        out = prepare(part, position, item, sample_rate, mono, min_seconds)
+        bundle.items.append(out)
+        seconds += out.seconds if isinstance(out, Decoded) else 0.0
+        if seconds >= bundle_seconds or len(bundle.items) >= bundle_items:
+            yield bundle
+            bundle, seconds = Bundle(part), 0.0
+        position += 1
+    bundle.end = position
+    yield bundle
 
 
 def identity_collate(x: Any) -> Any:

@@ -11,9 +11,10 @@ import socket
 import time
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from ..codedataset import (
     record_key,
 )
 from ..codes import check_n_quantizers, check_uint16
-from ..data.sources import DecodeError, SkipCounter
+from ..data.sources import AudioSource, DecodeError, SkipCounter
 from ..distributed import DistEnv, init_process_group, rank_device, shutdown
 from ..segments import make_batches, plan_segments
 from ..tokenizer import DTYPES, AudioTokenizer
@@ -47,6 +48,9 @@ FORMATS = tuple(SHARD_WRITERS)
 #: ``pooled``: a part's records in shards of ``shard_records``; ``sidecar``: one code shard per input
 #: WebDataset shard, sample for sample.
 LAYOUTS = ("pooled", "sidecar")
+#: ``torch``: processes launched by hand or by torchrun, decoding in DataLoader workers; ``ray``: a
+#: Ray cluster's actors and tasks (:mod:`audiotok.bulk.ray_engine`). The output is the same.
+ENGINES = ("torch", "ray")
 
 
 @dataclass
@@ -81,6 +85,12 @@ class BulkConfig:
         owner: this process's claim owner id (default ``{host}/{pid}/{random}``).
         storage_options: options of the fsspec filesystem of an ``output`` URL (credentials,
             ``endpoint_url``; see :mod:`audiotok.urls`); not written anywhere.
+        engine: ``torch`` (this process, one of any number working on the job) or ``ray`` (this
+            process drives actors on a Ray cluster; see :mod:`audiotok.bulk.ray_engine`).
+        ray_actors: encoding actors (ray; default: one per GPU of the cluster with a CUDA
+            ``device``, else half its CPUs); ``num_workers`` is then the read tasks per actor.
+        ray_address: the Ray cluster to join (``auto``, ``ray://host:10001``; default: the one
+            ``RAY_ADDRESS`` or a local ``ray start`` names, else a local instance started for the job).
     """
 
     input: InputSpec
@@ -105,8 +115,15 @@ class BulkConfig:
     lease_seconds: float = 600.0
     owner: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    engine: str = "torch"
+    ray_actors: int | None = None
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.ray_actors is not None and self.ray_actors < 1:
+            raise ValueError(f"ray_actors must be >= 1, got {self.ray_actors}")
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.layout not in LAYOUTS:
@@ -287,8 +304,7 @@ class Scheduler:
 
     def refresh_done(self) -> bool:
         """Re-list the done markers; whether every part is done."""
-        names = self.store.list(f"{STATE_DIR}/done")
-        self.done = {int(m.group(1)) for n in names if (m := re.search(r"part-(\d+)\.json$", n))}
+        self.done = done_parts(self.store)
         return len(self.done) >= self.num_parts
 
     def is_done(self, part: int) -> bool:
@@ -560,8 +576,16 @@ def tokenize_dataset(config: BulkConfig, tokenizer: AudioTokenizer | None = None
     Any number of processes (torchrun ranks or independent launches) may run the same job at once:
     they claim parts through the output folder until every part is done, and the manifest is
     written when all are. Running the same command again resumes an interrupted job (with any
-    number of processes), or does nothing for a finished one. Returns a :class:`BulkSummary`.
+    number of processes), or does nothing for a finished one. ``config.engine="ray"`` runs the job
+    on a Ray cluster instead (:mod:`audiotok.bulk.ray_engine`; ``tokenizer`` must then be ``None``:
+    its actors load ``config.model``). Returns a :class:`BulkSummary`.
     """
+    if config.engine == "ray":
+        from .ray_engine import tokenize_with_ray
+
+        if tokenizer is not None:
+            raise ValueError("the ray engine loads config.model in each of its actors: pass no tokenizer")
+        return tokenize_with_ray(config)
     t0 = time.perf_counter()
     env = DistEnv.from_environ()
     # gloo: only barriers and small gathers; a long timeout, since ranks wait at the final barrier
@@ -574,28 +598,55 @@ def tokenize_dataset(config: BulkConfig, tokenizer: AudioTokenizer | None = None
             shutdown()
 
 
-@dataclass
-class _Settings:
-    """What the encode loop needs besides the config."""
-
-    tokenizer: AudioTokenizer
-    n_quantizers: int
-    batch_seconds: float
-    chunk_seconds: float | None
-    pool_seconds: float
-    parts: list[dict[str, Any]]
-    stats: dict[str, Any] = field(default_factory=lambda: {"records": 0, "seconds": 0.0, "failures": 0, "loud": 0})
-
-
 def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: DistEnv, t0: float) -> BulkSummary:
     if tokenizer is None:
-        device = rank_device(config.device, env.local_rank)
-        tokenizer = AudioTokenizer.from_pretrained(config.model, device, DTYPES[config.dtype], config.compile)
+        tokenizer = load_tokenizer(config, rank_device(config.device, env.local_rank))
+    job = plan_job(config, tokenizer)
+    if env.world_size > len(job.parts) and env.world_size > 1 and env.rank == 0:
+        logger.warning("%d parts for %d processes: some will have nothing to do", len(job.parts), env.world_size)
+    owner = config.owner or default_owner()
+    offset = env.rank * len(job.parts) // env.world_size if env.world_size > 1 else zlib.crc32(owner.encode())
+    stats = work(job, owner, offset, LoaderReads, config.progress and env.rank == 0)
+
+    run_stats: list[Any] = [stats]
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.barrier()
+        run_stats = [None] * env.world_size
+        dist.all_gather_object(run_stats, stats)
+    if env.rank == 0:
+        write_manifest(job.store, build_manifest(job.store, len(job.parts), tokenizer, config, job.n_quantizers))
+    if distributed:
+        dist.barrier()
+    return summarize(job, run_stats, time.perf_counter() - t0, env.world_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps every engine shares: plan, work on parts, summarize
+
+
+@dataclass
+class Job:
+    """A planned job as one process sees it (:func:`plan_job`): settings, model, input, parts, output."""
+
+    config: BulkConfig
+    tokenizer: AudioTokenizer
+    n_quantizers: int
+    source: AudioSource
+    parts: list[dict[str, Any]]
+    store: Store
+
+
+def load_tokenizer(config: BulkConfig, device: str | torch.device) -> AudioTokenizer:
+    """``config.model`` on ``device`` with the job's dtype (and ``torch.compile`` if asked)."""
+    return AudioTokenizer.from_pretrained(config.model, device, DTYPES[config.dtype], config.compile)
+
+
+def plan_job(config: BulkConfig, tokenizer: AudioTokenizer) -> Job:
+    """Cut the input into parts and write ``.bulk/plan.json`` (or check the one there): what every
+    process of a job does first, with the same result (see :mod:`audiotok.bulk`)."""
     check_uint16(tokenizer.codebook_size)
     k = check_n_quantizers(config.n_quantizers, tokenizer.n_codebooks)
-    chunk_seconds, batch_seconds = tokenizer.resolve_seconds(config.chunk_seconds, config.batch_seconds)
-    pool_seconds = config.pool_seconds or max(4 * batch_seconds, 120.0)
-
     source = config.input.build()
     parts = source.partition(config.part_records)
     if config.layout == "sidecar":
@@ -613,58 +664,123 @@ def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: DistEnv, t0:
     }
     store = open_store(config.output, config.storage_options)
     load_plan(store, {"job": job, "parts": parts})
-    if env.world_size > len(parts) and env.world_size > 1 and env.rank == 0:
-        logger.warning("%d parts for %d processes: some will have nothing to do", len(parts), env.world_size)
+    return Job(config, tokenizer, k, source, parts, store)
 
-    owner = config.owner or default_owner()
-    claims = Claims(store, owner, config.lease_seconds)
-    offset = env.rank * len(parts) // env.world_size if env.world_size > 1 else zlib.crc32(owner.encode())
-    scheduler = Scheduler(store, claims, len(parts), offset % max(1, len(parts)))
-    settings = _Settings(tokenizer, k, batch_seconds, chunk_seconds, pool_seconds, parts)
-    reasons = SkipCounter(f"tokenize {owner}")
+
+def done_parts(store: Store) -> set[int]:
+    """The parts that have a done marker."""
+    names = store.list(f"{STATE_DIR}/done")
+    return {int(m.group(1)) for n in names if (m := re.search(r"part-(\d+)\.json$", n))}
+
+
+class PartReads(Protocol):
+    """How a process reads the parts it claims: :meth:`read` asks for a part from a position;
+    :meth:`next_bundle` returns the next :class:`~audiotok.bulk.inputs.Bundle` of any part asked for
+    (each part's in position order, the last with its ``end``); ``workers`` parts are read at once."""
+
+    workers: int
+
+    def read(self, part: int, start: int) -> None: ...
+
+    def next_bundle(self) -> Bundle: ...
+
+    def close(self) -> None:
+        """Every part asked for was read to its end: stop the readers."""
+
+    def abort(self) -> None:
+        """Stop the readers, parts unfinished."""
+
+
+#: ``reads(job, pool_seconds)``: the readers of an engine (bundles of about ``pool_seconds / (2 * workers)``).
+ReadsFactory = Callable[[Job, float], PartReads]
+
+
+class LoaderReads:
+    """The torch engine's readers: ``max(1, num_workers)`` DataLoader workers (or the process
+    itself with ``num_workers=0``), each reading whole parts (:class:`~audiotok.bulk.inputs.PartReader`)."""
+
+    def __init__(self, job: Job, pool_seconds: float):
+        config = job.config
+        self.workers = max(1, config.num_workers)
+        self.tasks: Any = mp.SimpleQueue()
+        reader = PartReader(job.source, job.parts, self.tasks, job.tokenizer.sample_rate, config.mono,
+                            config.min_seconds, bundle_seconds=pool_seconds / (2 * self.workers))
+        loader = DataLoader(reader, batch_size=None, num_workers=config.num_workers, collate_fn=identity_collate,
+                            in_order=False, prefetch_factor=2 if config.num_workers else None)
+        self.it = iter(loader)  # workers start now and wait for tasks
+
+    def read(self, part: int, start: int) -> None:
+        self.tasks.put((part, start))
+
+    def next_bundle(self) -> Bundle:
+        return next(self.it)
+
+    def close(self) -> None:
+        self.abort()
+        for _ in self.it:
+            raise RuntimeError("a reader gave a bundle after every part was done")
+
+    def abort(self) -> None:
+        for _ in range(self.workers):  # let idle workers end
+            self.tasks.put(None)
+
+
+def work(job: Job, owner: str, offset: int, reads: ReadsFactory, progress: bool = False) -> dict[str, Any]:
+    """Claim parts of ``job`` as ``owner`` (trying them in order from ``offset``) and encode them,
+    reading them with ``reads``, until every part of the job is done (by this process or others).
+    Returns what this process did: ``{"records", "seconds", "failures", "loud"}``."""
+    config, tok = job.config, job.tokenizer
+    chunk_seconds, batch_seconds = tok.resolve_seconds(config.chunk_seconds, config.batch_seconds)
+    pool_seconds = config.pool_seconds or max(4 * batch_seconds, 120.0)
+    claims = Claims(job.store, owner, config.lease_seconds)
+    scheduler = Scheduler(job.store, claims, len(job.parts), offset % max(1, len(job.parts)))
+    settings = _Settings(tok, job.n_quantizers, batch_seconds, chunk_seconds, pool_seconds, job.parts)
     if not scheduler.refresh_done():
-        _encode_parts(config, settings, source, scheduler, env, reasons)
+        _encode_parts(config, settings, scheduler, reads(job, pool_seconds), progress, SkipCounter(f"tokenize {owner}"))
         if settings.stats["loud"]:
             logger.warning("%d of the %d records coded by this process peak above 1 (a full-scale recording "
                            "resampled overshoots slightly): their loudest samples are coded clipped",
                            settings.stats["loud"], settings.stats["records"])
+    return settings.stats
 
-    run_stats: list[Any] = [settings.stats]
-    distributed = dist.is_available() and dist.is_initialized()
-    if distributed:
-        dist.barrier()
-        run_stats = [None] * env.world_size
-        dist.all_gather_object(run_stats, settings.stats)
-    if env.rank == 0:
-        write_manifest(store, build_manifest(store, len(parts), tokenizer, config, k))
-    if distributed:
-        dist.barrier()
-    manifest = store.read_json(MANIFEST_NAME)
+
+def summarize(job: Job, run_stats: list[dict[str, Any]], seconds: float, processes: int) -> BulkSummary:
+    """The :class:`BulkSummary` of a finished job: the manifest's totals, and ``run_stats`` (what
+    each of ``processes`` processes did, from :func:`work`)."""
+    manifest = job.store.read_json(MANIFEST_NAME)
     counts: dict[str, int] = {}
     for f in manifest["failures"]:
         counts[f["reason"]] = counts.get(f["reason"], 0) + 1
-    return BulkSummary(config.output, manifest["records"], manifest["audio_hours"], len(manifest["failures"]),
+    return BulkSummary(job.config.output, manifest["records"], manifest["audio_hours"], len(manifest["failures"]),
                        len(manifest["shards"]), int(sum(s["records"] for s in run_stats)),
                        sum(s["seconds"] for s in run_stats) / 3600, int(sum(s["failures"] for s in run_stats)),
-                       time.perf_counter() - t0, env.world_size, counts)
+                       seconds, processes, counts)
 
 
-def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Scheduler, env: DistEnv,
+@dataclass
+class _Settings:
+    """What the encode loop needs besides the config."""
+
+    tokenizer: AudioTokenizer
+    n_quantizers: int
+    batch_seconds: float
+    chunk_seconds: float | None
+    pool_seconds: float
+    parts: list[dict[str, Any]]
+    stats: dict[str, Any] = field(default_factory=lambda: {"records": 0, "seconds": 0.0, "failures": 0, "loud": 0})
+
+
+def _encode_parts(config: BulkConfig, settings: _Settings, scheduler: Scheduler, reads: PartReads, progress: bool,
                   reasons: SkipCounter) -> None:
-    """Claim parts and encode them until every part of the job is done."""
+    """Claim parts, have ``reads`` read them and encode them until every part of the job is done."""
     tok, k, stats = settings.tokenizer, settings.n_quantizers, settings.stats
     store, claims = scheduler.store, scheduler.claims
-    workers = max(1, config.num_workers)
-    tasks: Any = mp.SimpleQueue()
-    reader = PartReader(source, settings.parts, tasks, tok.sample_rate, config.mono, config.min_seconds,
-                        bundle_seconds=settings.pool_seconds / (2 * workers))
-    loader = DataLoader(reader, batch_size=None, num_workers=config.num_workers, collate_fn=identity_collate,
-                        in_order=False, prefetch_factor=2 if config.num_workers else None)
+    workers = reads.workers
     metadata = dataset_metadata(tok.model_id, tok.config, tok.codes_fingerprint, k, config.mono)
     sidecar = config.layout == "sidecar"
     writers: dict[int, PartWriter] = {}  # claimed parts being read
     dropped: set[int] = set()  # parts another process took over, read to their end and ignored
-    bar = _progress_bar(config.progress and env.rank == 0)
+    bar = _progress_bar(progress)
     started = time.perf_counter()
     pool: list[Decoded | Failure] = []
     pool_samples = 0
@@ -684,7 +800,7 @@ def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Sc
                 writer = PartWriter(store, part, config.format, config.shard_records, config.shard_frames,
                                     metadata, tuple(config.input.keep), sidecar_name(url) if sidecar else None, url)
                 writers[part] = writer
-                tasks.put((part, writer.position))
+                reads.read(part, writer.position)
             offered = []
         want = workers + 1 - len(writers) - len(dropped)
         if want > 0 and not offered and now >= next_claim:
@@ -743,7 +859,6 @@ def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Sc
                             refresh=False)
         bar.update(hours)
 
-    it = iter(loader)  # workers start now and wait for tasks
     try:
         while True:
             fill()
@@ -756,7 +871,7 @@ def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Sc
                 scheduler.wait()  # every part left is claimed by a live process
                 next_claim = 0.0
                 continue
-            bundle: Bundle = next(it)
+            bundle = reads.next_bundle()
             pool.extend(bundle.items)
             pool_samples += sum(x.audio.numel() for x in bundle.items if isinstance(x, Decoded))
             if bundle.end is not None:
@@ -765,13 +880,9 @@ def _encode_parts(config: BulkConfig, settings: _Settings, source, scheduler: Sc
                 flush()
             if claims.renew_due:
                 renew()
-        for _ in range(workers):
-            tasks.put(None)
-        for _ in it:
-            raise RuntimeError("a reader gave a bundle after every part was done")
+        reads.close()
     except BaseException:
-        for _ in range(workers):  # let idle workers end
-            tasks.put(None)
+        reads.abort()
         for w in writers.values():
             w.abort()
         for part in [*writers, *offered]:  # give the parts back at once (a killed process's claims lapse)
