@@ -128,8 +128,9 @@ from ..codedataset import (
     record_key,
     safe_name,
 )
+from .claims import STATE_DIR
 from .inputs import Decoded, Failure, InputSpec, PartReader, part_stream, prepare
-from .job import DTYPES, ENGINES, FORMATS, LAYOUTS, STATE_DIR, BulkConfig, BulkSummary, encode_items, tokenize_dataset
+from .job import DTYPES, ENGINES, FORMATS, LAYOUTS, BulkConfig, BulkSummary, encode_items, tokenize_dataset
 
 __all__ = [
     "DTYPES",

@@ -1,19 +1,16 @@
-"""Running a bulk tokenization job: the plan, part claims, progress files, the encode loop, the manifest."""
+"""Running a bulk tokenization job: the plan, the encode loop over claimed parts, the manifest (claims:
+:mod:`audiotok.bulk.claims`; a part's shards, progress and done marker: :mod:`audiotok.bulk.writer`)."""
 
 from __future__ import annotations
 
 import datetime
 import logging
-import os
 import re
-import secrets
-import socket
 import time
 import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,8 +22,6 @@ from torch.utils.data import DataLoader
 from ..codedataset import (
     MANIFEST_NAME,
     SHARD_WRITERS,
-    ShardWriter,
-    TarShardWriter,
     dataset_metadata,
     manifest_header,
     record_key,
@@ -36,13 +31,13 @@ from ..data.sources import AudioSource, DecodeError, SkipCounter
 from ..distributed import DistEnv, init_process_group, rank_device, shutdown
 from ..segments import make_batches, plan_segments
 from ..tokenizer import DTYPES, AudioTokenizer
+from .claims import STATE_DIR, Claims, Scheduler, default_owner, state_path
 from .inputs import Bundle, Decoded, Failure, InputSpec, PartReader, identity_collate, source_fingerprint
-from .store import Store, open_store, process_gone
+from .store import Store, open_store
+from .writer import PART_SHARD, PartWriter, sidecar_name
 
 logger = logging.getLogger("audiotok.bulk")
 
-#: Folder (inside the output) for the plan, claims, per-part progress and done markers.
-STATE_DIR = ".bulk"
 PLAN_NAME = f"{STATE_DIR}/plan.json"
 FORMATS = tuple(SHARD_WRITERS)
 #: ``pooled``: a part's records in shards of ``shard_records``; ``sidecar``: one code shard per input
@@ -184,25 +179,6 @@ class BulkSummary:
 # The plan and shard names
 
 
-def sidecar_name(url: str) -> str:
-    """The code shard of an input shard: ``.../train-000123.tar`` -> ``train-000123.codes.tar``."""
-    name = PurePosixPath(url.split("?", 1)[0].rstrip("/")).name
-    name = re.sub(r"(\.tar|\.tar\.gz|\.tgz)$", "", name)
-    return f"{name}.codes.tar"
-
-
-def part_shard_name(part: int, index: int, suffix: str) -> str:
-    """Shard ``index`` of ``part`` in the pooled layout: ``part-000123-0000.tar``."""
-    return f"part-{part:06d}-{index:04d}{suffix}"
-
-
-_PART_SHARD = re.compile(r"part-\d{6}-\d{4,}\.(tar|parquet)")
-
-
-def _state(kind: str, part: int) -> str:
-    return f"{STATE_DIR}/{kind}/part-{part:06d}.json"
-
-
 def load_plan(store: Store, plan: dict[str, Any]) -> None:
     """Write ``plan`` to ``.bulk/plan.json``, or check that the one there is the same."""
     if store.exists(PLAN_NAME):
@@ -218,233 +194,6 @@ def load_plan(store: Store, plan: dict[str, Any]) -> None:
             raise ValueError(f"{store.url} holds a job of an earlier audiotok version, which this one cannot "
                              "resume: write to a new --output")
         store.write_json(PLAN_NAME, plan)  # every process computes the same plan: racing writes agree
-
-
-# ---------------------------------------------------------------------------------------------
-# Claims
-
-
-def default_owner() -> str:
-    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
-
-
-def _dead_here(owner: str) -> bool:
-    """Whether ``owner`` (``host/pid/...``) is a process of this host that no longer runs."""
-    host, _, rest = owner.partition("/")
-    return process_gone(host, rest.partition("/")[0])
-
-
-class Claims:
-    """Claim files ``.bulk/claims/part-N.json`` ``{"owner", "expires"}`` (see :mod:`audiotok.bulk`).
-
-    A claim is free when missing, expired, or held by a process of this host that no longer runs.
-    :meth:`offer` writes claims; :meth:`won`, ``settle`` seconds later, re-reads them: the parts whose
-    claim still names this owner are won (without exclusive create two processes may both win a
-    part, rarely; outputs are deterministic, so that costs work, not correctness).
-    """
-
-    def __init__(self, store: Store, owner: str, lease: float):
-        self.store, self.owner, self.lease = store, owner, lease
-        self.settle = min(1.0, lease / 10)
-        self.renewed = time.time()
-
-    def read(self, part: int) -> dict[str, Any] | None:
-        try:
-            claim = self.store.read_json(_state("claims", part))
-        except (OSError, ValueError):
-            return None
-        return claim if isinstance(claim, dict) else None
-
-    def held_by_other(self, part: int, now: float) -> float | None:
-        """The expiry time of another live owner's claim on ``part``, else ``None``."""
-        claim = self.read(part)
-        if claim is None or claim.get("owner") == self.owner or claim.get("expires", 0) <= now:
-            return None
-        return None if _dead_here(str(claim.get("owner"))) else float(claim["expires"])
-
-    def _write(self, part: int) -> None:
-        self.store.write_json(_state("claims", part), {"owner": self.owner, "expires": time.time() + self.lease})
-
-    def offer(self, parts: list[int]) -> None:
-        for part in parts:
-            self._write(part)
-
-    def won(self, parts: list[int]) -> list[int]:
-        return [p for p in parts if (self.read(p) or {}).get("owner") == self.owner]
-
-    def renew(self, parts: list[int]) -> list[int]:
-        """Renew the claims on ``parts``; returns those another owner has taken."""
-        lost = []
-        for part in parts:
-            if (self.read(part) or {}).get("owner") == self.owner:
-                self._write(part)
-            else:
-                lost.append(part)
-        self.renewed = time.time()
-        return lost
-
-    @property
-    def renew_due(self) -> bool:
-        return time.time() - self.renewed >= self.lease / 4
-
-    def release(self, part: int) -> None:
-        """Delete this owner's claim on ``part`` (another owner's is left)."""
-        if (self.read(part) or {}).get("owner") == self.owner:
-            self.store.delete(_state("claims", part))
-
-
-class Scheduler:
-    """Which parts this process works on next: not done, claim free, in order from ``offset``."""
-
-    def __init__(self, store: Store, claims: Claims, num_parts: int, offset: int):
-        self.store, self.claims, self.num_parts = store, claims, num_parts
-        self.order = [(offset + i) % num_parts for i in range(num_parts)]
-        self.done: set[int] = set()
-        self.next_expiry: float | None = None
-
-    def refresh_done(self) -> bool:
-        """Re-list the done markers; whether every part is done."""
-        self.done = done_parts(self.store)
-        return len(self.done) >= self.num_parts
-
-    def is_done(self, part: int) -> bool:
-        if part not in self.done and self.store.exists(_state("done", part)):
-            self.done.add(part)
-        return part in self.done
-
-    def propose(self, want: int, busy: set[int]) -> list[int]:
-        """Offer claims on up to ``want`` free parts not in ``busy``; :meth:`confirm` them later."""
-        now, self.next_expiry = time.time(), None
-        candidates: list[int] = []
-        for part in self.order:
-            if len(candidates) >= want:
-                break
-            if part in busy or self.is_done(part):
-                continue
-            expires = self.claims.held_by_other(part, now)
-            if expires is not None:
-                self.next_expiry = min(expires, self.next_expiry or expires)
-                continue
-            candidates.append(part)
-        self.claims.offer(candidates)
-        return candidates
-
-    def confirm(self, parts: list[int]) -> list[int]:
-        """The parts of :meth:`propose` this process won and that are still to do."""
-        won = []
-        for part in self.claims.won(parts):
-            if self.is_done(part):  # finished by another process meanwhile
-                self.claims.release(part)
-            else:
-                won.append(part)
-        return won
-
-    def wait(self) -> None:
-        """Sleep until a claim of another process may have lapsed, or a part may be done (a few seconds)."""
-        limit = min(self.claims.lease / 4, 5.0)
-        delay = limit if self.next_expiry is None else min(limit, self.next_expiry - time.time() + 0.05)
-        time.sleep(max(delay, 0.1))
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-part progress and done markers
-
-
-class PartWriter:
-    """Writes the results of one part, in position order, to its shards, through the store.
-
-    Progress (``.bulk/progress/part-N.json``: the part's committed shards and failures and the
-    position they cover) is written after each shard is published, so a process that takes the part
-    over continues at ``position``; shards it writes again get the same names and contents. The done
-    marker (``.bulk/done/part-N.json``) is written when the part ends.
-    Pooled: a shard is committed at ``shard_records`` records or ``shard_frames`` frames. Sidecar
-    (``sidecar`` = the shard's name): one shard for the whole part, failures included as members.
-    """
-
-    def __init__(self, store: Store, part: int, fmt: str, shard_records: int, shard_frames: int,
-                 metadata: dict[str, Any], kept_fields: tuple[str, ...] = (), sidecar: str | None = None,
-                 url: str = ""):
-        self.store, self.part, self.fmt, self.metadata, self.kept_fields = store, part, fmt, metadata, kept_fields
-        self.shard_records, self.shard_frames = shard_records, shard_frames
-        self.sidecar, self.url = sidecar, url
-        self.state: dict[str, Any] = {"part": part, "position": 0, "shards": [], "failures": []}
-        if store.exists(_state("progress", part)):
-            self.state = store.read_json(_state("progress", part))
-        for shard in self.state["shards"]:
-            if not store.exists(shard["path"]):
-                raise FileNotFoundError(f"{store.url}: {shard['path']} is recorded in "
-                                        f"{_state('progress', part)} but missing")
-        self.position = self.state["position"]
-        self.shard: ShardWriter | None = None
-        self.shard_start = self.position
-        self.failures: list[dict[str, Any]] = []
-
-    @property
-    def name(self) -> str:
-        if self.sidecar is not None:
-            return self.sidecar
-        return part_shard_name(self.part, len(self.state["shards"]), SHARD_WRITERS[self.fmt].suffix)
-
-    def _advance(self, position: int) -> None:
-        if position != self.position:
-            raise RuntimeError(f"part {self.part}: got position {position}, expected {self.position}")
-        self.position += 1
-
-    def _open(self) -> ShardWriter:
-        if self.shard is None:
-            self.shard = SHARD_WRITERS[self.fmt](self.store.staging_path(self.name), self.metadata,
-                                                 self.kept_fields, staged=True)
-            self.shard_start = self.position
-        return self.shard
-
-    def sample_key(self, key: str) -> str | None:
-        """The input sample's ``__key__`` of a source key ``{url}:{__key__}`` (sidecar), else ``None``."""
-        prefix = self.url + ":"
-        return key[len(prefix):] if key.startswith(prefix) else None
-
-    def add_failure(self, failure: Failure) -> None:
-        self._advance(failure.position)
-        self.failures.append({**failure.to_dict(), "position": failure.position})
-        if self.sidecar is not None and (key := self.sample_key(failure.key)) is not None:
-            shard = self._open()
-            assert isinstance(shard, TarShardWriter)  # sidecar: webdataset format
-            shard.add_failure(key, failure.reason, failure.detail)
-
-    def add_record(self, position: int, meta: dict[str, Any], codes: np.ndarray) -> None:
-        self._advance(position)
-        self._open().add(meta, codes)
-        shard = self.shard
-        if self.sidecar is None and shard is not None and (
-                shard.records >= self.shard_records or shard.frames >= self.shard_frames):
-            self.commit()
-
-    def commit(self, done: bool = False) -> None:
-        if done and self.sidecar is not None:
-            self._open()  # a sidecar shard exists for every input shard, even one without records
-        entry = None
-        if self.shard is not None:
-            self.shard.close()
-            self.store.put_file(self.shard.path, self.name)
-            entry = {"path": self.name, "records": self.shard.records, "frames": self.shard.frames,
-                     "seconds": self.shard.seconds, "start": self.shard_start, "end": self.position}
-            self.state["shards"].append(entry)
-        self.state["failures"].extend(self.failures)
-        self.state["position"] = self.position
-        if done:
-            self.store.write_json(_state("done", self.part), {**self.state, "end": self.position})
-        elif entry is not None or self.failures:
-            self.store.write_json(_state("progress", self.part), self.state)
-        self.shard, self.failures = None, []
-
-    def finish(self, end: int) -> None:
-        if end != self.position:
-            raise RuntimeError(f"part {self.part} ended at {end} but {self.position} positions were written")
-        self.commit(done=True)
-
-    def abort(self) -> None:
-        if self.shard is not None:
-            self.shard.abort()
-            self.shard = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,7 +271,7 @@ def encode_items(tokenizer: AudioTokenizer, items: list[Decoded], n_quantizers: 
 def build_manifest(store: Store, num_parts: int, tokenizer: AudioTokenizer, config: BulkConfig,
                    n_quantizers: int) -> dict[str, Any]:
     """The manifest from the done markers, in part order (``created`` left out): the same whoever builds it."""
-    done = [store.read_json(_state("done", p)) for p in range(num_parts)]
+    done = [store.read_json(state_path("done", p)) for p in range(num_parts)]
     shards = [s for d in done for s in d["shards"]]
     return {
         **manifest_header(tokenizer.model_id, tokenizer.config, tokenizer.codes_fingerprint),
@@ -553,7 +302,7 @@ def write_manifest(store: Store, manifest: dict[str, Any]) -> None:
         store.write_json(MANIFEST_NAME, {**manifest, "created": created})
     listed = {s["path"] for s in manifest["shards"]}
     for name in store.list():
-        if "/" not in name and _PART_SHARD.fullmatch(name) and name not in listed:
+        if "/" not in name and PART_SHARD.fullmatch(name) and name not in listed:
             logger.info("removing %s: no part records it", name)
             store.delete(name)
     for name in store.list(f"{STATE_DIR}/claims"):
@@ -665,12 +414,6 @@ def plan_job(config: BulkConfig, tokenizer: AudioTokenizer) -> Job:
     store = open_store(config.output, config.storage_options)
     load_plan(store, {"job": job, "parts": parts})
     return Job(config, tokenizer, k, source, parts, store)
-
-
-def done_parts(store: Store) -> set[int]:
-    """The parts that have a done marker."""
-    names = store.list(f"{STATE_DIR}/done")
-    return {int(m.group(1)) for n in names if (m := re.search(r"part-(\d+)\.json$", n))}
 
 
 class PartReads(Protocol):

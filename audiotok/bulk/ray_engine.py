@@ -21,14 +21,13 @@ import torch
 
 from ..data.sources import AudioSource
 from ..distributed import rank_device
+from .claims import default_owner, done_parts
 from .inputs import Bundle, InputSpec, read_bundles
 from .job import (
     BulkConfig,
     BulkSummary,
     Job,
     build_manifest,
-    default_owner,
-    done_parts,
     load_tokenizer,
     plan_job,
     summarize,
