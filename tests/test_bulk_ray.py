@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -176,3 +177,17 @@ def test_placement_one_actor_per_gpu_and_a_cpu_left_for_reading(corpus, tmp_path
         placement(cfg(ray_actors=2), {"CPU": 2.0})
     with pytest.raises(ValueError, match="engine must be one of"):
         cfg(engine="spark")
+
+
+def test_an_unreachable_cluster_is_a_clear_error_not_minutes_of_retries(corpus, model_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    with socket.socket() as s:  # a port nothing listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as a fresh process that must join a cluster
+    start = time.perf_counter()
+    assert _recipe().main([*recipe_args(corpus, tmp_path / "out", model_dir), "--ray-address",
+                           f"127.0.0.1:{port}"]) == 2
+    assert time.perf_counter() - start < 60
+    err = capsys.readouterr().err
+    assert f"error: no Ray cluster answers at 127.0.0.1:{port}" in err and "ray start --head" in err

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+import socket
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -60,6 +63,7 @@ def tokenize_with_ray(config: BulkConfig) -> BulkSummary:
     if len(done_parts(job.store)) < len(job.parts):
         joined = not ray.is_initialized()
         if joined:
+            check_reachable(config.ray_address or os.environ.get("RAY_ADDRESS"))
             ray.init(address=config.ray_address, logging_level=logging.WARNING)
         try:
             stats, actors = _run_actors(job)
@@ -68,6 +72,20 @@ def tokenize_with_ray(config: BulkConfig) -> BulkSummary:
                 ray.shutdown()
     write_manifest(job.store, build_manifest(job.store, len(job.parts), job.tokenizer, config, job.n_quantizers))
     return summarize(job, stats, time.perf_counter() - t0, actors)
+
+
+def check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """``ConnectionError`` unless the cluster at ``address`` (``host:port`` or ``ray://host:port``)
+    accepts a connection within ``timeout`` seconds: ``ray.init`` would retry for minutes. Other
+    addresses (``None``, ``auto``, ``local``) are left to ``ray.init``."""
+    found = re.fullmatch(r"(?:ray://)?\[?([^\[\]/]+?)\]?:(\d+)/?", address or "")
+    if found is None:
+        return
+    try:
+        socket.create_connection((found[1], int(found[2])), timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({e}): start one (ray start --head) or "
+                              "leave out --ray-address (and RAY_ADDRESS) for a local instance") from None
 
 
 def placement(config: BulkConfig, resources: dict[str, float]) -> tuple[str, int]:
