@@ -31,6 +31,12 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name[:100]}.{secrets.token_hex(6)}.tmp")
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether the file name (or ``/``-separated path) ``name`` is one :func:`temp_path` makes."""
+    base = name.rsplit("/", 1)[-1]
+    return base.startswith(".") and base.endswith(".tmp")
+
+
 def fsync_file(path: str | os.PathLike) -> None:
     """Flush a written file's data to disk."""
     fd = os.open(path, os.O_RDONLY)

@@ -32,7 +32,7 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..io import atomic_write, replace_durably, temp_path
+from ..io import atomic_write, is_temp_name, replace_durably, temp_path
 from ..urls import is_url, local_path, url_to_fs
 
 if TYPE_CHECKING:
@@ -114,10 +114,7 @@ class LocalStore(Store):
             return []
         names = []
         for dirpath, _, files in os.walk(base):
-            for f in files:
-                if f.startswith(".") and f.endswith(".tmp"):
-                    continue
-                names.append((Path(dirpath) / f).relative_to(self.root).as_posix())
+            names += [(Path(dirpath) / f).relative_to(self.root).as_posix() for f in files if not is_temp_name(f)]
         return sorted(names)
 
     def read_bytes(self, name: str) -> bytes:
@@ -144,7 +141,7 @@ class LocalStore(Store):
         removed = []
         for dirpath, _, files in os.walk(self.root):
             for f in files:
-                if f.startswith(".") and f.endswith(".tmp"):  # temp_path's names
+                if is_temp_name(f):
                     path = Path(dirpath) / f
                     path.unlink(missing_ok=True)
                     removed.append(path.relative_to(self.root).as_posix())
@@ -201,7 +198,7 @@ class FsspecStore(Store):
         if not fs.isdir(base):
             return []
         names = (posixpath.relpath(p, self.root) for p in fs.find(base))
-        return sorted(n for n in names if not (n.rsplit("/", 1)[-1].startswith(".") and n.endswith(".tmp")))
+        return sorted(n for n in names if not is_temp_name(n))
 
     def read_bytes(self, name: str) -> bytes:
         return bytes(self.fs.cat_file(self._path(name)))
