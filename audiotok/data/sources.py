@@ -665,6 +665,13 @@ class WebDatasetSource(AudioSource):
                 return _with_metadata(decode_bytes(key, value), metadata)
         raise DecodeError(key, "noaudio", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
 
+    def _item(self, sample: dict) -> Record | DecodeError:
+        """A sample decoded, or the ``DecodeError`` that decoding it gave."""
+        try:
+            return self._decode(sample)
+        except DecodeError as e:
+            return e
+
     def records(
         self, part: int = 0, num_parts: int = 1, epoch: int = 0, seed: int | None = None, start: int = 0
     ) -> Iterator[Record | DecodeError]:
@@ -693,12 +700,8 @@ class WebDatasetSource(AudioSource):
                 if not by_shard and (count - 1) % num_parts != part:
                     continue
                 items += 1
-                if items <= start:
-                    continue
-                try:
-                    yield self._decode(sample)
-                except DecodeError as e:
-                    yield e
+                if items > start:
+                    yield self._item(sample)
         self._check_start(part, items, start)
 
     def partition(self, rows_per_part: int = 1000) -> list[dict[str, Any]]:
@@ -711,13 +714,6 @@ class WebDatasetSource(AudioSource):
         url, items = part["shard"], 0
         for sample in self._samples(url):
             items += 1
-            if items <= start:
-                continue
-            if isinstance(sample, DecodeError):
-                yield sample
-                continue
-            try:
-                yield self._decode(sample)
-            except DecodeError as e:
-                yield e
+            if items > start:
+                yield sample if isinstance(sample, DecodeError) else self._item(sample)
         self._check_start(url, items, start)
