@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,11 +49,8 @@ class CodeDataset:
         self.root: Path | str = location.rstrip("/") if is_url(location) else Path(location)
         self.storage_options = dict(storage_options or {})
         try:
-            if isinstance(self.root, Path):
-                manifest = (self.root / MANIFEST_NAME).read_bytes()
-            else:
-                fs, base = url_to_fs(self.root, self.storage_options)
-                manifest = fs.cat_file(f"{base}/{MANIFEST_NAME}")
+            with self._open(MANIFEST_NAME) as f:
+                manifest = f.read()
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.root}: no code dataset ({MANIFEST_NAME} missing; a bulk job writes it "
                                     "last); write one with: python recipes/tokenize_dataset.py --output "
@@ -109,12 +106,16 @@ class CodeDataset:
         """Records in this dataset's shards, as the manifest counts them."""
         return sum(int(shard["records"]) for shard in self.shards)
 
-    def _read(self, name: str) -> Iterator[CodeRecord]:
+    def _open(self, name: str) -> IO[bytes]:
+        """The file ``name`` of the dataset, opened for reading (a URL's through this process's filesystem:
+        each DataLoader worker its own)."""
         if isinstance(self.root, Path):
-            yield from read_shard(self.root / name)
-            return
-        fs, base = url_to_fs(self.root, self.storage_options)  # in each DataLoader worker: its own
-        with fs.open(f"{base}/{name}", "rb") as f:
+            return open(self.root / name, "rb")
+        fs, base = url_to_fs(self.root, self.storage_options)
+        return fs.open(f"{base}/{name}", "rb")
+
+    def _read(self, name: str) -> Iterator[CodeRecord]:
+        with self._open(name) as f:
             yield from read_shard(f"{self.root}/{name}", f)
 
     def __iter__(self) -> Iterator[CodeRecord]:
