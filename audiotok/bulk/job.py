@@ -477,9 +477,9 @@ def work(job: Job, owner: str, offset: int, reads: ReadsFactory, progress: bool 
     pool_seconds = config.pool_seconds or max(4 * batch_seconds, 120.0)
     claims = Claims(job.store, owner, config.lease_seconds)
     scheduler = Scheduler(job.store, claims, len(job.parts), offset % max(1, len(job.parts)))
-    settings = _Settings(tok, job.n_quantizers, batch_seconds, chunk_seconds, pool_seconds, job.parts)
+    settings = _Settings(batch_seconds, chunk_seconds, pool_seconds)
     if not scheduler.refresh_done():
-        _encode_parts(config, settings, scheduler, reads(job, pool_seconds), progress, SkipCounter(f"tokenize {owner}"))
+        _encode_parts(job, settings, scheduler, reads(job, pool_seconds), progress, SkipCounter(f"tokenize {owner}"))
         if settings.stats["loud"]:
             logger.warning("%d of the %d records coded by this process peak above 1 (a full-scale recording "
                            "resampled overshoots slightly): their loudest samples are coded clipped",
@@ -502,21 +502,18 @@ def summarize(job: Job, run_stats: list[dict[str, Any]], seconds: float, process
 
 @dataclass
 class _Settings:
-    """What the encode loop needs besides the config."""
+    """What the encode loop needs besides the job: the resolved audio budgets, and what it did."""
 
-    tokenizer: AudioTokenizer
-    n_quantizers: int
     batch_seconds: float
     chunk_seconds: float | None
     pool_seconds: float
-    parts: list[dict[str, Any]]
     stats: dict[str, Any] = field(default_factory=lambda: {"records": 0, "seconds": 0.0, "failures": 0, "loud": 0})
 
 
-def _encode_parts(config: BulkConfig, settings: _Settings, scheduler: Scheduler, reads: PartReads, progress: bool,
+def _encode_parts(job: Job, settings: _Settings, scheduler: Scheduler, reads: PartReads, progress: bool,
                   reasons: SkipCounter) -> None:
     """Claim parts, have ``reads`` read them and encode them until every part of the job is done."""
-    tok, k, stats = settings.tokenizer, settings.n_quantizers, settings.stats
+    config, tok, k, stats = job.config, job.tokenizer, job.n_quantizers, settings.stats
     store, claims = scheduler.store, scheduler.claims
     workers = reads.workers
     metadata = dataset_metadata(tok.model_id, tok.config, tok.codes_fingerprint, k, config.mono)
@@ -539,7 +536,7 @@ def _encode_parts(config: BulkConfig, settings: _Settings, scheduler: Scheduler,
         now = time.time()
         if offered and now >= offered_at + claims.settle:
             for part in scheduler.confirm(offered):
-                url = settings.parts[part].get("shard", "") if sidecar else ""
+                url = job.parts[part].get("shard", "") if sidecar else ""
                 writer = PartWriter(store, part, config.format, config.shard_records, config.shard_frames,
                                     metadata, tuple(config.input.keep), sidecar_name(url) if sidecar else None, url)
                 writers[part] = writer
@@ -598,7 +595,7 @@ def _encode_parts(config: BulkConfig, settings: _Settings, scheduler: Scheduler,
         ends.clear()
         rate = stats["seconds"] / 3600 / max(time.perf_counter() - started, 1e-9)
         bar.set_postfix_str(f"{rate:.3g} h/s ({rate * 3600:.3g}x real time), {stats['records']} records, "
-                            f"{stats['failures']} failed, {len(scheduler.done)}/{len(settings.parts)} parts",
+                            f"{stats['failures']} failed, {len(scheduler.done)}/{len(job.parts)} parts",
                             refresh=False)
         bar.update(hours)
 
