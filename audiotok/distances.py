@@ -1,5 +1,6 @@
-"""Spectral distances and SI-SDR of the Improved RVQGAN: the multi-scale mel and STFT distances
-(training losses and evaluation metrics alike) and scale-invariant SDR.
+"""Spectral distances and SI-SDR: the Improved RVQGAN's multi-scale mel and STFT distances (training
+losses and evaluation metrics alike), a multi-resolution power-law compressed complex STFT loss that
+sees phase, and scale-invariant SDR.
 
 Used by training (:mod:`audiotok.train`) and evaluation (:mod:`audiotok.metrics`); needs
 ``transformers`` for the mel filters. Spectral distances compute in float32 with autocast switched
@@ -148,6 +149,51 @@ class MultiScaleSTFTLoss(_MultiScaleDistance):
         mag_weight: float = 1.0,
     ):
         super().__init__([Spectrogram(w) for w in window_lengths], clamp_eps, pow, log_weight, mag_weight)
+
+
+class ComplexSTFTLoss(nn.Module):
+    """Multi-resolution power-law compressed complex STFT loss (Wilson et al. 2018, as the efficient
+    speech codec uses it): a loss that sees phase, which the mel and magnitude distances do not.
+
+    For each window length ``w`` (hann, hop ``w / 4``, centered), the STFT ``S`` is scaled by the
+    window's sum (a full-scale sinusoid has magnitude about 0.5 whatever ``w``) and compressed with its
+    phase kept: ``C = |S|^pow * S / |S|``. Per resolution, ``mag_weight * MSE(|C_x|, |C_y|) + MSE(C_x, C_y)``
+    (the complex MSE over real and imaginary parts); the mean over resolutions is returned, so the
+    weight in a config does not depend on how many there are. ``eps`` keeps the compression's
+    gradient finite at zero magnitude. Computed in float32 with autocast off.
+    """
+
+    def __init__(self, window_lengths: Sequence[int] = (2048, 512, 128), pow: float = 0.3, mag_weight: float = 1.0,
+                 eps: float = 1e-8):
+        super().__init__()
+        if not window_lengths or min(window_lengths) < 4:
+            raise ValueError(f"complex STFT loss: window lengths must be at least 4, got {list(window_lengths)}")
+        if not 0 < pow <= 1:
+            raise ValueError(f"complex STFT loss: pow must be in (0, 1], got {pow}")
+        self.window_lengths = [int(w) for w in window_lengths]
+        self.pow, self.mag_weight, self.eps = float(pow), float(mag_weight), float(eps)
+        for w in self.window_lengths:
+            self.register_buffer(f"window_{w}", torch.hann_window(w), persistent=False)
+
+    def compressed(self, audio: torch.Tensor, window_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, C, T]`` -> (compressed complex STFT, its magnitude), ``[B * C, w // 2 + 1, 1 + T // (w // 4)]``
+        (complex64, float32)."""
+        window = getattr(self, f"window_{window_length}")
+        spec = torch.stft(audio.float().reshape(-1, audio.shape[-1]), n_fft=window_length,
+                          hop_length=window_length // 4, window=window, center=True, pad_mode="reflect",
+                          return_complex=True) / window.sum()
+        power = spec.real.square() + spec.imag.square() + self.eps
+        return spec * power.pow((self.pow - 1) / 2), power.pow(self.pow / 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Estimate ``x`` and reference ``y``, both ``[B, C, T]`` -> scalar."""
+        terms = []
+        with torch.autocast(x.device.type, enabled=False):
+            for w in self.window_lengths:
+                (cx, mx), (cy, my) = self.compressed(x, w), self.compressed(y, w)
+                complex_mse = F.mse_loss(torch.view_as_real(cx), torch.view_as_real(cy)) * 2  # |a - b|^2 per bin
+                terms.append(self.mag_weight * F.mse_loss(mx, my) + complex_mse)
+        return torch.stack(terms).mean()
 
 
 def si_sdr(estimate: torch.Tensor, reference: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

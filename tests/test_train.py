@@ -96,6 +96,22 @@ def test_mel_loss_goes_down(audio_dir, tmp_path):
     assert tok.model.is_folded and tok.sample_rate == 44100
 
 
+def test_phase_aware_loss_set_without_gan(audio_dir, tmp_path):
+    config = tiny_config(audio_dir, "loss.adversarial=0", "loss.feature=0", "loss.waveform=2",
+                         "loss.complex_stft=300", "loss.complex_stft_window_lengths=[256, 64]",
+                         "train.valid_every=1000", "train.save_every=1000")
+    train(config, tmp_path / "run", max_steps=3, device="cpu")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert "disc" not in row and "adversarial" not in row
+        weighted = (15 * row["mel"] + 2 * row["waveform"] + 300 * row["complex_stft"]
+                    + 0.25 * row["commitment"] + row["codebook"])
+        assert row["loss"] == pytest.approx(weighted, rel=1e-5)
+    off = tiny_config(audio_dir, "train.valid_every=1000", "train.save_every=1000")
+    train(off, tmp_path / "off", max_steps=1, device="cpu")
+    assert "complex_stft" not in json.loads((tmp_path / "off" / "metrics.jsonl").read_text().splitlines()[0])
+
+
 def test_validation_reports_mel_distance_per_group():
     config = load_config(TINY)
     w, sr = config.loss, config.model.sample_rate

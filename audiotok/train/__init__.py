@@ -2,6 +2,7 @@
 ones, shared with evaluation, live in :mod:`audiotok.distances` and are re-exported here)."""
 
 from ..distances import (
+    ComplexSTFTLoss,
     MelSpectrogram,
     MelSpectrogramLoss,
     MultiScaleSTFTLoss,
@@ -22,6 +23,7 @@ __all__ = [
     "MSD",
     "MelSpectrogram",
     "MelSpectrogramLoss",
+    "ComplexSTFTLoss",
     "MultiScaleSTFTLoss",
     "SincResample",
     "Spectrogram",

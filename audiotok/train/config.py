@@ -73,7 +73,14 @@ class DiscriminatorConfig:
 @dataclass
 class LossConfig:
     """Loss settings and weights (the paper's lambdas). A zero adversarial and feature weight turns
-    the GAN off (the no-adv ablation): no discriminator is trained."""
+    the GAN off (the no-adv ablation): no discriminator is trained.
+
+    Beyond the paper (both off by default): ``waveform`` weighs the L1 distance of the waveforms and
+    ``complex_stft`` the multi-resolution power-law compressed complex STFT loss
+    (:class:`~audiotok.distances.ComplexSTFTLoss`: windows ``complex_stft_window_lengths``, compression
+    ``complex_stft_pow``, compressed-magnitude term weighted ``complex_stft_mag_weight`` beside the
+    complex term), the losses that see phase.
+    """
 
     mel_window_lengths: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024, 2048])
     mel_n_mels: list[int] = field(default_factory=lambda: [5, 10, 20, 40, 80, 160, 320])
@@ -87,6 +94,10 @@ class LossConfig:
     commitment: float = 0.25
     codebook: float = 1.0
     waveform: float = 0.0
+    complex_stft: float = 0.0
+    complex_stft_window_lengths: list[int] = field(default_factory=lambda: [2048, 512, 128])
+    complex_stft_pow: float = 0.3
+    complex_stft_mag_weight: float = 1.0
 
     @property
     def gan(self) -> bool:

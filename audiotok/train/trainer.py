@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights, save_folder
 from ..config import DACConfig
-from ..distances import MelSpectrogramLoss, MultiScaleSTFTLoss, si_sdr
+from ..distances import ComplexSTFTLoss, MelSpectrogramLoss, MultiScaleSTFTLoss, si_sdr
 from ..distributed import barrier, init_training, shutdown
 from ..hub import resolve
 from ..io import atomic_write
@@ -219,6 +219,8 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
                                   clamp_eps=weights.mel_clamp_eps, pow=weights.mel_pow,
                                   mag_weight=weights.mel_mag_weight).to(dev)
     stft_loss = MultiScaleSTFTLoss(weights.stft_window_lengths).to(dev)
+    complex_loss = ComplexSTFTLoss(weights.complex_stft_window_lengths, weights.complex_stft_pow,
+                                   weights.complex_stft_mag_weight).to(dev) if weights.complex_stft > 0 else None
     loader = DataLoader(dataset, batch_size=batch_per_rank, num_workers=loop.num_workers,
                         persistent_workers=loop.num_workers > 0)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=loop.bf16)
@@ -279,6 +281,8 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
             out["mel"] = mel_loss(y, x)
             out["stft"] = stft_loss(y, x)
             out["waveform"] = torch.nn.functional.l1_loss(y.float(), x.float())
+            if complex_loss is not None:
+                out["complex_stft"] = complex_loss(y, x)
             out["commitment"] = q.commitment_loss
             out["codebook"] = q.codebook_loss
             if gan is not None:  # gradients for y only: the unwrapped discriminator, its weights held fixed
@@ -288,7 +292,8 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
                 out["adversarial"] = generator_adversarial_loss(d_fake)
                 out["feature"] = feature_matching_loss(d_fake, d_real)
             out["loss"] = sum(getattr(weights, k) * out[k] for k in
-                              ("mel", "waveform", "commitment", "codebook", "adversarial", "feature") if k in out)
+                              ("mel", "waveform", "complex_stft", "commitment", "codebook", "adversarial", "feature")
+                              if k in out)
         opt_g.zero_grad(set_to_none=True)
         out["loss"].backward()
         out["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainable, config.optim.clip_generator)
