@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
@@ -86,7 +85,8 @@ MUSIC_OR_GENERAL = {"naev-data", "supertux-data", "widelands-data", "colobot-com
 #: festvox-ru's last utterances (in path order) form a same-speaker eval set.
 FESTVOX_EVAL = 62
 #: The one PyPI source: an sdist that carries a CMU ARCTIC utterance.
-PYPI_CLIP = ("pysptk==1.0.1", "arctic_a0007.wav", "pysptk_arctic")
+PYPI_CLIP = ("pysptk", "1.0.1", "arctic_a0007.wav", "pysptk_arctic")
+PYPI_SIMPLE = "https://pypi.org/simple"
 
 
 def classify(source: str, rel: str) -> tuple[str, str] | None:
@@ -281,11 +281,37 @@ def _unpack_deb(deb: Path, out: Path) -> None:
         raise RuntimeError(f"dpkg-deb could not read {deb} (exit status {proc.returncode})")
 
 
+def download_sdist(name: str, version: str, folder: Path, index: str = PYPI_SIMPLE) -> Path:
+    """Download ``name``'s source archive of ``version`` from a PEP 503 index into ``folder`` and check
+    its sha256 (given by the index); nothing is built (``pip download`` of an sdist builds its metadata,
+    which fails where the build dependencies cannot be compiled). Kept: a second call downloads nothing."""
+    import urllib.request
+
+    filename = f"{name}-{version}.tar.gz"
+    target = folder / filename
+    if target.exists():
+        return target
+    with urllib.request.urlopen(f"{index.rstrip('/')}/{name}/", timeout=60) as page:
+        html = page.read().decode("utf-8", "replace")
+    match = re.search(r'href="([^"#]*/' + re.escape(filename) + r')#sha256=([0-9a-f]{64})"', html)
+    if match is None:
+        raise RuntimeError(f"{index}/{name}/ lists no {filename} with a sha256")
+    with urllib.request.urlopen(match[1], timeout=300) as response:
+        data = response.read()
+    if hashlib.sha256(data).hexdigest() != match[2]:
+        raise RuntimeError(f"{filename}: sha256 does not match the index's")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    return target
+
+
 def fetch(dest: str | os.PathLike, tier: str = "core") -> Path:
     """Download the packages of ``tier`` into ``dest/.debs`` (kept: a second run downloads nothing),
     extract their audio and copyright files into ``dest/deb/PACKAGE`` and the ARCTIC clip into
     ``dest/pypi``; packages already extracted are left as they are. Needs ``apt-get`` with package
-    lists (``apt-get update`` once), ``dpkg-deb`` and ``pip``."""
+    lists (``apt-get update`` once), ``dpkg-deb`` and access to PyPI."""
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
     dest = Path(dest).resolve()
@@ -304,13 +330,11 @@ def fetch(dest: str | os.PathLike, tier: str = "core") -> Path:
         log.info("extracting %s", package)
         _unpack_deb(_deb_file(cache, package), out)  # type: ignore[arg-type]
         (out / ".done").touch()
-    requirement, clip, source = PYPI_CLIP
+    name, version, clip, source = PYPI_CLIP
     out = dest / "pypi" / source
     if not (out / clip).exists():
-        _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d",
-              str(cache / "pypi"), requirement])
+        sdist = download_sdist(name, version, cache / "pypi")
         out.mkdir(parents=True, exist_ok=True)
-        sdist = next((cache / "pypi").glob("*.tar.gz"))
         with tarfile.open(sdist) as tar:
             member = next(m for m in tar if m.isfile() and m.name.endswith("/" + clip))
             with tar.extractfile(member) as src, open(out / clip, "wb") as dst:  # type: ignore[union-attr]
