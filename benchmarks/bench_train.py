@@ -13,6 +13,11 @@ memory: the CUDA allocator's peak, or the training process's RSS growth on CPU.
     python benchmarks/bench_train.py --config recipes/configs/tiny.yml --steps 3 --warmup 1
 
 Without ``--data``, a folder of synthetic tones and noise at the model's sample rate is used.
+``--resident``: every file is decoded once onto the device and batches are cut there
+(``data.resident: true``, :mod:`audiotok.data.resident`) instead of by ``--num-workers`` DataLoader
+workers; the decode at start-up is outside the timed steps, and the peak memory includes the audio.
+
+    python benchmarks/bench_train.py --config recipes/configs/1gpu.yml --device cuda --gan off --resident
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ def run_one(args: argparse.Namespace, overrides: list[str]) -> dict[str, float]:
             synthetic_audio(data, config.model.sample_rate)
         config.data["groups"] = {"all": {"weight": 1, "sources": [{"type": "folder", "root": str(data)}]}}
         config.data["val_groups"] = {}
+        config.data["resident"] = args.resident
         device = torch.device(args.device)
         with PeakMemory(device) as memory:
             train(config, Path(tmp) / "run", max_steps=end, device=args.device)
@@ -84,6 +90,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--data", help="a folder of audio files to train on (default: synthetic)")
+    p.add_argument("--resident", action="store_true", help="decode the data once onto the device, cut batches there")
     p.add_argument("--set", nargs="*", default=[], help="more config overrides, e.g. data.duration=1.0")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print its JSON
     args = p.parse_args()
@@ -98,7 +105,8 @@ def main() -> None:
     seconds = config.data.get("duration", 0.38)
     print(f"## training speed: {args.config} ({config.model.sample_rate} Hz, {seconds:g} s excerpts), "
           f"{args.device}, {machine(torch.device(args.device))}, torch {torch.__version__}")
-    print(f"{args.steps} timed steps after {args.warmup} warm-up steps, {args.num_workers} data worker(s)\n")
+    data = "data resident on the device" if args.resident else f"{args.num_workers} data worker(s)"
+    print(f"{args.steps} timed steps after {args.warmup} warm-up steps, {data}\n")
     print("| GAN | batch | precision | snake | steps/s | vs reference | audio s / s | peak MiB |")
     print("|-----|-------|-----------|-------|---------|--------------|-------------|----------|")
     for gan, batch in itertools.product(args.gan, args.batch):

@@ -6,6 +6,7 @@ plus ``pyloudnorm`` and ``scipy`` for loudness and phase processing.
 
 from .config import MANIFEST_GROUPS, DataConfig, GroupConfig, build_sources, read_manifest, sources_from_manifest
 from .dataset import PAPER_GROUP_WEIGHTS, Excerpt, ExcerptDataset, SourceGroup, build_validation_set, mixture
+from .resident import ResidentAudio, ResidentBatches
 from .sources import (
     AUDIO_EXTENSIONS,
     AudioFileSource,
@@ -51,6 +52,8 @@ __all__ = [
     "GroupConfig",
     "HFDatasetSource",
     "Record",
+    "ResidentAudio",
+    "ResidentBatches",
     "SkipCounter",
     "SourceGroup",
     "URLFolderSource",

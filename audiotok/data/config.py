@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+import torch
+
 from ..config import check_keys
 from ..urls import is_url
 from .dataset import Excerpt, ExcerptDataset, SourceGroup, build_validation_set
+from .resident import ResidentAudio, ResidentBatches, available_cpus
 from .sources import (
     AudioFileSource,
     AudioFolderSource,
@@ -154,6 +157,8 @@ class DataConfig:
 
     ``groups`` / ``val_groups``: name -> ``{"weight": w, "sources": [spec, ...]}`` (see
     :func:`build_sources`); ``balance=False`` weights sources by size instead of group weights.
+    ``resident=True``: training batches are cut on the training device from every record decoded
+    once (:meth:`resident_batches`, :mod:`audiotok.data.resident`) instead of host DataLoader workers.
     """
 
     sample_rate: int = 44100
@@ -169,12 +174,15 @@ class DataConfig:
     val_groups: dict[str, GroupConfig] = field(default_factory=dict)
     val_duration: float = 5.0
     val_per_group: int = 16
+    resident: bool = False
 
     def __post_init__(self) -> None:
         self.groups = _groups(self.groups)
         self.val_groups = _groups(self.val_groups)
         if self.sample_rate <= 0 or self.duration <= 0 or self.val_duration <= 0:
             raise ValueError("sample_rate, duration and val_duration must be positive")
+        if not isinstance(self.resident, bool):
+            raise ValueError(f"resident must be true or false, got {self.resident!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
@@ -198,6 +206,17 @@ class DataConfig:
             rank=rank, world_size=world_size, block_size=block_size, min_loudness=self.min_loudness,
             salient_tries=self.salient_tries, loudness_target=self.loudness_target,
             phase_shift=self.phase_shift, max_draws=self.max_draws,
+        )
+
+    def resident_batches(self, device: torch.device | str, batch_size: int, rank: int = 0,
+                         world_size: int = 1) -> ResidentBatches:
+        """The training batches of one rank (``[batch_size, 1, N]``), cut on ``device`` from every
+        training record decoded there once, by the available cores shared among ``world_size`` ranks."""
+        audio = ResidentAudio.load(self.source_groups(), self.sample_rate, device, balance=self.balance,
+                                   workers=max(1, available_cpus() // world_size))
+        return ResidentBatches(
+            audio, batch_size, self.duration, seed=self.seed, rank=rank, min_loudness=self.min_loudness,
+            salient_tries=self.salient_tries, loudness_target=self.loudness_target, phase_shift=self.phase_shift,
         )
 
     def validation_set(self) -> list[Excerpt]:

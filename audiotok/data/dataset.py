@@ -208,7 +208,12 @@ class ExcerptDataset(IterableDataset):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from ``state`` (from :meth:`state_dict`); seed, world size and block size must match."""
+        """Continue from ``state`` (from :meth:`state_dict`); seed, world size and block size must match.
+        The state of a run begun on the resident path (:meth:`ResidentBatches.state_dict
+        <audiotok.data.resident.ResidentBatches.state_dict>`: per-rank batches) continues at its step."""
+        if "step" in state:
+            state = {"position": state["step"] * state["batch_size"], "seed": state["seed"],
+                     "world_size": self.world_size, "block_size": state["batch_size"]}
         for name in ("seed", "world_size", "block_size"):
             if int(state[name]) != getattr(self, name):
                 raise ValueError(f"cannot resume: state has {name}={state[name]}, this dataset {getattr(self, name)}")

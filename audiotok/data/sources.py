@@ -68,6 +68,9 @@ class DecodeError(Exception):
         super().__init__(f"{key}: {reason}" + (f" ({detail})" if detail else ""))
         self.key, self.reason, self.detail = key, reason, detail
 
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:  # pickled by its fields (process pools)
+        return type(self), (self.key, self.reason, self.detail)
+
 
 class SkipCounter:
     """Counts skipped records per reason and keeps the first few keys of each.

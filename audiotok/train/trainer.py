@@ -41,7 +41,7 @@ from .state import (
 )
 
 if TYPE_CHECKING:
-    from ..data.dataset import Excerpt
+    from ..data.dataset import Excerpt, ExcerptDataset
 
 log = logging.getLogger("audiotok.train")
 
@@ -163,7 +163,7 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
 
     Returns the last logged training metrics.
     """
-    from ..data import DataConfig
+    from ..data import DataConfig, ResidentBatches
 
     env, dev, batch_per_rank = init_training(device, config.train.batch_size)
     save_path = Path(save_path)
@@ -199,7 +199,11 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
         gan = _GAN(discriminator, DDP(discriminator) if env.enabled else discriminator, opt_d,
                    torch.optim.lr_scheduler.ExponentialLR(opt_d, config.optim.gamma))
     data_config = DataConfig.from_dict({**config.data, "sample_rate": config.model.sample_rate})
-    dataset = data_config.train_dataset(env.rank, env.world_size, block_size=batch_per_rank)
+    dataset: ExcerptDataset | ResidentBatches
+    if data_config.resident:  # every record decoded once onto the device; batches cut there
+        dataset = data_config.resident_batches(dev, batch_per_rank, env.rank, env.world_size)
+    else:
+        dataset = data_config.train_dataset(env.rank, env.world_size, block_size=batch_per_rank)
     step, best = 0, math.inf
     if found is not None:
         generator.load_state_dict(state["generator"])
@@ -221,8 +225,8 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
     stft_loss = MultiScaleSTFTLoss(weights.stft_window_lengths).to(dev)
     complex_loss = ComplexSTFTLoss(weights.complex_stft_window_lengths, weights.complex_stft_pow,
                                    weights.complex_stft_mag_weight).to(dev) if weights.complex_stft > 0 else None
-    loader = DataLoader(dataset, batch_size=batch_per_rank, num_workers=loop.num_workers,
-                        persistent_workers=loop.num_workers > 0)
+    loader = dataset if isinstance(dataset, ResidentBatches) else DataLoader(
+        dataset, batch_size=batch_per_rank, num_workers=loop.num_workers, persistent_workers=loop.num_workers > 0)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=loop.bf16)
 
     logger: Logger | None = None
