@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import DACConfig
 from .model import DAC
+from .untrusted import OptionalEntry, check_shape, read_json
 
 FORMAT_NAME = "audiotok"
 FORMAT_VERSION = 1
@@ -289,10 +290,18 @@ def config_to_transformers(config: DACConfig) -> dict:
 # Folders (ours and transformers')
 
 
+#: The entries of an audiotok folder's ``config.json`` (:func:`save_folder`) and of a transformers one
+#: (its values are checked by :func:`config_from_transformers`).
+AUDIOTOK_CONFIG_SHAPE = {"format": str, "format_version": OptionalEntry(int), "model_id": OptionalEntry(str),
+                         "config": dict, "architecture_hash": OptionalEntry(str),
+                         "notice": OptionalEntry((str, type(None)))}
+TRANSFORMERS_CONFIG_SHAPE = {"_name_or_path": OptionalEntry(str)}
+
+
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        return read_json(path, dict)
+    except OSError as e:
         raise ValueError(f"{path}: unreadable config file: {e}") from e
 
 
@@ -323,13 +332,10 @@ def load_folder(folder: str | os.PathLike) -> Checkpoint:
     if not config_path.is_file():
         raise ValueError(f"{folder}: no {CONFIG_FILE}; not an audiotok or transformers DAC model folder")
     data = _read_json(config_path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{config_path}: not a JSON object")
     if _folder_format(config_path, data) == "audiotok":
-        if not isinstance(data.get("format_version", 0), int) or data.get("format_version", 0) > FORMAT_VERSION:
+        check_shape(data, AUDIOTOK_CONFIG_SHAPE, config_path)
+        if data.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{folder}: written by a newer audiotok (format_version {data['format_version']!r})")
-        if "config" not in data:
-            raise ValueError(f"{config_path}: no 'config' entry (the model's DACConfig)")
         try:
             config = DACConfig.from_dict(data["config"])
         except (TypeError, ValueError) as e:
@@ -341,6 +347,7 @@ def load_folder(folder: str | os.PathLike) -> Checkpoint:
         model_id = data.get("model_id") or folder.name
         notice = data.get("notice")
     else:
+        check_shape(data, TRANSFORMERS_CONFIG_SHAPE, config_path)
         try:
             config = config_from_transformers(data)
         except (TypeError, ValueError) as e:

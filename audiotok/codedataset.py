@@ -89,16 +89,15 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import numpy as np
 
 from .audio import AUDIO_EXTENSIONS
-from .codes import check_fingerprint
+from .codes import check_fingerprint, check_frames
+from .config import DACConfig
 from .io import replace_durably, temp_path
-
-if TYPE_CHECKING:
-    from .config import DACConfig
+from .untrusted import OptionalEntry, check_number, check_shape, parse_json
 
 FORMAT_NAME = "audiotok-code-dataset"
 FORMAT_VERSION = 3
@@ -114,6 +113,21 @@ FAILURE_SUFFIX = ".failure.txt"
 METADATA_COLUMN_PREFIX = "meta."
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+#: The entries of ``manifest.json`` a reader uses (see the module docstring; other entries are not read).
+MANIFEST_SHAPE = {
+    "format": str, "format_version": int, "model_id": str, "config": dict, "config_hash": str,
+    "codes_fingerprint": OptionalEntry((str, type(None))), "hop_length": int, "frame_rate": float,
+    "shards": [{"path": str, "records": int, "frames": int}], "records": OptionalEntry(int),
+    "audio_hours": OptionalEntry(float), "failures": OptionalEntry([{"key": str, "reason": str}]),
+    "n_quantizers": OptionalEntry(int), "mono": OptionalEntry(bool), "metadata": OptionalEntry([str]),
+}
+#: A record's ``{key}.json`` tar member (:data:`RECORD_FIELDS`; ``model_id`` and ``source_key`` are not read).
+RECORD_SHAPE = {"key": str, "num_samples": int, "sample_rate": int, "n_frames": int, "channels": int}
+#: The Parquet key-value metadata ``audiotok`` (:func:`dataset_metadata`; entries missing in older shards).
+PARQUET_METADATA_SHAPE = {k: OptionalEntry(v) for k, v in {
+    "model_id": str, "config_hash": str, "codes_fingerprint": (str, type(None)), "sample_rate": int,
+    "hop_length": int, "frame_rate": float, "n_quantizers": int, "codebook_size": int, "mono": bool}.items()}
 
 
 def safe_name(source_key: str, max_len: int = 64) -> str:
@@ -152,31 +166,68 @@ def manifest_header(model_id: str, config: DACConfig, codes_fingerprint: str) ->
     }
 
 
-def dataset_metadata(model_id: str, config: DACConfig, codes_fingerprint: str, n_quantizers: int,
-                     mono: bool) -> dict[str, Any]:
+def dataset_metadata(model_id: str, config: DACConfig, codes_fingerprint: str | None, n_quantizers: int | None,
+                     mono: bool | None) -> dict[str, Any]:
     """What a reader needs to interpret a shard's codes without the manifest: the model (``model_id``,
     ``config_hash``, ``codes_fingerprint``), the rates (``sample_rate``, ``hop_length``, ``frame_rate``)
-    and the codes (``n_quantizers``, ``codebook_size``, ``mono``)."""
+    and the codes (``n_quantizers``, ``codebook_size``, ``mono``). A reader builds it from a manifest
+    (:func:`manifest_metadata`) to check every shard against; there ``None`` is a value the manifest
+    does not record."""
     return {"model_id": model_id, "config_hash": config.architecture_hash(), "codes_fingerprint": codes_fingerprint,
             "sample_rate": config.sample_rate, "hop_length": config.hop_length, "frame_rate": config.frame_rate,
             "n_quantizers": n_quantizers, "codebook_size": config.codebook_size, "mono": mono}
 
 
+def read_manifest(data: bytes | str, where: str | os.PathLike) -> dict[str, Any]:
+    """The manifest in ``data`` (the text of ``manifest.json``), checked by :func:`check_manifest`."""
+    manifest = parse_json(data, where, dict)
+    check_manifest(manifest, where)
+    return manifest
+
+
 def check_manifest(manifest: dict[str, Any], where: str | os.PathLike) -> None:
-    """Raise ``ValueError`` unless ``manifest`` is a code-dataset manifest this reader knows, whose
-    shard paths stay inside the dataset folder (a manifest never makes a reader open other files) and
-    whose ``codes_fingerprint``, if any, is 16 lowercase hex digits."""
+    """Raise ``ValueError`` unless ``manifest`` is a code-dataset manifest this reader knows
+    (:data:`MANIFEST_SHAPE`) whose shard paths stay inside the dataset folder (a manifest never makes
+    a reader open other files), whose ``codes_fingerprint``, if any, is 16 lowercase hex digits, and
+    whose entries agree with each other: ``config_hash``, ``hop_length`` and ``frame_rate`` with
+    ``config``, ``n_quantizers`` within its codebooks, ``records`` with the shards' records."""
     if manifest.get("format") != FORMAT_NAME:
         raise ValueError(f"{where}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{where}: code dataset format_version {version!r} is not supported "
                          f"(this reader knows up to {FORMAT_VERSION})")
-    check_fingerprint(manifest.get("codes_fingerprint"), f"{where}: codes_fingerprint")
-    for shard in manifest.get("shards", []):
-        path = shard.get("path") if isinstance(shard, dict) else None
+    shards = manifest.get("shards")
+    for path in (s.get("path") for s in (shards if isinstance(shards, list) else []) if isinstance(s, dict)):
         if not isinstance(path, str) or not path or os.path.isabs(path) or ".." in Path(path).parts:
             raise ValueError(f"{where}: shard path {path!r} is not a relative path inside the dataset folder")
+    check_shape(manifest, MANIFEST_SHAPE, where)
+    check_fingerprint(manifest.get("codes_fingerprint"), f"{where}: codes_fingerprint")
+    try:
+        config = DACConfig.from_dict(manifest["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: invalid config: {e}") from None
+    stated = {"config_hash": (manifest["config_hash"], config.architecture_hash()),
+              "hop_length": (manifest["hop_length"], config.hop_length),
+              "frame_rate": (manifest["frame_rate"], config.frame_rate)}
+    if "records" in manifest:
+        stated["records"] = (manifest["records"], sum(s["records"] for s in manifest["shards"]))
+    wrong = [f"{k} {ours!r} (expected {theirs!r})" for k, (ours, theirs) in stated.items() if ours != theirs]
+    if wrong:
+        raise ValueError(f"{where}: entries disagree with its config and shards: {', '.join(wrong)}")
+    if not 1 <= manifest.get("n_quantizers", 1) <= config.n_codebooks:
+        raise ValueError(f"{where}: n_quantizers {manifest['n_quantizers']} is not within the config's "
+                         f"{config.n_codebooks} codebooks")
+    negative = [s["path"] for s in manifest["shards"] if s["records"] < 0 or s["frames"] < 0]
+    if negative:
+        raise ValueError(f"{where}: shard {negative[0]!r} has a negative record or frame count")
+
+
+def manifest_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`dataset_metadata` a checked manifest states, which its shards must agree with."""
+    config = DACConfig.from_dict(manifest["config"])
+    return dataset_metadata(manifest["model_id"], config, manifest.get("codes_fingerprint"),
+                            manifest.get("n_quantizers"), manifest.get("mono"))
 
 
 def check_metadata_fields(fields: list[str] | tuple[str, ...]) -> None:
@@ -400,13 +451,44 @@ class CodeRecord:
         return self.codes if self.codes.ndim == 3 else self.codes[None]
 
 
-def _check_record(record: CodeRecord, shard: str | os.PathLike) -> CodeRecord:
-    codes = record.codes
-    _check_codes(codes, f"{shard}: record {record.key!r}")
-    if "n_frames" in record.meta and record.meta["n_frames"] != codes.shape[-1]:
-        raise ValueError(f"{shard}: record {record.key!r} has {codes.shape[-1]} frames, "
-                         f"its metadata says {record.meta['n_frames']}")
+def _check_record(record: CodeRecord, shard: str | os.PathLike, expected: dict[str, Any] | None) -> CodeRecord:
+    """``record``, unless its codes or fields disagree with each other or with ``expected`` (the
+    :func:`manifest_metadata` of its dataset, when known): then ``ValueError`` naming the shard and record."""
+    codes, meta, where = record.codes, record.meta, f"{shard}: record {record.key!r}"
+    _check_codes(codes, where)
+    check_shape(meta, RECORD_SHAPE, where)
+    if meta["n_frames"] != codes.shape[-1]:
+        raise ValueError(f"{where} has {codes.shape[-1]} frames, its metadata says {meta['n_frames']}")
+    if expected is None:
+        return record
+    problems = []
+    if expected["n_quantizers"] is not None and codes.shape[-2] != expected["n_quantizers"]:
+        problems.append(f"{codes.shape[-2]} codebooks (the manifest says n_quantizers {expected['n_quantizers']})")
+    if expected["mono"] is not None and (codes.ndim == 2) != expected["mono"]:
+        problems.append(f"codes of shape {codes.shape} (the manifest says mono {expected['mono']})")
+    if codes.ndim == 3 and codes.shape[0] != meta["channels"]:
+        problems.append(f"{codes.shape[0]} coded channels (its metadata says channels {meta['channels']})")
+    if codes.size and int(codes.max()) >= expected["codebook_size"]:
+        problems.append(f"code {int(codes.max())} (the codebooks have {expected['codebook_size']} entries)")
+    if problems:
+        raise ValueError(f"{where} has {'; '.join(problems)}")
+    for name in ("num_samples", "sample_rate"):
+        check_number(meta[name], f"{where}: {name}", minimum=1, integer=True)
+    check_frames(codes.shape[-1], meta["num_samples"], meta["sample_rate"], expected["sample_rate"],
+                 expected["hop_length"], where)
     return record
+
+
+def _check_shard_metadata(stored: bytes | None, expected: dict[str, Any] | None, path: str | os.PathLike) -> None:
+    """``ValueError`` if a Parquet shard's key-value metadata (``stored``) states other values than
+    ``expected`` (each value both record)."""
+    if stored is None or expected is None:
+        return
+    meta = parse_json(stored, f"{path}: key-value metadata {PARQUET_METADATA_KEY!r}", PARQUET_METADATA_SHAPE)
+    wrong = [f"{k} {meta[k]!r} (the manifest says {expected[k]!r})" for k in meta
+             if k in expected and None not in (meta[k], expected[k]) and meta[k] != expected[k]]
+    if wrong:
+        raise ValueError(f"{path}: the shard's metadata disagrees with the manifest: {', '.join(wrong)}")
 
 
 def _split_member(name: str) -> tuple[str, str] | None:
@@ -417,7 +499,8 @@ def _split_member(name: str) -> tuple[str, str] | None:
     return None
 
 
-def _read_tar(path: str | os.PathLike, fileobj: IO[bytes] | None = None) -> Iterator[CodeRecord]:
+def _read_tar(path: str | os.PathLike, fileobj: IO[bytes] | None = None,
+              expected: dict[str, Any] | None = None) -> Iterator[CodeRecord]:
     members: dict[str, bytes] = {}
     key: str | None = None
 
@@ -426,8 +509,12 @@ def _read_tar(path: str | os.PathLike, fileobj: IO[bytes] | None = None) -> Iter
         if missing:
             raise ValueError(f"{path}: record {key!r} has no {' or '.join(sorted(missing))} member")
         codes = np.load(io.BytesIO(members["codes"]), allow_pickle=False)
-        kept = json.loads(members["metadata"]) if "metadata" in members else {}
-        return _check_record(CodeRecord(key, codes, json.loads(members["json"]), kept), path)
+        where = f"{path}: member {key!r}"
+        kept = {}
+        if "metadata" in members:
+            kept = parse_json(members["metadata"], where + MEMBER_SUFFIXES["metadata"], dict)
+        meta = parse_json(members["json"], where + MEMBER_SUFFIXES["json"], dict)
+        return _check_record(CodeRecord(key, codes, meta, kept), path, expected)
 
     with tarfile.open(path if fileobj is None else None, mode="r|*", fileobj=fileobj) as tar:
         for member in tar:
@@ -469,16 +556,20 @@ def list_column_codes(column, keys: list[str], path: str | os.PathLike) -> list[
     return out
 
 
-def _pop_kept(row: dict[str, Any]) -> dict[str, Any]:
+def _pop_kept(row: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
     """Remove the ``meta.{field}`` columns from a Parquet row; their values, decoded."""
     names = [name for name in row if name.startswith(METADATA_COLUMN_PREFIX)]
-    return {name[len(METADATA_COLUMN_PREFIX):]: json.loads(row.pop(name)) for name in names}
+    return {name[len(METADATA_COLUMN_PREFIX):]: parse_json(row.pop(name), f"{path}: record {row.get('key')!r} "
+                                                           f"column {name!r}", object) for name in names}
 
 
-def _read_parquet(path: str | os.PathLike, fileobj: IO[bytes] | None = None) -> Iterator[CodeRecord]:
+def _read_parquet(path: str | os.PathLike, fileobj: IO[bytes] | None = None,
+                  expected: dict[str, Any] | None = None) -> Iterator[CodeRecord]:
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path if fileobj is None else fileobj).iter_batches(batch_size=256):
+    parquet = pq.ParquetFile(path if fileobj is None else fileobj)
+    _check_shard_metadata((parquet.schema_arrow.metadata or {}).get(PARQUET_METADATA_KEY.encode()), expected, path)
+    for batch in parquet.iter_batches(batch_size=256):
         codes = batch.column("codes")
         if "shape" in batch.schema.names:  # format_version 1: raw bytes and a shape column
             rows = batch.drop_columns(["codes", "shape"]).to_pylist()
@@ -486,21 +577,25 @@ def _read_parquet(path: str | os.PathLike, fileobj: IO[bytes] | None = None) -> 
                 flat = np.frombuffer(data, dtype="<u2")
                 if flat.size != np.prod(shape):
                     raise ValueError(f"{path}: record {row['key']!r} has {flat.size} codes, its shape is {shape}")
-                kept = _pop_kept(row)
-                yield _check_record(CodeRecord(row["key"], flat.reshape(shape).astype(np.uint16), row, kept), path)
+                kept = _pop_kept(row, path)
+                yield _check_record(CodeRecord(row["key"], flat.reshape(shape).astype(np.uint16), row, kept), path,
+                                    expected)
             continue
         rows = batch.drop_columns(["codes"]).to_pylist()
         for row, array in zip(rows, list_column_codes(codes, [r["key"] for r in rows], path)):
-            kept = _pop_kept(row)
-            yield _check_record(CodeRecord(row["key"], array, row, kept), path)
+            kept = _pop_kept(row, path)
+            yield _check_record(CodeRecord(row["key"], array, row, kept), path, expected)
 
 
-def read_shard(path: str | os.PathLike, fileobj: IO[bytes] | None = None) -> Iterator[CodeRecord]:
+def read_shard(path: str | os.PathLike, fileobj: IO[bytes] | None = None,
+               expected: dict[str, Any] | None = None) -> Iterator[CodeRecord]:
     """The records of one shard (``.tar`` or ``.parquet``, by the suffix of ``path``), in order, each
-    checked; read from ``fileobj`` (an open binary file, seekable for Parquet) when given."""
+    checked, against ``expected`` too when given (:func:`manifest_metadata` of the dataset: codebooks,
+    code range, rates and frame counts; a Parquet shard's own metadata); read from ``fileobj`` (an
+    open binary file, seekable for Parquet) when given."""
     suffix = os.path.splitext(os.fspath(path))[1]
     if suffix == ".tar":
-        return _read_tar(path, fileobj)
+        return _read_tar(path, fileobj, expected)
     if suffix == ".parquet":
-        return _read_parquet(path, fileobj)
+        return _read_parquet(path, fileobj, expected)
     raise ValueError(f"{path}: unknown shard type (expected .tar or .parquet)")

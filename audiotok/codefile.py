@@ -41,7 +41,16 @@ key                      meaning
                          codes (16 lowercase hex digits). A model of the same architecture with
                          another fingerprint has other codebooks: a reader should refuse to decode
                          unless told otherwise.
+``crc32``                optional (files written before audiotok recorded it have none and are read unchecked):
+                         8 lowercase hex digits, the CRC-32 (``zlib.crc32``) of the other metadata
+                         entries, each as the UTF-8 line ``key=value\n`` in sorted key order,
+                         followed by the codes as ``uint16`` little-endian bytes in C order (the
+                         ``[C, K, F]`` codes, whatever the packing). A reader must refuse a file
+                         whose checksum does not match: it was damaged or edited.
 ======================== ======================================================================
+
+A file's ``sample_rate``, ``hop_length`` and ``codebook_size`` must be those of the model its
+``config_hash`` names: a reader refuses to decode a file that states other values (it was edited).
 
 Readers must ignore metadata keys and tensors they do not know.
 
@@ -73,6 +82,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -81,7 +92,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .codes import PACKED_10BIT_CODEBOOK_SIZE, check_10bit, check_fingerprint, check_uint16, is_integer_dtype
+from .codes import (
+    PACKED_10BIT_CODEBOOK_SIZE,
+    check_10bit,
+    check_fingerprint,
+    check_frames,
+    check_uint16,
+    is_integer_dtype,
+)
 from .io import atomic_write
 
 if TYPE_CHECKING:
@@ -96,6 +114,21 @@ _INT_FIELDS = ("sample_rate", "hop_length", "n_codebooks", "codebook_size", "num
                "source_sample_rate", "channels")
 _STR_FIELDS = ("model_id", "config_hash", "packing")
 REQUIRED_METADATA = ("format", "format_version", *_STR_FIELDS, *_INT_FIELDS, "shape")
+_CRC32 = re.compile(r"[0-9a-f]{8}")
+
+
+class DisagreeingFields(ValueError):
+    """A code file states a ``sample_rate``, ``hop_length`` or ``codebook_size`` other than the model its
+    ``config_hash`` names has: the file was edited or damaged (not a file of another model)."""
+
+
+def checksum(meta: dict[str, str], codes: np.ndarray) -> str:
+    """The ``crc32`` metadata entry of a file with metadata ``meta`` (its own ``crc32`` left out) and
+    codes ``[C, K, F]`` (see the module docstring)."""
+    text = "".join(f"{k}={v}\n" for k, v in sorted(meta.items()) if k != "crc32")
+    crc = zlib.crc32(text.encode("utf-8", "surrogatepass"))
+    crc = zlib.crc32(np.ascontiguousarray(codes, dtype="<u2").tobytes(), crc)
+    return f"{crc:08x}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +202,12 @@ class _CodeInfo:
         check_codec(tokenizer, self.model_id, self.config_hash, self.n_codebooks, self.codebook_size,
                     codes_fingerprint=None if allow_other_weights else self.codes_fingerprint,
                     override="--allow-other-weights decodes anyway")
+        stated = {"sample_rate": (self.sample_rate, tokenizer.sample_rate),
+                  "hop_length": (self.hop_length, tokenizer.hop_length)}
+        wrong = [f"{k}={ours} (the model has {theirs})" for k, (ours, theirs) in stated.items() if ours != theirs]
+        if wrong:
+            raise DisagreeingFields(f"the codes state {', '.join(wrong)}, yet their config_hash {self.config_hash} "
+                                    f"is that of {tokenizer.model_id!r}: the file was edited or damaged")
 
 
 def check_codec(tokenizer: AudioTokenizer, model_id: str, config_hash: str, n_codebooks: int, codebook_size: int,
@@ -210,6 +249,7 @@ class CodeHeader(_CodeInfo):
     packing: str
     shape: tuple[int, int, int]
     format_version: int = FORMAT_VERSION
+    crc32: str | None = None  # the checksum the file records (checked when the codes are read)
 
     @property
     def output_samples(self) -> int:
@@ -250,8 +290,12 @@ def _parse_metadata(meta: dict[str, str] | None, where: str) -> CodeHeader:
     if len(shape) != 3 or min(shape) <= 0:
         raise ValueError(f"{where}: metadata shape={meta['shape']!r} is not three positive integers 'C,K,F'")
     fingerprint = check_fingerprint(meta.get("codes_fingerprint"), f"{where}: metadata codes_fingerprint")
+    check_fingerprint(meta["config_hash"], f"{where}: metadata config_hash")
+    crc32 = meta.get("crc32")
+    if crc32 is not None and not _CRC32.fullmatch(crc32):
+        raise ValueError(f"{where}: metadata crc32={crc32!r} is not 8 lowercase hex digits")
     header = CodeHeader(**values, shape=shape, format_version=version,  # type: ignore[arg-type]
-                        codes_fingerprint=fingerprint)
+                        codes_fingerprint=fingerprint, crc32=crc32)
     if header.packing not in PACKINGS:
         raise ValueError(f"{where}: unknown packing {header.packing!r}; expected one of {PACKINGS}")
     c, k, f = shape
@@ -259,12 +303,7 @@ def _parse_metadata(meta: dict[str, str] | None, where: str) -> CodeHeader:
         raise ValueError(f"{where}: codes have {k} codebooks but the metadata says n_codebooks={header.n_codebooks}")
     if c != 1 and c != header.channels:
         raise ValueError(f"{where}: codes have {c} coded channels; expected 1 (mono mix) or channels={header.channels}")
-    expected_frames = -(-header.output_samples // header.hop_length)
-    if abs(f - expected_frames) > 1:
-        raise ValueError(
-            f"{where}: codes have {f} frames but num_samples={header.num_samples} at {header.source_sample_rate} Hz "
-            f"with hop {header.hop_length} at {header.sample_rate} Hz implies {expected_frames}"
-        )
+    check_frames(f, header.num_samples, header.source_sample_rate, header.sample_rate, header.hop_length, where)
     return header
 
 
@@ -381,7 +420,7 @@ class CodeFile(_CodeInfo):
         for f in fields(self):
             if f.name not in ("codes", "packing") and getattr(self, f.name) is not None:
                 meta[f.name] = str(getattr(self, f.name))
-        return meta
+        return {**meta, "crc32": checksum(meta, self.codes.numpy())}
 
     def to_bytes(self, pack_10bit: bool = False) -> bytes:
         """The file's contents (see the module docstring)."""
@@ -417,7 +456,8 @@ class CodeFile(_CodeInfo):
         path = Path(path)
         where = str(path)
         with _open(path) as f:
-            header = _parse_metadata(f.metadata(), where)
+            meta = f.metadata() or {}
+            header = _parse_metadata(meta, where)
             name = "codes" if header.packing == "none" else "codes_packed"
             if name not in f.keys():
                 raise ValueError(f"{where}: packing={header.packing!r} but the file has no {name!r} tensor")
@@ -442,6 +482,9 @@ class CodeFile(_CodeInfo):
                 raise ValueError(f"{where}: {e} (metadata shape {header.shape})") from None
         if codes.max() >= header.codebook_size:
             raise ValueError(f"{where}: code value {codes.max()} out of range for codebook_size {header.codebook_size}")
+        if header.crc32 is not None and checksum(meta, codes) != header.crc32:
+            raise ValueError(f"{where}: checksum mismatch (crc32 {header.crc32} recorded, {checksum(meta, codes)} "
+                             f"computed): the codes or the metadata were damaged or edited")
         return cls(
             codes=torch.from_numpy(codes), model_id=header.model_id, config_hash=header.config_hash,
             sample_rate=header.sample_rate, hop_length=header.hop_length, n_codebooks=header.n_codebooks,

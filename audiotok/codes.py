@@ -56,3 +56,14 @@ def check_fingerprint(value: object, where: str) -> str | None:
     if value is not None and not (isinstance(value, str) and _FINGERPRINT.fullmatch(value)):
         raise ValueError(f"{where}={value!r} is not 16 lowercase hex digits")
     return value
+
+
+def check_frames(frames: int, num_samples: int, source_sample_rate: int, sample_rate: int, hop_length: int,
+                 where: str) -> None:
+    """``ValueError`` naming ``where`` unless ``frames`` code frames fit ``num_samples`` samples at
+    ``source_sample_rate`` coded at ``sample_rate`` with ``hop_length``: ``ceil(T / hop_length)`` with
+    ``T = round(num_samples * sample_rate / source_sample_rate)``, up to one frame (the resampler's rounding)."""
+    expected = -(-round(num_samples * sample_rate / source_sample_rate) // hop_length)
+    if abs(frames - expected) > 1:
+        raise ValueError(f"{where}: codes have {frames} frames but num_samples={num_samples} at {source_sample_rate} "
+                         f"Hz with hop {hop_length} at {sample_rate} Hz implies {expected}")

@@ -30,6 +30,7 @@ from .hub import names_bundled_model, resolve
 from .layers import use_fused_snake
 from .model import DAC, context_frames
 from .segments import make_batches, plan_segments
+from .untrusted import shown
 
 logger = logging.getLogger("audiotok")
 
@@ -143,7 +144,7 @@ class AudioTokenizer:
             checkpoint.model_id = str(source)
         if checkpoint.notice and (checkpoint.model_id, checkpoint.notice) not in _notices_shown:
             _notices_shown.add((checkpoint.model_id, checkpoint.notice))
-            logger.warning("%s: %s", checkpoint.model_id, checkpoint.notice)
+            logger.warning("%s: %s", shown(checkpoint.model_id), shown(checkpoint.notice))
         tokenizer = cls(build_model(checkpoint, folded=True), checkpoint.model_id, device, dtype, compile,
                         decoder_dtype)
         tokenizer.notice, tokenizer.card = checkpoint.notice, checkpoint.card

@@ -10,39 +10,75 @@ Audio is written while it is generated.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
+from audiotok import DACConfig
+from audiotok.lm.sampling import MIN_TEMPERATURE, check_sampling
+from audiotok.untrusted import number_arg, shown
 
-def main(argv=None) -> None:
+#: Longest output (seconds): a day of audio.
+MAX_SECONDS = 86400.0
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prior", required=True, help="a prior folder or a training run folder")
     p.add_argument("--out", required=True, help="WAV file; with --num-samples N > 1, OUT-0.wav ... OUT-(N-1).wav")
     p.add_argument("--codec", help="the codec to decode with (default: the model id the prior records)")
     p.add_argument("--text", help="text for a text-conditioned prior")
     p.add_argument("--prompt", help="an audio file to continue")
-    p.add_argument("--prompt-seconds", type=float, default=3.0, help="seconds of the prompt used (default 3)")
-    p.add_argument("--seconds", type=float, default=8.0, help="longest output, prompt included (default 8)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 for greedy (default 1)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely ids (default 0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    p.add_argument("--prompt-seconds", type=number_arg(above=0), default=None,
+                   help="seconds of the prompt used (default 3)")
+    p.add_argument("--seconds", type=number_arg(above=0, maximum=MAX_SECONDS), default=8.0,
+                   help="longest output, prompt included (default 8)")
+    p.add_argument("--temperature", type=number_arg(minimum=0), default=1.0,
+                   help=f"0 for greedy, else at least {MIN_TEMPERATURE} (default 1)")
+    p.add_argument("--top-k", type=number_arg(integer=True, minimum=0), default=0,
+                   help="keep the k most likely ids (default 0: all)")
+    p.add_argument("--top-p", type=number_arg(above=0, maximum=1), default=1.0,
+                   help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--num-samples", type=number_arg(integer=True, minimum=1), default=1)
+    p.add_argument("--seed", type=number_arg(integer=True, minimum=0), help="sampling seed (default: random)")
     p.add_argument("--device", help="cpu or cuda (default: cpu)")
     args = p.parse_args(argv)
+    try:  # every setting before anything is loaded
+        check_sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        p.error(str(e))
+    if args.prompt_seconds is not None and not args.prompt:
+        p.error("--prompt-seconds needs --prompt")
+    prompt_seconds = 3.0 if args.prompt_seconds is None else args.prompt_seconds
+    if args.prompt and prompt_seconds > args.seconds:
+        p.error(f"--prompt-seconds {prompt_seconds} is longer than the output (--seconds {args.seconds}), "
+                "which includes the prompt")
 
+    try:
+        _sample(args, prompt_seconds)
+    except (ValueError, OSError) as e:  # a bad prior folder, codec or prompt: one line
+        print(f"sample_lm: error: {shown(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _sample(args: argparse.Namespace, prompt_seconds: float) -> None:
     import soundfile as sf
 
     from audiotok import AudioTokenizer
     from audiotok.lm import CodePrior, sample_to_wav
+    from audiotok.lm.prior import prior_folder, read_prior_config
 
+    frame_rate = DACConfig.from_dict(read_prior_config(prior_folder(args.prior))["codec"]["config"]).frame_rate
+    max_frames = round(args.seconds * frame_rate)
+    if max_frames < 1:
+        raise ValueError(f"--seconds {args.seconds} is less than one code frame ({1 / frame_rate:.4f} s)")
     prior = CodePrior.from_pretrained(args.prior, device=args.device)
     tok = AudioTokenizer.from_pretrained(args.codec or prior.codec.model_id, device=args.device)
     prior.check_codec(tok)
     prompt = None
     if args.prompt:
         audio, sr = sf.read(args.prompt, dtype="float32", always_2d=True)
-        prompt = tok.encode(audio[: round(args.prompt_seconds * sr)].T, sr).codes[0]
-    max_frames = max(1, round(args.seconds * tok.frame_rate))
+        prompt = tok.encode(audio[: round(prompt_seconds * sr)].T, sr).codes[0]
     out = Path(args.out)
     for i in range(args.num_samples):
         path = out if args.num_samples == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
@@ -53,4 +89,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -128,6 +128,8 @@ def check_packages(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
+    from audiotok.untrusted import shown
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
         unread = spec.unread_extensions()
         if unread:
             log.warning("not read (extensions not in --audio-keys): %s",
-                        ", ".join(f"{n} {ext}" for ext, n in unread.items()))
+                        shown(", ".join(f"{n} {ext}" for ext, n in unread.items())))
         config = BulkConfig(
             spec, args.output, args.model, format=args.format, layout=args.layout, n_quantizers=args.n_quantizers,
             mono=not args.per_channel, batch_seconds=args.batch_seconds, chunk_seconds=args.chunk_seconds,
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
         )
         summary = tokenize_dataset(config)
     except (ValueError, OSError, ImportError) as e:  # FileNotFoundError (input, model), hub errors, bad settings
-        print(f"tokenize_dataset: error: {e}", file=sys.stderr)
+        print(f"tokenize_dataset: error: {shown(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tokenize_dataset: interrupted (run the same command again to resume)", file=sys.stderr)

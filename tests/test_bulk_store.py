@@ -30,7 +30,7 @@ def test_store_round_trip(store_and_root):
     assert not staged.exists()
     assert store.list() == [".bulk/a.json", "b.bin", "sub/c.tar"]
     assert store.list("sub") == ["sub/c.tar"] and store.list("nothing") == []
-    assert store.read_json(".bulk/a.json") == {"x": 1} and store.read_bytes("sub/c.tar") == b"tar"
+    assert store.read_json(".bulk/a.json", {"x": int}) == {"x": 1} and store.read_bytes("sub/c.tar") == b"tar"
     store.write_bytes("b.bin", b"new")
     assert store.read_bytes("b.bin") == b"new"
     store.delete("b.bin")
@@ -148,3 +148,22 @@ def test_urls_tell_paths_and_urls_apart(location, scheme, url, local):
     from audiotok import urls
 
     assert (urls.scheme(location), urls.is_url(location), urls.local_path(location)) == (scheme, url, local)
+
+
+def test_job_files_of_the_wrong_shape_are_one_error_naming_the_file(tmp_path):
+    from audiotok.bulk.claims import Claims, state_path
+    from audiotok.bulk.job import PLAN_NAME, load_plan
+    from audiotok.bulk.writer import PartWriter
+
+    store = open_store(tmp_path / "out")
+    for text, message in (("[1]", "the top level must be an object"), ("{" * 3000, "nested 3000 deep"),
+                          ('{"part": 0, "position": "3", "shards": [], "failures": []}', "position must be an integer"),
+                          ('{"part": 0, "position": 3, "failures": []}', "has no 'shards' entry")):
+        store.write_bytes(state_path("progress", 0), text.encode())
+        with pytest.raises(ValueError, match=f"out/.bulk/progress/part-000000.json: .*{message}"):
+            PartWriter(store, 0, "webdataset", 10, 10, {})
+    store.write_bytes(PLAN_NAME, b'{"job": [], "parts": []}')
+    with pytest.raises(ValueError, match="plan.json: job must be an object, got an array"):
+        load_plan(store, {"job": {}, "parts": []})
+    store.write_bytes(state_path("claims", 0), b'{"owner": "x", "expires": "soon"}')
+    assert Claims(store, "me", 60).read(0) is None  # a malformed claim is no claim

@@ -330,3 +330,44 @@ def test_constructor_validates():
         CodeFile(**{**make_code_file().__dict__, "codes": torch.zeros(3, 7, dtype=torch.long)})
     with pytest.raises(ValueError, match="integer"):
         CodeFile(**{**make_code_file().__dict__, "codes": torch.zeros(2, 3, 7)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields that disagree with each other (issue 26)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_flipped_bit_anywhere_is_refused(tmp_path, pack):
+    path = make_code_file(codebook_size=1024).save(tmp_path / "x.atok", pack_10bit=pack)
+    meta, tensors = file_contents(path)
+    assert len(meta["crc32"]) == 8
+    name = "codes_packed" if pack else "codes"
+    flipped = tensors[name].copy()
+    flipped.reshape(-1)[5] ^= 1  # one bit of one code: still a valid code
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        CodeFile.load(rewrite(path, tmp_path / "codes.atok", tensors={name: flipped}))
+    # Metadata that still agrees with itself (one more source sample) is covered too.
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        CodeFile.load(rewrite(path, tmp_path / "meta.atok", {"num_samples": str(int(meta["num_samples"]) + 1)}))
+    with pytest.raises(ValueError, match="crc32='xyz' is not 8 lowercase hex digits"):
+        CodeFile.load(rewrite(path, tmp_path / "bad.atok", {"crc32": "xyz"}))
+    # Files written before the checksum have none and are still read.
+    back = CodeFile.load(rewrite(path, tmp_path / "old.atok", {"crc32": None}))
+    assert torch.equal(back.codes, make_code_file(codebook_size=1024).codes)
+
+
+def test_a_config_hash_that_is_not_a_hash_is_refused(tmp_path):
+    path = make_code_file().save(tmp_path / "x.atok")
+    with pytest.raises(ValueError, match="config_hash='../x' is not 16 lowercase hex digits"):
+        read_header(rewrite(path, tmp_path / "y.atok", {"config_hash": "../x", "crc32": None}))
+
+
+def test_rates_that_disagree_with_the_config_hash_are_refused(tmp_path, tok):
+    enc = tok.encode(np.zeros(8000, np.float32), 44100)
+    path = CodeFile.from_encoded(tok, enc, 0, 1).save(tmp_path / "x.atok")
+    # Half the rates: consistent in itself (the same frames), and an old file (no checksum).
+    halved = {"sample_rate": "22050", "source_sample_rate": "22050", "crc32": None}
+    for name, change in (("sample_rate", halved), ("hop_length", {"hop_length": "511", "crc32": None})):
+        edited = CodeFile.load(rewrite(path, tmp_path / f"{name}.atok", change))
+        with pytest.raises(ValueError, match=f"state {name}=.*yet their config_hash .* the file was edited"):
+            edited.check_compatible(tok)

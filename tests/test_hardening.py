@@ -7,6 +7,10 @@ import csv
 import dataclasses
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +27,7 @@ from audiotok.audio import load_audio
 from audiotok.cli import main
 from audiotok.cli.files import decode_path
 from audiotok.codefile import CodeFile
+from audiotok.untrusted import shown
 
 SR = 44100
 
@@ -207,8 +212,9 @@ def _edited(model_dir: Path, tmp_path: Path, edit) -> Path:
     (lambda d: d["config"].update(decoder_dim=16_777_216), "decoder_dim=16777216 is above"),
     (lambda d: d["config"].update(decoder_dim=32_768, encoder_dim=4096), "billion parameters"),
     (lambda d: d["config"].update(sample_rate=48000), "architecture_hash .* does not match"),
-    (lambda d: d.update(config=[1, 2]), "mapping"),
-    (lambda d: d.update(format_version="9"), "newer audiotok"),
+    (lambda d: d.update(config=[1, 2]), "config must be an object"),
+    (lambda d: d.update(format_version="9"), "format_version must be an integer, got '9'"),
+    (lambda d: d.update(format_version=9), "newer audiotok"),
 ])
 def test_bad_config_json_is_a_value_error_before_any_allocation(model_dir, tmp_path, edit, message):
     folder = _edited(model_dir, tmp_path, edit)
@@ -363,3 +369,100 @@ def test_pack_data_reads_outside_its_root_only_when_told(tmp_path):
     written = [p for p in (tmp_path / "packed").rglob("*") if p.is_file()]
     assert parts and written and all(p.resolve().is_relative_to((tmp_path / "packed").resolve()) for p in written)
     assert not any(p.name.startswith(".") for p in written)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 26: stored fields that disagree, text from files, JSON of the wrong shape
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    """The installed command line as a user runs it (this checkout's package), in a subprocess."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "audiotok", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def _no_raw_control(text: str) -> bool:
+    """No character a terminal acts on, but the newlines that end lines."""
+    return all(c.isprintable() for line in text.splitlines() for c in line)
+
+
+def test_shown_escapes_what_a_terminal_acts_on():
+    assert shown("plain é text") == "plain é text"
+    evil = "a\x1b[2J\x1b]0;title\x07b\nc\rd\u202ee\udcff"
+    assert shown(evil) == "a\\x1b[2J\\x1b]0;title\\x07b\\nc\\rd\\u202ee\\udcff"
+    assert shown(shown(evil)) == shown(evil) and shown(evil).isprintable()
+
+
+def test_a_code_file_whose_rates_disagree_with_its_model_is_refused_by_the_cli(tmp_path, tok, model_dir):
+    from safetensors.numpy import save_file
+
+    cf = CodeFile.from_encoded(tok, tok.encode(make_audio(8000), SR))
+    edited = {**cf._metadata("none"), "sample_rate": "22050", "source_sample_rate": "22050"}
+    del edited["crc32"]  # as a file written before the checksum: only the model can tell
+    save_file({"codes": cf.codes.numpy().astype(np.uint16)}, str(tmp_path / "rates.atok"), metadata=edited)
+    flipped = cf.codes.numpy().astype(np.uint16)
+    flipped[0, 0, 3] ^= 1  # still a valid code
+    save_file({"codes": flipped}, str(tmp_path / "flipped.atok"), metadata=cf._metadata("none"))
+    for name, message in (("rates", "state sample_rate=22050 \\(the model has 44100\\).*edited or damaged"),
+                          ("flipped", "checksum mismatch")):
+        proc = _cli("decode", tmp_path / f"{name}.atok", tmp_path / f"{name}.wav", "--model", model_dir)
+        assert proc.returncode == 2 and not (tmp_path / f"{name}.wav").exists(), proc.stderr
+        assert re.search(f"{name}.atok: .*{message}", proc.stderr) and proc.stderr.count("\n") == 1, proc.stderr
+    # In a folder, a damaged file is skipped and listed; the others decode.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name in ("rates", "flipped"):
+        (tmp_path / f"{name}.atok").rename(folder / f"{name}.atok")
+    cf.save(folder / "good.atok")
+    proc = _cli("decode", folder, tmp_path / "out", "--model", model_dir)
+    assert proc.returncode == 1 and "decoded 1 of 3 files; skipped 2" in proc.stdout, proc.stderr
+    assert (tmp_path / "out" / "good.wav").exists()
+
+
+def test_text_from_files_reaches_the_terminal_escaped(tmp_path, tok, model_dir):
+    evil = "evil\x1b[2J\x1b[H\nnext line\u202e"
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    data = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**data, "model_id": evil, "notice": evil}))
+    atok = dataclasses.replace(CodeFile.from_encoded(tok, tok.encode(make_audio(4000), SR)),
+                               model_id=evil).save(tmp_path / "x.atok")
+    for args in (("info", folder), ("info", atok), ("encode", atok, tmp_path / "y.atok", "--model", folder),
+                 ("decode", atok, tmp_path / "x.wav", "--model", tmp_path / "nope"),
+                 ("decode", atok, tmp_path / "x.wav")):
+        proc = _cli(*args)
+        assert "\x1b" not in proc.stdout + proc.stderr and "\u202e" not in proc.stdout + proc.stderr, args
+        assert _no_raw_control(proc.stdout) and _no_raw_control(proc.stderr), args
+    proc = _cli("info", atok)
+    assert proc.returncode == 0 and "evil\\x1b[2J\\x1b[H\\nnext line\\u202e" in proc.stdout
+    proc = _cli("info", folder)
+    assert "warning: evil\\x1b[2J\\x1b[H\\nnext line\\u202e: evil\\x1b" in proc.stderr  # the notice, one line
+    assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1]", "config.json: the top level must be an object, got an array"),
+    ("[" * 5000 + "]" * 5000, "config.json: JSON nested 5000 deep"),
+    ('{"format": "audiotok", "config": {}, "model_id": 5}', "config.json: model_id must be a string, got 5"),
+    ('{"format": "audiotok", "config": [1]}', "config.json: config must be an object, got an array"),
+    ('{"format": "audiotok"}', "config.json: the file has no 'config' entry"),
+    ('{"format": "audiotok", "config": {}, "notice": {"a": 1}}', "notice must be a string or null"),
+    ('{"model_type": "dac", "sampling_rate": NaN}', "config.json: not valid JSON \\(NaN is not a number"),
+    ('{"model_type": "dac", "_name_or_path": ["x"]}', "_name_or_path must be a string"),
+    ("\xff\xfe", "config.json: not UTF-8 text"),
+])
+def test_config_json_of_the_wrong_shape_is_one_line_naming_the_file(tmp_path, capsys, text, message):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(text.encode("latin-1") if text.startswith("\xff") else text.encode())
+    start = time.perf_counter()
+    rc, _, err = run(capsys, "info", folder)
+    assert rc == 2 and re.search(message, err) and err.count("\n") == 1, err
+    assert "internal error" not in err and time.perf_counter() - start < 5
+
+
+def test_model_weights_that_disagree_with_config_json_are_refused(model_dir, tmp_path, capsys):
+    folder = _edited(model_dir, tmp_path, lambda d: (d.pop("architecture_hash"), d["config"].update(n_codebooks=3)))
+    rc, _, err = run(capsys, "info", folder)
+    assert rc == 2 and "do not fit this architecture" in err and "unexpected keys" in err

@@ -192,7 +192,7 @@ def test_unknown_or_broken_sources(tmp_path):
     with pytest.raises(ValueError, match="model_type='encodec'"):
         load_checkpoint(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="unreadable"):
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
         load_checkpoint(tmp_path)
 
 

@@ -410,12 +410,16 @@ def test_code_dataset_rejects_bad_manifests_and_shards(tmp_path):
             CodeDataset(tmp_path)
     manifest["shards"][0]["records"] = 3
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="read 2 records, the manifest lists 3"):
+    with pytest.raises(ValueError, match=r"manifest.json: entries disagree .*: records 2 \(expected 3\)"):
+        CodeDataset(tmp_path)
+    manifest["records"] = 3
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="read 2 records of .* frames, the manifest lists 3 of"):
         list(CodeDataset(tmp_path))
 
     record = make_records("z", 1, rng)[0]
     write_tar(tmp_path / "shard-00000.tar", [CodeRecord(record.key, record.codes.astype(np.int32), record.meta)])
-    manifest["shards"][0]["records"] = 1
+    manifest["shards"][0]["records"] = manifest["records"] = 1
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="int32 codes"):
         list(CodeDataset(tmp_path))
@@ -517,3 +521,85 @@ def test_lm_token_dataset_delay_and_workers(code_dataset):
     loader = torch.utils.data.DataLoader(lm, batch_size=None, num_workers=2)
     tokens = sorted(torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in loader]).tolist())
     assert tokens == sorted(torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in single]).tolist())
+
+
+# -- manifests and shards that disagree, or are of the wrong shape (issue 26) ------------------------
+
+
+def _dataset(tmp_path, records=None, **manifest_changes):
+    """A one-shard tar dataset of ``records`` (default: two [4, F] records) with its manifest edited."""
+    records = records if records is not None else make_records("a", 2, np.random.default_rng(5))
+    write_dataset(tmp_path, [("shard-00000.tar", records)])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, **manifest_changes}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: [], "manifest.json: the top level must be an object, got an array"),
+    (lambda m: "[" * 5000 + "]" * 5000, "manifest.json: JSON nested 5000 deep"),
+    (lambda m: {k: v for k, v in m.items() if k != "shards"}, "manifest.json: the file has no 'shards' entry"),
+    (lambda m: {**m, "shards": [1]}, r"manifest.json: shards\[0\] must be an object, got 1"),
+    (lambda m: {**m, "shards": [{**m["shards"][0], "records": "2"}]}, r"shards\[0\].records must be an integer"),
+    (lambda m: {**m, "config": "tiny"}, "manifest.json: config must be an object, got 'tiny'"),
+    (lambda m: {**m, "audio_hours": float("nan")}, "not valid JSON \\(NaN"),
+])
+def test_manifests_of_the_wrong_shape_are_one_error_naming_the_file(tmp_path, edit, message):
+    root = _dataset(tmp_path)
+    value = edit(json.loads((root / "manifest.json").read_text()))
+    (root / "manifest.json").write_text(value if isinstance(value, str) else json.dumps(value))
+    with pytest.raises(ValueError, match=message):
+        CodeDataset(root)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"config_hash": "0123456789abcdef"}, "entries disagree with its config and shards: config_hash"),
+    ({"hop_length": 640}, r"hop_length 640 \(expected 320\)"),
+    ({"frame_rate": 25.0}, r"frame_rate 25.0 \(expected 50.0\)"),
+    ({"n_quantizers": 9}, "n_quantizers 9 is not within the config's 4 codebooks"),
+    ({"config": {**CONFIG.to_dict(), "n_codebooks": 0}}, "manifest.json: invalid config"),
+])
+def test_manifest_entries_that_disagree_are_refused(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        CodeDataset(_dataset(tmp_path, **changes))
+
+
+def _record(key: str, codes: np.ndarray, **meta) -> CodeRecord:
+    f = codes.shape[-1]
+    fields = dict(key=key, source_key=key, num_samples=f * 320 - 5, sample_rate=16000, n_frames=f, channels=1,
+                  model_id="tiny")
+    return CodeRecord(key, codes.astype(np.uint16), {**fields, **meta})
+
+
+@pytest.mark.parametrize("record, changes, message", [
+    (_record("k", np.zeros((3, 5))), {"n_quantizers": 4}, r"'k' has 3 codebooks \(the manifest says n_quantizers 4"),
+    (_record("k", np.full((4, 5), 64)), {}, r"'k' has code 64 \(the codebooks have 64 entries\)"),
+    (_record("k", np.zeros((4, 5)), num_samples=5 * 640), {}, "'k': codes have 5 frames but num_samples=3200"),
+    (_record("k", np.zeros((4, 5)), sample_rate=0), {}, "'k': sample_rate must be an integer >= 1"),
+    (_record("k", np.zeros((4, 5)), n_frames="5"), {}, "record 'k': n_frames must be an integer, got '5'"),
+    (_record("k", np.zeros((2, 4, 5)), channels=2), {"mono": True}, r"'k' has codes of shape \(2, 4, 5\)"),
+    (_record("k", np.zeros((2, 4, 5)), channels=3), {}, "'k' has 2 coded channels"),
+])
+def test_records_that_disagree_with_the_manifest_are_refused(tmp_path, record, changes, message):
+    root = _dataset(tmp_path, [record], **changes)
+    with pytest.raises(ValueError, match=message):
+        list(CodeDataset(root))
+
+
+def test_shard_counts_and_parquet_metadata_must_match_the_manifest(tmp_path):
+    root = _dataset(tmp_path / "frames")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["shards"][0]["frames"] += 1
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="read 2 records of .* frames, the manifest lists 2 of"):
+        list(CodeDataset(root))
+
+    records = make_records("p", 2, np.random.default_rng(6))
+    root = tmp_path / "parquet"
+    write_dataset(root, [("shard-00000.parquet", records)])
+    writer = ParquetShardWriter(root / "shard-00000.parquet", {"mono": True, "hop_length": 512, "config_hash": "x"})
+    for r in records:
+        writer.add(r.meta, r.codes)
+    writer.close()
+    with pytest.raises(ValueError, match="metadata disagrees with the manifest: hop_length 512 .*, config_hash 'x'"):
+        list(CodeDataset(root))

@@ -6,8 +6,10 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -419,7 +421,7 @@ def _default_codec():
     return config.architecture_hash(), config
 
 
-def test_two_process_gloo_run_and_sample_recipe(code_sets, tmp_path):
+def test_two_process_gloo_run_and_sample_recipe(code_sets, tmp_path, capsys):
     """train_lm.py under torchrun (2 ranks, one shard each), then sample_lm.py continuing an audio prompt."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "recipes" / "train_lm.py"), "--config", str(REPO / TINY), "--save-path", str(tmp_path / "ddp"),
@@ -449,8 +451,9 @@ def test_two_process_gloo_run_and_sample_recipe(code_sets, tmp_path):
         torch.testing.assert_close(torch.from_numpy(audio[: len(head)]), head, atol=1e-5, rtol=1e-4)
     random_tokenizer("tiny-24khz").save_pretrained(tmp_path / "other")
     argv[argv.index("--codec") + 1] = str(tmp_path / "other")
-    with pytest.raises(ValueError, match="config hash"):
-        sample_lm.main(argv)
+    capsys.readouterr()
+    assert sample_lm.main(argv) == 2
+    assert "config hash" in capsys.readouterr().err
 
 
 def test_train_lm_missing_codes_is_one_line_that_says_what_to_run(tmp_path):
@@ -465,3 +468,112 @@ def test_train_lm_missing_codes_is_one_line_that_says_what_to_run(tmp_path):
     assert errors == [f"train_lm: error: {tmp_path / 'nowhere'}: no code dataset (manifest.json missing; a bulk job "
                       f"writes it last); write one with: python recipes/tokenize_dataset.py --output "
                       f"{tmp_path / 'nowhere'} ..."]
+
+
+# -- issue 26: prior folders of the wrong shape, unbounded or non-finite settings ---------------------
+
+
+def _sample_lm():
+    spec = importlib.util.spec_from_file_location("sample_lm", REPO / "recipes" / "sample_lm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: [1], "config.json: the top level must be an object, got an array"),
+    (lambda m: "[" * 3000 + "]" * 3000, "config.json: JSON nested 3000 deep"),
+    (lambda m: {k: v for k, v in m.items() if k != "codec"}, "config.json: the file has no 'codec' entry"),
+    (lambda m: {**m, "vocabulary": {**m["vocabulary"], "n_codebooks": "4"}}, "vocabulary.n_codebooks must be an"),
+    (lambda m: {**m, "text": {"kind": "bytes"}}, "config.json: text has no 'vocab_size' entry"),
+    (lambda m: {**m, "prior": {**m["prior"], "n_codebooks": True}}, "prior.n_codebooks must be an integer"),
+    (lambda m: {**m, "prior": {**m["prior"], "layers": 2}}, r"config.json: prior: unknown keys \['layers'\]"),
+    (lambda m: {**m, "prior": {**m["prior"], "backbone": {**BACKBONE, "n_embd": 1 << 20}}}, "billion weights"),
+    (lambda m: {**m, "prior": {**m["prior"], "backbone": {**BACKBONE, "n_positions": -5}}}, "cannot build"),
+    (lambda m: {**m, "prior": {**m["prior"], "backbone": {**BACKBONE, "n_embd": 64}}}, "weights do not fit"),
+])
+def test_prior_folders_of_the_wrong_shape_or_size_are_refused(tmp_path, edit, message):
+    tiny_prior("delay").save_pretrained(tmp_path)
+    value = edit(json.loads((tmp_path / "config.json").read_text()))
+    (tmp_path / "config.json").write_text(value if isinstance(value, str) else json.dumps(value))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        CodePrior.from_pretrained(tmp_path)
+    assert time.perf_counter() - start < 60  # counted on the meta device: nothing of that size is allocated
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lr=.nan"], "optim.lr must be a number, got nan"),
+    (["optim.lr=0"], "optim.lr must be a number > 0"),
+    (["optim.betas=[0.9, 1.5]"], "optim.betas must be a number >= 0 and <= 0.9999"),
+    (["optim.clip=.inf"], "optim.clip must be a number, got inf"),
+    (["train.batch_size=0"], "train.batch_size must be an integer >= 1"),
+    (["train.seq_len=1"], "train.seq_len must be an integer >= 2"),
+    (["train.log_every=0"], "train.log_every must be an integer >= 1"),
+    (["prior.max_text_len=0"], "prior.max_text_len must be an integer >= 1"),
+    (["prior.backbone={model_type: gpt2, n_embd: .nan}"], "prior.backbone.n_embd must be a number"),
+])
+def test_prior_training_settings_are_bounded(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_prior_config(TINY, [f"data.train={tmp_path}", *overrides])
+
+
+def test_codes_with_fewer_codebooks_than_the_prior_are_refused_at_start(code_sets, codec_tok, tmp_path):
+    records = [dataclasses.replace(r, codes=r.codes[:2]) for r in learnable_records("f", 12, 5)]
+    write_dataset(tmp_path / "two", [("shard-00000.tar", records)], codec_tok.codes_fingerprint)
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    (tmp_path / "two" / "manifest.json").write_text(json.dumps({**manifest, "n_quantizers": 2}))
+    for data in (f"data.train={tmp_path / 'two'}", f"data.valid={tmp_path / 'two'}"):
+        with pytest.raises(ValueError, match="holds 2 codebooks per record, the prior models 4"):
+            train_prior(tiny_config(code_sets, data), tmp_path / "run", max_steps=2)
+        assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 1"):
+        train_prior(tiny_config(code_sets), tmp_path / "run", max_steps=-1)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"temperature": float("nan")}, "temperature .* must be a number, got nan"),
+    ({"temperature": 1e-9}, "temperature .* must be a number >= 0.001"),
+    ({"top_p": float("nan")}, "top_p must be a number"),
+    ({"top_k": 1.5}, "top_k must be an integer"),
+    ({"max_frames": 0}, r"max_frames \(at least min_frames=1 .*\) must be an integer >= 1"),
+    ({"min_frames": 5, "max_frames": 3}, "max_frames .* must be an integer >= 5"),
+])
+def test_sampling_settings_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        Sampler(tiny_prior("delay"), 1, **options)
+    with pytest.raises(ValueError, match="n_samples must be an integer >= 1"):
+        Sampler(tiny_prior("delay"), 0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "nan"], "must be a number, got nan"),
+    (["--temperature", "1e-9"], "temperature .* must be a number >= 0.001"),
+    (["--seconds", "0"], "--seconds: the value must be a number > 0"),
+    (["--seconds", "inf"], "--seconds: the value must be a number, got inf"),
+    (["--num-samples", "0"], "--num-samples: the value must be an integer >= 1"),
+    (["--prompt", "x.wav", "--prompt-seconds", "-1"], "--prompt-seconds: the value must be a number > 0"),
+    (["--prompt", "x.wav", "--prompt-seconds", "9"], "--prompt-seconds 9.0 is longer than the output"),
+    (["--prompt-seconds", "1"], "--prompt-seconds needs --prompt"),
+    (["--top-p", "0"], "--top-p: the value must be a number > 0"),
+    (["--top-k", "-1"], "--top-k: the value must be an integer >= 0"),
+])
+def test_sample_lm_checks_every_setting_before_loading(tmp_path, capsys, args, message):
+    argv = ["--prior", str(tmp_path / "no-prior"), "--out", str(tmp_path / "x.wav"), *args]
+    with pytest.raises(SystemExit) as exit_:
+        _sample_lm().main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and re.search(message, err), err
+    assert "not a prior" not in err and not (tmp_path / "x.wav").exists()
+
+
+def test_sample_lm_refuses_less_than_a_frame_and_bad_priors_in_one_line(tmp_path, capsys):
+    tiny_prior("delay").save_pretrained(tmp_path / "prior")
+    sample_lm = _sample_lm()
+    for prior, seconds, message in ((tmp_path / "prior", "0.001", "less than one code frame"),
+                                    (tmp_path / "nowhere", "1", "not a prior folder")):
+        argv = ["--prior", str(prior), "--out", str(tmp_path / "x.wav"), "--seconds", seconds]
+        assert sample_lm.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sample_lm: error:") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.wav").exists()

@@ -14,6 +14,8 @@ from .store import Store, process_gone
 
 #: Folder (inside the output) for the plan, claims, per-part progress and done markers.
 STATE_DIR = ".bulk"
+#: A claim file (:class:`Claims`).
+CLAIM_SHAPE = {"owner": str, "expires": float}
 
 
 def state_path(kind: str, part: int) -> str:
@@ -47,10 +49,9 @@ class Claims:
 
     def read(self, part: int) -> dict[str, Any] | None:
         try:
-            claim = self.store.read_json(state_path("claims", part))
-        except (OSError, ValueError):
+            return self.store.read_json(state_path("claims", part), CLAIM_SHAPE)
+        except (OSError, ValueError):  # unreadable or malformed: free
             return None
-        return claim if isinstance(claim, dict) else None
 
     def held_by_other(self, part: int, now: float) -> float | None:
         """The expiry time of another live owner's claim on ``part``, else ``None``."""

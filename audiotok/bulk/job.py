@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..codedataset import (
     MANIFEST_NAME,
+    MANIFEST_SHAPE,
     SHARD_WRITERS,
     dataset_metadata,
     manifest_header,
@@ -31,14 +32,17 @@ from ..data.sources import AudioSource, DecodeError, SkipCounter
 from ..distributed import DistEnv, init_process_group, rank_device, shutdown
 from ..segments import make_batches, plan_segments
 from ..tokenizer import DTYPES, AudioTokenizer
+from ..untrusted import check_number
 from .claims import STATE_DIR, Claims, Scheduler, default_owner, state_path
 from .inputs import Bundle, Decoded, Failure, InputSpec, PartReader, identity_collate, source_fingerprint
 from .store import Store, open_store
-from .writer import PART_SHARD, PartWriter, sidecar_name
+from .writer import DONE_SHAPE, PART_SHARD, PartWriter, sidecar_name
 
 logger = logging.getLogger("audiotok.bulk")
 
 PLAN_NAME = f"{STATE_DIR}/plan.json"
+#: ``.bulk/plan.json``: the job's settings and the input's parts (compared whole with a new job's).
+PLAN_SHAPE = {"job": dict, "parts": list}
 FORMATS = tuple(SHARD_WRITERS)
 #: ``pooled``: a part's records in shards of ``shard_records``; ``sidecar``: one code shard per input
 #: WebDataset shard, sample for sample.
@@ -128,12 +132,13 @@ class BulkConfig:
                              f"input and {self.format} format")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.num_workers < 0 or self.shard_records < 1 or self.shard_frames < 1 or self.part_records < 1:
-            raise ValueError("num_workers must be >= 0, part_records, shard_records and shard_frames >= 1")
+        check_number(self.num_workers, "num_workers", minimum=0, integer=True)
+        for name in ("part_records", "shard_records", "shard_frames"):
+            check_number(getattr(self, name), name, minimum=1, integer=True)
         for name in ("batch_seconds", "chunk_seconds", "pool_seconds", "lease_seconds"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), name, above=0)
+        check_number(self.min_seconds, "min_seconds", minimum=0)
 
 
 @dataclass
@@ -182,7 +187,7 @@ class BulkSummary:
 def load_plan(store: Store, plan: dict[str, Any]) -> None:
     """Write ``plan`` to ``.bulk/plan.json``, or check that the one there is the same."""
     if store.exists(PLAN_NAME):
-        old = store.read_json(PLAN_NAME)
+        old = store.read_json(PLAN_NAME, PLAN_SHAPE)
         if old != plan:
             a, b = old.get("job") or {}, plan["job"]
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) or ["parts"]
@@ -271,7 +276,7 @@ def encode_items(tokenizer: AudioTokenizer, items: list[Decoded], n_quantizers: 
 def build_manifest(store: Store, num_parts: int, tokenizer: AudioTokenizer, config: BulkConfig,
                    n_quantizers: int) -> dict[str, Any]:
     """The manifest from the done markers, in part order (``created`` left out): the same whoever builds it."""
-    done = [store.read_json(state_path("done", p)) for p in range(num_parts)]
+    done = [store.read_json(state_path("done", p), DONE_SHAPE) for p in range(num_parts)]
     shards = [s for d in done for s in d["shards"]]
     return {
         **manifest_header(tokenizer.model_id, tokenizer.config, tokenizer.codes_fingerprint),
@@ -294,7 +299,7 @@ def write_manifest(store: Store, manifest: dict[str, Any]) -> None:
     old = None
     if store.exists(MANIFEST_NAME):
         try:
-            old = store.read_json(MANIFEST_NAME)
+            old = store.read_json(MANIFEST_NAME, MANIFEST_SHAPE)
         except (OSError, ValueError):
             pass
     if not (isinstance(old, dict) and {k: v for k, v in old.items() if k != "created"} == manifest):
@@ -490,7 +495,7 @@ def work(job: Job, owner: str, offset: int, reads: ReadsFactory, progress: bool 
 def summarize(job: Job, run_stats: list[dict[str, Any]], seconds: float, processes: int) -> BulkSummary:
     """The :class:`BulkSummary` of a finished job: the manifest's totals, and ``run_stats`` (what
     each of ``processes`` processes did, from :func:`work`)."""
-    manifest = job.store.read_json(MANIFEST_NAME)
+    manifest = job.store.read_json(MANIFEST_NAME, MANIFEST_SHAPE)
     counts: dict[str, int] = {}
     for f in manifest["failures"]:
         counts[f["reason"]] = counts.get(f["reason"], 0) + 1

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..io import atomic_write, is_temp_name, replace_durably, temp_path
+from ..untrusted import Shape, parse_json
 from ..urls import is_url, local_path, url_to_fs
 
 if TYPE_CHECKING:
@@ -85,8 +86,9 @@ class Store:
         half-written shards); call it only when no build is under way. Returns what was removed."""
         return ()
 
-    def read_json(self, name: str) -> Any:
-        return json.loads(self.read_bytes(name))
+    def read_json(self, name: str, shape: Shape) -> Any:
+        """The JSON file ``name``, checked to have ``shape`` (:func:`audiotok.untrusted.parse_json`)."""
+        return parse_json(self.read_bytes(name), f"{self.url}/{name}", shape)
 
     def write_json(self, name: str, obj: Any) -> None:
         self.write_bytes(name, (json.dumps(obj, indent=1) + "\n").encode())

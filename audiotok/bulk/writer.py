@@ -29,6 +29,12 @@ def part_shard_name(part: int, index: int, suffix: str) -> str:
 
 #: The name of a pooled-layout shard (:func:`part_shard_name`).
 PART_SHARD = re.compile(r"part-\d{6}-\d{4,}\.(tar|parquet)")
+#: A part's progress file (:class:`PartWriter`); its done marker also has ``end``.
+PROGRESS_SHAPE = {
+    "part": int, "position": int, "failures": [{"key": str, "reason": str, "detail": str, "position": int}],
+    "shards": [{"path": str, "records": int, "frames": int, "seconds": float, "start": int, "end": int}],
+}
+DONE_SHAPE = {**PROGRESS_SHAPE, "end": int}
 
 
 
@@ -51,10 +57,10 @@ class PartWriter:
         self.sidecar, self.url = sidecar, url
         self.state: dict[str, Any] = {"part": part, "position": 0, "shards": [], "failures": []}
         if store.exists(state_path("progress", part)):
-            self.state = store.read_json(state_path("progress", part))
+            self.state = store.read_json(state_path("progress", part), PROGRESS_SHAPE)
         for shard in self.state["shards"]:
             if not store.exists(shard["path"]):
-                raise FileNotFoundError(f"{store.url}: {shard['path']} is recorded in "
+                raise FileNotFoundError(f"{store.url}: {shard['path']!r} is recorded in "
                                         f"{state_path('progress', part)} but missing")
         self.position = self.state["position"]
         self.shard: ShardWriter | None = None

@@ -22,9 +22,10 @@ from ..audio import (
     resample,
     save_audio,
 )
-from ..codefile import SUFFIX, CodeFile, CodeHeader, read_header
+from ..codefile import SUFFIX, CodeFile, CodeHeader, DisagreeingFields, read_header
 from ..codes import check_10bit, check_n_quantizers
 from ..tokenizer import AudioTokenizer
+from ..untrusted import shown
 
 logger = logging.getLogger("audiotok")
 
@@ -45,7 +46,7 @@ class BatchReport:
         total = len(self.done) + len(self.skipped)
         lines = [f"{verb} {len(self.done)} of {total} file{'s' if total != 1 else ''}"
                  + (f"; skipped {len(self.skipped)}:" if self.skipped else "")]
-        lines += [f"  {path}: {reason}" for path, reason in self.skipped]
+        lines += [f"  {shown(path)}: {shown(reason)}" for path, reason in self.skipped]  # one line each
         return "\n".join(lines)
 
 
@@ -241,6 +242,8 @@ def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: 
     def check(codes: CodeHeader | CodeFile, path: Path) -> None:
         try:
             codes.check_compatible(model, allow_other_weights)
+        except DisagreeingFields as e:
+            raise DisagreeingFields(f"{path}: {e}") from None
         except ValueError as e:
             hint = "" if chosen else (f" (no model was given, so the bundled {model.model_id!r} was used; give the "
                                       f"model that wrote the codes with --model)")
@@ -274,6 +277,8 @@ def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: 
             continue  # reported as skipped below
         try:
             check(header, a)
+        except DisagreeingFields:
+            continue  # a damaged file, not another model's: reported as skipped below
         except ValueError as e:
             mismatched.append(str(e))
     if mismatched:

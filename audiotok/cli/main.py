@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .. import __version__
+from ..untrusted import number_arg, shown
 
 _EPILOG = ("exit status: 0 success, 1 some files in a folder were skipped (see the summary), "
            "2 usage or input error, 3 internal error")
@@ -38,7 +39,7 @@ class _StderrHandler(logging.Handler):
         try:
             from tqdm import tqdm
 
-            tqdm.write(f"audiotok: {record.levelname.lower()}: {self.format(record)}", file=sys.stderr)
+            tqdm.write(f"audiotok: {record.levelname.lower()}: {shown(self.format(record))}", file=sys.stderr)
         except Exception:
             self.handleError(record)
 
@@ -142,14 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+_positive_int = number_arg(integer=True, minimum=1)
 
 
 def _sample_rate(text: str) -> int | str:
@@ -176,7 +170,7 @@ def _load_model(args: argparse.Namespace):
 
 def _finish(report, verb: str, single: bool) -> int:
     if single and report.done:
-        print(f"wrote {report.done[0][1]}")
+        print(f"wrote {shown(report.done[0][1])}")
     else:
         print(report.summary(verb))
     return EXIT_OK if report.ok else EXIT_SKIPPED
@@ -216,13 +210,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if not is_code_file and not args.json:
         info["model_names"] = describe_names()  # every name --model takes besides paths and hub ids
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2))  # escapes every control character
     else:
         width = max(len(k) for k in info)
         for key, value in info.items():
             if isinstance(value, list):
                 value = " x ".join(str(v) for v in value)
-            print(f"{key:<{width}}  {value}")
+            print(f"{key:<{width}}  {shown(value)}")
     return 0
 
 
@@ -230,7 +224,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from .modelinfo import convert_model
 
     dst = convert_model(args.source, args.dst, args.to, model_id=args.model_id)
-    print(f"wrote {args.to} checkpoint to {dst}")
+    print(f"wrote {args.to} checkpoint to {shown(dst)}")
     return 0
 
 
@@ -241,14 +235,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError) as e:  # FileNotFoundError, PermissionError, ... are OSErrors
-        print(f"audiotok: error: {_one_line(e)}", file=sys.stderr)
+        print(f"audiotok: error: {shown(_one_line(e))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("audiotok: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug: one line, the traceback with -vv
         logging.getLogger("audiotok").debug("internal error", exc_info=True)
-        print(f"audiotok: error: internal error ({type(e).__name__}: {_one_line(e)}); please report it",
+        print(f"audiotok: error: internal error ({type(e).__name__}: {shown(_one_line(e))}); please report it",
               file=sys.stderr)
         return EXIT_INTERNAL
 

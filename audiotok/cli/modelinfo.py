@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import detect_format
-from ..codefile import CodeFile
+from ..codefile import CodeFile, read_header
 from ..hub import ALIASES, resolve
 from ..tokenizer import AudioTokenizer
 
@@ -50,15 +50,17 @@ def model_info(source: str | os.PathLike | None, device: str | None = None) -> d
 def code_file_info(path: str | os.PathLike) -> dict[str, Any]:
     """The header fields and code shape of an ``.atok`` file (the whole file is read and checked)."""
     path = Path(path)
-    cf = CodeFile.load(path)
+    cf = CodeFile.load(path)  # checks the checksum, if the file records one
+    header = read_header(path)
     c, k, f = cf.shape
     return {
         "file": str(path),
         "format": "audiotok-codes",
-        "format_version": cf.header.format_version,
+        "format_version": header.format_version,
         "model_id": cf.model_id,
         "config_hash": cf.config_hash,
         "codes_fingerprint": cf.codes_fingerprint or "(not recorded)",
+        "crc32": f"{header.crc32} (verified)" if header.crc32 else "(not recorded)",
         "sample_rate": cf.sample_rate,
         "hop_length": cf.hop_length,
         "n_codebooks": cf.n_codebooks,

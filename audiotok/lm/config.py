@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,19 @@ from typing import Any
 
 from ..config import check_keys
 from ..train.config import apply_overrides, read_config_dict, strict_section
+from ..untrusted import check_number
 from .prior import PriorConfig
+
+#: Longest training example (``train.seq_len``, steps).
+MAX_SEQ_LEN = 1 << 20
+
+
+def _check_bounds(section: Any, name: str, **bounds: dict[str, float]) -> None:
+    """:func:`~audiotok.untrusted.check_number` on fields of a config section (integers where the field
+    is an ``int``), before anything is allocated."""
+    types = typing.get_type_hints(type(section))
+    for field_name, limits in bounds.items():
+        check_number(getattr(section, field_name), f"{name}.{field_name}", integer=types[field_name] is int, **limits)
 
 
 @dataclass
@@ -27,6 +40,14 @@ class PriorOptimConfig:
     warmup: int = 200
     min_lr_ratio: float = 0.1
     clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_bounds(self, "optim", lr={"above": 0}, weight_decay={"minimum": 0}, warmup={"minimum": 0},
+                      min_lr_ratio={"minimum": 0, "maximum": 1}, clip={"above": 0})
+        if not isinstance(self.betas, list) or len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
+        for beta in self.betas:
+            check_number(beta, "optim.betas", minimum=0, maximum=0.9999)
 
 
 @dataclass
@@ -45,6 +66,12 @@ class PriorLoopConfig:
     valid_every: int = 500
     save_every: int = 500
 
+    def __post_init__(self) -> None:
+        _check_bounds(self, "train", batch_size={"minimum": 1}, seq_len={"minimum": 2, "maximum": MAX_SEQ_LEN},
+                      num_iters={"minimum": 1}, seed={"minimum": 0}, shuffle_blocks={"minimum": 1},
+                      num_workers={"minimum": 0}, log_every={"minimum": 1}, valid_every={"minimum": 1},
+                      save_every={"minimum": 1})
+
 
 @dataclass
 class PriorDataConfig:
@@ -58,6 +85,9 @@ class PriorDataConfig:
     valid: str | None = None
     valid_blocks: int = 64
     text_key: str = "text"
+
+    def __post_init__(self) -> None:
+        _check_bounds(self, "data", valid_blocks={"minimum": 0})
 
 
 @dataclass

@@ -7,7 +7,6 @@ and its readers are in :mod:`audiotok.codedataset`.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -17,9 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..codedataset import MANIFEST_NAME, CodeRecord, check_manifest, read_shard
+from ..codedataset import MANIFEST_NAME, CodeRecord, manifest_metadata, read_manifest, read_shard
 from ..codefile import check_codec
 from ..config import DACConfig
+from ..untrusted import shown
 from ..urls import is_url, local_path, url_to_fs
 from .packing import pack_sequences
 from .patterns import CodebookPattern
@@ -55,9 +55,9 @@ class CodeDataset:
             raise FileNotFoundError(f"{self.root}: no code dataset ({MANIFEST_NAME} missing; a bulk job writes it "
                                     "last); write one with: python recipes/tokenize_dataset.py --output "
                                     f"{self.root} ...") from None
-        self.manifest: dict[str, Any] = json.loads(manifest)
-        check_manifest(self.manifest, f"{self.root}/{MANIFEST_NAME}")
+        self.manifest: dict[str, Any] = read_manifest(manifest, f"{self.root}/{MANIFEST_NAME}")
         self.shards: list[dict[str, Any]] = list(self.manifest["shards"])
+        self._expected = manifest_metadata(self.manifest)
 
     @property
     def config(self) -> DACConfig:
@@ -70,6 +70,12 @@ class CodeDataset:
         return str(self.manifest["model_id"])
 
     @property
+    def n_codebooks(self) -> int:
+        """The codebooks every record holds: the manifest's ``n_quantizers`` (all of the model's in
+        datasets that do not record it)."""
+        return int(self.manifest.get("n_quantizers", self.config.n_codebooks))
+
+    @property
     def codes_fingerprint(self) -> str | None:
         """The :func:`~audiotok.checkpoint.codes_fingerprint` of the weights that wrote the codes;
         ``None`` for datasets written before the manifest recorded it."""
@@ -79,10 +85,8 @@ class CodeDataset:
         """Raise ``ValueError`` (naming both models) unless ``tokenizer`` can decode these codes: the
         architecture that wrote them (``config_hash``) with at least ``n_quantizers`` codebooks and, when
         the dataset records it, the same encoder and quantizer weights (``codes_fingerprint``)."""
-        config = self.config
-        check_codec(tokenizer, self.model_id, self.manifest["config_hash"],
-                    int(self.manifest.get("n_quantizers", config.n_codebooks)), config.codebook_size,
-                    codes_fingerprint=self.codes_fingerprint)
+        check_codec(tokenizer, self.model_id, self.manifest["config_hash"], self.n_codebooks,
+                    self.config.codebook_size, codes_fingerprint=self.codes_fingerprint)
 
     def vocabulary(self, offsets: bool = True, special: Sequence[str] = DEFAULT_SPECIAL,
                    n_codebooks: int | None = None) -> CodeVocabulary:
@@ -116,17 +120,18 @@ class CodeDataset:
 
     def _read(self, name: str) -> Iterator[CodeRecord]:
         with self._open(name) as f:
-            yield from read_shard(f"{self.root}/{name}", f)
+            yield from read_shard(f"{self.root}/{name}", f, self._expected)
 
     def __iter__(self) -> Iterator[CodeRecord]:
         for shard in self.shards:
-            count = 0
+            count = frames = 0
             for record in self._read(shard["path"]):
                 count += 1
+                frames += record.codes.shape[-1]
                 yield record
-            if count != shard["records"]:
-                raise ValueError(f"{self.root}/{shard['path']}: read {count} records, "
-                                 f"the manifest lists {shard['records']}")
+            if (count, frames) != (shard["records"], shard["frames"]):
+                raise ValueError(f"{self.root}/{shown(shard['path'])}: read {count} records of {frames} frames, "
+                                 f"the manifest lists {shard['records']} of {shard['frames']}")
 
     def __repr__(self) -> str:
         return f"CodeDataset({str(self.root)!r}, shards={len(self.shards)}, records={len(self)})"

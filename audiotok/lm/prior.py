@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import json
 import os
 import warnings
@@ -47,10 +48,11 @@ from torch import nn
 
 from ..codefile import check_codec
 from ..codes import check_fingerprint
-from ..config import DACConfig
+from ..config import LIMITS, DACConfig, check_keys
+from ..untrusted import OptionalEntry, check_number, check_shape, read_json, shown
 from .packing import IGNORE_INDEX
 from .patterns import CodebookPattern
-from .text import TextTokenizer
+from .text import MAX_TEXT_LEN, TextTokenizer
 from .vocab import CodeVocabulary
 
 if TYPE_CHECKING:
@@ -60,6 +62,20 @@ FORMAT = "audiotok-prior"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+#: The entries of a prior folder's ``config.json`` (see the module docstring) this reader uses.
+CONFIG_SHAPE = {
+    "format": str, "format_version": int, "prior": dict,
+    "vocabulary": {"codebook_size": int, "n_codebooks": int, "offsets": OptionalEntry(bool),
+                   "special": OptionalEntry([str]), "vocab_size": OptionalEntry(int),
+                   "special_ids": OptionalEntry(dict)},
+    "codec": {"model_id": str, "config_hash": str, "config": dict,
+              "codes_fingerprint": OptionalEntry((str, type(None)))},
+    "text": OptionalEntry((dict, type(None))),
+}
+TEXT_SHAPE = {"kind": str, "vocab_size": int, "max_len": int}
+#: Most weights and buffers (elements) a prior may have, checked on a shapes-only (``meta``) copy of it
+#: before anything is allocated.
+MAX_PRIOR_ELEMENTS = 4_000_000_000
 
 
 @dataclass
@@ -85,8 +101,35 @@ class PriorConfig:
 
     def __post_init__(self) -> None:
         CodebookPattern(self.pattern)
-        if "model_type" not in self.backbone:
-            raise ValueError(f"prior.backbone needs a model_type (gpt2, llama, ...), got {self.backbone}")
+        if not isinstance(self.backbone, dict) or not isinstance(self.backbone.get("model_type"), str):
+            raise ValueError(f"prior.backbone needs a model_type (gpt2, llama, ...), got {self.backbone!r}")
+        for key, value in self.backbone.items():
+            if isinstance(value, float):
+                check_number(value, f"prior.backbone.{key}")
+        if self.n_codebooks is not None:
+            check_number(self.n_codebooks, "prior.n_codebooks", minimum=1, maximum=LIMITS["n_codebooks"], integer=True)
+        if self.text is not None and not isinstance(self.text, str):
+            raise ValueError(f"prior.text must be null, 'bytes' or a tokenizer folder, got {self.text!r}")
+        check_number(self.max_text_len, "prior.max_text_len", minimum=1, maximum=MAX_TEXT_LEN, integer=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> PriorConfig:
+        """A config from the ``prior`` entry of a saved prior; unknown keys and bad values raise
+        ``ValueError`` naming ``where``."""
+        check_keys(cls, data, where)
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    def codebooks_of(self, codec: CodecInfo) -> int:
+        """The codebooks a prior of this config models for ``codec``: ``n_codebooks``, or all of the
+        codec's; ``ValueError`` if the codec has fewer."""
+        n_codebooks = self.n_codebooks or codec.config.n_codebooks
+        if not 1 <= n_codebooks <= codec.config.n_codebooks:
+            raise ValueError(f"prior.n_codebooks must be in [1, {codec.config.n_codebooks}] for codec "
+                             f"{codec.model_id!r}, got {n_codebooks}")
+        return n_codebooks
 
 
 @dataclass(frozen=True)
@@ -149,16 +192,13 @@ class CodePrior(nn.Module):
 
     def __init__(self, config: PriorConfig, codec: CodecInfo, text: TextTokenizer | None = None):
         super().__init__()
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        from transformers import AutoModel, AutoModelForCausalLM
 
         self.config = config
         self.codec = codec
         self._warned_unchecked_weights = False
         self.pattern = CodebookPattern(config.pattern)
-        n_codebooks = config.n_codebooks or codec.config.n_codebooks
-        if not 1 <= n_codebooks <= codec.config.n_codebooks:
-            raise ValueError(f"prior.n_codebooks must be in [1, {codec.config.n_codebooks}] for codec "
-                             f"{codec.model_id!r}, got {n_codebooks}")
+        n_codebooks = config.codebooks_of(codec)
         flat = self.pattern is CodebookPattern.FLATTEN
         self.vocab = CodeVocabulary(codec.config.codebook_size, n_codebooks, offsets=flat)
         if config.text is None:
@@ -168,12 +208,15 @@ class CodePrior(nn.Module):
         text_ids = self.text.vocab_size + 1 if self.text is not None else 0
         settings = {k: v for k, v in config.backbone.items() if k != "model_type"}
         settings.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        # flatten: code and text ids in one table; else text prefix ids (codes have their own tables)
+        settings["vocab_size"] = self.vocab.vocab_size + text_ids if flat else max(text_ids, 1)
+        kind = AutoModelForCausalLM if flat else AutoModel
+        backbone = _backbone_config(config.backbone["model_type"], settings)
+        _check_size(kind, backbone, 0 if flat else 2 * n_codebooks * self.vocab.vocab_size * backbone.hidden_size)
         if flat:
-            settings["vocab_size"] = self.vocab.vocab_size + text_ids
-            self.lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.backbone["model_type"], **settings))
+            self.lm = kind.from_config(backbone)
         else:
-            settings["vocab_size"] = max(text_ids, 1)  # text prefix ids; codes have their own tables
-            self.backbone = AutoModel.from_config(AutoConfig.for_model(config.backbone["model_type"], **settings))
+            self.backbone = kind.from_config(backbone)
             width, size = self.backbone.config.hidden_size, self.vocab.vocab_size
             self.embed = nn.ModuleList(nn.Embedding(size, width) for _ in range(n_codebooks))
             self.heads = nn.ModuleList(nn.Linear(width, size, bias=False) for _ in range(n_codebooks))
@@ -301,9 +344,9 @@ class CodePrior(nn.Module):
                           f"the prior was trained on", stacklevel=2)
 
     def check_dataset(self, dataset: CodeDataset) -> None:
-        """Raise ``ValueError`` (naming both codecs) unless ``dataset`` holds codes of this prior's codec
-        (:meth:`CodecInfo.check_codes_of`): for validation, evaluation or more training."""
-        self.codec.check_codes_of(CodecInfo.from_manifest(dataset.manifest), f"code dataset {dataset.root}")
+        """Raise ``ValueError`` unless ``dataset`` holds codes this prior models (:func:`check_codes`):
+        for validation, evaluation or more training."""
+        check_codes(self.codec, self.n_codebooks, dataset)
 
     # -- saving ------------------------------------------------------------------------------------
 
@@ -326,17 +369,68 @@ class CodePrior(nn.Module):
         """Load a folder written by :meth:`save_pretrained`, or a training run (its ``latest/``), in eval mode."""
         from safetensors.torch import load_model
 
-        folder = Path(folder)
-        if not (folder / CONFIG_FILE).exists() and (folder / "latest" / CONFIG_FILE).exists():
-            folder = folder / "latest"
+        folder = prior_folder(folder)
         meta = read_prior_config(folder)
+        where = folder / CONFIG_FILE
+        config = PriorConfig.from_dict(meta["prior"], f"{where}: prior")
         text = TextTokenizer.load(folder, meta["text"]) if meta.get("text") else None
-        prior = cls(PriorConfig(**meta["prior"]), CodecInfo.from_dict(meta["codec"]), text)
-        saved = CodeVocabulary.from_dict(meta["vocabulary"])
+        try:
+            codec = CodecInfo.from_dict(meta["codec"])
+            saved = CodeVocabulary.from_dict(meta["vocabulary"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        prior = cls(config, codec, text)
         if saved != prior.vocab:
             raise ValueError(f"{folder}: saved vocabulary {saved} does not match the prior's {prior.vocab}")
-        load_model(prior, str(folder / WEIGHTS_FILE), strict=True)
+        try:
+            load_model(prior, str(folder / WEIGHTS_FILE), strict=True)
+        except (RuntimeError, ValueError) as e:  # missing, unexpected or misshapen weights; a corrupt file
+            raise ValueError(f"{folder / WEIGHTS_FILE}: weights do not fit {where}: {shown(e)}") from None
         return prior.to(device or "cpu").eval()
+
+
+def _backbone_config(model_type: str, settings: dict[str, Any]) -> Any:
+    """The ``transformers`` config of a prior's backbone; ``ValueError`` naming the settings it refuses."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(model_type, **settings)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"prior.backbone: transformers has no {model_type!r} model with these settings: "
+                         f"{shown(e)}") from None
+
+
+def _check_size(kind: Any, backbone: Any, extra: int) -> None:
+    """``ValueError`` if the model ``kind.from_config(backbone)``, with ``extra`` more weights, would hold
+    more than :data:`MAX_PRIOR_ELEMENTS` weights and buffers, or cannot be built: counted on a copy
+    built on the ``meta`` device, which allocates nothing."""
+    try:
+        with torch.device("meta"):
+            model = kind.from_config(backbone)
+    except Exception as e:  # noqa: BLE001 - any setting transformers cannot build with (negative sizes, ...)
+        raise ValueError(f"prior.backbone: transformers cannot build this {backbone.model_type!r} model: "
+                         f"{type(e).__name__}: {shown(e)}") from None
+    count = sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers())) + extra
+    if count > MAX_PRIOR_ELEMENTS:
+        raise ValueError(f"prior.backbone describes a model of {count / 1e9:.1f} billion weights and buffers, "
+                         f"above the supported {MAX_PRIOR_ELEMENTS / 1e9:.0f} billion")
+
+
+def check_codes(codec: CodecInfo, n_codebooks: int, dataset: CodeDataset) -> None:
+    """Raise ``ValueError`` unless ``dataset`` holds the codes of ``codec`` (:meth:`CodecInfo.check_codes_of`,
+    naming both codecs) with at least the ``n_codebooks`` codebooks a prior models."""
+    codec.check_codes_of(CodecInfo.from_manifest(dataset.manifest), f"code dataset {dataset.root}")
+    if dataset.n_codebooks < n_codebooks:
+        raise ValueError(f"code dataset {dataset.root} holds {dataset.n_codebooks} codebooks per record, the prior "
+                         f"models {n_codebooks} (prior.n_codebooks): code the audio with more, or model fewer")
+
+
+def prior_folder(path: str | os.PathLike) -> Path:
+    """The prior folder ``path`` names: itself, or a training run's ``latest/``."""
+    folder = Path(path)
+    if not (folder / CONFIG_FILE).exists() and (folder / "latest" / CONFIG_FILE).exists():
+        return folder / "latest"
+    return folder
 
 
 def read_prior_config(folder: str | os.PathLike) -> dict[str, Any]:
@@ -344,13 +438,15 @@ def read_prior_config(folder: str | os.PathLike) -> dict[str, Any]:
     one of a format this audiotok reads."""
     folder = Path(folder)
     try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as e:
+        meta = read_json(folder / CONFIG_FILE, dict)
+    except OSError as e:
         raise ValueError(f"{folder}: not a prior folder ({CONFIG_FILE}: {e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else meta
-        raise ValueError(f"{folder}: not a prior (format {found!r}, expected {FORMAT!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{folder}: not a prior (format {meta.get('format')!r}, expected {FORMAT!r})")
+    check_shape(meta, CONFIG_SHAPE, folder / CONFIG_FILE)
+    if meta["format_version"] > FORMAT_VERSION:
         raise ValueError(f"{folder}: prior format_version {meta['format_version']} is newer than this "
                          f"audiotok reads ({FORMAT_VERSION})")
+    if meta.get("text") is not None:
+        check_shape(meta["text"], TEXT_SHAPE, folder / CONFIG_FILE, "text")
     return meta

@@ -24,10 +24,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..untrusted import check_number
 from .patterns import CodebookPattern
 from .prior import CodePrior
 
 NEG_INF = float("-inf")
+#: The smallest temperature above 0 (greedy): below it the scaled logits overflow float32.
+MIN_TEMPERATURE = 1e-3
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """``ValueError`` unless ``temperature`` is 0 (greedy) or a finite number >= :data:`MIN_TEMPERATURE`,
+    ``top_k`` an integer >= 0 and ``top_p`` a number in (0, 1]."""
+    if temperature != 0:
+        check_number(temperature, "temperature (0 for greedy)", minimum=MIN_TEMPERATURE)
+    check_number(top_k, "top_k", minimum=0, integer=True)
+    check_number(top_p, "top_p", above=0, maximum=1)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -97,13 +109,11 @@ class Sampler:
             raise ValueError(f"prompt must be [K, P] codes with K >= {k}, got shape {tuple(prompt.shape)}")
         self.prompt = prompt[:k].to(self.device)
         n_prompt = self.prompt.shape[1]
-        if not 1 <= min_frames <= max_frames or max_frames < n_prompt:
-            raise ValueError(f"need 1 <= min_frames <= max_frames and max_frames >= the prompt's {n_prompt} "
-                             f"frames, got min_frames={min_frames}, max_frames={max_frames}")
-        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        check_number(min_frames, "min_frames", minimum=1, integer=True)
+        check_number(max_frames, f"max_frames (at least min_frames={min_frames} and the prompt's {n_prompt} frames)",
+                     minimum=max(min_frames, n_prompt), integer=True)
+        check_sampling(temperature, top_k, top_p)
+        check_number(n_samples, "n_samples", minimum=1, integer=True)
         self.n, self.min_frames, self.max_frames = n_samples, min_frames, max_frames
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.generator = torch.Generator(self.device)

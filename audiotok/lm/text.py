@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..untrusted import check_number
 from .packing import pad_to_length
 from .patterns import CodebookPattern
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 BYTES = "bytes"
 TOKENIZER_FOLDER = "text_tokenizer"
+#: Longest text prefix (``max_len``, the prior's ``max_text_len``).
+MAX_TEXT_LEN = 65536
 
 
 class TextTokenizer:
@@ -37,8 +40,7 @@ class TextTokenizer:
     """
 
     def __init__(self, tokenizer: Any = None, max_len: int = 64):
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        check_number(max_len, "max_len", minimum=1, maximum=MAX_TEXT_LEN, integer=True)
         self.tokenizer = tokenizer
         self.max_len = max_len
 

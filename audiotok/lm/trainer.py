@@ -30,9 +30,10 @@ from torch.utils.data import DataLoader, IterableDataset
 from ..distributed import barrier, init_training, shutdown
 from ..train.state import check_resumable, newest_checkpoint, save_checkpoint
 from ..train.trainer import Logger
+from ..untrusted import check_number
 from .config import PriorTrainConfig
 from .dataset import CodeDataset, LMTokenDataset
-from .prior import CodecInfo, CodePrior, read_prior_config
+from .prior import CodecInfo, CodePrior, check_codes, read_prior_config
 from .text import TextCodeDataset
 
 log = logging.getLogger("audiotok.lm")
@@ -125,6 +126,8 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
 
     Returns the last logged training metrics (``loss``, ``loss/cb{k}``, ``lr``, ...).
     """
+    if max_steps is not None:
+        check_number(max_steps, "max_steps", minimum=1, integer=True)
     env, dev, batch_per_rank = init_training(device, config.train.batch_size)
     save_path = Path(save_path)
     loop = config.train
@@ -140,11 +143,13 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
                         RESUME_MAY_CHANGE)
         run_codec = CodecInfo.from_dict(read_prior_config(found[0])["codec"])
         run_codec.check_codes_of(codec, f"data.train {config.data.train} (resuming {found[0]})")
+    valid_codes = CodeDataset(config.data.valid) if config.data.valid else None
+    n_codebooks = config.prior.codebooks_of(codec)
+    for data in (codes, valid_codes):  # on every rank, before anything is built: a refusal on one would hang the rest
+        if data is not None:
+            check_codes(codec, n_codebooks, data)
     torch.manual_seed(loop.seed)  # the same initial weights on every rank and every run
     prior = CodePrior(config.prior, codec).to(dev)
-    valid_codes = CodeDataset(config.data.valid) if config.data.valid else None
-    if valid_codes is not None:  # on every rank: a refusal on rank 0 alone would leave the others waiting
-        prior.check_dataset(valid_codes)
     decay = [p for p in prior.parameters() if p.ndim >= 2]
     no_decay = [p for p in prior.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.optim.weight_decay},
