@@ -54,10 +54,10 @@ def _plain_name(value: str, where: str) -> None:
 def opus_compression_level(kbps: float) -> float:
     """libsndfile's ``compression_level`` for an Opus target bitrate of ``kbps`` per channel.
 
-    libsndfile (1.1 and later) turns the level into libopus's bitrate as ``6000 + (1 - level) * 250000``
-    bits/s per channel, truncated to an integer: 0.0 is 256 kbps, 1.0 is 6 kbps. libopus then codes in
-    its default (unconstrained) VBR mode, so a file's bytes per second follow the target on average and
-    vary with the content."""
+    libsndfile's Ogg/Opus encoder (verified with 1.2.2) turns the level into libopus's bitrate as
+    ``6000 + (1 - level) * 250000`` bits/s per channel, truncated to an integer: 0.0 is 256 kbps, 1.0 is
+    6 kbps. libopus then codes in its default (unconstrained) VBR mode, so a file's bytes per second
+    follow the target on average and vary with the content."""
     if not OPUS_KBPS[0] <= kbps <= OPUS_KBPS[1]:
         raise ValueError(f"Opus bitrates through libsndfile are {OPUS_KBPS[0]} to {OPUS_KBPS[1]} kbps, got {kbps}")
     return min(1.0, max(0.0, 1.0 - (kbps * 1000 - 6000 + 0.5) / 250000))  # +0.5: survive the truncation
@@ -193,5 +193,5 @@ def pack_manifest(
         import soundfile as sf
 
         log.warning("the packed files hold %.1f kbps where %g was asked: this libsndfile (%s) does not set the "
-                    "Opus bitrate (1.1 or later does)", kbps, bitrate_kbps, sf.__libsndfile_version__)
+                    "Opus bitrate (1.2.2 does)", kbps, bitrate_kbps, sf.__libsndfile_version__)
     return parts
