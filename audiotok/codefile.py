@@ -216,7 +216,8 @@ def check_codec(tokenizer: AudioTokenizer, model_id: str, config_hash: str, n_co
     """Raise ``ValueError`` (naming both models) unless ``tokenizer`` is a model of the architecture
     ``config_hash`` with at least ``n_codebooks`` codebooks of ``codebook_size`` and, when
     ``codes_fingerprint`` is given, the encoder and quantizer weights of that
-    :func:`~audiotok.checkpoint.codes_fingerprint`.
+    :func:`~audiotok.checkpoint.codes_fingerprint` or weights it was rounded from
+    (:meth:`AudioTokenizer.reads_codes_of <audiotok.tokenizer.AudioTokenizer.reads_codes_of>`).
 
     ``what`` starts the message: codes ``were written by`` a model, a prior ``was trained on the codes of``
     one; ``override`` (how the caller decodes anyway, if it can) ends the message about other weights.
@@ -228,7 +229,7 @@ def check_codec(tokenizer: AudioTokenizer, model_id: str, config_hash: str, n_co
             f"{tokenizer.model_id!r} (config hash {model_hash}); these codes mean nothing to it. Use the model "
             f"that wrote them"
         )
-    if codes_fingerprint is not None and codes_fingerprint != tokenizer.codes_fingerprint:
+    if not tokenizer.reads_codes_of(codes_fingerprint):
         raise ValueError(
             f"{what} model {model_id!r} (weights fingerprint {codes_fingerprint}) but the model in use is "
             f"{tokenizer.model_id!r} (fingerprint {tokenizer.codes_fingerprint}): the same architecture with other "
@@ -370,7 +371,11 @@ class CodeFile(_CodeInfo):
         one per coded channel (for audio whose channels were encoded as a batch of clips).
         ``channels`` is the channel count of the original audio file.
         """
-        tokenizer.check_encoded(encoded)  # the codes are this model's: the file will say so
+        tokenizer.check_encoded(encoded)
+        if encoded.codes_fingerprint not in (None, tokenizer.codes_fingerprint):  # the file names its writer
+            raise ValueError(f"these codes were written by weights of fingerprint {encoded.codes_fingerprint}, "
+                             f"not by {tokenizer.model_id!r} ({tokenizer.codes_fingerprint}): write the code file "
+                             f"with the model that encoded them")
         indices = [index] if isinstance(index, (int, np.integer)) else list(index)
         batch = encoded.codes.shape[0]
         if not indices or any(not 0 <= int(i) < batch for i in indices):

@@ -87,7 +87,9 @@ class AudioTokenizer:
 
     Weight norm is folded, the model is in eval mode and all work runs under ``torch.inference_mode``.
     ``codes_fingerprint`` identifies the weights the tokenizer was made with (see
-    :func:`~audiotok.checkpoint.codes_fingerprint`); it is recorded with every encoding and checked on decoding.
+    :func:`~audiotok.checkpoint.codes_fingerprint`); it is recorded with every encoding and checked on
+    decoding, where the fingerprints of ``decodes_codes_of`` pass too: the weights a model stored in
+    fp16 or bf16 was rounded from, whose codes it decodes as they were meant (:meth:`reads_codes_of`).
     """
 
     def __init__(self, model: DAC, model_id: str = "dac", device: str | torch.device | None = None,
@@ -99,6 +101,7 @@ class AudioTokenizer:
         self.model_id = model_id
         self.notice: str | None = None  # shown on loading, saved with the model
         self.card: str | None = None  # the model card (README.md), saved with the model
+        self.decodes_codes_of: tuple[str, ...] = ()  # other weights' fingerprints whose codes it decodes
         self.codes_fingerprint = codes_fingerprint(model.state_dict())  # before any cast to half precision
         self.dtype = dtype
         self.decoder_dtype = decoder_dtype
@@ -119,7 +122,8 @@ class AudioTokenizer:
             source: ``None`` or ``"default"`` for the model that ships with the package; an audiotok
                 folder; a transformers DAC folder; an original descript ``.pth`` file; or a Hugging
                 Face hub id (e.g. ``descript/dac_44khz``, alias ``dac_44khz`` or ``44khz``), taken from
-                the local cache when present.
+                the local cache when present. Weights stored in fp16 or bf16 (the bundled model's are
+                fp16) are upcast to float32 on loading, then cast to ``dtype``.
             device: where the model runs (default CPU).
             dtype: weights and activations; ``torch.bfloat16`` / ``torch.float16`` trade exactness for
                 speed (code lookups, the decoder's last block and its output layer always run in
@@ -148,6 +152,7 @@ class AudioTokenizer:
         tokenizer = cls(build_model(checkpoint, folded=True), checkpoint.model_id, device, dtype, compile,
                         decoder_dtype)
         tokenizer.notice, tokenizer.card = checkpoint.notice, checkpoint.card
+        tokenizer.decodes_codes_of = checkpoint.decodes_codes_of
         return tokenizer
 
     @classmethod
@@ -161,36 +166,48 @@ class AudioTokenizer:
         return cls(DAC(config), "random", device)
 
     def checkpoint(self, model_id: str | None = None) -> Checkpoint:
-        """The model as a :class:`Checkpoint` (with its notice and model card), named ``model_id``
-        (default: :attr:`model_id`)."""
-        return Checkpoint(self.config, self.model.state_dict(), model_id or self.model_id, self.notice, self.card)
+        """The model as a :class:`Checkpoint` (with its notice, model card and the fingerprints whose
+        codes it decodes: :attr:`decodes_codes_of` and its own, which a copy stored at a lower precision
+        than it runs in keeps decoding), named ``model_id`` (default: :attr:`model_id`)."""
+        return Checkpoint(self.config, self.model.state_dict(), model_id or self.model_id, self.notice, self.card,
+                          tuple(dict.fromkeys((*self.decodes_codes_of, self.codes_fingerprint))))
 
-    def save_pretrained(self, folder: str | os.PathLike, model_id: str | None = None) -> None:
+    def save_pretrained(self, folder: str | os.PathLike, model_id: str | None = None,
+                        dtype: torch.dtype | str | None = None) -> None:
         """Write ``config.json`` (model id, architecture, notice), plain weights (``model.safetensors``)
         and the model card (``README.md``, when the model has one) to ``folder``. ``model_id``: the
-        name code files written with the saved model record (default: this model's)."""
-        save_folder(self.checkpoint(model_id), folder)
+        name code files written with the saved model record (default: this model's). ``dtype``: store
+        the weights in ``torch.float16`` / ``"fp16"`` (half the size) or bf16 (default: as the model
+        holds them); loading upcasts them. A copy whose rounded weights write other codes records this
+        model's fingerprint in ``decodes_codes_of`` and decodes its codes (see
+        :func:`~audiotok.checkpoint.cast_weights`)."""
+        save_folder(self.checkpoint(model_id), folder, dtype)
 
-    def export_transformers(self, folder: str | os.PathLike, model_id: str | None = None) -> None:
-        """Write a folder that ``transformers.DacModel.from_pretrained`` loads with every weight used."""
-        save_transformers(self.checkpoint(model_id), folder)
+    def export_transformers(self, folder: str | os.PathLike, model_id: str | None = None,
+                            dtype: torch.dtype | str | None = None) -> None:
+        """Write a folder that ``transformers.DacModel.from_pretrained`` loads with every weight used
+        (weights in ``dtype``, as in :meth:`save_pretrained`)."""
+        save_transformers(self.checkpoint(model_id), folder, dtype)
 
-    def export_original(self, path: str | os.PathLike, model_id: str | None = None) -> None:
-        """Write an original descript-audio-codec ``.pth`` file (weight_g / weight_v keys)."""
-        save_original(self.checkpoint(model_id), path)
+    def export_original(self, path: str | os.PathLike, model_id: str | None = None,
+                        dtype: torch.dtype | str | None = None) -> None:
+        """Write an original descript-audio-codec ``.pth`` file (weight_g / weight_v keys; weights in
+        ``dtype``, as in :meth:`save_pretrained`)."""
+        save_original(self.checkpoint(model_id), path, dtype)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
                     revision: str | None = None, commit_message: str | None = None,
-                    model_id: str | None = None) -> str:
+                    model_id: str | None = None, dtype: torch.dtype | str | None = None) -> str:
         """Upload the :meth:`save_pretrained` folder to the Hugging Face hub repository ``repo_id``
         (created if missing) and return the commit URL. The saved ``model_id`` is ``repo_id`` unless
-        given: ``from_pretrained(repo_id)`` names the model by the id it was loaded from."""
+        given: ``from_pretrained(repo_id)`` names the model by the id it was loaded from. ``dtype``:
+        as in :meth:`save_pretrained` (``torch.float16`` halves the upload)."""
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, model_id=model_id or repo_id)
+            self.save_pretrained(folder, model_id=model_id or repo_id, dtype=dtype)
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
                                        commit_message=commit_message or f"Upload {model_id or repo_id} with audiotok")
         return str(commit.commit_url)
@@ -350,9 +367,16 @@ class AudioTokenizer:
         return EncodedAudio(codes, torch.tensor(frames[::channels]), torch.tensor(num_samples), rate,
                             str(self.model_id), self.config.architecture_hash(), self.codes_fingerprint)
 
+    def reads_codes_of(self, fingerprint: str | None) -> bool:
+        """True when codes written by the weights of ``fingerprint`` mean to this model what they meant
+        to their writer: its own :attr:`codes_fingerprint`, one of :attr:`decodes_codes_of` (weights it
+        was rounded from), or ``None`` (not recorded)."""
+        return fingerprint is None or fingerprint == self.codes_fingerprint or fingerprint in self.decodes_codes_of
+
     def check_encoded(self, encoded: EncodedAudio, allow_other_weights: bool = False) -> None:
         """Raise ``ValueError`` unless ``encoded`` is well formed and was written by this model: the same
-        architecture, and the same encoder and quantizer weights unless ``allow_other_weights``."""
+        architecture, and the same encoder and quantizer weights (or weights it was rounded from, see
+        :meth:`reads_codes_of`) unless ``allow_other_weights``."""
         if not isinstance(encoded.codes, torch.Tensor) or encoded.codes.ndim not in (3, 4):
             raise ValueError("EncodedAudio.codes must be a [B, K, F] or [B, C, K, F] tensor")
         batch, frames = encoded.codes.shape[0], encoded.codes.shape[-1]
@@ -371,8 +395,7 @@ class AudioTokenizer:
             raise ValueError(f"these codes were written by model {encoded.model_id!r} (config hash "
                              f"{encoded.config_hash}) but this is {self.model_id!r} (config hash {model_hash}): "
                              f"they mean nothing to it")
-        if (not allow_other_weights and encoded.codes_fingerprint is not None
-                and encoded.codes_fingerprint != self.codes_fingerprint):
+        if not allow_other_weights and not self.reads_codes_of(encoded.codes_fingerprint):
             raise ValueError(
                 f"these codes were written by model {encoded.model_id!r} (weights fingerprint "
                 f"{encoded.codes_fingerprint}) but this is {self.model_id!r} (fingerprint {self.codes_fingerprint}): "

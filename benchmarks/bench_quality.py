@@ -1,8 +1,10 @@
 """Reconstruction quality on the real-audio eval set, per category, codec and bitrate.
 
 Codecs, side by side in one run on the same excerpts: each --model (any number), decoded from its
-first k codebooks for each k of --codebooks, and libopus at each --opus bitrate (opusenc --hard-cbr,
-decoded by opusdec at the first model's sample rate; Debian/Ubuntu: ``apt-get install opus-tools``).
+first k codebooks for each k of --codebooks, libopus at each --opus bitrate (opusenc --hard-cbr,
+decoded by opusdec at the first model's sample rate, or --sample-rate without a model; Debian/Ubuntu:
+``apt-get install opus-tools``), and Opus as ``recipes/pack_data.py`` writes training parts at each
+--pack bitrate (libsndfile, VBR target; ``auto``: libopus's own choice), with the bitrate it gave.
 
 For each category (speech; music = music + instrument; general; optionally speech8k, reported on
 its own) up to --max-files files of the manifest's eval split are read; from each, one salient
@@ -22,6 +24,7 @@ makes ViSQOL about 7x faster); without them those columns are left out.
     python benchmarks/bench_quality.py --model default --data data/real-audio
     python benchmarks/bench_quality.py --model default runs/exp/best --codebooks 10 --max-files 20 --out q.json
     python benchmarks/bench_quality.py --model descript/dac_44khz --opus      # no Opus rows
+    python benchmarks/bench_quality.py --opus 24 32 --pack 24 32 auto --skip-metrics visqol   # no model
 
 Metrics are taken at each codec's own sample rate against the input normalized at that rate (Opus:
 the first model's rate). Prints one markdown table per category (rows: codec and bitrate), then the
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import io
 import json
 import math
 import platform
@@ -86,16 +90,25 @@ COLUMNS = {
     "visqol_speech": ("ViSQOL speech ↑", True),
     "pesq": ("PESQ ↑", True),
     "stoi": ("STOI ↑", True),
+    "kbps_measured": ("kbps measured", False),  # pack rows: the coded file's bytes per second
 }
+
+
+def _pack_bitrate(text: str) -> float | None:
+    return None if text == "auto" else float(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", required=True,
+    p.add_argument("--model", nargs="*", default=[],
                    help="models to compare: any AudioTokenizer.from_pretrained source (audiotok or transformers "
                         "folder, .pth, hub id; 'default' is the bundled model)")
     p.add_argument("--opus", type=float, nargs="*", default=[6.0, 8.0, 12.0],
                    help="libopus bitrates in kbps, decoded at the first model's rate (none: no Opus rows)")
+    p.add_argument("--pack", type=_pack_bitrate, nargs="*", default=[], metavar="KBPS|auto",
+                   help="Opus as pack_data writes training parts (libsndfile, VBR) at these bitrates")
+    p.add_argument("--sample-rate", type=int, default=24000,
+                   help="rate of the Opus rows when no --model is given (with models: the first model's)")
     p.add_argument("--data", default="data/real-audio", help="folder with the real-audio set's manifest.csv")
     p.add_argument("--split", default="eval", help="manifest split (speech8k files are read from SPLIT + '8k')")
     p.add_argument("--categories", nargs="+", default=["speech", "music", "general"], choices=CATEGORIES)
@@ -170,7 +183,9 @@ class Row:
 
     @property
     def label(self) -> str:
-        return f"{self.codec}@{self.codebooks}" if self.codebooks else f"{self.codec}@{self.kbps:g}kbps"
+        if self.codebooks:
+            return f"{self.codec}@{self.codebooks}"
+        return f"{self.codec}@{self.kbps:g}kbps" if self.kbps else f"{self.codec}@auto"
 
 
 @dataclass
@@ -184,6 +199,7 @@ class Codec:
     reconstruct: Callable[[np.ndarray], dict[str, np.ndarray]]
     tokenizer: AudioTokenizer | None = None  # models only (codebook utilization)
     codes: list[torch.Tensor] = field(default_factory=list)  # models: full-depth [K, F] codes per excerpt
+    measured_kbps: dict[str, float] | None = None  # pack: each row's bytes per second in the last excerpt
 
 
 def model_codec(name: str, tok: AudioTokenizer, ks: list[int]) -> Codec:
@@ -230,6 +246,28 @@ def opus_codec(bitrates: list[float], sample_rate: int) -> Codec:
     rows = [Row("opus", rate) for rate in bitrates]
     return Codec("opus", sample_rate, rows,
                  lambda x: {row.label: opus_roundtrip(x, sample_rate, row.kbps) for row in rows})
+
+
+def pack_codec(bitrates: list[float | None], sample_rate: int) -> Codec:
+    """Opus as ``audiotok.data.pack`` writes training parts (libsndfile, VBR target; ``None``: libopus's
+    default), decoded by libsndfile. Each row's ``measured_kbps`` collects the files' bytes per second."""
+    from audiotok.data.pack import opus_bytes
+
+    rows = [Row("pack", 0.0 if rate is None else rate) for rate in bitrates]
+    measured: dict[str, float] = {}
+
+    def reconstruct(x: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        for row, rate in zip(rows, bitrates):
+            data = opus_bytes(x, sample_rate, rate)
+            measured[row.label] = len(data) * 8 / 1000 / (x.shape[-1] / sample_rate)
+            y, sr = sf.read(io.BytesIO(data), dtype="float32")
+            assert sr == sample_rate, (sr, sample_rate)
+            y = y[None, : x.shape[-1]]
+            out[row.label] = np.pad(y, ((0, 0), (0, x.shape[-1] - y.shape[-1])))
+        return out
+
+    return Codec("pack", sample_rate, rows, reconstruct, measured_kbps=measured)
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -284,6 +322,7 @@ def run_category(codecs: list[Codec], category: str, source, args: argparse.Name
     """Every codec on the same excerpts of one category -> rows (mean/std/median per metric),
     per-file values, codebook utilization per model, skips, failures and timing."""
     fns = metric_functions(category, available)
+    names = list(fns) + (["kbps_measured"] if any(c.measured_kbps is not None for c in codecs) else [])
     rates = sorted({c.sample_rate for c in codecs})
     rows = [row for c in codecs for row in c.rows]
     skipped: dict[str, int] = {}
@@ -331,6 +370,8 @@ def run_category(codecs: list[Codec], category: str, source, args: argparse.Name
                         if len(failure_examples) < 5:
                             failure_examples.append(f"{key} {row.label} {name}: {type(e).__name__}: {e}")
                     timing["metrics"][name] += time.perf_counter() - start
+                if codec.measured_kbps is not None:
+                    values["kbps_measured"] = codec.measured_kbps[row.label]
                 record["metrics"][row.label] = values
         files.append(record)
         bar.update(1)
@@ -342,7 +383,7 @@ def run_category(codecs: list[Codec], category: str, source, args: argparse.Name
         "skip_examples": skip_examples,
         "metric_failures": failures,
         "failure_examples": failure_examples,
-        "rows": summarize_rows(rows, files, list(fns)),
+        "rows": summarize_rows(rows, files, names),
         "timing_s": timing,
         "per_file": files,
         "codebook_utilization": {},
@@ -383,7 +424,7 @@ def table(title: str, rows: list[dict[str, Any]], names: list[str]) -> str:
     head = ["codec", "kbps", "codebooks"] + [COLUMNS[n][0] for n in names] + ["files"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["codec"], f"{row['kbps']:.2f}", str(row["codebooks"] or "–")]
+        cells = [row["codec"], f"{row['kbps']:.2f}" if row["kbps"] else "auto", str(row["codebooks"] or "–")]
         cells += [fmt(row[n]["mean"], 3 if n == "stoi" else 2) for n in names]
         cells.append(str(max(row[n]["n"] for n in names)))
         lines.append("| " + " | ".join(cells) + " |")
@@ -432,7 +473,8 @@ def pooled(results: dict[str, dict[str, Any]], codecs: list[Codec]) -> dict[str,
     cats = [c for c in results if c != "speech8k" and results[c]["files"]]
     if len(cats) < 2:
         return None
-    names = [n for n in ("mel_distance", "stft_distance", "visqol", "si_sdr") if n in results[cats[0]]["rows"][0]]
+    names = [n for n in ("mel_distance", "stft_distance", "visqol", "si_sdr", "kbps_measured")
+             if n in results[cats[0]]["rows"][0]]
     files = [f for c in cats for f in results[c]["per_file"]]
     utilization = {}
     for codec in codecs:
@@ -494,16 +536,22 @@ def main(argv: list[str] | None = None) -> int:
                             "model_id": tok.model_id, "codebooks": ks, "device": str(tok.device)}
         print(f"model {name} ({source}): {tok.sample_rate} Hz, {K} x {tok.codebook_size} codebooks, "
               f"{tok.frame_rate:.2f} frames/s, device {tok.device}; codebooks {ks}", file=sys.stderr)
+    rate = codecs[0].sample_rate if codecs else args.sample_rate
     if args.opus:
-        codecs.append(opus_codec(args.opus, codecs[0].sample_rate))
+        codecs.append(opus_codec(args.opus, rate))
+    if args.pack:
+        codecs.append(pack_codec(args.pack, rate))
+    if not codecs:
+        raise SystemExit("nothing to compare: give --model, --opus or --pack")
     groups = sources_from_manifest(args.data, split=[args.split, args.split + "8k"])
     available, missing = available_metrics(args.skip_metrics)
     for name, why in missing.items():
         print(f"note: {name} left out: {why}", file=sys.stderr)
     payload: dict[str, Any] = {
         "models": model_info,
-        "opus": ({"kbps": args.opus, "sample_rate": codecs[0].sample_rate, "versions": opus_versions()}
-                 if args.opus else None),
+        "opus": ({"kbps": args.opus, "sample_rate": rate, "versions": opus_versions()} if args.opus else None),
+        "pack": ({"kbps": args.pack, "sample_rate": rate, "libsndfile": sf.__libsndfile_version__}
+                 if args.pack else None),
         "settings": dict(vars(args)),
         "metrics_left_out": missing,
         "visqol_speech_mapper": metrics.visqol_speech_mapper() if "visqol" in available else None,
@@ -540,7 +588,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n\n".join(reports + [paper_table()]))
     print(f"\n{PAPER_NOTE}")
     if args.opus:
-        print(f"Opus: {payload['opus']['versions']}, --hard-cbr, decoded at {codecs[0].sample_rate} Hz.")
+        print(f"Opus: {payload['opus']['versions']}, --hard-cbr, decoded at {rate} Hz.")
+    if args.pack:
+        print(f"pack: Opus written as recipes/pack_data.py does (libsndfile {sf.__libsndfile_version__}, "
+              f"VBR target; auto: libopus's default), decoded by libsndfile at {rate} Hz.")
     if "visqol" in available:
         print(f"ViSQOL speech mode uses the {payload['visqol_speech_mapper']} MOS mapper.")
     print(f"\nTotal {payload['runtime_s']:.0f} s; results in {args.out}")

@@ -478,7 +478,7 @@ def test_pack_manifest_into_opus_parts(tmp_path, caplog):
         w.writerow(["split", "category", "source", "license", "path", "sr", "channels", "seconds", "format", "subtype"])
         w.writerows([split, cat, "test", "CC0", path, 0, 2, 0, "WAV", ""] for split, cat, path in rows)
 
-    budget = 0.03  # MiB: a few 2 s Opus excerpts per part
+    budget = 0.015  # MiB: a few 2 s Opus excerpts per part (24 kbps: about 6 KB each)
     with caplog.at_level(logging.WARNING):
         parts = pack_manifest(src, tmp_path / "packed", excerpt_seconds=2.0, part_mib=budget, seed=3)
     assert "bad.wav" in caplog.text  # skipped and logged, not fatal
@@ -506,3 +506,84 @@ def test_pack_manifest_into_opus_parts(tmp_path, caplog):
         pack_manifest(src, tmp_path / "x", sample_rate=44100)
     with pytest.raises(FileExistsError):
         pack_manifest(src, tmp_path / "packed")
+
+
+def _noisy_corpus(root: Path, seconds: float = 6.0) -> Path:
+    """A manifest folder of two files of tones in noise (which Opus codes at the rate it is given, where
+    a pure tone takes less), speech and music, 24 kHz."""
+    (root / "s").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(root / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["split", "category", "source", "license", "path", "sr", "channels", "seconds", "format", "subtype"])
+        for name, freq, category in (("a", 440, "speech"), ("b", 1000, "music")):
+            audio = tone(freq, 24000, seconds, 0.2) + 0.05 * rng.standard_normal(int(24000 * seconds))
+            sf.write(root / "s" / f"{name}.wav", audio.astype(np.float32), 24000)
+            w.writerow(["train", category, "test", "CC0", f"s/{name}.wav", 24000, 1, seconds, "WAV", "PCM_16"])
+    return root
+
+
+def test_pack_bitrate_sets_the_bytes_per_second(tmp_path):
+    """The bitrate asked for is the bitrate the packed files have (measured, not trusted), and they decode."""
+    from audiotok.data.pack import pack_manifest
+
+    src = _noisy_corpus(tmp_path / "corpus")
+    measured = {}
+    for kbps in (16, 48):
+        parts = pack_manifest(src, tmp_path / f"p{kbps}", excerpt_seconds=2.0, bitrate_kbps=kbps)
+        rows = [(part, r) for part in parts for r in csv.DictReader(open(part / "manifest.csv"))]
+        assert len(rows) == 6  # 2 files x 3 excerpts of 2 s
+        size = sum((part / r["path"]).stat().st_size for part, r in rows)
+        seconds = sum(float(r["seconds"]) for _, r in rows)
+        measured[kbps] = size * 8 / 1000 / seconds
+        for part, r in rows:
+            audio, sr = sf.read(part / r["path"], dtype="float32")
+            assert sr == 24000 and len(audio) == pytest.approx(2 * 24000, abs=1)
+            assert np.sqrt(np.mean(audio ** 2)) > 0.1  # sound, not silence
+        # libopus's VBR lands near the target; the Ogg pages add about 1 kbps to 2 s files
+        assert kbps <= measured[kbps] <= 1.2 * kbps, measured
+    assert measured[48] > 2.5 * measured[16], measured
+    with pytest.raises(ValueError, match="6.0 to 256.0 kbps"):
+        pack_manifest(src, tmp_path / "x", bitrate_kbps=4)
+
+
+def test_pack_parts_are_numbered_deterministically(tmp_path):
+    """The same manifest and settings give the same parts, so part k can be carried in call k: the first
+    part of a run cut short (max_parts) is the first part of a whole run (the same manifest and the same
+    decoded audio; the files' bytes differ only in the Ogg stream's random serial number)."""
+    from audiotok.data.pack import pack_manifest
+
+    src = _noisy_corpus(tmp_path / "corpus")
+    whole = pack_manifest(src, tmp_path / "whole", excerpt_seconds=2.0, part_mib=0.012)
+    first = pack_manifest(src, tmp_path / "first", excerpt_seconds=2.0, part_mib=0.012, max_parts=1)
+    assert len(whole) >= 3 and [p.name for p in first] == ["part-000"]
+
+    def files(part: Path) -> dict[str, object]:
+        return {str(f.relative_to(part)): f.read_bytes() if f.suffix == ".csv" else sf.read(f)[0].tobytes()
+                for f in sorted(part.rglob("*")) if f.is_file()}
+
+    assert files(first[0]) == files(whole[0])
+    other_seed = pack_manifest(src, tmp_path / "seed1", excerpt_seconds=2.0, part_mib=0.012, seed=1)
+    assert files(other_seed[0]) != files(whole[0])  # the order comes from the seed
+
+
+def test_pack_data_recipe_takes_a_bitrate_and_reports_hours_per_mib(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    src = _noisy_corpus(tmp_path / "corpus")
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    out = {}
+    for bitrate in ("16", "auto"):
+        proc = subprocess.run([sys.executable, str(repo / "recipes" / "pack_data.py"), str(src),
+                               str(tmp_path / f"p-{bitrate}"), "--excerpt-seconds", "2", "--bitrate", bitrate],
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[bitrate] = proc.stdout
+    assert "kbps" in out["16"] and "h per MiB" in out["16"].splitlines()[-1]
+    kbps = {b: float(text.splitlines()[0].split(", ")[-1].split()[0]) for b, text in out.items()}
+    assert 16 <= kbps["16"] <= 19 < kbps["auto"], kbps  # libopus's own choice: 35 to 38 kbps
+    proc = subprocess.run([sys.executable, str(repo / "recipes" / "pack_data.py"), str(src), str(tmp_path / "x"),
+                           "--bitrate", "fast"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "not a bitrate in kbps or 'auto'" in proc.stderr

@@ -1,11 +1,14 @@
 """The model that ships inside the package: loads offline with no argument, and round-trips."""
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
 import soundfile as sf
 import torch
+from safetensors.torch import load_file
 
 from audiotok import AudioTokenizer, cli
 from audiotok.checkpoint import codes_fingerprint, load_checkpoint
@@ -14,6 +17,18 @@ from audiotok.hub import DEFAULT_MODEL_ID, PRETRAINED_DIR, SAME_CODES_AS
 from audiotok.metrics import codebook_utilization, mel_distance
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "speech.flac"
+DATA = Path(__file__).resolve().parent / "data"
+#: The first 2 s of EXAMPLE encoded by the previous release (the same model with float32 weights), and
+#: that release's float32 decode of it (FLAC, 24-bit: 128 dB SNR).
+OLD_CODES, OLD_DECODED = DATA / "speech-2s-v0.3-fp32.atok", DATA / "speech-2s-v0.3-fp32-decoded.flac"
+
+#: The bundled weights are stored in fp16 and upcast on loading. Their fingerprint, and the one of the
+#: float32 weights they were rounded from (earlier releases), whose codes they decode.
+FINGERPRINT, FP32_FINGERPRINT = "fd050c14081aa716", "98443b3c04d63f4f"
+#: Decoding the same codes with the fp16-stored weights against the float32 ones: SNR in dB (measured
+#: 64.4 to 74.5 dB on examples/speech.flac and 19 eval-split files, 72.6 on OLD_CODES; bf16 storage
+#: measures 37 to 51 dB) and the largest sample difference on OLD_CODES (measured 1.9e-4, peak 0.39).
+DECODE_SNR_DB, DECODE_MAX_ABS = 60.0, 1e-3
 
 
 def test_default_model_loads_offline(monkeypatch):
@@ -23,17 +38,23 @@ def test_default_model_loads_offline(monkeypatch):
     assert tok.model_id == DEFAULT_MODEL_ID
     assert (tok.sample_rate, tok.n_codebooks, tok.codebook_size) == (24000, 10, 1024)
     assert tok.config.bitrate() <= 8000
-    assert (PRETRAINED_DIR / "default" / "model.safetensors").stat().st_size < 40e6
+    weights = PRETRAINED_DIR / "default" / "model.safetensors"
+    assert weights.stat().st_size < 20e6  # 9.5M parameters in fp16
+    assert {v.dtype for v in load_file(weights).values()} == {torch.float16}
+    assert {p.dtype for p in tok.model.parameters()} == {torch.float32}  # upcast on loading
     same = AudioTokenizer.from_pretrained(DEFAULT_MODEL_ID)
     alias = AudioTokenizer.from_pretrained("default")
     assert same.model_id == alias.model_id == DEFAULT_MODEL_ID
     assert all(torch.equal(a, b) for a, b in zip(tok.model.state_dict().values(), same.model.state_dict().values()))
 
 
-def test_default_model_writes_the_codes_of_the_models_it_stands_in_for():
-    weights = load_checkpoint(PRETRAINED_DIR / "default").state_dict
+def test_default_model_decodes_the_codes_of_the_models_it_stands_in_for():
+    checkpoint = load_checkpoint(PRETRAINED_DIR / "default")
+    weights = checkpoint.state_dict
     fingerprint = codes_fingerprint(weights)
-    assert all(fingerprint == theirs for theirs in SAME_CODES_AS.values()), (fingerprint, SAME_CODES_AS)
+    assert fingerprint == FINGERPRINT == AudioTokenizer.from_pretrained().codes_fingerprint
+    assert checkpoint.decodes_codes_of == (FP32_FINGERPRINT,)
+    assert set(SAME_CODES_AS.values()) <= set(checkpoint.decodes_codes_of), SAME_CODES_AS
     decoder = next(k for k in weights if k.startswith("decoder."))
     quantizer = next(k for k in weights if k.startswith("quantizer."))
     assert codes_fingerprint({**weights, decoder: weights[decoder] + 1}) == fingerprint
@@ -61,11 +82,47 @@ def test_code_files_of_an_earlier_model_with_the_same_codes_decode(tmp_path, mod
     tok = AudioTokenizer.from_pretrained()
     enc = tok.encode(audio, sr)
     expected = tok.decode(enc)[0, 0]
-    tok.model_id = model_id  # as that model wrote it
-    CodeFile.from_encoded(tok, enc).save(tmp_path / "old.atok")
+    old = CodeFile.from_encoded(tok, enc)  # as that model wrote it:
+    dataclasses.replace(old, model_id=model_id, codes_fingerprint=SAME_CODES_AS[model_id]).save(tmp_path / "old.atok")
     assert cli.main(["decode", str(tmp_path / "old.atok"), str(tmp_path / "old.wav"), "--no-progress"]) == 0
     wav, _ = sf.read(tmp_path / "old.wav", dtype="float32")
     torch.testing.assert_close(torch.from_numpy(wav), expected, rtol=0, atol=1e-4)
+
+
+def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    return 10 * math.log10(float((reference ** 2).sum()) / float(((reference - other) ** 2).sum()))
+
+
+def test_code_files_of_the_float32_release_decode_within_tolerance(tmp_path):
+    """Code files written by the previous release (float32 weights, fingerprint FP32_FINGERPRINT) decode
+    with the fp16-stored weights, by the API and the CLI, within DECODE_SNR_DB of that release's decode."""
+    old = CodeFile.load(OLD_CODES)
+    assert (old.model_id, old.codes_fingerprint) == (DEFAULT_MODEL_ID, FP32_FINGERPRINT)
+    reference = torch.from_numpy(sf.read(OLD_DECODED, dtype="float32")[0])
+    tok = AudioTokenizer.from_pretrained()
+    decoded = tok.decode(old.to_encoded())[0, 0]
+    assert snr_db(reference, decoded) >= DECODE_SNR_DB, snr_db(reference, decoded)
+    assert (reference - decoded).abs().max() <= DECODE_MAX_ABS
+    assert cli.main(["decode", str(OLD_CODES), str(tmp_path / "old.wav"), "--subtype", "FLOAT", "--no-progress"]) == 0
+    wav = torch.from_numpy(sf.read(tmp_path / "old.wav", dtype="float32")[0])
+    assert snr_db(reference, wav) >= DECODE_SNR_DB
+    # Any other fingerprint is still refused: the bundled model does not decode every file of its id.
+    other = dataclasses.replace(old, codes_fingerprint="0123456789abcdef")
+    other.save(tmp_path / "other.atok")
+    assert cli.main(["decode", str(tmp_path / "other.atok"), str(tmp_path / "other.wav"), "--no-progress"]) != 0
+    with pytest.raises(ValueError, match="other encoder or quantizer weights"):
+        tok.decode(other.to_encoded())
+
+
+def test_default_model_writes_nearly_the_codes_of_the_float32_release():
+    """Rounding the encoder and quantizer to fp16 moves a few codes (99.7% identical over 20 clips, the
+    first codebook 99.9%), so the bundled model has a fingerprint of its own."""
+    audio, sr = sf.read(EXAMPLE, dtype="float32")
+    old = CodeFile.load(OLD_CODES)
+    enc = AudioTokenizer.from_pretrained().encode(audio[: 2 * sr], sr)
+    assert enc.codes_fingerprint == FINGERPRINT
+    same = enc.codes[0] == old.codes[0]
+    assert same.float().mean() >= 0.99 and same[0].float().mean() >= 0.995, same.float().mean(-1)
 
 
 def test_default_model_codes_carry_the_input():

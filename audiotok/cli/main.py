@@ -73,6 +73,7 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..audio import AUDIO_EXTENSIONS, AUDIO_SUBTYPES
+    from ..checkpoint import STORAGE_DTYPES
     from ..hub import describe_names
     from .modelinfo import CONVERT_FORMATS
 
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", type=Path, metavar="DST", help="output folder (audiotok, transformers) or .pth file")
     p.add_argument("--to", required=True, choices=CONVERT_FORMATS, help="target format")
     p.add_argument("--model-id", default=None, help="the id the copy records (default: the source's)")
+    p.add_argument("--dtype", choices=list(STORAGE_DTYPES), default=None,
+                   help="store the weights in this precision (default: as loaded, fp32); fp16 halves the file and "
+                        "the copy still decodes code files of the source (see 'info': decodes_codes_of)")
     p.set_defaults(func=_cmd_convert)
     return parser
 
@@ -223,7 +227,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .modelinfo import convert_model
 
-    dst = convert_model(args.source, args.dst, args.to, model_id=args.model_id)
+    dst = convert_model(args.source, args.dst, args.to, model_id=args.model_id, dtype=args.dtype)
     print(f"wrote {args.to} checkpoint to {shown(dst)}")
     return 0
 

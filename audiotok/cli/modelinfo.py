@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import detect_format
+import torch
+
+from ..checkpoint import detect_format, storage_dtype
 from ..codefile import CodeFile, read_header
 from ..hub import ALIASES, resolve
 from ..tokenizer import AudioTokenizer
@@ -44,6 +46,7 @@ def model_info(source: str | os.PathLike | None, device: str | None = None) -> d
         "params_total": sum(params.values()),
         "config_hash": c.architecture_hash(),
         "codes_fingerprint": tok.codes_fingerprint,
+        **({"decodes_codes_of": ", ".join(tok.decodes_codes_of)} if tok.decodes_codes_of else {}),
     }
 
 
@@ -76,13 +79,17 @@ def code_file_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def convert_model(source: str | os.PathLike | None, dst: str | os.PathLike, to: str,
-                  device: str | None = None, model_id: str | None = None) -> Path:
+                  device: str | None = None, model_id: str | None = None,
+                  dtype: torch.dtype | str | None = None) -> Path:
     """Load ``source`` and write it to ``dst`` in format ``to`` (see :data:`CONVERT_FORMATS`).
 
     ``"audiotok"`` and ``"transformers"`` write a folder (with the model card); ``"original"`` writes
     a ``.pth`` file. The copy keeps the source's model id (which code files it writes record) unless
-    ``model_id`` is given.
+    ``model_id`` is given. ``dtype`` (``"fp16"``, ``"bf16"``, ``"fp32"`` or a torch dtype): the
+    precision the weights are stored in (default: float32, as loaded); see
+    :func:`~audiotok.checkpoint.cast_weights`.
     """
+    dtype = storage_dtype(dtype)
     if to not in CONVERT_FORMATS:
         raise ValueError(f"unknown target format {to!r}; choose one of {', '.join(CONVERT_FORMATS)}")
     dst = Path(dst)
@@ -98,10 +105,10 @@ def convert_model(source: str | os.PathLike | None, dst: str | os.PathLike, to: 
         raise ValueError(f"{dst}: is a file; the {to} format is a folder")
     tok = AudioTokenizer.from_pretrained(source, device=device)
     if to == "audiotok":
-        tok.save_pretrained(dst, model_id)
+        tok.save_pretrained(dst, model_id, dtype)
     elif to == "transformers":
-        tok.export_transformers(dst, model_id)
+        tok.export_transformers(dst, model_id, dtype)
     else:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tok.export_original(dst, model_id)
+        tok.export_original(dst, model_id, dtype)
     return dst

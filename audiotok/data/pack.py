@@ -4,10 +4,13 @@ Each part is a manifest folder of at most ``part_mib`` MiB (``manifest.csv`` plu
 of at most ``excerpt_seconds``), readable by the ``manifest`` source spec; a glob reads several
 parts as one corpus (``path: data/packed/part-*``). Files are taken in an order shuffled with
 ``seed``, so every part is a random sample of the whole split (speech, music and general sound
-alike) and training on the first parts alone is already balanced.
+alike) and training on the first parts alone is already balanced. The numbering is deterministic
+(the same manifest and settings give the same parts), so parts can be carried one per call and
+rotated: call ``k`` carries ``part-{k mod n:03d}``.
 
-At 24 kHz, Opus (about 35 kbps on the real-audio set) keeps about 3.7 hours of audio in 60 MiB,
-against 22 minutes as 16-bit WAV.
+Opus is coded at :data:`DEFAULT_KBPS` (24 kbps, a VBR target; ``bitrate_kbps`` sets it): at 24 kHz
+the real-audio set's files come out at about 26 kbps, 0.09 hours of audio per MiB (5.4 hours per 60
+MiB), against 22 minutes as 16-bit WAV and 3.7 hours at libopus's own default (about 38 kbps).
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ log = logging.getLogger("audiotok.data")
 
 #: Sample rates that Opus codes (libsndfile); pack a 44.1 kHz corpus at 48 kHz.
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+#: Opus bitrates (kbps per channel) that libsndfile sets, and the packing default: at 24 kHz it keeps
+#: speech at PESQ 4.3 (STOI 0.985) and the mel distance at 0.79, 0.4 times the bundled codec's
+#: (benchmarks/README.md, "Packing bitrate"), where 16 kbps falls to PESQ 3.85.
+OPUS_KBPS = (6.0, 256.0)
+DEFAULT_KBPS = 24.0
 MANIFEST_COLUMNS = ["split", "category", "source", "license", "path", "sr", "channels", "seconds", "format", "subtype"]
 
 
@@ -43,11 +51,26 @@ def _plain_name(value: str, where: str) -> None:
         raise ValueError(f"{where}: {value!r} is not a plain name (letters, digits, '_', '.', '-')")
 
 
-def _opus_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
+def opus_compression_level(kbps: float) -> float:
+    """libsndfile's ``compression_level`` for an Opus target bitrate of ``kbps`` per channel.
+
+    libsndfile's Ogg/Opus encoder (verified with 1.2.2) turns the level into libopus's bitrate as
+    ``6000 + (1 - level) * 250000`` bits/s per channel, truncated to an integer: 0.0 is 256 kbps, 1.0 is
+    6 kbps. libopus then codes in its default (unconstrained) VBR mode, so a file's bytes per second
+    follow the target on average and vary with the content."""
+    if not OPUS_KBPS[0] <= kbps <= OPUS_KBPS[1]:
+        raise ValueError(f"Opus bitrates through libsndfile are {OPUS_KBPS[0]} to {OPUS_KBPS[1]} kbps, got {kbps}")
+    return min(1.0, max(0.0, 1.0 - (kbps * 1000 - 6000 + 0.5) / 250000))  # +0.5: survive the truncation
+
+
+def opus_bytes(audio: np.ndarray, sample_rate: int, kbps: float | None = DEFAULT_KBPS) -> bytes:
+    """Mono ``audio`` ``[1, N]`` (or ``[N]``) as an Ogg/Opus file at ``kbps`` (VBR target; ``None``:
+    libopus's own choice, about 38 kbps on the real-audio set at 24 kHz)."""
     import soundfile as sf
 
+    level = None if kbps is None else opus_compression_level(kbps)
     buffer = io.BytesIO()
-    sf.write(buffer, audio[0], sample_rate, format="OGG", subtype="OPUS")
+    sf.write(buffer, audio.reshape(-1), sample_rate, format="OGG", subtype="OPUS", compression_level=level)
     return buffer.getvalue()
 
 
@@ -101,14 +124,22 @@ def pack_manifest(
     max_parts: int | None = None,
     seed: int = 0,
     outside_root: bool = False,
+    bitrate_kbps: float | None = DEFAULT_KBPS,
 ) -> list[Path]:
     """Pack ``split`` of ``manifest`` (a ``manifest.csv`` or its folder) into ``out/part-NNN`` folders.
 
     Audio is downmixed to mono, resampled to ``sample_rate`` (one of :data:`OPUS_RATES`) and cut into
     excerpts of ``excerpt_seconds`` (the last one of a file may be shorter; pieces under 1 s are
-    dropped). Unreadable files are skipped and logged. Stops after ``max_parts`` parts when given.
-    Returns the part folders written. Every file written stays inside ``out``: ``split`` and the
-    manifest's ``category`` values must be plain names. Audio is read only inside the manifest's
+    dropped), coded as Opus at ``bitrate_kbps`` (VBR target, see :func:`opus_bytes`; ``None``:
+    libopus's default, about 38 kbps). Unreadable files are skipped and logged. Stops after
+    ``max_parts`` parts when given. Returns the part folders written.
+
+    Parts are numbered in the order they fill, and the same manifest packed with the same settings
+    (and libsndfile) gives the same parts: part ``k`` of a run with ``max_parts`` is part ``k`` of a run
+    without.
+
+    Every file written stays inside ``out``: ``split`` and the manifest's ``category`` values must be
+    plain names. Audio is read only inside the manifest's
     folder unless ``outside_root`` (see :func:`~audiotok.data.config.read_manifest`).
     """
     from .config import read_manifest
@@ -117,6 +148,8 @@ def pack_manifest(
         raise ValueError(f"Opus codes {OPUS_RATES} Hz only, not {sample_rate} (pack a 44.1 kHz corpus at 48000)")
     if excerpt_seconds < 1 or part_mib <= 0:
         raise ValueError("excerpt_seconds must be at least 1 and part_mib positive")
+    if bitrate_kbps is not None:
+        opus_compression_level(bitrate_kbps)  # checks the range before any work
     manifest = Path(manifest)
     root = manifest if manifest.is_dir() else manifest.parent
     out = Path(out)
@@ -134,8 +167,10 @@ def pack_manifest(
     skipped = SkipCounter(f"pack:{root}")
     parts: list[Path] = []
     part = None
+    coded_bytes = coded_seconds = 0.0
     for row, name, piece in _pieces(rows, root, sample_rate, int(excerpt_seconds * sample_rate), skipped):
-        data = _opus_bytes(piece, sample_rate)
+        data = opus_bytes(piece, sample_rate, bitrate_kbps)
+        coded_bytes, coded_seconds = coded_bytes + len(data), coded_seconds + piece.shape[1] / sample_rate
         if part is not None and part.bytes + len(data) > budget:
             part.close()
             part = None
@@ -151,5 +186,12 @@ def pack_manifest(
         })
     if part is not None:
         part.close()
-    log.info("packed %d parts; %d files skipped", len(parts), skipped.total)
+    kbps = coded_bytes * 8 / 1000 / max(coded_seconds, 1e-9)
+    log.info("packed %d parts; %d files skipped; Opus at %.1f kbps (bytes per second of the files)",
+             len(parts), skipped.total, kbps)
+    if bitrate_kbps is not None and coded_seconds >= 10 and kbps > 1.5 * bitrate_kbps + 2:
+        import soundfile as sf
+
+        log.warning("the packed files hold %.1f kbps where %g was asked: this libsndfile (%s) does not set the "
+                    "Opus bitrate (1.2.2 does)", kbps, bitrate_kbps, sf.__libsndfile_version__)
     return parts
