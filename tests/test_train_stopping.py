@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -124,3 +125,18 @@ def test_signals_stop_after_the_step_and_handlers_are_restored():
         calm.start()
         assert not calm.should_stop(1, DistEnv())
     calm.raise_if_interrupted()  # no signal: nothing raised
+
+
+def test_a_forked_worker_keeps_the_signals_behaviour():
+    """DataLoader workers are forked with the handlers: there a signal does what it did before (SIGTERM ends
+    the worker, so a loader can terminate it)."""
+    with StopControl():
+        pid = os.fork()
+        if pid == 0:  # the worker
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)
+            finally:
+                os._exit(3)  # only if SIGTERM did not end it
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM

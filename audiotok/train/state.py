@@ -21,6 +21,11 @@ folder is fsynced, and only then are the checkpoints that no link names any more
 any point leaves every complete checkpoint that existed before it, plus possibly the new one; the next
 run resumes from the newest complete checkpoint whichever links were updated.
 
+A run's resumable state also travels as one file: :func:`export_state` writes the newest checkpoint's
+state as safetensors (weights in float16, optimizer moments in bfloat16, the rest as JSON metadata; no
+pickle), :func:`read_state_export` reads it back, and the codec trainer starts a new run from it
+(:func:`audiotok.train.trainer.import_state`, ``recipes/train.py --resume-from``).
+
 Runs written before this layout (real ``latest/``, ``best/`` and ``step_N/`` folders, and the
 ``.latest.old`` / ``.latest.tmp`` folders a crash between their renames left) resume as they are:
 their folders are candidates too when their training state loads. The first save replaces ``latest/``
@@ -366,9 +371,23 @@ def read_state_export(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     tensors, meta = _read_file(path)
     _check_listed(path, tensors, meta["tensors"])
+    try:
+        return _unflatten_state(tensors, meta)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: unreadable training state export metadata: {e!r}") from e
+
+
+def _unflatten_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`_flatten_state` undone: the training state, tensors in their original dtypes."""
+
+    def dtype(name: str) -> torch.dtype:
+        kind = getattr(torch, name, None)
+        if not isinstance(kind, torch.dtype):
+            raise ValueError(f"unknown dtype {name!r}")
+        return kind
 
     def get(name: str) -> torch.Tensor:
-        return tensors[name].to(getattr(torch, meta["tensors"][name][0]))
+        return tensors[name].to(dtype(meta["tensors"][name][0]))
 
     state: dict[str, Any] = dict(meta["values"])
     for entry in meta["modules"]:
@@ -377,8 +396,8 @@ def read_state_export(path: str | os.PathLike) -> dict[str, Any]:
     for entry, optimizer in meta["optimizers"].items():
         per_param: dict[int, dict[str, Any]] = {}
         for index, scalars in optimizer["state"].items():
-            item = {name: value if dtype is None else torch.tensor(value, dtype=getattr(torch, dtype))
-                    for name, (value, dtype) in scalars.items()}
+            item = {name: value if kind is None else torch.tensor(value, dtype=dtype(kind))
+                    for name, (value, kind) in scalars.items()}
             prefix = f"{entry}/state/{index}/"
             item.update({name[len(prefix):]: get(name) for name in meta["tensors"] if name.startswith(prefix)})
             per_param[int(index)] = item

@@ -39,6 +39,7 @@ fit in that time.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import threading
@@ -116,6 +117,7 @@ class StopControl:
         self._checkpoint_bytes = 0
         self._validation_steps = 0
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -134,6 +136,9 @@ class StopControl:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a forked child (a DataLoader worker): the signal does what it did before
+            self._as_before(signum, frame)
+            return
         name = signal.Signals(signum).name
         if self.signum is None:
             self.signum = signum
@@ -143,6 +148,14 @@ class StopControl:
             raise KeyboardInterrupt
         else:
             log.warning("%s again: already stopping", name)
+
+    def _as_before(self, signum: int, frame: FrameType | None) -> None:
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     # -- measurements ---------------------------------------------------------------------------
 

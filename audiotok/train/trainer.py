@@ -153,7 +153,8 @@ def import_state(path: str | Path, save_path: str | Path, config: TrainConfig | 
         return None
     state = read_state_export(path)
     gan = "discriminator" in state
-    entries = ["config", "step", "best", "data", "generator", "opt_g", "sched_g"] + (["opt_d", "sched_d"] if gan else [])
+    entries = ["config", "step", "best", "data", "generator", "opt_g", "sched_g"]
+    entries += ["opt_d", "sched_d"] if gan else []
     missing = [key for key in entries if key not in state]
     if missing:
         raise ValueError(f"{path}: the export has no {', '.join(missing)}: not a codec training state")
