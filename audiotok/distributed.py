@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -99,7 +101,30 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+_cpu_group: Any = None  # a gloo group beside a GPU (NCCL) default group, made on first use
+
+
+def max_over_ranks(values: Sequence[int], env: DistEnv) -> list[int]:
+    """The element-wise maximum of a few integers over all ranks (``values`` as they are with one rank).
+
+    It runs on a CPU (gloo) group, the default one or one made once beside NCCL, so it never waits for
+    a GPU; every rank must call it at the same point."""
+    if not env.enabled:
+        return list(values)
+    global _cpu_group
+    group = None
+    if dist.get_backend() != "gloo":
+        if _cpu_group is None:
+            _cpu_group = dist.new_group(backend="gloo")
+        group = _cpu_group
+    tensor = torch.tensor(list(values), dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return [int(v) for v in tensor.tolist()]
+
+
 def shutdown() -> None:
     """Leave the process group, if one is joined."""
+    global _cpu_group
+    _cpu_group = None
     if dist.is_initialized():
         dist.destroy_process_group()

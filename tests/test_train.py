@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,11 +41,16 @@ def audio_dir(tmp_path_factory):
     return root
 
 
-def tiny_config(audio_dir, *overrides):
+def tiny_overrides(audio_dir, *overrides) -> list[str]:
+    """The overrides that make tiny.yml train on ``audio_dir`` with a small discriminator, then ``overrides``."""
     source = f"[{{type: folder, root: {audio_dir}}}]"
-    return load_config(TINY, [f"data.groups={{all: {{weight: 1, sources: {source}}}}}",
-                              f"data.val_groups={{all: {{weight: 1, sources: {source}}}}}",
-                              "discriminator.periods=[2]", "discriminator.fft_sizes=[256]", *overrides])
+    return [f"data.groups={{all: {{weight: 1, sources: {source}}}}}",
+            f"data.val_groups={{all: {{weight: 1, sources: {source}}}}}",
+            "discriminator.periods=[2]", "discriminator.fft_sizes=[256]", *overrides]
+
+
+def tiny_config(audio_dir, *overrides):
+    return load_config(TINY, tiny_overrides(audio_dir, *overrides))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "recipes" / "configs")))
@@ -300,3 +306,277 @@ def test_one_discriminator_pass_scores_fake_and_real_as_two_would():
         for maps_joint, maps_single in zip(joint, single):
             for a, b in zip(maps_joint, maps_single):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# -- time limits, signals and moving a run: each ends as the uninterrupted run does ----------------------
+
+RESUME = ("loss.adversarial=0", "loss.feature=0", "train.valid_every=3", "train.save_every=1000",
+          "train.milestones=[2]")  # validation and a best checkpoint at step 3, step 2 kept
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def straight(audio_dir, tmp_path_factory):
+    """An uninterrupted run of STEPS steps."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train(tiny_config(audio_dir, *RESUME), run, max_steps=STEPS, device="cpu")
+    return run
+
+
+def _rows(run):
+    return [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_end(run, straight):
+    """``run`` ended bit for bit as ``straight``: weights (with weight norm), optimizer, data position, logs."""
+    from audiotok.train.state import load_train_state
+
+    a, b = load_train_state(straight / "latest"), load_train_state(run / "latest")
+    assert a["step"] == b["step"] == STEPS and a["data"] == b["data"] and a["best"] == b["best"]
+    for key in a["generator"]:
+        assert torch.equal(a["generator"][key], b["generator"][key]), key
+    for index, entry in a["opt_g"]["state"].items():
+        assert all(torch.equal(entry[k], b["opt_g"]["state"][index][k]) for k in entry), index
+    assert a["sched_g"] == b["sched_g"]
+    assert _rows(run) == [{**r, "steps_per_s": r2["steps_per_s"]} if "steps_per_s" in r else r
+                          for r, r2 in zip(_rows(straight), _rows(run))]
+
+
+def test_a_run_stopped_by_its_time_limit_resumes_exactly(audio_dir, straight, tmp_path, monkeypatch):
+    import audiotok.train.stopping as stopping
+
+    readings = []
+
+    def clock():  # a second passes at every reading: the rule sees steps, validations and saves of 1-3 s
+        readings.append(float(len(readings)))
+        return readings[-1]
+
+    config, run = tiny_config(audio_dir, *RESUME), tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(stopping, "monotonic", clock)
+        train(config, run, max_steps=STEPS, device="cpu", time_limit="9s")  # returns normally
+    stopped = [r["step"] for r in _rows(run)][-1]
+    assert 1 <= stopped < STEPS and (run / "checkpoints" / f"step_{stopped}").is_dir()
+    assert readings[-1] <= 9  # the last reading: the end of the final save
+    train(config, run, max_steps=STEPS, device="cpu")
+    _assert_same_end(run, straight)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Wait until ``path`` exists and is not empty (``proc`` must still run)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.stat().st_size):
+        assert proc.poll() is None, "the run ended before it logged a step"
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_sigterm_stops_a_run_with_a_checkpoint_and_it_resumes_exactly(audio_dir, straight, tmp_path):
+    from audiotok.train.state import load_train_state
+
+    run, err = tmp_path / "run", tmp_path / "stderr.txt"
+    cmd = [sys.executable, str(REPO / "recipes" / "train.py"), "--config", str(TINY), "--save-path", str(run),
+           "--max-steps", str(STEPS), "--device", "cpu", *tiny_overrides(audio_dir, *RESUME)]
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=tmp_path)
+        try:
+            _wait_for(run / "metrics.jsonl", proc)  # stepping: step 1 is logged
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=600) == 128 + signal.SIGTERM, err.read_text()[-3000:]
+        finally:
+            proc.kill()
+    stopped = load_train_state(run / "latest")["step"]
+    assert 1 <= stopped < STEPS and [r["step"] for r in _rows(run)][-1] == stopped
+    assert f"train: SIGTERM: training stopped at step {stopped}" in err.read_text()
+    train(tiny_config(audio_dir, *RESUME), run, max_steps=STEPS, device="cpu")
+    _assert_same_end(run, straight)
+
+
+def test_a_run_moved_through_a_state_export_continues(audio_dir, straight, tmp_path, caplog):
+    from audiotok.train.state import export_state, load_train_state
+    from audiotok.train.trainer import import_state
+
+    config = tiny_config(audio_dir, *RESUME)
+    source = load_train_state(straight / "step_2")
+    exported = export_state(straight / "step_2", tmp_path / "state.safetensors")
+    moved = tmp_path / "moved"
+    seeded = load_train_state(import_state(exported, moved, config))
+    assert (seeded["step"], seeded["data"], seeded["best"], seeded["sched_g"]) == \
+           (2, source["data"], source["best"], source["sched_g"])
+    assert seeded["opt_g"]["param_groups"][0]["lr"] == source["opt_g"]["param_groups"][0]["lr"]
+    for index, entry in source["opt_g"]["state"].items():  # the optimizer continues: its moments, rounded
+        assert torch.equal(seeded["opt_g"]["state"][index]["step"], entry["step"])
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(seeded["opt_g"]["state"][index][name], entry[name].bfloat16().float())
+    with caplog.at_level("INFO", logger="audiotok.train"):  # a restarted job: the run it started is resumed
+        train(config, moved, max_steps=STEPS, device="cpu", resume_from=exported)
+    assert "already holds a run" in caplog.text
+    a, b = load_train_state(straight / "latest"), load_train_state(moved / "latest")
+    assert (b["step"], b["data"], b["sched_g"]) == (a["step"], a["data"], a["sched_g"])  # exactly
+    assert [(r["step"], r.get("lr")) for r in _rows(moved)] == [(r["step"], r.get("lr")) for r in _rows(straight)
+                                                                 if r["step"] > 2]
+    # the rounding to float16 and bfloat16 is all that differs: each weight is within its float16 rounding
+    # (2^-11 of it) plus a quarter of the learning rate per step since (measured: at most 0.09)
+    lr = config.optim.lr
+    for key, value in a["generator"].items():
+        assert ((b["generator"][key] - value).abs() <= 2**-11 * value.abs() + 0.25 * lr * (STEPS - 2)).all(), key
+    assert any(not torch.equal(b["generator"][key], value) for key, value in a["generator"].items())
+    for r, r2 in zip(_rows(moved), [r for r in _rows(straight) if r["step"] > 2]):
+        key = "mel" if r["split"] == "train" else "mel_distance"
+        assert r[key] == pytest.approx(r2[key], rel=1e-3)
+    # without moments the optimizers restart, and say so; the schedule continues
+    light = export_state(straight / "step_2", tmp_path / "light.safetensors", moments=False)
+    with caplog.at_level("INFO", logger="audiotok.train"):
+        restarted = load_train_state(import_state(light, tmp_path / "light", config))
+    assert "no optimizer moments: the optimizers restart" in caplog.text
+    assert restarted["opt_g"]["state"] == {} and restarted["sched_g"] == source["sched_g"]
+    assert light.stat().st_size < exported.stat().st_size / 2
+
+
+def test_a_gan_run_exports_its_discriminator(audio_dir, tmp_path):
+    from audiotok.train.state import export_state, load_train_state
+
+    config = tiny_config(audio_dir, "train.valid_every=1000", "data.val_groups={}")
+    train(config, tmp_path / "gan", max_steps=1, device="cpu")
+    exported = export_state(tmp_path / "gan", tmp_path / "gan.safetensors")
+    train(config, tmp_path / "moved", max_steps=1, device="cpu", resume_from=exported)  # loads it; no step left
+    a, b = load_train_state(tmp_path / "gan" / "latest"), load_train_state(tmp_path / "moved" / "latest")
+    assert b["step"] == 1 and b["sched_d"] == a["sched_d"]
+    for key, value in a["discriminator"].items():
+        assert torch.equal(b["discriminator"][key], value.half().float()), key
+    for index, entry in a["opt_d"]["state"].items():
+        assert torch.equal(b["opt_d"]["state"][index]["exp_avg_sq"], entry["exp_avg_sq"].bfloat16().float())
+
+
+def _rewrite(good: Path, out: Path, edit) -> Path:
+    """A copy of the export ``good`` with ``edit(tensors, meta)`` applied (tensors and metadata as stored)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from audiotok.train.state import EXPORT_KEY
+
+    with safe_open(str(good), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[EXPORT_KEY])
+    edit(tensors, meta)
+    save_file(tensors, out, metadata={EXPORT_KEY: json.dumps(meta)})
+    return out
+
+
+def _reshape(tensors, meta, name, shape):
+    tensors[name] = torch.zeros(shape, dtype=tensors[name].dtype)
+    meta["tensors"][name][1] = list(shape)
+
+
+def test_bad_state_exports_are_clear_errors(audio_dir, straight, tmp_path):
+    from safetensors.torch import save_file
+
+    from audiotok.train.state import export_state, read_state_export
+    from audiotok.train.trainer import import_state
+
+    config = tiny_config(audio_dir, *RESUME)
+    good = export_state(straight, tmp_path / "good.safetensors")
+    data = good.read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[:-1000])
+    (tmp_path / "text.safetensors").write_bytes(b"not a safetensors file at all")
+    save_file({"x": torch.zeros(2)}, tmp_path / "other.safetensors")
+    bias = "generator/encoder.conv1.bias"
+    codebook = next(k for k in json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+                    if k.startswith("generator/quantizer.") and "codebook" in k)
+    cases = {
+        "truncated": ("truncated or not safetensors", None),
+        "text": ("truncated or not safetensors", None),
+        "other": ("without 'audiotok.train_state' metadata", None),
+        "missing": (f"missing tensors {bias}", lambda t, m: t.pop(bias)),
+        "reshaped": (rf"tensor {bias} has shape \[3\], its metadata says \[",
+                     lambda t, m: t.update({bias: t[bias][:3]})),
+        "architecture": (rf"generator: does not fit the model its config describes: {codebook[10:]} has shape",
+                         lambda t, m: m["values"]["config"]["model"].update(codebook_size=8)),
+        "moments": (r"opt_g: state 0 exp_avg has shape \[5\], its parameter",
+                    lambda t, m: _reshape(t, m, "opt_g/state/0/exp_avg", (5,))),
+        "no schedule": ("the export has no sched_g", lambda t, m: m["values"].pop("sched_g")),
+    }
+    for name, (message, edit) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        if edit is not None:
+            _rewrite(good, path, edit)
+        with pytest.raises(ValueError, match=message) as e:
+            import_state(path, tmp_path / name, config)
+        assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value), name
+        assert not (tmp_path / name).exists(), name  # nothing written
+    with pytest.raises(ValueError, match="truncated"):
+        read_state_export(tmp_path / "truncated.safetensors")
+    with pytest.raises(ValueError, match="truncated"):  # before any training
+        train(config, tmp_path / "run", max_steps=STEPS, device="cpu", resume_from=tmp_path / "truncated.safetensors")
+    other = tiny_config(audio_dir, *RESUME, "model.n_codebooks=3")  # resumes must keep the architecture
+    with pytest.raises(ValueError, match=f"{good}: the run was trained with another configuration.*n_codebooks"):
+        import_state(good, tmp_path / "other-run", other)
+
+
+def test_the_recipe_stops_in_time_exports_and_reports_bad_files(audio_dir, tmp_path):
+    run = tmp_path / "run"
+    recipe = [sys.executable, str(REPO / "recipes" / "train.py")]
+    training = [*recipe, "--config", str(TINY), "--device", "cpu",
+                *tiny_overrides(audio_dir, *RESUME, "data.val_groups={}")]
+
+    def call(*args):
+        return subprocess.run([*training, *args], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+    limited = call("--save-path", str(run), "--max-steps", str(STEPS), "--time-limit", "0.01s")
+    assert limited.returncode == 0, limited.stderr[-3000:]
+    assert [r["step"] for r in _rows(run)] == [1]  # the first step is always taken; then there is no time left
+    assert "time limit 0.01 s: stopping at step 1" in limited.stderr
+    out = tmp_path / "moved.safetensors"
+    exported = subprocess.run([*recipe, "--save-path", str(run), "--export-state", str(out), "--no-moments"],
+                              capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0 and out.stat().st_size > 0, exported.stderr[-3000:]
+    (tmp_path / "cut.safetensors").write_bytes(out.read_bytes()[:-10])
+    for args, message in [(["--resume-from", str(tmp_path / "cut.safetensors")], "truncated or not safetensors"),
+                          (["--time-limit", "soon"], "argument --time-limit: invalid duration 'soon'")]:
+        bad = call("--save-path", str(tmp_path / "bad"), *args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+
+
+def _workers(pid: int) -> dict[int, int]:
+    """{rank: pid} of the torchrun workers under the launcher process ``pid`` (Linux /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != pid:
+                continue
+            env = dict(v.split("=", 1) for v in (entry / "environ").read_text().split("\0") if "=" in v)
+        except OSError:
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(entry.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers in /proc")
+def test_two_process_run_stops_at_one_step_when_one_rank_gets_sigterm(audio_dir, tmp_path):
+    import re
+
+    from audiotok.train.state import load_train_state
+
+    run, err = tmp_path / "ddp", tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "recipes" / "train.py"), "--config", str(TINY), "--save-path", str(run), "--max-steps", "50",
+           "--device", "cpu", *tiny_overrides(audio_dir, "data.val_groups={}", "loss.adversarial=0", "loss.feature=0",
+                                              "train.save_every=1000")]
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=tmp_path,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            _wait_for(run / "metrics.jsonl", proc)
+            workers = _workers(proc.pid)
+            assert sorted(workers) == [0, 1]
+            os.kill(workers[1], signal.SIGTERM)  # rank 1 only: rank 0 learns of it at the next step's end
+            proc.wait(timeout=600)
+        finally:
+            proc.kill()
+    text = err.read_text()
+    stops = dict((int(r), int(s)) for r, s in re.findall(r"SIGTERM: rank (\d) of 2 stops at step (\d+)", text))
+    assert stops.keys() == {0, 1} and stops[0] == stops[1] < 50, text[-3000:]
+    assert load_train_state(run / "latest")["step"] == stops[0]  # rank 0 saved the step they stopped at
+    assert "exitcode: 143" in text  # a worker's status: 128 + SIGTERM (torchrun's own is 1)

@@ -190,3 +190,69 @@ def test_resuming_with_another_architecture_names_the_settings():
     assert "discriminator" not in str(e.value) and "quantizer_dropout" not in str(e.value)
     with pytest.raises(ValueError, match="model.quantizer_dropout: 0.5 in the run, 1.0 now"):
         check_resumable(saved, ok, Path("run"), ["model"])  # may change only where the rules say so
+
+
+def _trained_state(step: int = 7) -> dict:
+    """A training state as the codec trainer saves one: a tiny generator after a few AdamW steps (moments
+    set), its schedule, a discriminator-like second module, and the plain values."""
+    torch.manual_seed(0)
+    generator = DAC(DACConfig.preset("tiny-44khz"))
+    other = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(generator.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.99)
+    for _ in range(3):
+        for p in generator.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        sched.step()
+    return {"generator": generator.state_dict(), "opt_g": opt.state_dict(), "sched_g": sched.state_dict(),
+            "discriminator": other.state_dict(), "data": {"position": 14, "seed": 0, "world_size": 1, "block_size": 2},
+            "step": step, "best": float("inf"), "config": {"model": {"n_codebooks": 4}, "train": {"freeze": []}}}
+
+
+def test_a_state_export_keeps_what_a_resume_needs_at_half_precision(tmp_path):
+    from audiotok.train.state import export_state, read_state_export
+
+    state = _trained_state()
+    run = tmp_path / "run"
+    save_checkpoint(run, state, _write_generator)
+    for moments in (True, False):
+        out = export_state(run, tmp_path / f"state-{moments}.safetensors", moments=moments)
+        back = read_state_export(out)
+        assert back.keys() == state.keys()
+        assert {k: back[k] for k in ("data", "step", "best", "config", "sched_g")} == \
+               {k: state[k] for k in ("data", "step", "best", "config", "sched_g")}
+        for module in ("generator", "discriminator"):
+            assert back[module].keys() == state[module].keys()
+            for key, value in state[module].items():  # float16 on the way, float32 back
+                assert back[module][key].dtype == torch.float32
+                assert torch.equal(back[module][key], value.half().float()), key
+        assert not all(torch.equal(back["generator"][k], v) for k, v in state["generator"].items())  # rounded
+        groups = back["opt_g"]["param_groups"]
+        assert [g["lr"] for g in groups] == [g["lr"] for g in state["opt_g"]["param_groups"]]  # exact
+        assert [g["params"] for g in groups] == [g["params"] for g in state["opt_g"]["param_groups"]]
+        if not moments:
+            assert back["opt_g"]["state"] == {}  # the optimizer restarts
+            continue
+        assert back["opt_g"]["state"].keys() == state["opt_g"]["state"].keys()
+        for index, entry in state["opt_g"]["state"].items():
+            got = back["opt_g"]["state"][index]
+            assert torch.equal(got["step"], entry["step"]) and got["step"].dtype == entry["step"].dtype
+            for name in ("exp_avg", "exp_avg_sq"):  # bfloat16 on the way, float32 back
+                assert got[name].dtype == torch.float32
+                assert torch.equal(got[name], entry[name].bfloat16().float()), (index, name)
+        model = DAC(DACConfig.preset("tiny-44khz"))  # a model and an optimizer load it and step on
+        model.load_state_dict(back["generator"])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.99))
+        opt.load_state_dict(back["opt_g"])
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        assert float(opt.state_dict()["state"][0]["step"]) == 4
+    sizes = {m: (tmp_path / f"state-{m}.safetensors").stat().st_size for m in (True, False)}
+    weights = sum(v.numel() for v in state["generator"].values())
+    assert 2 * weights < sizes[False] < 2 * weights + 200_000 and sizes[True] - sizes[False] > 4 * weights
+    # a checkpoint folder exports as its run does; a folder without a checkpoint is an error
+    assert read_state_export(export_state(run / "latest", tmp_path / "folder.safetensors"))["step"] == 7
+    with pytest.raises(ValueError, match="no complete checkpoint to export"):
+        export_state(tmp_path / "empty", tmp_path / "none.safetensors")

@@ -21,6 +21,11 @@ folder is fsynced, and only then are the checkpoints that no link names any more
 any point leaves every complete checkpoint that existed before it, plus possibly the new one; the next
 run resumes from the newest complete checkpoint whichever links were updated.
 
+A run's resumable state also travels as one file: :func:`export_state` writes the newest checkpoint's
+state as safetensors (weights in float16, optimizer moments in bfloat16, the rest as JSON metadata; no
+pickle), :func:`read_state_export` reads it back, and the codec trainer starts a new run from it
+(:func:`audiotok.train.trainer.import_state`, ``recipes/train.py --resume-from``).
+
 Runs written before this layout (real ``latest/``, ``best/`` and ``step_N/`` folders, and the
 ``.latest.old`` / ``.latest.tmp`` folders a crash between their renames left) resume as they are:
 their folders are candidates too when their training state loads. The first save replaces ``latest/``
@@ -31,17 +36,20 @@ checkpoint is durable; old ``step_N/`` milestones stay where they are.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 
-from ..io import fsync_dir, fsync_file
+from ..io import atomic_write, fsync_dir, fsync_file
 
 log = logging.getLogger("audiotok.train")
 
@@ -220,3 +228,204 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], folder: Path
             f"{folder}: the run was trained with another configuration, so its state cannot be resumed: "
             + "; ".join(differences) + f". {advice}"
         )
+
+
+# -- a portable export of the resumable state ------------------------------------------------------
+#
+# One safetensors file (no pickle): the tensors under ``<entry>/<key>`` (module weights: every
+# dict of tensors in the training state, such as ``generator`` and ``discriminator``, in float16) and
+# ``<entry>/state/<i>/<name>`` (an optimizer's per-parameter moments, ``exp_avg`` and ``exp_avg_sq``,
+# in bfloat16); the rest (optimizer step counts and parameter groups, schedulers, step, best, data
+# position, training config) as JSON in the metadata entry ``audiotok.train_state``, which also lists
+# every tensor's original dtype and shape.
+
+EXPORT_KEY = "audiotok.train_state"
+EXPORT_VERSION = 1
+WEIGHTS_DTYPE = torch.float16
+MOMENTS_DTYPE = torch.bfloat16
+
+
+def _is_weights(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _is_optimizer(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"state", "param_groups"}
+
+
+def _export_source(run: Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint folder to export and its training state: ``run`` itself when it is a checkpoint
+    folder, else the newest complete checkpoint of the run folder ``run``."""
+    if (run / STATE_FILE).is_file():
+        return run, load_train_state(run)
+    found = newest_checkpoint(run)
+    if found is None:
+        raise ValueError(f"{run}: no complete checkpoint to export (expected a run folder or a checkpoint folder)")
+    return found
+
+
+def _flatten_state(state: Mapping[str, Any], moments: bool,
+                   where: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A training state -> (tensors to store, by name; the JSON metadata)."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"version": EXPORT_VERSION, "source": str(where), "moments": moments, "tensors": {},
+                            "modules": [], "optimizers": {}, "values": {}}
+
+    def put(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+        meta["tensors"][name] = [str(tensor.dtype).removeprefix("torch."), list(tensor.shape)]
+        stored = tensor.detach().cpu()
+        tensors[name] = (stored.to(dtype) if stored.is_floating_point() else stored).contiguous()
+
+    for entry, value in state.items():
+        if _is_weights(value):
+            meta["modules"].append(entry)
+            for key, tensor in value.items():
+                put(f"{entry}/{key}", tensor, WEIGHTS_DTYPE)
+        elif _is_optimizer(value):
+            scalars: dict[str, dict[str, Any]] = {}
+            for index, param_state in value["state"].items() if moments else ():
+                scalars[str(index)] = {}
+                for name, item in param_state.items():
+                    if isinstance(item, torch.Tensor) and item.ndim > 0:
+                        put(f"{entry}/state/{index}/{name}", item, MOMENTS_DTYPE)
+                    elif isinstance(item, torch.Tensor):  # the step count
+                        scalars[str(index)][name] = [item.item(), str(item.dtype).removeprefix("torch.")]
+                    else:
+                        scalars[str(index)][name] = [item, None]
+            meta["optimizers"][entry] = {"param_groups": value["param_groups"], "state": scalars}
+        else:
+            meta["values"][entry] = value
+    return tensors, meta
+
+
+def export_state(run: str | os.PathLike, out: str | os.PathLike, moments: bool = True) -> Path:
+    """Write the resumable state of a run's newest complete checkpoint (or of the checkpoint folder
+    ``run``) to one safetensors file ``out``, small enough to move over a thin link; returns ``out``.
+
+    Module weights (the generator with its weight-norm parametrization, the discriminator when the GAN
+    is on) are stored in float16, optimizer moments in bfloat16, the rest as JSON metadata (see above).
+    ``moments=False`` leaves the moments out: a run resumed from the file restarts its optimizers (the
+    learning rate schedule still continues). For the shipped default architecture
+    (``recipes/configs/default.yml``: a 9.53M-parameter generator, a 42.5M-parameter discriminator) the
+    file is 57 MB with moments and 19 MB without for the generator alone (a GAN-free stage; its
+    ``train_state.pt`` is 115 MB), 313 MB and 104 MB with the discriminator (a GAN run; 625 MB).
+    :func:`read_state_export` reads it back.
+    """
+    folder, state = _export_source(Path(run))
+    tensors, meta = _flatten_state(state, moments, folder)
+    try:
+        metadata = json.dumps(meta)
+    except TypeError as e:
+        raise ValueError(f"{folder}: its training state cannot be exported: {e}") from e
+    with atomic_write(out) as f:
+        f.write(safetensors_bytes(tensors, metadata={EXPORT_KEY: metadata}))
+    return Path(out)
+
+
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the parsed metadata of an export; ``ValueError`` naming ``path`` when it is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: not a readable training state export (truncated or not safetensors?): {e}") from e
+    if EXPORT_KEY not in header:
+        raise ValueError(f"{path}: a safetensors file without {EXPORT_KEY!r} metadata: not a training state export "
+                         "(write one with recipes/train.py --export-state)")
+    try:
+        meta = json.loads(header[EXPORT_KEY])
+        if meta.get("version") != EXPORT_VERSION:
+            raise ValueError(f"version {meta.get('version')!r}, this version of audiotok reads {EXPORT_VERSION}")
+        for key in ("tensors", "modules", "optimizers", "values"):
+            if key not in meta:
+                raise ValueError(f"no {key!r} entry")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: unreadable training state export metadata: {e}") from e
+    return tensors, meta
+
+
+def _check_listed(path: Path, tensors: Mapping[str, torch.Tensor], listed: Mapping[str, Any]) -> None:
+    """The file holds exactly the tensors its metadata lists, with their shapes."""
+    missing, unexpected = sorted(set(listed) - set(tensors)), sorted(set(tensors) - set(listed))
+    if missing or unexpected:
+        raise ValueError(f"{path}: the export is incomplete or edited: "
+                         + "; ".join(f"{what} tensors {_few(names)}" for what, names in
+                                     (("missing", missing), ("unexpected", unexpected)) if names))
+    for name, (_, shape) in listed.items():
+        if list(tensors[name].shape) != shape:
+            raise ValueError(f"{path}: tensor {name} has shape {list(tensors[name].shape)}, its metadata says {shape}")
+
+
+def _few(names: Sequence[str], at_most: int = 5) -> str:
+    return ", ".join(names[:at_most]) + (f" and {len(names) - at_most} more" if len(names) > at_most else "")
+
+
+def read_state_export(path: str | os.PathLike) -> dict[str, Any]:
+    """The training state in a file :func:`export_state` wrote, as ``train_state.pt`` holds it: module
+    weights and moments upcast to their original dtype (float32), step counts as tensors. An export
+    without moments gives optimizers with an empty ``state`` (they restart) and their parameter groups
+    (learning rates). ``ValueError`` naming ``path`` when the file is truncated, is not an export, or
+    lacks tensors or has other shapes than its metadata lists."""
+    path = Path(path)
+    tensors, meta = _read_file(path)
+    _check_listed(path, tensors, meta["tensors"])
+    try:
+        return _unflatten_state(tensors, meta)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: unreadable training state export metadata: {e!r}") from e
+
+
+def _unflatten_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`_flatten_state` undone: the training state, tensors in their original dtypes."""
+
+    def dtype(name: str) -> torch.dtype:
+        kind = getattr(torch, name, None)
+        if not isinstance(kind, torch.dtype):
+            raise ValueError(f"unknown dtype {name!r}")
+        return kind
+
+    def get(name: str) -> torch.Tensor:
+        return tensors[name].to(dtype(meta["tensors"][name][0]))
+
+    state: dict[str, Any] = dict(meta["values"])
+    for entry in meta["modules"]:
+        prefix = f"{entry}/"
+        state[entry] = {name[len(prefix):]: get(name) for name in meta["tensors"] if name.startswith(prefix)}
+    for entry, optimizer in meta["optimizers"].items():
+        per_param: dict[int, dict[str, Any]] = {}
+        for index, scalars in optimizer["state"].items():
+            item = {name: value if kind is None else torch.tensor(value, dtype=dtype(kind))
+                    for name, (value, kind) in scalars.items()}
+            prefix = f"{entry}/state/{index}/"
+            item.update({name[len(prefix):]: get(name) for name in meta["tensors"] if name.startswith(prefix)})
+            per_param[int(index)] = item
+        state[entry] = {"state": per_param, "param_groups": optimizer["param_groups"]}
+    return state
+
+
+def check_weights(weights: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], where: str) -> None:
+    """``ValueError`` starting with ``where`` unless ``weights`` has exactly the keys and shapes of ``expected``
+    (a module's ``state_dict()``)."""
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    problems = [f"{what} keys {_few(names)}" for what, names in (("missing", missing), ("unexpected", unexpected))
+                if names]
+    problems += [f"{key} has shape {list(weights[key].shape)}, the model {list(expected[key].shape)}"
+                 for key in expected if key in weights and weights[key].shape != expected[key].shape][:5]
+    if problems:
+        raise ValueError(f"{where}: does not fit the model its config describes: " + "; ".join(problems))
+
+
+def check_moments(optimizer: Mapping[str, Any], params: Sequence[torch.Tensor], where: str) -> None:
+    """``ValueError`` starting with ``where`` unless the optimizer state ``optimizer`` (``state_dict()`` form)
+    is one for ``params``: as many parameters, and each moment shaped as its parameter."""
+    indices = [i for group in optimizer["param_groups"] for i in group["params"]]
+    if len(indices) != len(params):
+        raise ValueError(f"{where}: the optimizer holds {len(indices)} parameters, the model has {len(params)} "
+                         "trainable ones")
+    for position, index in enumerate(indices):
+        for name, value in optimizer["state"].get(index, {}).items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != params[position].shape:
+                raise ValueError(f"{where}: state {index} {name} has shape {list(value.shape)}, its parameter "
+                                 f"{list(params[position].shape)}")

@@ -35,10 +35,14 @@ from .losses import discriminator_loss, feature_matching_loss, generator_adversa
 from .state import (
     CODEC_RESUME_MAY_CHANGE,
     CODEC_RESUME_SETTINGS,
+    check_moments,
     check_resumable,
+    check_weights,
     newest_checkpoint,
+    read_state_export,
     save_checkpoint,
 )
+from .stopping import StopControl, parse_duration
 
 if TYPE_CHECKING:
     from ..data.dataset import Excerpt, ExcerptDataset
@@ -128,6 +132,53 @@ def build_generator(config: TrainConfig, init_from: str | None) -> DAC:
     return load_weights(DAC(config.model), checkpoint.state_dict)
 
 
+def trainable_parameters(generator: DAC, freeze: list[str]) -> list[torch.nn.Parameter]:
+    """The generator's parameters outside the ``freeze`` parts (``train.freeze``), in the optimizer's order."""
+    frozen = {id(p) for part in freeze for p in getattr(generator, part).parameters()}
+    return [p for p in generator.parameters() if id(p) not in frozen]
+
+
+def import_state(path: str | Path, save_path: str | Path, config: TrainConfig | None = None) -> Path | None:
+    """Start the run ``save_path`` from a state export (:func:`~audiotok.train.state.export_state`): its
+    first checkpoint, which ``train`` then resumes from. Nothing is written when ``save_path`` already holds
+    a checkpoint (a restarted job resumes its own run); returns the checkpoint written, or ``None``.
+
+    The export is checked against the networks and optimizers its training config describes, and against
+    ``config`` (the settings a resume must share, as for any resume); ``ValueError`` naming ``path`` when
+    it does not fit. An export without moments restarts the optimizers (logged).
+    """
+    found = newest_checkpoint(save_path)
+    if found is not None:
+        log.info("%s already holds a run (%s): resuming it, not %s", save_path, found[0], path)
+        return None
+    state = read_state_export(path)
+    gan = "discriminator" in state
+    entries = ["config", "step", "best", "data", "generator", "opt_g", "sched_g"]
+    entries += ["opt_d", "sched_d"] if gan else []
+    missing = [key for key in entries if key not in state]
+    if missing:
+        raise ValueError(f"{path}: the export has no {', '.join(missing)}: not a codec training state")
+    saved = TrainConfig.from_dict(state["config"])
+    generator = DAC(saved.model)
+    check_weights(state["generator"], generator.state_dict(), f"{path}: generator")
+    check_moments(state["opt_g"], trainable_parameters(generator, saved.train.freeze), f"{path}: opt_g")
+    if gan:
+        discriminator = saved.discriminator.build(saved.model.sample_rate)
+        check_weights(state["discriminator"], discriminator.state_dict(), f"{path}: discriminator")
+        check_moments(state["opt_d"], list(discriminator.parameters()), f"{path}: opt_d")
+    if config is not None:
+        compared = [k for k in CODEC_RESUME_SETTINGS if k != "discriminator" or (gan and config.loss.gan)]
+        check_resumable(state["config"], config.to_dict(), Path(path), compared, CODEC_RESUME_MAY_CHANGE,
+                        "Resume with the exported run's settings")
+    if not state["opt_g"]["state"]:
+        log.info("%s has no optimizer moments: the optimizers restart (zero moments) at step %d; the learning "
+                 "rate schedule continues", path, state["step"])
+    inference = Checkpoint(saved.model, state["generator"], Path(save_path).name)
+    folder = save_checkpoint(save_path, state, lambda folder: save_folder(inference, folder))
+    log.info("%s: started from %s at step %d", save_path, path, state["step"])
+    return folder
+
+
 @torch.no_grad()
 def validate(generator: DAC, excerpts: list[Excerpt], mel_loss, stft_loss, device: torch.device,
              batch_size: int = 4) -> dict[str, float]:
@@ -158,15 +209,37 @@ def validate(generator: DAC, excerpts: list[Excerpt], mel_loss, stft_loss, devic
 
 
 def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = None, init_from: str | None = None,
-          device: str | None = None) -> dict[str, Any]:
+          device: str | None = None, time_limit: float | str | None = None,
+          resume_from: str | Path | None = None) -> dict[str, Any]:
     """Train (or resume, when ``save_path`` holds a run) until ``min(num_iters, max_steps)`` steps.
+
+    ``time_limit`` (seconds, or a duration such as ``"9m"`` or ``"1.5h"``, counted from this call) stops
+    training early enough that the checkpoint saved at the stop is written before the limit
+    (:mod:`audiotok.train.stopping` has the rule). SIGTERM and SIGINT stop it after the current step,
+    with a checkpoint, and raise :class:`~audiotok.train.stopping.TrainingInterrupted`.
+    ``resume_from`` starts a new run at ``save_path`` from a state export (:func:`import_state`).
 
     Returns the last logged training metrics.
     """
+    if init_from is not None and resume_from is not None:
+        raise ValueError("init_from and resume_from exclude each other: a run starts from one or the other")
+    limit = None if time_limit is None else parse_duration(time_limit)
+    with StopControl(limit) as stop:
+        metrics = _train(config, Path(save_path), max_steps, init_from, device, resume_from, stop)
+    stop.raise_if_interrupted()
+    return metrics
+
+
+def _train(config: TrainConfig, save_path: Path, max_steps: int | None, init_from: str | None, device: str | None,
+           resume_from: str | Path | None, stop: StopControl) -> dict[str, Any]:
+    """:func:`train`'s body, with the stop conditions of ``stop``."""
     from ..data import DataConfig, ResidentBatches
 
     env, dev, batch_per_rank = init_training(device, config.train.batch_size)
-    save_path = Path(save_path)
+    if resume_from is not None:
+        if env.is_main:
+            import_state(resume_from, save_path, config)
+        barrier(env)
     loop, weights = config.train, config.loss
     end = min(loop.num_iters, max_steps or loop.num_iters)
 
@@ -186,9 +259,9 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
     torch.manual_seed(loop.seed)  # the same initial networks on every rank and every run
     generator = build_generator(config, None if found else init_from).to(dev)
     use_fused_snake(generator, loop.fused_snake)
+    trainable = trainable_parameters(generator, loop.freeze)
     for part in loop.freeze:
         getattr(generator, part).requires_grad_(False)
-    trainable = [p for p in generator.parameters() if p.requires_grad]
     b1, b2 = config.optim.betas
     opt_g = torch.optim.AdamW(trainable, lr=config.optim.lr, betas=(b1, b2))
     sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, config.optim.gamma)
@@ -263,6 +336,9 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
     metrics: dict[str, float] = {}
     batches = iter(loader)
     started, first_step = time.perf_counter(), step
+    nets = [generator] + ([gan.discriminator] if gan else [])
+    n_params = sum(p.numel() for net in nets for p in net.parameters())  # saved as fp32 weights, 2 moments, a copy
+    stop.start(checkpoint_bytes=16 * n_params, validation_excerpts=len(val_set or ()))
     generator.train()
     while step < end:
         torch.manual_seed(_step_seed(loop.seed, env.rank, step))
@@ -315,15 +391,23 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
                 progress.set_postfix(mel=f"{metrics['mel']:.3f}", loss=f"{metrics['loss']:.2f}")
             improved = False
             if val_set and step % loop.valid_every == 0:
-                val = validate(generator, val_set, mel_loss, stft_loss, dev)
+                with stop.timed("validate"):
+                    val = validate(generator, val_set, mel_loss, stft_loss, dev)
                 logger.write(step, "val", val)
                 improved = val["mel_distance"] < best
                 best = min(best, val["mel_distance"])
             milestone = step in loop.milestones
             if improved or milestone or step % loop.save_every == 0 or step == end:
-                checkpoint(improved, milestone)
+                with stop.timed("save", step):
+                    checkpoint(improved, milestone)
         if step % loop.save_every == 0 or step == end:
             barrier(env)
+        if step < end and stop.should_stop(step, env, bool(val_set) and (step + 1) % loop.valid_every == 0):
+            if logger is not None and stop.saved_step != step:  # the checkpoint to resume from
+                with stop.timed("save", step):
+                    checkpoint(False, False)
+            barrier(env)
+            break
 
     if logger is not None:
         progress.close()
