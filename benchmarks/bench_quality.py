@@ -25,11 +25,15 @@ makes ViSQOL about 7x faster); without them those columns are left out.
     python benchmarks/bench_quality.py --model default runs/exp/best --codebooks 10 --max-files 20 --out q.json
     python benchmarks/bench_quality.py --model descript/dac_44khz --opus      # no Opus rows
     python benchmarks/bench_quality.py --opus 24 32 --pack 24 32 auto --skip-metrics visqol   # no model
+    python benchmarks/bench_quality.py --model default --max-files 4 --seconds 5 --report q.html --plot q.png
 
 Metrics are taken at each codec's own sample rate against the input normalized at that rate (Opus:
 the first model's rate). Prints one markdown table per category (rows: codec and bitrate), then the
 paper's DAC and EnCodec rows for reference (their own 44.1 kHz test set: not comparable one to
-one), and writes all values, per-file ones included, to --out (JSON).
+one), and writes all values, per-file ones included, to --out (JSON). --plot draws metrics against
+kbps (PNG); --report writes one self-contained HTML page to listen and look: the tables, that
+figure, and for the first --report-excerpts excerpts of each category the original and every codec
+row as players (FLAC) with mel spectrograms (``benchmarks/report.py``; both need matplotlib).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +69,7 @@ from audiotok.data.transforms import loudness, normalize_loudness, peak_limit, s
 from audiotok.tokenizer import EncodedAudio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
 from common import machine  # noqa: E402
 
 #: Reporting categories -> manifest groups (``audiotok.data.config.MANIFEST_GROUPS`` maps
@@ -123,6 +129,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0, help="excerpt positions")
     p.add_argument("--out", default="bench_quality.json", help="JSON results")
+    p.add_argument("--report", metavar="OUT.html",
+                   help="also write a listening page: the tables, the --plot figure, and for the first "
+                        "--report-excerpts excerpts of each category the original and every codec row as FLAC "
+                        "players with mel spectrograms (needs matplotlib)")
+    p.add_argument("--report-excerpts", type=int, default=2, help="excerpts per category on the --report page")
+    p.add_argument("--plot", metavar="OUT.png",
+                   help="also draw the quality-against-bitrate figure (benchmarks/plot_quality.py redraws it "
+                        "from --out; needs matplotlib)")
     return p.parse_args(argv)
 
 
@@ -316,11 +330,17 @@ def summarize(values: list[float | None]) -> dict[str, float | int | None]:
 
 # -- one category ------------------------------------------------------------------------------
 
+#: ``listen(category, record, inputs, outputs)``, called after each excerpt's metrics: the file's
+#: record (key, metrics per row label), the normalized input per rate, and per codec its
+#: reconstructions per row label.
+Listener = Callable[[str, dict[str, Any], dict[int, np.ndarray], list[tuple[Codec, dict[str, np.ndarray]]]], None]
+
 
 def run_category(codecs: list[Codec], category: str, source, args: argparse.Namespace,
-                 available: set[str]) -> dict[str, Any]:
+                 available: set[str], listen: Listener | None = None) -> dict[str, Any]:
     """Every codec on the same excerpts of one category -> rows (mean/std/median per metric),
-    per-file values, codebook utilization per model, skips, failures and timing."""
+    per-file values, codebook utilization per model, skips, failures and timing. ``listen`` sees
+    each excerpt's audio (the --report page)."""
     fns = metric_functions(category, available)
     names = list(fns) + (["kbps_measured"] if any(c.measured_kbps is not None for c in codecs) else [])
     rates = sorted({c.sample_rate for c in codecs})
@@ -353,10 +373,12 @@ def run_category(codecs: list[Codec], category: str, source, args: argparse.Name
             continue
         timing["read"] += time.perf_counter() - start
         record: dict[str, Any] = {"key": key, **info, "metrics": {}}
+        outputs = []
         for codec in codecs:
             x = excerpts[codec.sample_rate]
             start = time.perf_counter()
             decoded = codec.reconstruct(x)
+            outputs.append((codec, decoded))
             timing["code"][codec.name] += time.perf_counter() - start
             for row in codec.rows:
                 values = {}
@@ -374,6 +396,8 @@ def run_category(codecs: list[Codec], category: str, source, args: argparse.Name
                     values["kbps_measured"] = codec.measured_kbps[row.label]
                 record["metrics"][row.label] = values
         files.append(record)
+        if listen is not None:
+            listen(category, record, excerpts, outputs)
         bar.update(1)
     bar.close()
     result: dict[str, Any] = {
@@ -420,15 +444,23 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def table(title: str, rows: list[dict[str, Any]], names: list[str]) -> str:
+def table(title: str, rows: list[dict[str, Any]], names: list[str], notes: list[str]) -> report.Table:
+    """Summary rows as table cells: codec, kbps, codebooks, each metric's mean, files."""
     head = ["codec", "kbps", "codebooks"] + [COLUMNS[n][0] for n in names] + ["files"]
-    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for row in rows:
         cells = [row["codec"], f"{row['kbps']:.2f}" if row["kbps"] else "auto", str(row["codebooks"] or "–")]
         cells += [fmt(row[n]["mean"], 3 if n == "stoi" else 2) for n in names]
         cells.append(str(max(row[n]["n"] for n in names)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return report.Table(title, head, body, notes)
+
+
+def markdown(table: report.Table) -> str:
+    """A table as markdown: its title as a heading, the table, then its notes one per line."""
+    lines = [f"### {table.title}", "", "| " + " | ".join(table.head) + " |", "|" + "---|" * len(table.head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table.body]
+    return "\n".join(lines + ([""] + table.notes if table.notes else []))
 
 
 def paper_table() -> str:
@@ -456,16 +488,15 @@ def utilization_lines(utilization: dict[str, dict[str, Any]], per_codebook: bool
             for name, u in utilization.items()]
 
 
-def category_report(name: str, result: dict[str, Any]) -> str:
+def category_table(name: str, result: dict[str, Any]) -> report.Table:
     names = [n for n in COLUMNS if result["rows"] and n in result["rows"][0]]
     skipped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(result["skipped"].items())) or "none"
-    out = [table(f"{name}: {plural(result['files'], 'file')}, {result['seconds']:.1f} s (skipped: {skipped})",
-                 result["rows"], names), ""]
-    out += utilization_lines(result["codebook_utilization"])
+    notes = utilization_lines(result["codebook_utilization"])
     if result["metric_failures"]:
-        out.append("Metric failures (left out of the means): " + ", ".join(
+        notes.append("Metric failures (left out of the means): " + ", ".join(
             f"{k} {v}" for k, v in result["metric_failures"].items()) + "; e.g. " + result["failure_examples"][0])
-    return "\n".join(out)
+    return table(f"{name}: {plural(result['files'], 'file')}, {result['seconds']:.1f} s (skipped: {skipped})",
+                 result["rows"], names, notes)
 
 
 def pooled(results: dict[str, dict[str, Any]], codecs: list[Codec]) -> dict[str, Any] | None:
@@ -519,8 +550,56 @@ def model_name(source: str, others: list[str]) -> str:
     return short if sum(Path(o.rstrip("/")).name == short for o in others) == 1 else source
 
 
+def quality_plot(payload: dict[str, Any]) -> bytes:
+    """The quality-against-bitrate PNG (:func:`report.quality_plot`) of this script's JSON."""
+    return report.quality_plot(payload, {name: title for name, (title, _) in COLUMNS.items()})
+
+
+def keep_excerpt(kept: list[report.Excerpt], per_category: int, category: str, record: dict[str, Any],
+                 inputs: dict[int, np.ndarray], outputs: list[tuple[Codec, dict[str, np.ndarray]]]) -> None:
+    """The --report page's listener: the first ``per_category`` excerpts of each category become page
+    rows, the original (the input at the highest codec rate) then every codec row in order of
+    bitrate, each at its codec's rate and captioned with its metrics on this file."""
+    if sum(e.category == category for e in kept) >= per_category:
+        return
+    rate = max(inputs)
+    signals = [report.Signal("original", rate, inputs[rate], f"input, {rate} Hz")]
+    rows = sorted(((row, codec, decoded) for codec, decoded in outputs for row in codec.rows), key=lambda t: t[0].kbps)
+    for row, codec, decoded in rows:
+        values = ", ".join(f"{COLUMNS[n][0]} {fmt(v, 3 if n == 'stoi' else 2)}"
+                           for n, v in record["metrics"][row.label].items())
+        signals.append(report.Signal(row.label, codec.sample_rate, decoded[row.label],
+                                     f"{row.kbps:.2f} kbps, {codec.sample_rate} Hz; {values}"))
+    kept.append(report.excerpt(category, record["key"], signals))
+
+
+def write_report(args: argparse.Namespace, payload: dict[str, Any], tables: list[report.Table],
+                 excerpts: list[report.Excerpt], plot: bytes) -> None:
+    """The --report page of this run."""
+    codecs = list(payload["models"]) + (["Opus"] if payload["opus"] else [])
+    notes = [f"Data: {args.data}, split {args.split}; excerpts of up to {args.seconds:g} s, downmixed, "
+             f"resampled to each codec's rate and normalized to {args.loudness:g} LUFS before coding.",
+             f"Machine: {payload['machine']}, torch {torch.__version__}."]
+    if payload["opus"]:
+        opus = payload["opus"]
+        notes.append(f"Opus: {opus['versions']}, --hard-cbr, decoded at {opus['sample_rate']} Hz.")
+    excerpt_notes = [
+        f"The first {plural(args.report_excerpts, 'excerpt')} of each category, every codec row in order of bitrate. "
+        "Audio: lossless 16-bit FLAC, each codec at its own sample rate. Spectrograms: mel, "
+        f"{report.N_MELS} bands up to half the highest rate, one colour scale per excerpt "
+        f"({report.DYNAMIC_RANGE_DB:g} dB below its loudest band)."]
+    text = report.page(f"Listening report: {', '.join(codecs)}", notes, tables, excerpts, plot, excerpt_notes)
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.report).write_text(text, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report or args.plot:
+        try:
+            importlib.import_module("matplotlib")
+        except ImportError as e:
+            raise SystemExit(f"--report and --plot need matplotlib ({e}): pip install matplotlib") from e
     started = time.perf_counter()
     codecs, model_info = [], {}
     for source in args.model:
@@ -564,28 +643,30 @@ def main(argv: list[str] | None = None) -> int:
             "rows": PAPER_ROWS,
         },
     }
+    excerpts: list[report.Excerpt] = []
+    listen = partial(keep_excerpt, excerpts, args.report_excerpts) if args.report else None
     for category in args.categories:
         source = groups.get(category)
         if source is None or len(source) == 0:
             print(f"note: no {category} files in {args.data} split {args.split}", file=sys.stderr)
             continue
-        payload["categories"][category] = run_category(codecs, category, source, args, available)
+        payload["categories"][category] = run_category(codecs, category, source, args, available, listen)
         write_json(args.out, payload)
-    reports = [category_report(c, r) for c, r in payload["categories"].items()]
+    tables = [category_table(c, r) for c, r in payload["categories"].items()]
     all_files = pooled(payload["categories"], codecs)
     if all_files is not None:
         payload["all"] = all_files
         names = [n for n in COLUMNS if n in all_files["rows"][0]]
         title = (f"all ({' + '.join(all_files['categories'])}): {all_files['files']} files, "
                  f"{all_files['seconds']:.1f} s (pooled over files)")
-        reports.append("\n".join([table(title, all_files["rows"], names), ""]
-                                 + utilization_lines(all_files["codebook_utilization"], per_codebook=False)))
+        tables.append(table(title, all_files["rows"], names,
+                            utilization_lines(all_files["codebook_utilization"], per_codebook=False)))
     payload["runtime_s"] = time.perf_counter() - started
     write_json(args.out, payload)
     print(f"\n## Quality on {args.data} split {args.split}, excerpts up to {args.seconds:g} s "
           f"at {args.loudness:g} LUFS\n")
     print(f"Machine: {payload['machine']}, torch {torch.__version__}\n")
-    print("\n\n".join(reports + [paper_table()]))
+    print("\n\n".join([markdown(t) for t in tables] + [paper_table()]))
     print(f"\n{PAPER_NOTE}")
     if args.opus:
         print(f"Opus: {payload['opus']['versions']}, --hard-cbr, decoded at {rate} Hz.")
@@ -595,7 +676,18 @@ def main(argv: list[str] | None = None) -> int:
     if "visqol" in available:
         print(f"ViSQOL speech mode uses the {payload['visqol_speech_mapper']} MOS mapper.")
     print(f"\nTotal {payload['runtime_s']:.0f} s; results in {args.out}")
-    return 0 if payload["categories"] else 1
+    if not payload["categories"]:
+        return 1
+    if args.plot or args.report:
+        plot = quality_plot(payload)
+        if args.plot:
+            Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.plot).write_bytes(plot)
+            print(f"Quality against bitrate in {args.plot}")
+        if args.report:
+            write_report(args, payload, tables, excerpts, plot)
+            print(f"Listening report in {args.report}")
+    return 0
 
 
 if __name__ == "__main__":
