@@ -12,7 +12,8 @@
 #   OUT         folder for the results: state.safetensors.part-00, -01, ... (15 MiB each; join them with
 #               `cat OUT/state.safetensors.part-* > state.safetensors`), metrics.jsonl, train.log
 #
-# Wheels in .whl/ (if any) are installed into /tmp/site first, for machines without a package index.
+# Where soundfile, soxr or pyloudnorm is missing, the wheels in .whl/ are installed into /tmp/site
+# first (machines without a package index).
 # Set RUN to keep the run folder somewhere else than /tmp/remote-run. Continue the run anywhere with
 #   python recipes/train.py --config CONFIG --save-path RUN2 --resume-from state.safetensors
 set -euo pipefail
@@ -25,7 +26,7 @@ shift 4
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 
-if compgen -G ".whl/*.whl" > /dev/null; then
+if ! python3 -c "import soundfile, soxr, pyloudnorm" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi

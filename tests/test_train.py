@@ -538,6 +538,33 @@ def test_the_recipe_stops_in_time_exports_and_reports_bad_files(audio_dir, tmp_p
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-3000:]
 
 
+def test_remote_train_script_trains_in_time_and_hands_the_state_on_in_pieces(audio_dir, tmp_path):
+    """recipes/remote_train.sh: a timed run from scratch writes its export in pieces; a second call joins
+    them, resumes at that step and trains on."""
+    from audiotok.train.state import read_state_export
+
+    script = REPO / "recipes" / "remote_train.sh"
+    overrides = tiny_overrides(audio_dir, *RESUME, "data.val_groups={}", "train.num_iters=100000")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def call(state: str, out: Path, run: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(script), str(TINY), state, "6s", str(out), "train.log_every=1", *overrides],
+                              capture_output=True, text=True, timeout=600, env={**env, "RUN": str(run)})
+
+    first = call("none", tmp_path / "out1", tmp_path / "run1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    pieces = sorted((tmp_path / "out1").glob("state.safetensors.part-*"))
+    assert pieces and all(p.stat().st_size <= 15 * 2**20 for p in pieces)
+    joined = tmp_path / "joined.safetensors"
+    joined.write_bytes(b"".join(p.read_bytes() for p in pieces))
+    step = read_state_export(joined)["step"]
+    assert step >= 1 and [r["step"] for r in _rows(tmp_path / "out1")][-1] == step
+    second = call(str(tmp_path / "out1" / "state.safetensors"), tmp_path / "out2", tmp_path / "run2")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    steps = [r["step"] for r in _rows(tmp_path / "out2")]
+    assert steps[0] == step + 1 and steps[-1] > step
+
+
 def _workers(pid: int) -> dict[int, int]:
     """{rank: pid} of the torchrun workers under the launcher process ``pid`` (Linux /proc)."""
     found = {}
