@@ -44,6 +44,11 @@ class CodebookUtilization(NamedTuple):
     per_codebook: list[float]
     overall: float
 
+    def perplexity(self, codebook_size: int) -> list[float]:
+        """Perplexity ``2 ** H_k`` of each codebook (``codebook_size ** per_codebook[k]``): how many
+        equally used codes would have the same entropy, from 1 (one code) to ``codebook_size``."""
+        return [float(codebook_size ** u) for u in self.per_codebook]
+
 
 def codebook_utilization(
     codes: CodesLike, codebook_size: int, lengths: Sequence[int] | torch.Tensor | None = None

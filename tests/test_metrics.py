@@ -63,6 +63,13 @@ def test_utilization_two_symbol_distribution():
     assert per == pytest.approx([h / 2]) and overall == pytest.approx(h / 2)
 
 
+def test_perplexity_counts_equally_used_codes():
+    # 2 ** H: uniform use of all 8 codes -> 8, one code -> 1, four codes used equally -> 4, p = (3/4, 1/4) -> 2 ** H
+    codes = np.stack([np.tile(np.arange(8), 2), np.full(16, 5), np.tile(np.arange(4), 4), np.array([0, 0, 0, 1] * 4)])
+    h = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert metrics.codebook_utilization(codes, 8).perplexity(8) == pytest.approx([8.0, 1.0, 4.0, 2**h])
+
+
 def test_utilization_list_and_lengths():
     a = np.array([[0, 1], [2, 2]])
     b = np.array([[2, 3, 3], [2, 2, 2]])

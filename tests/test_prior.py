@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import io
 import json
 import os
 import re
@@ -111,6 +112,67 @@ def test_prior_trains_for_each_pattern(code_sets, codec_tok, tmp_path, pattern):
     assert (run / "best" / "model.safetensors").exists() and (run / "tensorboard").is_dir()
     codes = generate(prior, 2, max_frames=10, seed=0).codes
     assert all(c.shape[0] == 4 and 1 <= c.shape[1] <= 10 for c in codes)
+
+
+@pytest.fixture(scope="module")
+def codec_code_sets(tmp_path_factory, codec_tok):
+    """Code sets like ``code_sets`` whose manifests name a folder holding their codec: it loads offline."""
+    root = tmp_path_factory.mktemp("prior-codec-codes")
+    codec_tok.save_pretrained(root / "codec")
+    for name, records in (("train", learnable_records("t", 40, 0)), ("valid", learnable_records("v", 12, 2))):
+        write_dataset(root / name, [("shard-00000.tar", records)], codec_tok.codes_fingerprint)
+        manifest = json.loads((root / name / "manifest.json").read_text())
+        (root / name / "manifest.json").write_text(json.dumps({**manifest, "model_id": str(root / "codec")}))
+    return root
+
+
+def _audio_events(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"audio": 0})
+    events.Reload()
+    return events
+
+
+def test_prior_run_logs_decoded_samples_and_console_lines(codec_code_sets, codec_tok, tmp_path, caplog):
+    pytest.importorskip("tensorboard")
+    from audiotok.lm.sampling import max_frames_for
+    from audiotok.train.media import PRIOR_SAMPLE_SECONDS
+
+    run = tmp_path / "run"
+    with caplog.at_level("INFO", logger="audiotok.lm"):
+        train_prior(tiny_config(codec_code_sets), run, max_steps=10)
+    lines = [r.getMessage() for r in caplog.records if r.name == "audiotok.lm"]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert [line.split(" |")[0] for line in lines if line.startswith("step ")] == \
+           [f"step {k}/10" for k in range(1, 11)] + ["step 10 validation"]
+    steps = [line for line in lines if line.startswith("step ") and "validation" not in line]
+    assert "| loss " in steps[0] and "| lr 3.00e-03 |" in steps[0] and "steps/s eta" in steps[0]
+    assert steps[0].endswith("| 512 tokens") and steps[-1].endswith("| 5.12k tokens")  # 4 x 32 steps x 4 codes
+    assert lines[-1].startswith("training stopped at step 10 (reached max_steps 10): 10 steps this launch in ")
+    assert "5.12k tokens seen; best validation loss" in lines[-1] and str((run / "best").resolve()) in lines[-1]
+
+    events = _audio_events(run)
+    assert sorted(events.Tags()["audio"]) == ["samples/0", "samples/1"]
+    prior = CodePrior.from_pretrained(run)  # step 10: the prior that sampled them
+    frames = min(round(PRIOR_SAMPLE_SECONDS * codec_tok.frame_rate), max_frames_for(prior))
+    for i in range(2):
+        (event,) = events.Audio(f"samples/{i}")
+        written, rate = sf.read(io.BytesIO(event.encoded_audio_string), dtype="float32")
+        codes = generate(prior, 1, max_frames=frames, seed=i).codes[0]  # the training seed, 0, plus i
+        expected = codec_tok.decode(codes)[0, 0].clamp(-1, 1).numpy()
+        assert (event.step, rate, written.shape) == (10, 16000, expected.shape)
+        assert np.abs(written - expected).max() < 1e-3 and np.abs(expected).max() > 0.05
+
+
+def test_prior_run_without_its_codec_warns_once_and_trains(code_sets, tmp_path, caplog):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    with caplog.at_level("INFO", logger="audiotok.lm"):
+        train_prior(tiny_config(code_sets, "train.valid_every=5"), run, max_steps=10)  # its codec "tiny": no such model
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].startswith("no audio samples in TensorBoard: the codec 'tiny' does not load")
+    assert _audio_events(run).Tags()["audio"] == [] and [r["step"] for r in val_losses(run)] == [5, 10]
 
 
 def test_resumed_run_equals_uninterrupted(code_sets, tmp_path):

@@ -1,5 +1,6 @@
 """Training recipe: configs, a few CPU steps, exact resume, DDP on gloo, bad data, fine-tuning."""
 
+import io
 import json
 import os
 import shutil
@@ -137,6 +138,73 @@ def test_validation_reports_mel_distance_per_group():
     assert val["mel_distance/noise"] == pytest.approx(expected["noise"], rel=1e-4)
     assert val["mel_distance/tone"] == pytest.approx(expected["tone"], rel=1e-4)
     assert val["mel_distance"] == pytest.approx((5 * expected["noise"] + 3 * expected["tone"]) / 8, rel=1e-4)
+
+
+def _events(run, **size_guidance):
+    """The TensorBoard events of ``run`` (every audio clip and image kept unless ``size_guidance`` says)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"audio": 0, "images": 0, **size_guidance})
+    events.Reload()
+    return events
+
+
+def test_validation_writes_audio_mel_images_perplexity_and_console_lines(audio_dir, tmp_path, caplog):
+    pytest.importorskip("tensorboard")
+    from PIL import Image
+
+    from audiotok.data import DataConfig
+
+    source = f"[{{type: folder, root: {audio_dir}}}]"
+    config = tiny_config(audio_dir, "loss.adversarial=0", "loss.feature=0", "train.valid_every=2",
+                         "train.save_every=1000", "train.num_iters=4",
+                         f"data.val_groups={{speech: {{weight: 1, sources: {source}}}, "
+                         f"music: {{weight: 1, sources: {source}}}}}")
+    run = tmp_path / "run"
+    with caplog.at_level("INFO", logger="audiotok.train"):
+        train(config, run, device="cpu")
+    lines = [r.getMessage() for r in caplog.records if r.name == "audiotok.train"]
+    assert [line.split(" |")[0] for line in lines if line.startswith("step ")] == [
+        "step 1/4", "step 2/4", "step 2 validation", "step 3/4", "step 4/4", "step 4 validation"]
+    assert "| loss " in lines[1] and " mel " in lines[1] and "lr 1.00e-04" in lines[1]
+    assert lines[1].endswith("| 0.4 s audio")  # 1 step x batch 2 x 0.2 s
+    assert lines[-3].endswith("| 1.6 s audio")
+    assert lines[-1].startswith("training stopped at step 4 (reached num_iters 4): 4 steps this launch in ")
+    assert "1.6 s audio seen; best validation mel_distance" in lines[-1]
+    assert str((run / "best").resolve()) in lines[-1]
+
+    events, size = _events(run), config.model.codebook_size
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in val if r["split"] == "val"]
+    for k in range(config.model.n_codebooks):
+        scalars = events.Scalars(f"val/perplexity/q{k}")
+        assert [(e.step, e.value) for e in scalars] == [(r["step"], pytest.approx(r[f"perplexity/q{k}"]))
+                                                        for r in val]
+        assert all(1 <= e.value <= size for e in scalars)
+    for r in val:  # the perplexities are the utilization's entropies, as 2 ** H
+        per_codebook = [np.log(r[f"perplexity/q{k}"]) / np.log(size) for k in range(config.model.n_codebooks)]
+        assert np.mean(per_codebook) == pytest.approx(r["codebook_utilization"])
+
+    excerpts = DataConfig.from_dict({**config.data, "sample_rate": 44100}).validation_set()
+    rate, n = 44100, round(0.5 * 44100)
+    assert sorted(events.Tags()["audio"]) == sorted(f"val_audio/{g}/0/{kind}" for g in ("music", "speech")
+                                                    for kind in ("input", "reconstruction"))
+    assert sorted(events.Tags()["images"]) == ["val_mel/music/0", "val_mel/speech/0"]
+    for group in ("speech", "music"):
+        inputs = events.Audio(f"val_audio/{group}/0/input")
+        assert [e.step for e in inputs] == [2]  # written once, at the first validation
+        written, written_rate = sf.read(io.BytesIO(inputs[0].encoded_audio_string), dtype="float32")
+        first = next(e for e in excerpts if e.group == group).audio[0].numpy()
+        assert written_rate == rate and np.abs(written - first).max() < 1e-4  # the group's first excerpt
+        outputs = events.Audio(f"val_audio/{group}/0/reconstruction")
+        assert [(e.step, e.sample_rate, e.length_frames) for e in outputs] == [(2, rate, n), (4, rate, n)]
+        assert outputs[0].encoded_audio_string != outputs[1].encoded_audio_string  # the generator trained
+        images = events.Images(f"val_mel/{group}/0")
+        frames = 1 + n // 512  # window 2048 at 44.1 kHz, hop 512
+        assert [(e.step, e.height, e.width) for e in images] == [(2, 160, 2 * frames + 1), (4, 160, 2 * frames + 1)]
+        picture = np.asarray(Image.open(io.BytesIO(images[0].encoded_image_string)).convert("RGB"))
+        assert (picture[:, frames] == 255).all()  # the white column between input and reconstruction
+        assert not np.array_equal(picture[:, :frames], picture[:, frames + 1:])
 
 
 def _final_weights(run):
@@ -342,7 +410,7 @@ def _assert_same_end(run, straight):
                           for r, r2 in zip(_rows(straight), _rows(run))]
 
 
-def test_a_run_stopped_by_its_time_limit_resumes_exactly(audio_dir, straight, tmp_path, monkeypatch):
+def test_a_run_stopped_by_its_time_limit_resumes_exactly(audio_dir, straight, tmp_path, monkeypatch, caplog):
     import audiotok.train.stopping as stopping
 
     readings = []
@@ -354,9 +422,11 @@ def test_a_run_stopped_by_its_time_limit_resumes_exactly(audio_dir, straight, tm
     config, run = tiny_config(audio_dir, *RESUME), tmp_path / "run"
     with monkeypatch.context() as m:
         m.setattr(stopping, "monotonic", clock)
-        train(config, run, max_steps=STEPS, device="cpu", time_limit="9s")  # returns normally
+        with caplog.at_level("INFO", logger="audiotok.train"):
+            train(config, run, max_steps=STEPS, device="cpu", time_limit="9s")  # returns normally
     stopped = [r["step"] for r in _rows(run)][-1]
     assert 1 <= stopped < STEPS and (run / "checkpoints" / f"step_{stopped}").is_dir()
+    assert f"training stopped at step {stopped} (time limit 9 s): {stopped} steps this launch" in caplog.text
     assert readings[-1] <= 9  # the last reading: the end of the final save
     train(config, run, max_steps=STEPS, device="cpu")
     _assert_same_end(run, straight)
@@ -390,6 +460,7 @@ def test_sigterm_stops_a_run_with_a_checkpoint_and_it_resumes_exactly(audio_dir,
     stopped = load_train_state(run / "latest")["step"]
     assert 1 <= stopped < STEPS and [r["step"] for r in _rows(run)][-1] == stopped
     assert f"train: SIGTERM: training stopped at step {stopped}" in err.read_text()
+    assert f"training stopped at step {stopped} (signal SIGTERM): {stopped} steps this launch" in err.read_text()
     train(tiny_config(audio_dir, *RESUME), run, max_steps=STEPS, device="cpu")
     _assert_same_end(run, straight)
 

@@ -60,6 +60,28 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     return logits
 
 
+def _positions(prior: CodePrior, frames: int) -> int:
+    """Backbone positions a sample of ``frames`` frames takes (bos, body, eos, and the text prefix)."""
+    k = prior.vocab.n_codebooks
+    steps = {"flatten": k * frames + 2, "delay": frames + k + 1, "parallel": frames + 2}[prior.pattern.value]
+    return steps + (prior.text.max_len if prior.text is not None else 0)
+
+
+def _position_limit(prior: CodePrior) -> int | None:
+    config = (prior.lm if not prior.multi_stream else prior.backbone).config
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def max_frames_for(prior: CodePrior) -> int | None:
+    """The longest sample (frames) the prior's backbone has positions for (0 when none fits); ``None``
+    when its positions are not bounded."""
+    limit = _position_limit(prior)
+    if limit is None:
+        return None
+    frames = max(0, limit - _positions(prior, 0))
+    return frames // prior.vocab.n_codebooks if prior.pattern.value == "flatten" else frames
+
+
 def sample_ids(logits: torch.Tensor, allowed: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """One id per row of ``[..., V]`` logits among the ``allowed`` ids (bool, same shape); greedy when
@@ -129,12 +151,8 @@ class Sampler:
         self._check_positions()
 
     def _check_positions(self) -> None:
-        k = self.vocab.n_codebooks
-        steps = {"flatten": k * self.max_frames + 2, "delay": self.max_frames + k + 1,
-                 "parallel": self.max_frames + 2}[self.pattern.value]
-        steps += self.prior.text.max_len if self.prior.text is not None else 0
-        config = (self.prior.lm if not self.prior.multi_stream else self.prior.backbone).config
-        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        steps = _positions(self.prior, self.max_frames)
+        limit = _position_limit(self.prior)
         if limit is not None and steps > limit:
             raise ValueError(f"max_frames={self.max_frames} needs {steps} positions ({self.pattern.value} pattern), "
                              f"the prior's backbone has {limit}")

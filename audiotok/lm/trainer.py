@@ -8,7 +8,8 @@ folder resumes exactly from the newest complete checkpoint, with the run's confi
 ``prior``, ``optim``, ``data`` or ``train`` settings differ from the run's is refused, naming them, except
 for :data:`RESUME_MAY_CHANGE` (how long to train, how often to log, validate and save), and so is one
 whose training codes come from another codec (architecture or weights). Only rank 0 logs, validates and
-writes.
+writes: a console line per logged step and per validation, a closing summary, and at each validation
+two generated samples as audio in TensorBoard (:class:`~audiotok.train.media.PriorSamples`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..distributed import barrier, init_training, shutdown
+from ..train.media import PRIOR_SAMPLES, PriorSamples, count, stop_reason, summary_line, train_line
 from ..train.state import check_resumable, newest_checkpoint, save_checkpoint
 from ..train.trainer import Logger
-from ..untrusted import check_number
+from ..untrusted import check_number, shown
 from .config import PriorTrainConfig
 from .dataset import CodeDataset, LMTokenDataset
 from .prior import CodecInfo, CodePrior, check_codes, read_prior_config
@@ -170,6 +172,7 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
 
     logger = None  # rank 0 only
     val_blocks: list[dict[str, torch.Tensor]] = []
+    samples: PriorSamples | None = None  # generated audio in TensorBoard at each validation
     if env.is_main:
         save_path.mkdir(parents=True, exist_ok=True)
         (save_path / "config.yml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -177,6 +180,10 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
         if valid_codes is not None:
             valid = examples(config, prior, valid_codes)
             val_blocks = list(itertools.islice(iter(valid), config.data.valid_blocks))
+        if logger.tb is not None and val_blocks:
+            texts = [str(r.meta.get(config.data.text_key, "")) for r in
+                     itertools.islice(iter(valid_codes or codes), PRIOR_SAMPLES)] if prior.text is not None else []
+            samples = PriorSamples(prior, loop.seed, dev, texts, log=log)
         log.info("%s at step %d of %d; %s prior, %.2fM parameters; %d rank(s) x batch %d of %d steps",
                  f"resuming from {found[0]}" if found else "starting", step, end, prior.pattern.value,
                  sum(p.numel() for p in prior.parameters()) / 1e6, env.world_size, batch_per_rank, loop.seq_len)
@@ -188,6 +195,8 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
 
     metrics: dict[str, float] = {}
     started, first_step = time.perf_counter(), step
+    # code tokens read per step (padding included): a position holds one (flatten) or K (delay, parallel)
+    tokens_per_step = batch_per_rank * env.world_size * loop.seq_len * (prior.n_codebooks if prior.multi_stream else 1)
     prior.train()
     while step < end:
         torch.manual_seed(loop.seed * 1_000_003 + env.rank * 7_919 + step)  # dropout: a resume continues exactly
@@ -209,14 +218,17 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
                 metrics.update({f"loss/cb{k}": float(s / c) for k, (s, c) in enumerate(zip(cb_sums, cb_counts))
                                 if c > 0})
                 logger.write(step, "train", metrics)
-                log.info("step %d: loss %.4f", step, metrics["loss"])
+                log.info("%s", train_line(step, end, {"loss": metrics["loss"]}, metrics["lr"], metrics["steps_per_s"],
+                                          f"{count(step * tokens_per_step)} tokens"))
             improved = False
             if val_blocks and (step % loop.valid_every == 0 or step == end):
                 val = validate(prior, val_blocks, dev, batch_per_rank)
+                if samples is not None:
+                    samples.write(logger.tb, step)
                 logger.write(step, "val", val)
-                log.info("step %d: validation loss %.4f", step, val["loss"])
                 improved = val["loss"] < best
                 best = min(best, val["loss"])
+                log.info("step %d validation | loss %.4f%s", step, val["loss"], " (best)" if improved else "")
             if improved or step % loop.save_every == 0 or step == end:
                 checkpoint(improved)
         if step % loop.save_every == 0 or step == end:
@@ -224,5 +236,10 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
 
     if logger is not None:
         logger.close()
+        best_note = "no validation yet" if math.isinf(best) else (
+            f"best validation loss {best:.4f}, checkpoint {shown((save_path / 'best').resolve())}")
+        log.info("%s", summary_line(step, first_step, time.perf_counter() - started,
+                                    f"{count(step * tokens_per_step)} tokens", best_note,
+                                    stop_reason(step, end, loop.num_iters)))
     shutdown()
     return metrics

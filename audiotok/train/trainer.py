@@ -29,9 +29,11 @@ from ..io import atomic_write
 from ..layers import use_fused_snake
 from ..metrics import codebook_utilization
 from ..model import DAC
+from ..untrusted import shown
 from .config import TrainConfig
 from .discriminator import Discriminator, FeatureMaps
 from .losses import discriminator_loss, feature_matching_loss, generator_adversarial_loss
+from .media import MelImage, duration, media_excerpts, stop_reason, summary_line, train_line, write_reconstructions
 from .state import (
     CODEC_RESUME_MAY_CHANGE,
     CODEC_RESUME_SETTINGS,
@@ -48,6 +50,9 @@ if TYPE_CHECKING:
     from ..data.dataset import Excerpt, ExcerptDataset
 
 log = logging.getLogger("audiotok.train")
+
+#: The losses of the console line of a logged step (all of them are in metrics.jsonl).
+MAIN_LOSSES = ("loss", "mel", "adversarial", "feature", "disc")
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -184,7 +189,8 @@ def validate(generator: DAC, excerpts: list[Excerpt], mel_loss, stft_loss, devic
              batch_size: int = 4) -> dict[str, float]:
     """Mel distance, STFT distance and SI-SDR of reconstructions of held-out excerpts (audio ``[1, N]``),
     overall and the mel distance per validation group (``mel_distance/<group>``), and the codebook
-    utilization of their codes (near 0 means the codebooks have collapsed)."""
+    utilization of their codes (near 0 means the codebooks have collapsed) with the perplexity of each
+    codebook (``perplexity/q<k>``, from 1 to ``codebook_size``)."""
     generator.eval()
     totals = {"mel_distance": 0.0, "stft_distance": 0.0, "si_sdr": 0.0}
     group_mel: dict[str, float] = {}
@@ -204,7 +210,10 @@ def validate(generator: DAC, excerpts: list[Excerpt], mel_loss, stft_loss, devic
     generator.train()
     metrics = {k: v / len(excerpts) for k, v in totals.items()}
     metrics.update({f"mel_distance/{g}": v for g, v in group_mel.items()})
-    metrics["codebook_utilization"] = codebook_utilization(torch.cat(codes), generator.config.codebook_size).overall
+    size = generator.config.codebook_size
+    usage = codebook_utilization(torch.cat(codes), size)
+    metrics["codebook_utilization"] = usage.overall
+    metrics.update({f"perplexity/q{k}": p for k, p in enumerate(usage.perplexity(size))})
     return metrics
 
 
@@ -328,17 +337,17 @@ def _train(config: TrainConfig, save_path: Path, max_steps: int | None, init_fro
                         milestone=milestone)
 
     # -- the loop -------------------------------------------------------------------------------
-    progress: Any = None
-    if env.is_main:
-        from tqdm import tqdm
-
-        progress = tqdm(total=end, initial=step, desc="train", dynamic_ncols=True, disable=None)
+    # rank 0 shows: a console line per logged step (no progress bar: the line has the step, speed and eta),
+    # and in TensorBoard at each validation a few excerpts as audio and mel images (inputs once per launch)
+    audio_per_step = batch_per_rank * env.world_size * data_config.duration  # seconds of audio a step trains on
+    media_set = media_excerpts(val_set or [])  # the excerpts shown in TensorBoard
+    mel_image = MelImage(config.model.sample_rate) if media_set and getattr(logger, "tb", None) is not None else None
     metrics: dict[str, float] = {}
     batches = iter(loader)
-    started, first_step = time.perf_counter(), step
+    started, first_step, inputs_due = time.perf_counter(), step, True
     nets = [generator] + ([gan.discriminator] if gan else [])
     n_params = sum(p.numel() for net in nets for p in net.parameters())  # saved as fp32 weights, 2 moments, a copy
-    stop.start(checkpoint_bytes=16 * n_params, validation_excerpts=len(val_set or ()))
+    stop.start(checkpoint_bytes=16 * n_params, validation_excerpts=len(val_set or ()) + len(media_set))
     generator.train()
     while step < end:
         torch.manual_seed(_step_seed(loop.seed, env.rank, step))
@@ -382,20 +391,27 @@ def _train(config: TrainConfig, save_path: Path, max_steps: int | None, init_fro
         step += 1
 
         if logger is not None:  # rank 0
-            progress.update(1)
             if step % loop.log_every == 0 or step == end:
                 metrics = {k: float(v.detach()) for k, v in out.items()}
                 metrics["lr"] = float(sched_g.get_last_lr()[0])
                 metrics["steps_per_s"] = (step - first_step) / max(time.perf_counter() - started, 1e-9)
                 logger.write(step, "train", metrics)
-                progress.set_postfix(mel=f"{metrics['mel']:.3f}", loss=f"{metrics['loss']:.2f}")
+                log.info("%s", train_line(step, end, {k: metrics[k] for k in MAIN_LOSSES if k in metrics},
+                                          metrics["lr"], metrics["steps_per_s"],
+                                          f"{duration(step * audio_per_step)} audio"))
             improved = False
             if val_set and step % loop.valid_every == 0:
                 with stop.timed("validate"):
                     val = validate(generator, val_set, mel_loss, stft_loss, dev)
+                    if mel_image is not None:
+                        write_reconstructions(logger.tb, generator, media_set, step, mel_image, inputs_due, dev)
+                        inputs_due = False
                 logger.write(step, "val", val)
                 improved = val["mel_distance"] < best
                 best = min(best, val["mel_distance"])
+                log.info("step %d validation | mel_distance %.4f%s | stft_distance %.4f | si_sdr %.2f dB | "
+                         "codebook_utilization %.3f", step, val["mel_distance"], " (best)" if improved else "",
+                         val["stft_distance"], val["si_sdr"], val["codebook_utilization"])
             milestone = step in loop.milestones
             if improved or milestone or step % loop.save_every == 0 or step == end:
                 with stop.timed("save", step):
@@ -410,7 +426,11 @@ def _train(config: TrainConfig, save_path: Path, max_steps: int | None, init_fro
             break
 
     if logger is not None:
-        progress.close()
         logger.close()
+        best_note = "no validation yet" if math.isinf(best) else (
+            f"best validation mel_distance {best:.4f}, checkpoint {shown((save_path / 'best').resolve())}")
+        log.info("%s", summary_line(step, first_step, time.perf_counter() - started,
+                                    f"{duration(step * audio_per_step)} audio", best_note,
+                                    stop_reason(step, end, loop.num_iters, stop)))
     shutdown()
     return metrics
