@@ -33,6 +33,7 @@ from ..distributed import DistEnv, init_process_group, rank_device, shutdown
 from ..segments import make_batches, plan_segments
 from ..tokenizer import DTYPES, AudioTokenizer
 from ..untrusted import check_number
+from ..workers import worker_init
 from .claims import STATE_DIR, Claims, Scheduler, default_owner, state_path
 from .inputs import Bundle, Decoded, Failure, InputSpec, PartReader, identity_collate, source_fingerprint
 from .store import Store, open_store
@@ -445,7 +446,8 @@ ReadsFactory = Callable[[Job, float], PartReads]
 
 class LoaderReads:
     """The torch engine's readers: ``max(1, num_workers)`` DataLoader workers (or the process
-    itself with ``num_workers=0``), each reading whole parts (:class:`~audiotok.bulk.inputs.PartReader`)."""
+    itself with ``num_workers=0``), each reading whole parts (:class:`~audiotok.bulk.inputs.PartReader`);
+    they end with this process (:func:`audiotok.workers.die_with_parent`), even when it is killed."""
 
     def __init__(self, job: Job, pool_seconds: float):
         config = job.config
@@ -454,7 +456,8 @@ class LoaderReads:
         reader = PartReader(job.source, job.parts, self.tasks, job.tokenizer.sample_rate, config.mono,
                             config.min_seconds, bundle_seconds=pool_seconds / (2 * self.workers))
         loader = DataLoader(reader, batch_size=None, num_workers=config.num_workers, collate_fn=identity_collate,
-                            in_order=False, prefetch_factor=2 if config.num_workers else None)
+                            in_order=False, prefetch_factor=2 if config.num_workers else None,
+                            worker_init_fn=worker_init())
         self.it = iter(loader)  # workers start now and wait for tasks
 
     def read(self, part: int, start: int) -> None:
