@@ -111,3 +111,290 @@ def test_the_watchdog_thread_ends_a_worker_without_the_parent_death_signal():
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     wait_until(lambda: len(children(proc.pid)) >= 1, 30, "the worker did not start")
     kill_and_check_workers_end(proc, children(proc.pid))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared fixtures: a tiny model folder and a folder of short clips
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from conftest import random_tokenizer
+
+    folder = tmp_path_factory.mktemp("model")
+    random_tokenizer("tiny-44khz").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    from audiotok import AudioTokenizer
+
+    return AudioTokenizer.from_pretrained(model_dir)
+
+
+def write_clips(folder: Path, names: list[str], seconds: float = 0.1, rate: int = 16000) -> None:
+    import soundfile as sf
+    from conftest import make_audio
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        sf.write(folder / name, make_audio(int(seconds * rate), seed=i)[0], rate)
+
+
+def enospc(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+# ---------------------------------------------------------------------------------------------
+# Class 5: failures reported with their meaning
+
+
+def test_a_failing_store_is_a_storage_error(tmp_path, monkeypatch):
+    import fsspec
+
+    from audiotok.bulk.store import FsspecStore, LocalStore
+    from audiotok.io import StorageError
+
+    local = LocalStore(tmp_path / "out")
+    monkeypatch.setattr(os, "replace", enospc)
+    with pytest.raises(StorageError, match=r"out/a\.json: No space left on device") as e:
+        local.write_json("a.json", {})
+    assert e.value.errno == 28
+    monkeypatch.undo()
+
+    remote = FsspecStore("memory://reliab/out")
+    fs = fsspec.filesystem("memory")
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Could not connect to the endpoint URL\nsecond line")
+
+    for method in ("pipe_file", "cat_file", "isfile", "put_file"):
+        monkeypatch.setattr(type(fs), method, unreachable)
+    with pytest.raises(StorageError, match=r"^memory://reliab/out/a\.json: ConnectionError: Could not connect[^\n]*$"):
+        remote.write_json("a.json", {})
+    with pytest.raises(StorageError):
+        remote.exists("a.json")
+
+
+def test_the_bulk_recipe_exits_4_when_the_output_storage_fails(tmp_path, model_dir, monkeypatch, capsys):
+    sys.path.insert(0, str(REPO / "recipes"))
+    try:
+        import tokenize_dataset as recipe
+    finally:
+        sys.path.remove(str(REPO / "recipes"))
+    import audiotok.bulk.store
+
+    write_clips(tmp_path / "in", ["a.wav", "b.wav"])
+    monkeypatch.setattr(audiotok.bulk.store, "replace_durably", enospc)  # publishing a shard finds the disk full
+    args = ["--input", str(tmp_path / "in"), "--input-type", "folder", "--output", str(tmp_path / "out"),
+            "--model", str(model_dir), "--device", "cpu", "--num-workers", "0", "--no-progress"]
+    assert recipe.main(args) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "run the same command again" in err
+    monkeypatch.undo()
+    assert recipe.main(args) == 0  # the storage works again: the job resumes and ends
+
+
+@pytest.mark.parametrize("device", ["meta", "cuda:7", "nonsense"])
+def test_a_device_that_cannot_run_is_exit_2(tmp_path, model_dir, capsys, device):
+    from audiotok.cli.main import main
+
+    write_clips(tmp_path, ["a.wav"])
+    assert main(["encode", str(tmp_path / "a.wav"), str(tmp_path / "a.atok"), "--model", str(model_dir),
+                 "--device", device]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and device in err and "internal error" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Class 10 (CLI): a full disk stops a folder run; a rerun keeps what was written
+
+
+def test_a_full_disk_stops_a_folder_encode_and_the_rerun_keeps_what_was_written(tmp_path, model_dir, capsys,
+                                                                                 monkeypatch):
+    from audiotok.cli.main import main
+    from audiotok.codefile import CodeFile
+
+    write_clips(tmp_path / "in", ["a.wav", "b.wav", "c.wav"])
+    save, calls, full = CodeFile.save, [], [True]
+
+    def second_fails(self, path, *args):  # the disk is full at the second file of the first run
+        calls.append(path)
+        if len(calls) == 2 and full and full.pop():
+            enospc()
+        return save(self, path, *args)
+
+    monkeypatch.setattr(CodeFile, "save", second_fails)
+    args = ["encode", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(model_dir)]
+    assert main(args) == 4
+    assert len(calls) == 2, "every remaining file was tried after the disk was full"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "b.atok: No space left on device" in err[0] and "run the same command again" in err[0]
+    first = (tmp_path / "out" / "a.atok").stat().st_mtime_ns
+    assert not (tmp_path / "out" / "b.atok").exists()
+
+    calls.clear()
+    assert main(args) == 0
+    assert [p.name for p in calls] == ["b.atok", "c.atok"]
+    assert (tmp_path / "out" / "a.atok").stat().st_mtime_ns == first
+    assert "encoded 2 of 3 files (1 already encoded by an earlier run, kept)" in capsys.readouterr().out
+    calls.clear()
+    assert main([*args, "--n-quantizers", "1"]) == 0  # other settings: encoded again
+    assert len(calls) == 3
+    calls.clear()
+    assert main([*args, "--n-quantizers", "1", "--overwrite"]) == 0
+    assert len(calls) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Class 9: partial results that look whole
+
+
+def test_a_path_that_is_no_audio_file_nor_a_folder_of_audio_is_an_error(tmp_path, model_dir, capsys):
+    from audiotok.cli.main import main
+
+    (tmp_path / "x.wav").mkdir()
+    (tmp_path / "x.wav" / "notes.txt").write_text("not audio")
+    for command in ("encode", "decode"):
+        assert main([command, str(tmp_path / "x.wav"), str(tmp_path / "out"), "--model", str(model_dir)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "x.wav: a folder without" in err
+
+
+def _encoded(path: Path, fmt: str, subtype: str, seconds: float = 4.0) -> bytes:
+    import soundfile as sf
+    from conftest import make_audio
+
+    sf.write(path, make_audio(int(seconds * 16000))[0], 16000, format=fmt, subtype=subtype)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("fmt,subtype,why", [
+    ("OGG", "VORBIS", "end-of-stream page"), ("OGG", "OPUS", "end-of-stream"), ("MP3", "MPEG_LAYER_III", "declares"),
+    ("FLAC", "PCM_16", "decoding stopped")])
+def test_truncated_compressed_files_are_read_with_a_warning_naming_what_was_read(tmp_path, fmt, subtype, why):
+    import warnings
+
+    from audiotok.audio import load_audio
+
+    whole = tmp_path / f"whole.{fmt.lower()}"
+    data = _encoded(whole, fmt, subtype, seconds=10.0)  # longer than a block read (65536 frames)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        full, rate = load_audio(whole)  # a whole file: no warning
+    cut = tmp_path / f"cut.{fmt.lower()}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match=rf"cut\.{fmt.lower()}: partial audio: .*{why}.*; \d+ frames \([\d.]+ s\) "
+                                          "were read") as record:
+        part, _ = load_audio(cut)
+    assert 0 < part.shape[-1] < full.shape[-1]
+    assert f"{part.shape[-1]} frames" in str(record[0].message)
+
+
+def test_outputs_appear_whole_or_not_at_all(tmp_path, tok):
+    import numpy as np
+
+    from audiotok.audio import audio_writer, save_audio
+    from audiotok.cli.files import decode_path, encode_path
+
+    with pytest.raises(KeyboardInterrupt):  # a writer killed mid-way
+        with audio_writer(tmp_path / "a.wav", 16000, 1) as write:
+            write(np.zeros(1000, np.float32))
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    save_audio(tmp_path / "b.wav", np.zeros(100, np.float32), 16000)
+    assert [p.name for p in tmp_path.iterdir()] == ["b.wav"]
+
+    write_clips(tmp_path / "in", ["c.wav"], seconds=1.0)
+    encode_path(tok, tmp_path / "in" / "c.wav", tmp_path / "c.atok")
+
+    def interrupted(*args, **kwargs):
+        yield np.zeros((1, 100), np.float32)
+        raise KeyboardInterrupt
+
+    import audiotok.cli.files as files
+
+    original = files.resample_blocks
+    files.resample_blocks = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            decode_path(tmp_path / "c.atok", tmp_path / "c.wav", tok)
+    finally:
+        files.resample_blocks = original
+    assert not (tmp_path / "c.wav").exists() and not list(tmp_path.glob(".c.wav*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Class 8: memory that grows with a lie or a large valid input
+
+
+def test_a_header_declaring_too_much_is_refused_before_reading(tmp_path, monkeypatch):
+    import struct
+
+    import audiotok.audio as audio
+
+    data = bytearray(_encoded(tmp_path / "a.flac", "FLAC", "PCM_16", seconds=1.0))
+    # STREAMINFO (after "fLaC" and its 4-byte block header): the low 36 bits of bytes 10..17 count the samples
+    (packed,) = struct.unpack(">Q", data[18:26])
+    data[18:26] = struct.pack(">Q", (packed & ~((1 << 36) - 1)) | (1 << 35))
+    (tmp_path / "lie.flac").write_bytes(data)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"lie\.flac: its header declares 34359738368 frames .* split the recording"):
+        audio.load_audio(tmp_path / "lie.flac")
+    assert time.monotonic() - t0 < 5
+
+    monkeypatch.setattr(audio, "MAX_AUDIO_SAMPLES", 1000)  # the limit holds whatever a header declares
+    with pytest.raises(ValueError, match="declares 16000 frames"):
+        audio.load_audio(tmp_path / "a.flac")
+    monkeypatch.setattr(audio, "_check_declared", lambda *args: None)
+    with pytest.raises(ValueError, match="holds more than 1000 samples"):
+        audio.load_audio(tmp_path / "a.flac")
+
+
+def test_a_wav_header_claiming_2_gb_reads_what_the_file_holds(tmp_path):
+    import struct
+
+    from audiotok.audio import load_audio
+
+    data = bytearray(_encoded(tmp_path / "a.wav", "WAV", "PCM_16", seconds=1.0))
+    at = data.find(b"data")
+    data[at + 4: at + 8] = struct.pack("<I", 2_000_000_000)
+    (tmp_path / "lie.wav").write_bytes(data)
+    with pytest.warns(UserWarning, match=r"lie\.wav: partial audio: its header announces 2000000000 .*16000 frames"):
+        audio, _ = load_audio(tmp_path / "lie.wav")
+    assert audio.shape == (1, 16000)
+
+
+def test_long_code_files_decode_piece_by_piece_as_whole_decoding(tmp_path, tok):
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    from audiotok.audio import resample
+    from audiotok.cli.files import decode_path, decoded_blocks
+    from audiotok.codefile import CodeFile
+    from audiotok.tokenizer import EncodedAudio
+
+    frames = 1800
+    codes = torch.randint(0, tok.codebook_size, (1, 1, frames))
+    num_samples = int((frames * tok.hop_length - 200) * 16000 / tok.sample_rate)  # at 16 kHz, the source's rate
+    encoded = EncodedAudio(codes, torch.tensor([frames]), torch.tensor([num_samples]), 16000, tok.model_id,
+                           tok.config.architecture_hash(), tok.codes_fingerprint)
+    code_file = CodeFile.from_encoded(tok, encoded, 0, 1)
+    code_file.save(tmp_path / "long.atok")
+    whole = tok.decode(code_file.to_encoded())[:, 0].numpy()
+    chunk = tok.frame_budgets()[0]
+    assert chunk is not None and chunk < frames / 3  # several pieces
+    rate, blocks = decoded_blocks(tok, code_file)
+    pieces = list(blocks)
+    assert len(pieces) > 2 and max(b.shape[-1] for b in pieces) <= 2 * chunk * tok.hop_length  # bounded memory
+    assert rate == tok.sample_rate
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), whole, atol=1e-4)
+
+    decode_path(tmp_path / "long.atok", tmp_path / "long.wav", tok, subtype="FLOAT", sample_rate="source")
+    written, written_rate = sf.read(tmp_path / "long.wav", dtype="float32", always_2d=True)
+    assert written_rate == 16000
+    np.testing.assert_allclose(written.T, resample(whole, tok.sample_rate, 16000), atol=1e-4)

@@ -186,9 +186,21 @@ class BulkSummary:
 
 
 def load_plan(store: Store, plan: dict[str, Any]) -> None:
-    """Write ``plan`` to ``.bulk/plan.json``, or check that the one there is the same."""
+    """Write ``plan`` to ``.bulk/plan.json``, or check that the one there is the same: a job resumes
+    only on the input it was planned for (``ValueError`` naming what changed). A plan written before
+    the input's ``listing`` was recorded is checked without it."""
     if store.exists(PLAN_NAME):
         old = store.read_json(PLAN_NAME, PLAN_SHAPE)
+        then, now = (old.get("job") or {}).get("source"), plan["job"]["source"]
+        if isinstance(then, dict) and "listing" not in then:
+            now = {k: v for k, v in now.items() if k != "listing"}
+            plan = {**plan, "job": {**plan["job"], "source": now}}
+        if isinstance(then, dict) and then.get("listing", now.get("listing")) != now.get("listing"):
+            raise ValueError(
+                f"{store.url} holds a job planned on another listing of the input {plan['job']['input']['path']!r} "
+                f"({then.get('size')} files then, {now.get('size')} now; files were renamed, added or removed): "
+                f"resuming would encode some files twice and miss others. Restore the input, or write to a new "
+                f"--output")
         if old != plan:
             a, b = old.get("job") or {}, plan["job"]
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) or ["parts"]
@@ -593,7 +605,8 @@ def _encode_parts(job: Job, settings: _Settings, scheduler: Scheduler, reads: Pa
             hours += item.seconds / 3600
         for part, end in ends.items():
             if part in writers:
-                writers.pop(part).finish(end)
+                writers[part].finish(end)  # still held if this fails: the claim is released below
+                del writers[part]
                 claims.release(part)
                 scheduler.done.add(part)
             dropped.discard(part)
