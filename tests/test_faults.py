@@ -398,3 +398,106 @@ def test_long_code_files_decode_piece_by_piece_as_whole_decoding(tmp_path, tok):
     written, written_rate = sf.read(tmp_path / "long.wav", dtype="float32", always_2d=True)
     assert written_rate == 16000
     np.testing.assert_allclose(written.T, resample(whole, tok.sample_rate, 16000), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Class 6: codes of another model mixed in
+
+
+def write_dataset(root: Path, tok, shards: dict[str, object], fmt: str = "webdataset") -> None:
+    """A code dataset whose manifest names ``tok`` and lists ``shards`` (name -> the tokenizer that wrote it)."""
+    import numpy as np
+
+    from audiotok.codedataset import MANIFEST_NAME, SHARD_WRITERS, dataset_metadata, manifest_header
+    from audiotok.io import write_json_atomic
+
+    entries = []
+    for name, writer_tok in shards.items():
+        meta = dataset_metadata(writer_tok.model_id, writer_tok.config, writer_tok.codes_fingerprint, 2, True)
+        shard = SHARD_WRITERS[fmt](root / name, meta)
+        for i in range(3):
+            frames = 5 + i
+            shard.add({"key": f"{Path(name).stem}_{i}", "source_key": f"{i}.wav", "channels": 1,
+                       "num_samples": frames * tok.hop_length, "sample_rate": tok.sample_rate, "n_frames": frames,
+                       "model_id": writer_tok.model_id}, np.full((2, frames), i, np.uint16))
+        shard.close()
+        entries.append({"path": name, "records": shard.records, "frames": shard.frames})
+    manifest = {**manifest_header(tok.model_id, tok.config, tok.codes_fingerprint), "shards": entries,
+                "records": sum(e["records"] for e in entries), "n_quantizers": 2, "mono": True}
+    write_json_atomic(root / MANIFEST_NAME, manifest)
+
+
+@pytest.mark.parametrize("fmt,suffix", [("webdataset", ".tar"), ("parquet", ".parquet")])
+def test_a_shard_of_another_model_is_refused(tmp_path, tok, fmt, suffix):
+    from conftest import random_tokenizer
+
+    from audiotok.lm import CodeDataset
+
+    other = random_tokenizer("tiny-44khz", seed=1)  # the same architecture and name, other weights
+    assert other.model_id == tok.model_id and other.codes_fingerprint != tok.codes_fingerprint
+    write_dataset(tmp_path, tok, {f"a{suffix}": tok, f"b{suffix}": other}, fmt)
+    records = iter(CodeDataset(tmp_path))
+    assert [next(records).key for _ in range(3)] == ["a_0", "a_1", "a_2"]
+    with pytest.raises(ValueError, match=rf"b\{suffix}.*codes_fingerprint '{other.codes_fingerprint}' \(the manifest "
+                                         rf"says '{tok.codes_fingerprint}'\)"):
+        next(records)
+
+
+def test_a_shard_listed_twice_is_refused(tmp_path, tok):
+    import json
+
+    from audiotok.lm import CodeDataset
+
+    write_dataset(tmp_path, tok, {"a.tar": tok})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"].append({**manifest["shards"][0], "path": "./a.tar"})
+    manifest["records"] *= 2
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest\.json: shard 'a\.tar' is listed 2 times"):
+        CodeDataset(tmp_path)
+
+
+@pytest.mark.parametrize("fmt,suffix", [("webdataset", ".tar"), ("parquet", ".parquet")])
+def test_a_truncated_shard_is_an_error_naming_it(tmp_path, tok, fmt, suffix):
+    from audiotok.lm import CodeDataset
+
+    write_dataset(tmp_path, tok, {f"a{suffix}": tok}, fmt)
+    shard = tmp_path / f"a{suffix}"
+    data = shard.read_bytes()
+    end = len(data)
+    if fmt == "webdataset":  # where the last member's data ends (zero blocks pad a tar after it)
+        import tarfile
+
+        with tarfile.open(shard) as tar:
+            end = max(m.offset_data + m.size for m in tar.getmembers())
+    for cut in (100, end // 3, end // 2, end - 100, end - 1):
+        shard.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=rf"^{tmp_path}/a\{suffix}: ") as e:
+            list(CodeDataset(tmp_path))
+        assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Class 10 (bulk): a resume notices a changed input
+
+
+def test_a_resume_on_a_changed_listing_of_the_same_size_is_refused(tmp_path, model_dir, monkeypatch):
+    from audiotok.bulk import BulkConfig, InputSpec, tokenize_dataset
+    from audiotok.bulk import job as bulk_job
+
+    write_clips(tmp_path / "in", ["a.wav", "b.wav", "c.wav"])
+    config = BulkConfig(InputSpec("folder", str(tmp_path / "in")), str(tmp_path / "out"), str(model_dir),
+                        num_workers=0, part_records=2, device="cpu", progress=False)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bulk_job, "work", killed)  # the job is planned, then killed
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_dataset(config)
+    monkeypatch.undo()
+    (tmp_path / "in" / "b.wav").rename(tmp_path / "in" / "d.wav")  # the same count, another listing
+    with pytest.raises(ValueError, match=r"another listing of the input .*\(3 files then, 3 now.*new --output"):
+        tokenize_dataset(config)
+    (tmp_path / "in" / "d.wav").rename(tmp_path / "in" / "b.wav")
+    assert tokenize_dataset(config).records == 3
