@@ -223,25 +223,29 @@ class FsspecStore(Store):
             return sorted(n for n in names if not is_temp_name(n))
 
     def read_bytes(self, name: str) -> bytes:
+        path = self._path(name)
         with self._errors(name):
-            return bytes(self.fs.cat_file(self._path(name)))
+            return bytes(self.fs.cat_file(path))
 
     def write_bytes(self, name: str, data: bytes) -> None:
+        path = self._path(name)
         with self._errors(name):
-            self.fs.pipe_file(self._path(name), data)
+            self.fs.pipe_file(path, data)
 
     def staging_path(self, name: str) -> Path:
         return temp_path(self._staging / posixpath.basename(check_name(name)))
 
     def put_file(self, local: str | os.PathLike, name: str) -> None:
+        path = self._path(name)
         with self._errors(name):
-            self.fs.put_file(os.fspath(local), self._path(name))
+            self.fs.put_file(os.fspath(local), path)
         os.unlink(local)
 
     def delete(self, name: str) -> None:
+        path = self._path(name)
         try:
             with self._errors(name):
-                self.fs.rm_file(self._path(name))
+                self.fs.rm_file(path)
         except FileNotFoundError:
             pass
 
