@@ -274,7 +274,8 @@ def _load_with_ffmpeg(file: str | io.BytesIO, name: str) -> tuple[np.ndarray, in
 MAX_AUDIO_SAMPLES = 1 << 29
 #: Frames read at a time: memory follows what a file holds, not what its header declares.
 _READ_FRAMES = 1 << 16
-#: Frames a compressed stream may end short of its declared length without being called partial.
+#: Frames a stream may end short of its declared length without being called partial (an MP3 or AAC
+#: encoder's delay and padding, counted or not in what the header states).
 _CODEC_FRAME_SLACK = 4096
 
 
@@ -362,7 +363,7 @@ def _read_with_soundfile(file: str | io.BytesIO, name: str) -> tuple[np.ndarray,
     if wav_cut and int(wav_cut[2]) < int(wav_cut[1]):
         _warn_partial(name, read, rate,
                       f"its header announces {wav_cut[1]} bytes of audio, the file holds {wav_cut[2]}")
-    elif stopped or read < declared:
+    elif stopped or read + _CODEC_FRAME_SLACK < declared:
         _warn_partial(name, read, rate, stopped or f"its header declares {declared} frames")
     elif is_ogg and _ogg_unfinished(file):
         _warn_partial(name, read, rate, "the Ogg stream ends without its end-of-stream page (the file was cut)")
