@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -152,13 +152,42 @@ def check_sample_rate(sample_rate: object) -> int:
     return int(sample_rate)
 
 
+def check_resample_ratio(orig_sr: int, target_sr: int) -> None:
+    """``ValueError`` when resampling from ``orig_sr`` to ``target_sr`` is a factor above :data:`MAX_RESAMPLE_RATIO`."""
+    if max(orig_sr / target_sr, target_sr / orig_sr) > MAX_RESAMPLE_RATIO:
+        raise ValueError(f"resampling from {orig_sr} to {target_sr} Hz is a factor above {MAX_RESAMPLE_RATIO}: "
+                         f"resample the audio to a nearer rate first")
+
+
+def resample_blocks(blocks: Iterable[np.ndarray], orig_sr: int, target_sr: int) -> Iterator[np.ndarray]:
+    """Resample a stream of ``[C, n]`` float32 blocks with soxr's streaming resampler (the filter of
+    :func:`resample`): the blocks out together are the whole stream resampled; the same blocks when
+    the rates match."""
+    if orig_sr == target_sr:
+        yield from blocks
+        return
+    check_resample_ratio(orig_sr, target_sr)
+    import soxr
+
+    stream, channels = None, 0
+    for block in blocks:
+        if stream is None:
+            channels = block.shape[0]
+            stream = soxr.ResampleStream(orig_sr, target_sr, channels, dtype="float32", quality="VHQ")
+        out = stream.resample_chunk(np.ascontiguousarray(block.T, dtype=np.float32))
+        if len(out):
+            yield np.ascontiguousarray(out.reshape(len(out), channels).T)
+    if stream is not None:
+        out = stream.resample_chunk(np.zeros((0, channels), np.float32), last=True)
+        if len(out):
+            yield np.ascontiguousarray(out.reshape(len(out), channels).T)
+
+
 def resample(clip: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     """Resample ``[C, T]`` float32 with soxr (very high quality); a no-op when the rates match."""
     if orig_sr == target_sr:
         return clip
-    if max(orig_sr / target_sr, target_sr / orig_sr) > MAX_RESAMPLE_RATIO:
-        raise ValueError(f"resampling from {orig_sr} to {target_sr} Hz is a factor above {MAX_RESAMPLE_RATIO}: "
-                         f"resample the audio to a nearer rate first")
+    check_resample_ratio(orig_sr, target_sr)
     import soxr
 
     out = soxr.resample(np.ascontiguousarray(clip.T), orig_sr, target_sr, quality="VHQ")
@@ -177,7 +206,11 @@ def downmix(clip: np.ndarray) -> np.ndarray:
 
 import os  # noqa: E402
 import re  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from contextlib import AbstractContextManager, contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from .io import replace_durably, storage_errors, temp_path  # noqa: E402
 
 #: File extensions :func:`save_audio` writes, and the libsndfile format and default subtype used.
 #: WAV is written as 16-bit PCM, what every player and tool takes (its quantization noise, about
@@ -204,7 +237,8 @@ _FFMPEG_HINT = "FFmpeg through PyAV, which is not installed: pip install 'audiot
 
 
 def _load_with_ffmpeg(file: str | io.BytesIO, name: str) -> tuple[np.ndarray, int]:
-    """Decode the first audio stream of ``file`` with PyAV: ``(float32 [C, T], sample_rate)``."""
+    """Decode the first audio stream of ``file`` with PyAV: ``(float32 [C, T], sample_rate)``, in the
+    bounds of :func:`_read_with_soundfile` (a declared duration checked first, a partial stream warned about)."""
     try:
         import av
     except ImportError:
@@ -214,14 +248,127 @@ def _load_with_ffmpeg(file: str | io.BytesIO, name: str) -> tuple[np.ndarray, in
             if not container.streams.audio:
                 raise ValueError(f"{name}: no audio stream")
             stream = container.streams.audio[0]
+            rate, channels = int(stream.rate), int(stream.channels)
+            declared = (round(float(stream.duration * stream.time_base) * rate)
+                        if stream.duration and stream.time_base else None)
+            _check_declared(name, declared or 0, channels, rate)
             planar = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate)
-            chunks = [f.to_ndarray() for frame in container.decode(stream) for f in planar.resample(frame)]
+            chunks: list[np.ndarray] = []
+            for frame in container.decode(stream):
+                chunks += [f.to_ndarray() for f in planar.resample(frame)]
+                _check_read(name, sum(c.shape[-1] for c in chunks), channels, rate)
             chunks += [f.to_ndarray() for f in planar.resample(None)]
     except av.FFmpegError as e:
         raise ValueError(f"{name}: cannot read audio file: {e}") from e
-    if not chunks:
-        return np.zeros((stream.channels, 0), np.float32), int(stream.rate)
-    return np.ascontiguousarray(np.concatenate(chunks, axis=1), dtype=np.float32), int(stream.rate)
+    audio = (np.ascontiguousarray(np.concatenate(chunks, axis=1), dtype=np.float32) if chunks
+             else np.zeros((channels, 0), np.float32))
+    # AAC and MP3 streams may end a frame (1024 or 1152 samples) short of the duration their container states
+    if declared is not None and audio.shape[-1] + _CODEC_FRAME_SLACK < declared:
+        _warn_partial(name, audio.shape[-1], rate, f"its container declares {declared} frames")
+    return audio, rate
+
+
+#: Most samples (frames x channels) an audio file may hold to be read into memory: 2**29, 2 GiB of
+#: float32 (about 3 h of 48 kHz stereo, 6 h of 24 kHz mono). A file whose header declares more is
+#: refused before anything is read; reading stops there whatever the header says. Split longer recordings.
+MAX_AUDIO_SAMPLES = 1 << 29
+#: Frames read at a time: memory follows what a file holds, not what its header declares.
+_READ_FRAMES = 1 << 16
+#: Frames a stream may end short of its declared length without being called partial (an MP3 or AAC
+#: encoder's delay and padding, counted or not in what the header states).
+_CODEC_FRAME_SLACK = 4096
+
+
+def _check_declared(name: str, frames: int, channels: int, rate: int) -> None:
+    """``ValueError`` naming the file when its header declares more than :data:`MAX_AUDIO_SAMPLES`."""
+    if frames * channels > MAX_AUDIO_SAMPLES:
+        raise ValueError(f"{name}: its header declares {frames} frames of {channels} channels ({frames / rate:.0f} s "
+                         f"at {rate} Hz), more than the {MAX_AUDIO_SAMPLES} samples audiotok reads into memory: "
+                         f"split the recording")
+
+
+def _check_read(name: str, frames: int, channels: int, rate: int) -> None:
+    """``ValueError`` once more than :data:`MAX_AUDIO_SAMPLES` were read, whatever the header declared."""
+    if frames * channels > MAX_AUDIO_SAMPLES:
+        raise ValueError(f"{name}: holds more than {MAX_AUDIO_SAMPLES} samples ({frames / rate:.0f} s of "
+                         f"{channels} channels at {rate} Hz read so far), more than audiotok reads into memory: "
+                         "split the recording")
+
+
+def _warn_partial(name: str, frames: int, rate: int, why: str) -> None:
+    warnings.warn(f"{name}: partial audio: {why}; {frames} frames ({frames / rate:.2f} s) were read",
+                  UserWarning, stacklevel=3)
+
+
+def _ogg_unfinished(file: str | io.BytesIO) -> bool:
+    """Whether the Ogg file ``file`` (a path, or bytes in memory) does not end with a whole page
+    flagged end-of-stream (``header_type & 4``): the file was cut."""
+    if isinstance(file, str):
+        with open(file, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 65_536 - 27 - 255))  # the largest page, with its header and segment table
+            tail = f.read()
+    else:
+        tail = file.getbuffer()[-(65_536 + 27 + 255):].tobytes()
+    at = tail.find(b"OggS")
+    while at >= 0:
+        if at + 27 <= len(tail) and tail[at + 4] == 0:
+            segments = tail[at + 26]
+            table = tail[at + 27: at + 27 + segments]
+            if len(table) == segments and at + 27 + segments + sum(table) == len(tail):
+                return not tail[at + 5] & 4  # the last page
+        at = tail.find(b"OggS", at + 1)
+    return True  # no page ends where the file ends: cut inside a page
+
+
+class _Unreadable(ValueError):
+    """libsndfile cannot decode the file (its format, or damage at its start)."""
+
+
+def _read_with_soundfile(file: str | io.BytesIO, name: str) -> tuple[np.ndarray, int]:
+    """Decode ``file`` (a path, or bytes in memory) with libsndfile: ``(float32 [C, T], rate)``.
+
+    Read block by block, so memory follows what the file holds: a header declaring more than
+    :data:`MAX_AUDIO_SAMPLES` is refused before reading, and reading stops with a ``ValueError`` past
+    it. A file that holds less than it declares (a WAV whose data chunk is cut, an MP3 or FLAC whose
+    decoding stops early, an Ogg stream without its end-of-stream page) is read as far as it goes,
+    with a ``UserWarning`` naming what was read. ``_Unreadable`` when libsndfile cannot open it.
+    """
+    import soundfile as sf
+
+    try:
+        f = sf.SoundFile(file)
+    except Exception as e:  # soundfile.LibsndfileError, RuntimeError, struct errors on odd headers
+        raise _Unreadable(f"{name}: cannot read audio file: {e}") from e
+    blocks: list[np.ndarray] = []
+    read, stopped = 0, ""
+    with f:
+        rate, channels, declared = int(f.samplerate), int(f.channels), int(f.frames)
+        _check_declared(name, declared, channels, rate)
+        while True:
+            try:
+                block = f.read(_READ_FRAMES, dtype="float32", always_2d=True)
+            except Exception as e:  # damage in the middle: what came before is kept
+                if not blocks:
+                    raise _Unreadable(f"{name}: cannot read audio file: {e}") from e
+                stopped = f"decoding stopped ({e})"
+                break
+            if not len(block):
+                break
+            blocks.append(block)
+            read += len(block)
+            _check_read(name, read, channels, rate)
+        wav_cut = re.search(r"data\s*:\s*(\d+) \(should be (\d+)\)", f.extra_info)
+        is_ogg = f.format == "OGG"
+    if wav_cut and int(wav_cut[2]) < int(wav_cut[1]):
+        _warn_partial(name, read, rate,
+                      f"its header announces {wav_cut[1]} bytes of audio, the file holds {wav_cut[2]}")
+    elif stopped or read + _CODEC_FRAME_SLACK < declared:
+        _warn_partial(name, read, rate, stopped or f"its header declares {declared} frames")
+    elif is_ogg and _ogg_unfinished(file):
+        _warn_partial(name, read, rate, "the Ogg stream ends without its end-of-stream page (the file was cut)")
+    data = np.concatenate(blocks) if blocks else np.zeros((0, channels), np.float32)
+    return np.ascontiguousarray(data.T), rate
 
 
 #: Extensions (lower case, with the dot) of the audio files a folder is listed for, by default,
@@ -262,76 +409,95 @@ def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     Any format libsndfile reads (WAV, FLAC, OGG/Vorbis, Opus, MP3, AIFF, ...) with soundfile;
     :data:`FFMPEG_EXTENSIONS` (m4a/AAC/MP4) with FFmpeg through PyAV (``pip install
     'audiotok[ffmpeg]'``). Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming
-    the file when it cannot be decoded (or PyAV is needed and missing); warns when the file is
-    shorter than its header says (a truncated WAV). The samples are returned as stored: empty files
-    and NaN samples are not rejected here.
+    the file when it cannot be decoded (or PyAV is needed and missing) or declares or holds more than
+    :data:`MAX_AUDIO_SAMPLES`; warns when the file holds less than its header or container declares
+    (a truncated WAV, MP3, FLAC or Ogg file), naming how much was read. The samples are returned as
+    stored: empty files and NaN samples are not rejected here.
     """
-    import soundfile as sf
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     if Path(path).suffix.lower() in FFMPEG_EXTENSIONS:
         return _load_with_ffmpeg(str(path), str(path))
-    try:
-        with sf.SoundFile(str(path)) as f:
-            data, sample_rate = f.read(dtype="float32", always_2d=True), f.samplerate
-            truncated = re.search(r"data\s*:\s*(\d+) \(should be (\d+)\)", f.extra_info)
-    except Exception as e:  # soundfile.LibsndfileError, RuntimeError, struct errors on odd headers
-        raise ValueError(f"{path}: cannot read audio file: {e}") from e
-    if truncated and int(truncated[2]) < int(truncated[1]):
-        warnings.warn(f"{path}: truncated: its header announces {truncated[1]} bytes of audio, the file holds "
-                      f"{truncated[2]}; only those are read", UserWarning, stacklevel=2)
-    return np.ascontiguousarray(data.T), int(sample_rate)
+    return _read_with_soundfile(str(path), str(path))
 
 
 def read_audio_bytes(data: bytes) -> tuple[np.ndarray, int]:
     """Decode an audio file held in memory: ``(float32 [C, T], sample_rate)``. Any libsndfile
-    format, or, when PyAV is installed, any format FFmpeg reads (m4a/AAC/MP4, ...).
+    format, or, when PyAV is installed, any format FFmpeg reads (m4a/AAC/MP4, ...); in the bounds
+    of :func:`load_audio`.
 
     Raises ``ValueError`` when the bytes are not readable audio."""
-    import soundfile as sf
-
     try:
-        audio, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as e:  # LibsndfileError, RuntimeError, struct errors on odd headers
+        return _read_with_soundfile(io.BytesIO(data), "audio bytes")
+    except _Unreadable as e:
         try:
             import av  # noqa: F401
         except ImportError:
             raise ValueError(f"cannot read audio bytes: {e} (formats libsndfile does not read, such as "
                              f"m4a/AAC, need {_FFMPEG_HINT})") from e
         return _load_with_ffmpeg(io.BytesIO(data), "audio bytes")
-    return np.ascontiguousarray(audio.T), int(sample_rate)
 
 
-def save_audio(path: str | os.PathLike, audio: AudioLike, sample_rate: int, subtype: str | None = None) -> None:
-    """Write float audio ``[C, T]`` (or ``[T]``) to ``path``, creating parent folders.
+def audio_writer(path: str | os.PathLike, sample_rate: int, channels: int,
+                 subtype: str | None = None) -> AbstractContextManager[Callable[[AudioLike], None]]:
+    """Write an audio file piece by piece: ``with audio_writer(path, rate, 2) as write: write(block)``
+    for float ``[C, n]`` (or ``[n]``) blocks.
 
-    The format follows the extension (see :data:`AUDIO_WRITE_FORMATS`): ``.wav`` as 16-bit PCM
-    by default, ``.flac`` as 24-bit PCM. ``subtype`` overrides that (e.g. ``"PCM_16"``); samples
-    are clipped to [-1, 1] for PCM subtypes. Raises ``ValueError`` for other extensions, bad shapes
-    and NaN or Inf samples.
+    The format follows the extension (see :data:`AUDIO_WRITE_FORMATS`; ``subtype`` overrides the
+    default); samples are clipped to [-1, 1] for PCM subtypes; NaN or Inf samples are a ``ValueError``.
+    The file is built at a temporary name beside ``path`` (:func:`audiotok.io.temp_path`) and moved to
+    ``path`` only when the block ends without an error: a writer that fails or is killed leaves no
+    partial file at ``path``. A failure of the storage (a full disk) is a :class:`audiotok.io.StorageError`.
     """
-    import soundfile as sf
-
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in AUDIO_WRITE_FORMATS:
         raise ValueError(f"{path}: cannot write audio with extension {ext!r}; use one of {sorted(AUDIO_WRITE_FORMATS)}")
-    fmt, default_subtype = AUDIO_WRITE_FORMATS[ext]
     check_subtype(ext, subtype)
-    subtype = (subtype or default_subtype).upper()
+    subtype = (subtype or AUDIO_WRITE_FORMATS[ext][1]).upper()
+    return _audio_writer(path, check_sample_rate(sample_rate), channels, subtype)
+
+
+@contextmanager
+def _audio_writer(path: Path, sample_rate: int, channels: int, subtype: str) -> Iterator[Callable[[AudioLike], None]]:
+    import soundfile as sf
+
+    errors = (OSError, sf.SoundFileRuntimeError)  # libsndfile reports a full disk as its own error
+    tmp = temp_path(path)
+    with storage_errors(path, errors):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = sf.SoundFile(str(tmp), "w", sample_rate, channels, subtype,
+                           format=AUDIO_WRITE_FORMATS[path.suffix.lower()][0])
+
+    def write(block: AudioLike) -> None:
+        x = to_float_array(block)
+        x = x[None] if x.ndim == 1 else x
+        if x.ndim != 2 or x.shape[0] != channels:
+            raise ValueError(f"{path}: audio to write must be [{channels}, T], got shape {tuple(x.shape)}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{path}: audio contains NaN or Inf samples")
+        if subtype.startswith("PCM"):
+            x = np.clip(x, -1.0, 1.0)
+        with storage_errors(path, errors):
+            out.write(np.ascontiguousarray(x.T))
+
+    try:
+        yield write
+        with storage_errors(path, errors):
+            out.close()
+            replace_durably(tmp, path)
+    finally:
+        out.close()
+        tmp.unlink(missing_ok=True)
+
+
+def save_audio(path: str | os.PathLike, audio: AudioLike, sample_rate: int, subtype: str | None = None) -> None:
+    """Write float audio ``[C, T]`` (or ``[T]``) to ``path`` in one piece with :func:`audio_writer`
+    (format from the extension, atomic, parent folders created). Raises ``ValueError`` for other
+    extensions, bad shapes and NaN or Inf samples."""
     x = to_float_array(audio)
-    if x.ndim == 1:
-        x = x[None]
+    x = x[None] if x.ndim == 1 else x
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"audio to write must be [C, T] or [T], got shape {tuple(x.shape)}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{path}: audio contains NaN or Inf samples")
-    if subtype.upper().startswith("PCM"):
-        x = np.clip(x, -1.0, 1.0)
-    sample_rate = check_sample_rate(sample_rate)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        sf.write(str(path), np.ascontiguousarray(x.T), sample_rate, format=fmt, subtype=subtype)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot write audio ({fmt}, {subtype}): {e}") from e
+    with audio_writer(path, sample_rate, x.shape[0], subtype) as write:
+        write(x)

@@ -56,7 +56,8 @@ extensions of sidecar files next to folder audio); each record holds them as a J
 Format 1 and 2 datasets have no ``metadata`` key and records without kept fields.
 
 WebDataset shards (``.tar``): per record, consecutive members ``{key}.codes.npy`` (``numpy.save`` of
-the codes) and ``{key}.json`` (the record fields), then ``{key}.meta.json`` (the kept metadata as a
+the codes) and ``{key}.json`` (the record fields and, in shards of this version on, the writer's
+``codes_fingerprint``), then ``{key}.meta.json`` (the kept metadata as a
 JSON object) when ``metadata`` is not empty. Sidecar shards also hold, in input order, a member
 ``{key}.failure.txt`` (text ``reason: detail``) for each input sample that has no codes, so that
 they pair sample for sample with their input shard; readers of records pass other members over.
@@ -73,6 +74,11 @@ with ``model_id``, ``config_hash``, ``codes_fingerprint`` (not in shards written
 (:func:`dataset_metadata`). Version-1 shards stored
 ``codes`` as raw little-endian bytes with a ``shape`` column; readers take both.
 
+Readers check every record against the manifest (see :func:`read_shard`): its ``model_id`` and
+``codes_fingerprint`` (a tar record's, a Parquet shard's metadata), so that a shard of another model
+dropped into a dataset is refused; a shard listed twice in a manifest is refused; a truncated shard is
+an error naming it.
+
 Every shard is written to a temporary file and moved into place atomically (:func:`audiotok.io.replace_durably`;
 the bulk tokenizer builds it at :meth:`audiotok.bulk.store.Store.staging_path` and publishes it with
 :meth:`~audiotok.bulk.store.Store.put_file`), so a reader (or a resumed job) sees the whole file or none
@@ -86,7 +92,10 @@ import json
 import os
 import re
 import tarfile
+import zlib
+from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -122,8 +131,10 @@ MANIFEST_SHAPE = {
     "audio_hours": OptionalEntry(float), "failures": OptionalEntry([{"key": str, "reason": str}]),
     "n_quantizers": OptionalEntry(int), "mono": OptionalEntry(bool), "metadata": OptionalEntry([str]),
 }
-#: A record's ``{key}.json`` tar member (:data:`RECORD_FIELDS`; ``model_id`` and ``source_key`` are not read).
-RECORD_SHAPE = {"key": str, "num_samples": int, "sample_rate": int, "n_frames": int, "channels": int}
+#: A record's ``{key}.json`` tar member (:data:`RECORD_FIELDS`, and ``codes_fingerprint`` in tar shards written
+#: since it was added; ``source_key`` is not read).
+RECORD_SHAPE = {"key": str, "num_samples": int, "sample_rate": int, "n_frames": int, "channels": int,
+                "model_id": OptionalEntry(str), "codes_fingerprint": OptionalEntry(str)}
 #: The Parquet key-value metadata ``audiotok`` (:func:`dataset_metadata`; entries missing in older shards).
 PARQUET_METADATA_SHAPE = {k: OptionalEntry(v) for k, v in {
     "model_id": str, "config_hash": str, "codes_fingerprint": (str, type(None)), "sample_rate": int,
@@ -221,6 +232,11 @@ def check_manifest(manifest: dict[str, Any], where: str | os.PathLike) -> None:
     negative = [s["path"] for s in manifest["shards"] if s["records"] < 0 or s["frames"] < 0]
     if negative:
         raise ValueError(f"{where}: shard {negative[0]!r} has a negative record or frame count")
+    listed = Counter(os.path.normpath(s["path"]) for s in manifest["shards"])
+    twice = sorted(path for path, count in listed.items() if count > 1)
+    if twice:
+        raise ValueError(f"{where}: shard {twice[0]!r} is listed {listed[twice[0]]} times: its records would "
+                         "be read as many times")
 
 
 def manifest_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -301,8 +317,8 @@ class ShardWriter:
 
 class TarShardWriter(ShardWriter):
     """WebDataset tar: members ``{key}.codes.npy`` (``np.save`` of the uint16 codes) and ``{key}.json``
-    (no room for ``metadata``: the manifest holds it). Members have mtime 0, so the same records
-    give the same bytes."""
+    (the record fields, and the ``codes_fingerprint`` of ``metadata``; the manifest holds the rest).
+    Members have mtime 0, so the same records give the same bytes."""
 
     suffix = ".tar"
 
@@ -326,7 +342,10 @@ class TarShardWriter(ShardWriter):
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(codes.astype("<u2", copy=False)), allow_pickle=False)
         self._member(meta["key"] + MEMBER_SUFFIXES["codes"], buf.getvalue())
-        self._member(meta["key"] + MEMBER_SUFFIXES["json"], json.dumps({k: meta[k] for k in RECORD_FIELDS}).encode())
+        fields = {k: meta[k] for k in RECORD_FIELDS}
+        if self.metadata.get("codes_fingerprint") is not None:
+            fields["codes_fingerprint"] = self.metadata["codes_fingerprint"]
+        self._member(meta["key"] + MEMBER_SUFFIXES["json"], json.dumps(fields).encode())
         if self.kept_fields:
             kept = {k: meta["metadata"][k] for k in self.kept_fields}
             self._member(meta["key"] + MEMBER_SUFFIXES["metadata"], json.dumps(kept).encode())
@@ -461,7 +480,9 @@ def _check_record(record: CodeRecord, shard: str | os.PathLike, expected: dict[s
         raise ValueError(f"{where} has {codes.shape[-1]} frames, its metadata says {meta['n_frames']}")
     if expected is None:
         return record
-    problems = []
+    problems = [f"{name} {meta[name]!r} (the manifest says {expected[name]!r}): codes of another model"
+                for name in ("model_id", "codes_fingerprint")
+                if None not in (meta.get(name), expected[name]) and meta[name] != expected[name]]
     if expected["n_quantizers"] is not None and codes.shape[-2] != expected["n_quantizers"]:
         problems.append(f"{codes.shape[-2]} codebooks (the manifest says n_quantizers {expected['n_quantizers']})")
     if expected["mono"] is not None and (codes.ndim == 2) != expected["mono"]:
@@ -499,8 +520,24 @@ def _split_member(name: str) -> tuple[str, str] | None:
     return None
 
 
+@contextmanager
+def _damaged(path: str | os.PathLike, errors: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """An error of ``errors`` in the block (a truncated or damaged file, as its parser reports it) as a
+    ``ValueError`` naming the shard ``path``."""
+    try:
+        yield
+    except errors as e:
+        raise ValueError(f"{path}: damaged or truncated shard ({type(e).__name__}: {e})") from e
+
+
 def _read_tar(path: str | os.PathLike, fileobj: IO[bytes] | None = None,
               expected: dict[str, Any] | None = None) -> Iterator[CodeRecord]:
+    with _damaged(path, (tarfile.TarError, EOFError, zlib.error)):
+        yield from _tar_records(path, fileobj, expected)
+
+
+def _tar_records(path: str | os.PathLike, fileobj: IO[bytes] | None,
+                 expected: dict[str, Any] | None) -> Iterator[CodeRecord]:
     members: dict[str, bytes] = {}
     key: str | None = None
 
@@ -508,8 +545,11 @@ def _read_tar(path: str | os.PathLike, fileobj: IO[bytes] | None = None,
         missing = {"codes", "json"} - set(members)
         if missing:
             raise ValueError(f"{path}: record {key!r} has no {' or '.join(sorted(missing))} member")
-        codes = np.load(io.BytesIO(members["codes"]), allow_pickle=False)
         where = f"{path}: member {key!r}"
+        try:
+            codes = np.load(io.BytesIO(members["codes"]), allow_pickle=False)
+        except (ValueError, EOFError, OSError) as e:
+            raise ValueError(f"{where}{MEMBER_SUFFIXES['codes']}: not a readable .npy array ({e})") from None
         kept = {}
         if "metadata" in members:
             kept = parse_json(members["metadata"], where + MEMBER_SUFFIXES["metadata"], dict)
@@ -565,6 +605,14 @@ def _pop_kept(row: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
 
 def _read_parquet(path: str | os.PathLike, fileobj: IO[bytes] | None = None,
                   expected: dict[str, Any] | None = None) -> Iterator[CodeRecord]:
+    import pyarrow as pa
+
+    with _damaged(path, (pa.ArrowException,)):
+        yield from _parquet_records(path, fileobj, expected)
+
+
+def _parquet_records(path: str | os.PathLike, fileobj: IO[bytes] | None,
+                     expected: dict[str, Any] | None) -> Iterator[CodeRecord]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path if fileobj is None else fileobj)

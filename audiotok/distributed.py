@@ -67,6 +67,20 @@ def rank_device(device: str | torch.device | None, local_rank: int = 0) -> torch
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return check_runs(dev)
+
+
+def check_runs(dev: torch.device) -> torch.device:
+    """``dev`` if a tensor can be made there, computed on and copied back; else ``ValueError`` naming it
+    (``meta`` holds no data, ``cuda:7`` on a machine with one GPU, a backend this build lacks)."""
+    if dev.type == "cpu":
+        return dev
+    try:
+        (torch.ones(1, device=dev) + 1).cpu()
+    except Exception as e:  # NotImplementedError (meta), RuntimeError, AssertionError (torch without CUDA)
+        lines = str(e).strip().splitlines()
+        raise ValueError(f"device {str(dev)!r} cannot run audiotok here ({type(e).__name__}: "
+                         f"{lines[0] if lines else ''})") from None
     return dev
 
 

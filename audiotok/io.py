@@ -10,6 +10,10 @@ resumed job) sees the old file or the whole new one, never a partial file at the
     tmp = temp_path(path)                                # a file built over time (a shard)
     ... write tmp ...
     replace_durably(tmp, path)
+
+A write that fails for a reason of the storage (a full disk, a quota, a read-only file system,
+permission denied, an unreachable object store) is a :class:`StorageError`: nothing is wrong with
+the input, and the same command run again once the storage works picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -21,6 +25,34 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+
+class StorageError(OSError):
+    """An output could not be written (or the output's storage read back) for a reason of the storage:
+    a full disk, a quota, a read-only file system, permission denied, an unreachable object store.
+    The message is one line naming the file; ``errno`` is the underlying error's, when it has one."""
+
+
+def _reason(error: BaseException) -> str:
+    """One line describing ``error``: its ``strerror`` for an ``OSError``, else its first line of text."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+@contextmanager
+def storage_errors(where: str | os.PathLike, errors: tuple[type[BaseException], ...] = (OSError,)) -> Iterator[None]:
+    """Turn an error of ``errors`` raised in the block into a :class:`StorageError` naming ``where``
+    (``FileNotFoundError``, a missing file rather than a failing storage, passes unchanged)."""
+    try:
+        yield
+    except (StorageError, FileNotFoundError):
+        raise
+    except errors as e:
+        error = StorageError(f"{where}: {_reason(e)}")
+        error.errno = getattr(e, "errno", None)
+        raise error from e
 
 
 def temp_path(path: str | os.PathLike) -> Path:

@@ -288,6 +288,11 @@ class AudioTokenizer:
         """Code frames of ``num_samples`` samples at :attr:`sample_rate`: ``ceil(num_samples / hop_length)``."""
         return -(-num_samples // self.hop_length)
 
+    def decoded_samples(self, num_samples: int, sample_rate: int, frames: int) -> int:
+        """Samples (at :attr:`sample_rate`) that decoding ``frames`` code frames of a clip of ``num_samples``
+        samples at ``sample_rate`` gives: the clip's duration, at most what the frames hold."""
+        return min(round(num_samples * self.sample_rate / sample_rate), frames * self.hop_length)
+
     def _prepare(self, audio: audio_utils.AudioInput, sample_rate: int | list[int],
                  mono: bool) -> tuple[list[np.ndarray], list[int], int, int]:
         """-> (items ``[T]`` at the model rate, sample counts, the rate they count at, channels per clip).
@@ -459,7 +464,7 @@ class AudioTokenizer:
             n_out = [f * hop for f in frames]
         else:
             frames = [int(f) for f in encoded.lengths for _ in range(channels)]
-            n_out = [min(round(int(n) * self.sample_rate / encoded.sample_rate), int(f) * hop)
+            n_out = [self.decoded_samples(int(n), encoded.sample_rate, int(f))
                      for n, f in zip(encoded.num_samples, encoded.lengths) for _ in range(channels)]
         chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
         audio = torch.zeros(len(frames), max(n_out))
@@ -554,13 +559,14 @@ def _progress(batches: list, show: bool, desc: str, frame_rate: float):
     from tqdm import tqdm
 
     total = sum(s.keep_stop - s.keep_start for batch in batches for s in batch) / frame_rate
-    with tqdm(total=total, desc=desc, unit="s", leave=False, bar_format=_BAR) as bar:
+    with tqdm(total=total, desc=desc, unit="s", leave=False, bar_format=BAR_FORMAT) as bar:
         for batch in batches:
             yield batch
             bar.update(sum(s.keep_stop - s.keep_start for s in batch) / frame_rate)
 
 
-_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of audio [{elapsed}<{remaining}]"
+#: The format of the progress bars over seconds of audio (encoding and decoding).
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of audio [{elapsed}<{remaining}]"
 
 #: Default (chunk, batch) seconds of audio per forward pass, per device type: bounded activation memory.
 #: On CPU small passes are fastest (activations stay in cache): 5 s runs 1.4x faster than 20 s

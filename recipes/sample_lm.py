@@ -6,7 +6,9 @@
 
 The prompt is encoded with the prior's codec (the model its codes came from, or --codec: a model of
 another architecture, or of other encoder and quantizer weights, is refused) and is part of the output.
-Audio is written while it is generated.
+Audio is written while it is generated, to a temporary name renamed to --out when the sample is
+complete (a killed run leaves no partial file there). Exit status: 0 success, 2 a bad setting,
+prior, codec or prompt, 4 the output could not be written (disk full, permission denied).
 """
 
 import argparse
@@ -53,8 +55,14 @@ def main(argv=None) -> int:
         p.error(f"--prompt-seconds {prompt_seconds} is longer than the output (--seconds {args.seconds}), "
                 "which includes the prompt")
 
+    from audiotok.io import StorageError
+
     try:
         _sample(args, prompt_seconds)
+    except StorageError as e:  # the output's storage: run again once it works
+        print(f"sample_lm: error: cannot write the output: {shown(e)}; run the same command again once the "
+              "storage works", file=sys.stderr)
+        return 4
     except (ValueError, OSError) as e:  # a bad prior folder, codec or prompt: one line
         print(f"sample_lm: error: {shown(e)}", file=sys.stderr)
         return 2
@@ -62,9 +70,8 @@ def main(argv=None) -> int:
 
 
 def _sample(args: argparse.Namespace, prompt_seconds: float) -> None:
-    import soundfile as sf
-
     from audiotok import AudioTokenizer
+    from audiotok.audio import load_audio
     from audiotok.lm import CodePrior, sample_to_wav
     from audiotok.lm.prior import prior_folder, read_prior_config
 
@@ -77,8 +84,8 @@ def _sample(args: argparse.Namespace, prompt_seconds: float) -> None:
     prior.check_codec(tok)
     prompt = None
     if args.prompt:
-        audio, sr = sf.read(args.prompt, dtype="float32", always_2d=True)
-        prompt = tok.encode(audio[: round(prompt_seconds * sr)].T, sr).codes[0]
+        audio, sr = load_audio(args.prompt)  # bounded, and a truncated prompt is warned about
+        prompt = tok.encode(audio[:, : round(prompt_seconds * sr)], sr).codes[0]
     out = Path(args.out)
     for i in range(args.num_samples):
         path = out if args.num_samples == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")

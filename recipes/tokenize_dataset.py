@@ -27,7 +27,9 @@ audiotok/bulk/__init__.py.
 
 Exit status: 0 when every record was tokenized; 1 when some records failed (unreadable, empty,
 NaN, too short: listed under "failures" in the output's manifest.json); 2 for errors that stop the
-job (bad arguments, a missing input, model or package), printed as one line.
+job (bad arguments, a missing input, model or package); 4 when the output's storage failed (disk
+full, permission denied, object store unreachable): nothing is wrong with the input, and the same
+command run again once the storage works resumes the job. Errors are printed as one line.
 """
 
 import argparse
@@ -127,7 +129,12 @@ def check_packages(args: argparse.Namespace) -> None:
                 raise ImportError(f"{need} needs the {package} package: pip install 'audiotok[{extra}]'") from None
 
 
+#: Exit status when the output's storage failed (see the docstring).
+EXIT_STORAGE = 4
+
+
 def main(argv=None) -> int:
+    from audiotok.io import StorageError
     from audiotok.untrusted import shown
 
     args = parse_args(argv)
@@ -155,6 +162,10 @@ def main(argv=None) -> int:
             ray_address=args.ray_address,
         )
         summary = tokenize_dataset(config)
+    except StorageError as e:
+        print(f"tokenize_dataset: error: the output's storage failed: {shown(e)}; run the same command again "
+              "once it works (the job resumes)", file=sys.stderr)
+        return EXIT_STORAGE
     except (ValueError, OSError, ImportError) as e:  # FileNotFoundError (input, model), hub errors, bad settings
         print(f"tokenize_dataset: error: {shown(e)}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ ray engine) reads a part with :func:`read_bundles`.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import posixpath
@@ -159,10 +160,15 @@ class InputSpec:
 
 
 def source_fingerprint(source: AudioSource) -> dict[str, Any]:
-    """What must not change between a job and its resumption for positions to mean the same records."""
+    """What must not change between a job and its resumption for positions to mean the same records:
+    the kind of source, its size and, for a folder (local or at a URL), ``listing``, a hash of its
+    sorted file list (another file in place of one keeps the size, not the listing)."""
     fp: dict[str, Any] = {"kind": type(source).__name__, "random_access": bool(source.random_access)}
     if source.random_access:
         fp["size"] = len(source)
+    files = getattr(source, "files", None)
+    if files is not None:
+        fp["listing"] = hashlib.sha256("\n".join(map(str, files)).encode()).hexdigest()[:16]
     return fp
 
 

@@ -33,6 +33,7 @@ from ..distributed import DistEnv, init_process_group, rank_device, shutdown
 from ..segments import make_batches, plan_segments
 from ..tokenizer import DTYPES, AudioTokenizer
 from ..untrusted import check_number
+from ..workers import worker_init
 from .claims import STATE_DIR, Claims, Scheduler, default_owner, state_path
 from .inputs import Bundle, Decoded, Failure, InputSpec, PartReader, identity_collate, source_fingerprint
 from .store import Store, open_store
@@ -185,9 +186,21 @@ class BulkSummary:
 
 
 def load_plan(store: Store, plan: dict[str, Any]) -> None:
-    """Write ``plan`` to ``.bulk/plan.json``, or check that the one there is the same."""
+    """Write ``plan`` to ``.bulk/plan.json``, or check that the one there is the same: a job resumes
+    only on the input it was planned for (``ValueError`` naming what changed). A plan written before
+    the input's ``listing`` was recorded is checked without it."""
     if store.exists(PLAN_NAME):
         old = store.read_json(PLAN_NAME, PLAN_SHAPE)
+        then, now = (old.get("job") or {}).get("source"), plan["job"]["source"]
+        if isinstance(then, dict) and "listing" not in then:
+            now = {k: v for k, v in now.items() if k != "listing"}
+            plan = {**plan, "job": {**plan["job"], "source": now}}
+        if isinstance(then, dict) and then.get("listing", now.get("listing")) != now.get("listing"):
+            raise ValueError(
+                f"{store.url} holds a job planned on another listing of the input {plan['job']['input']['path']!r} "
+                f"({then.get('size')} files then, {now.get('size')} now; files were renamed, added or removed): "
+                f"resuming would encode some files twice and miss others. Restore the input, or write to a new "
+                f"--output")
         if old != plan:
             a, b = old.get("job") or {}, plan["job"]
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) or ["parts"]
@@ -445,7 +458,8 @@ ReadsFactory = Callable[[Job, float], PartReads]
 
 class LoaderReads:
     """The torch engine's readers: ``max(1, num_workers)`` DataLoader workers (or the process
-    itself with ``num_workers=0``), each reading whole parts (:class:`~audiotok.bulk.inputs.PartReader`)."""
+    itself with ``num_workers=0``), each reading whole parts (:class:`~audiotok.bulk.inputs.PartReader`);
+    they end with this process (:func:`audiotok.workers.die_with_parent`), even when it is killed."""
 
     def __init__(self, job: Job, pool_seconds: float):
         config = job.config
@@ -454,7 +468,8 @@ class LoaderReads:
         reader = PartReader(job.source, job.parts, self.tasks, job.tokenizer.sample_rate, config.mono,
                             config.min_seconds, bundle_seconds=pool_seconds / (2 * self.workers))
         loader = DataLoader(reader, batch_size=None, num_workers=config.num_workers, collate_fn=identity_collate,
-                            in_order=False, prefetch_factor=2 if config.num_workers else None)
+                            in_order=False, prefetch_factor=2 if config.num_workers else None,
+                            worker_init_fn=worker_init())
         self.it = iter(loader)  # workers start now and wait for tasks
 
     def read(self, part: int, start: int) -> None:
@@ -590,7 +605,8 @@ def _encode_parts(job: Job, settings: _Settings, scheduler: Scheduler, reads: Pa
             hours += item.seconds / 3600
         for part, end in ends.items():
             if part in writers:
-                writers.pop(part).finish(end)
+                writers[part].finish(end)  # still held if this fails: the claim is released below
+                del writers[part]
                 claims.release(part)
                 scheduler.done.add(part)
             dropped.discard(part)

@@ -24,6 +24,7 @@ import torch
 
 from ..data.sources import AudioSource
 from ..distributed import rank_device
+from ..io import StorageError
 from .claims import default_owner, done_parts
 from .inputs import Bundle, InputSpec, read_bundles
 from .job import (
@@ -137,6 +138,9 @@ def _run_actors(job: Job) -> tuple[list[dict[str, Any]], int]:
     for actor in actors:  # ended: their work holds no claim
         actor.__ray_terminate__.remote()
     if errors and len(done_parts(job.store)) < len(job.parts):
+        storage = [e for e in errors if isinstance(e, StorageError)]  # Ray's errors are instances of their cause
+        if storage:
+            raise StorageError(_last_line(storage[0])) from storage[0]
         raise RuntimeError(f"every Ray actor stopped before the job was done ({len(errors)} errors; run the "
                            f"same command again to resume); the first: {_last_line(errors[0])}") from errors[0]
     return stats, count

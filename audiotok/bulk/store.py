@@ -8,6 +8,8 @@ relative to it. The guarantees a job relies on:
   the whole new one, never a partial file under the final name;
 * a file is built locally at :meth:`Store.staging_path` and published with :meth:`Store.put_file`
   (on a local store that is a rename in the same folder, on an object store one upload);
+* a failure of the storage itself (a full disk, permission denied, an unreachable object store) is
+  an :class:`audiotok.io.StorageError` naming the file, whatever the store;
 * there is no exclusive create or compare-and-swap (object stores do not all have one): a job's
   correctness must not depend on it, only on outputs being deterministic, so that two processes
   writing the same name write the same content.
@@ -29,10 +31,11 @@ import shutil
 import socket
 import tempfile
 import weakref
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..io import atomic_write, is_temp_name, replace_durably, temp_path
+from ..io import atomic_write, is_temp_name, replace_durably, storage_errors, temp_path
 from ..untrusted import Shape, parse_json
 from ..urls import is_url, local_path, url_to_fs
 
@@ -98,7 +101,8 @@ class Store:
 
 
 class LocalStore(Store):
-    """A folder on a local or shared filesystem; writes are durable (:mod:`audiotok.io`)."""
+    """A folder on a local or shared filesystem; writes are durable (:mod:`audiotok.io`). An ``OSError``
+    of the file system (a full disk, permission denied) is a :class:`~audiotok.io.StorageError`."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -108,45 +112,52 @@ class LocalStore(Store):
         return self.root / check_name(name)
 
     def exists(self, name: str) -> bool:
-        return self._path(name).is_file()
+        with storage_errors(self._path(name)):
+            return self._path(name).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return []
         names = []
-        for dirpath, _, files in os.walk(base):
-            names += [(Path(dirpath) / f).relative_to(self.root).as_posix() for f in files if not is_temp_name(f)]
+        with storage_errors(base):
+            for dirpath, _, files in os.walk(base):
+                names += [(Path(dirpath) / f).relative_to(self.root).as_posix() for f in files if not is_temp_name(f)]
         return sorted(names)
 
     def read_bytes(self, name: str) -> bytes:
-        return self._path(name).read_bytes()
+        with storage_errors(self._path(name)):
+            return self._path(name).read_bytes()
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        with atomic_write(self._path(name), "wb") as f:
+        with storage_errors(self._path(name)), atomic_write(self._path(name), "wb") as f:
             f.write(data)
 
     def staging_path(self, name: str) -> Path:
         path = self._path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with storage_errors(path.parent):
+            path.parent.mkdir(parents=True, exist_ok=True)
         return temp_path(path)
 
     def put_file(self, local: str | os.PathLike, name: str) -> None:
         path = self._path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        replace_durably(local, path)
+        with storage_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            replace_durably(local, path)
 
     def delete(self, name: str) -> None:
-        self._path(name).unlink(missing_ok=True)
+        with storage_errors(self._path(name)):
+            self._path(name).unlink(missing_ok=True)
 
     def clean_staging(self) -> tuple[str, ...]:
         removed = []
-        for dirpath, _, files in os.walk(self.root):
-            for f in files:
-                if is_temp_name(f):
-                    path = Path(dirpath) / f
-                    path.unlink(missing_ok=True)
-                    removed.append(path.relative_to(self.root).as_posix())
+        with storage_errors(self.root):
+            for dirpath, _, files in os.walk(self.root):
+                for f in files:
+                    if is_temp_name(f):
+                        path = Path(dirpath) / f
+                        path.unlink(missing_ok=True)
+                        removed.append(path.relative_to(self.root).as_posix())
         return tuple(sorted(removed))
 
 
@@ -162,7 +173,9 @@ class FsspecStore(Store):
     killed mid-way leaves invisible parts until a bucket lifecycle rule
     ``AbortIncompleteMultipartUpload`` drops them). On the Hugging Face hub every upload is a
     commit. Listings are read afresh on each call (fsspec's listing cache is cleared), since other
-    processes write to the same location.
+    processes write to the same location. Any error of the filesystem (a connection refused, a
+    timeout, a denied request: fsspec raises many types) is a :class:`~audiotok.io.StorageError`;
+    ``FileNotFoundError`` stays what it is.
 
     Args:
         url: the location (a "folder": names are appended after a ``/``).
@@ -188,36 +201,51 @@ class FsspecStore(Store):
     def _path(self, name: str) -> str:
         return f"{self.root}/{check_name(name)}"
 
+    def _errors(self, name: str = "") -> AbstractContextManager[None]:
+        """Any error of the filesystem in the block as a :class:`~audiotok.io.StorageError` naming ``name``."""
+        return storage_errors(f"{self.url}/{name}" if name else self.url, (Exception,))
+
     def exists(self, name: str) -> bool:
-        path, fs = self._path(name), self.fs
-        fs.invalidate_cache()
-        return bool(fs.isfile(path))
+        path = self._path(name)
+        with self._errors(name):
+            fs = self.fs
+            fs.invalidate_cache()
+            return bool(fs.isfile(path))
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self.root
-        fs = self.fs
-        fs.invalidate_cache()
-        if not fs.isdir(base):
-            return []
-        names = (posixpath.relpath(p, self.root) for p in fs.find(base))
-        return sorted(n for n in names if not is_temp_name(n))
+        with self._errors(prefix):
+            fs = self.fs
+            fs.invalidate_cache()
+            if not fs.isdir(base):
+                return []
+            names = (posixpath.relpath(p, self.root) for p in fs.find(base))
+            return sorted(n for n in names if not is_temp_name(n))
 
     def read_bytes(self, name: str) -> bytes:
-        return bytes(self.fs.cat_file(self._path(name)))
+        path = self._path(name)
+        with self._errors(name):
+            return bytes(self.fs.cat_file(path))
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        self.fs.pipe_file(self._path(name), data)
+        path = self._path(name)
+        with self._errors(name):
+            self.fs.pipe_file(path, data)
 
     def staging_path(self, name: str) -> Path:
         return temp_path(self._staging / posixpath.basename(check_name(name)))
 
     def put_file(self, local: str | os.PathLike, name: str) -> None:
-        self.fs.put_file(os.fspath(local), self._path(name))
+        path = self._path(name)
+        with self._errors(name):
+            self.fs.put_file(os.fspath(local), path)
         os.unlink(local)
 
     def delete(self, name: str) -> None:
+        path = self._path(name)
         try:
-            self.fs.rm_file(self._path(name))
+            with self._errors(name):
+                self.fs.rm_file(path)
         except FileNotFoundError:
             pass
 

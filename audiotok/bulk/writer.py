@@ -4,12 +4,14 @@ all through the output's store."""
 from __future__ import annotations
 
 import re
+from contextlib import AbstractContextManager
 from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from ..codedataset import SHARD_WRITERS, ShardWriter, TarShardWriter
+from ..io import storage_errors
 from .claims import state_path
 from .inputs import Failure
 from .store import Store
@@ -78,10 +80,16 @@ class PartWriter:
             raise RuntimeError(f"part {self.part}: got position {position}, expected {self.position}")
         self.position += 1
 
+    def _building(self) -> AbstractContextManager[None]:
+        """Errors of the file system while the shard is built at its staging path (a full disk) as
+        :class:`~audiotok.io.StorageError` naming the shard."""
+        return storage_errors(f"{self.store.url}/{self.name}")
+
     def _open(self) -> ShardWriter:
         if self.shard is None:
-            self.shard = SHARD_WRITERS[self.fmt](self.store.staging_path(self.name), self.metadata,
-                                                 self.kept_fields, staged=True)
+            path = self.store.staging_path(self.name)
+            with self._building():
+                self.shard = SHARD_WRITERS[self.fmt](path, self.metadata, self.kept_fields, staged=True)
             self.shard_start = self.position
         return self.shard
 
@@ -96,13 +104,15 @@ class PartWriter:
         if self.sidecar is not None and (key := self.sample_key(failure.key)) is not None:
             shard = self._open()
             assert isinstance(shard, TarShardWriter)  # sidecar: webdataset format
-            shard.add_failure(key, failure.reason, failure.detail)
+            with self._building():
+                shard.add_failure(key, failure.reason, failure.detail)
 
     def add_record(self, position: int, meta: dict[str, Any], codes: np.ndarray) -> None:
         self._advance(position)
-        self._open().add(meta, codes)
-        shard = self.shard
-        if self.sidecar is None and shard is not None and (
+        shard = self._open()
+        with self._building():
+            shard.add(meta, codes)
+        if self.sidecar is None and (
                 shard.records >= self.shard_records or shard.frames >= self.shard_frames):
             self.commit()
 
@@ -111,7 +121,8 @@ class PartWriter:
             self._open()  # a sidecar shard exists for every input shard, even one without records
         entry = None
         if self.shard is not None:
-            self.shard.close()
+            with self._building():
+                self.shard.close()
             self.store.put_file(self.shard.path, self.name)
             entry = {"path": self.name, "records": self.shard.records, "frames": self.shard.frames,
                      "seconds": self.shard.seconds, "start": self.shard_start, "end": self.position}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,16 +15,18 @@ import torch
 from ..audio import (
     AUDIO_EXTENSIONS,
     AUDIO_WRITE_FORMATS,
+    audio_writer,
+    check_resample_ratio,
     check_sample_rate,
     check_subtype,
     find_files,
     load_audio,
-    resample,
-    save_audio,
+    resample_blocks,
 )
 from ..codefile import SUFFIX, CodeFile, CodeHeader, DisagreeingFields, read_header
 from ..codes import check_10bit, check_n_quantizers
-from ..tokenizer import AudioTokenizer
+from ..io import StorageError, storage_errors
+from ..tokenizer import BAR_FORMAT, AudioTokenizer
 from ..untrusted import shown
 
 logger = logging.getLogger("audiotok")
@@ -33,18 +35,21 @@ logger = logging.getLogger("audiotok")
 
 @dataclass
 class BatchReport:
-    """What a file or folder run did: outputs written and inputs skipped (with the reason)."""
+    """What a file or folder run did: outputs written, outputs an earlier run wrote and that were kept
+    (``kept``), and inputs skipped (with the reason)."""
 
     done: list[tuple[Path, Path]] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    kept: list[tuple[Path, Path]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.skipped
 
     def summary(self, verb: str) -> str:
-        total = len(self.done) + len(self.skipped)
+        total = len(self.done) + len(self.skipped) + len(self.kept)
         lines = [f"{verb} {len(self.done)} of {total} file{'s' if total != 1 else ''}"
+                 + (f" ({len(self.kept)} already {verb} by an earlier run, kept)" if self.kept else "")
                  + (f"; skipped {len(self.skipped)}:" if self.skipped else "")]
         lines += [f"  {shown(path)}: {shown(reason)}" for path, reason in self.skipped]  # one line each
         return "\n".join(lines)
@@ -134,35 +139,69 @@ def _check_encode_args(tokenizer: AudioTokenizer, n_quantizers: int | None, pack
 
 def encode_path(tokenizer: AudioTokenizer, input: str | os.PathLike, output: str | os.PathLike,
                 n_quantizers: int | None = None, per_channel: bool = False, pack_10bit: bool = False,
-                extensions: str | Iterable[str] | None = None, progress: bool | None = None) -> BatchReport:
+                extensions: str | Iterable[str] | None = None, progress: bool | None = None,
+                overwrite: bool = False) -> BatchReport:
     """Encode an audio file to an ``.atok`` file, or a folder tree to a mirrored tree of them.
 
     A single file that fails raises ``ValueError``. In a folder, files that fail (unreadable,
-    empty, NaN) are logged, skipped and listed in the report. ``progress``: show tqdm bars, over
-    the files of a folder and over the chunks of each file (``None``: only on a terminal).
+    empty, NaN) are logged, skipped and listed in the report; a folder without audio files is a
+    ``ValueError``. An output that cannot be written (a full disk) stops the run: a
+    :class:`~audiotok.io.StorageError`. In a folder, outputs an earlier run wrote with the same model
+    and settings, newer than their input, are kept (``report.kept``) unless ``overwrite``.
+    ``progress``: show tqdm bars, over the files of a folder and over the chunks of each file
+    (``None``: only on a terminal).
     """
     src, out = Path(input), Path(output)
     _check_encode_args(tokenizer, n_quantizers, pack_10bit)
     _check_input(src)
     report = BatchReport()
     chunks = _show_progress(progress)
+
+    def work(a: Path, b: Path) -> None:
+        code_file = encode_file(tokenizer, a, n_quantizers, per_channel, chunks)
+        with storage_errors(b):
+            code_file.save(b, pack_10bit)
+
     if src.is_file():
         dst = _single_output(src, out, (SUFFIX,), "code")
-        encode_file(tokenizer, src, n_quantizers, per_channel, chunks).save(dst, pack_10bit)
+        work(src, dst)
         report.done.append((src, dst))
         return report
     if out.is_file():
         raise ValueError(f"{out}: is a file; the output for a folder must be a folder")
     exts = parse_extensions(extensions)
-    pairs = mirror_paths(find_files(src, exts), src, out, SUFFIX)
-    if not pairs:
-        logger.warning("no audio files with extensions %s under %s", ",".join(exts), src)
-
-    def work(a: Path, b: Path) -> None:
-        encode_file(tokenizer, a, n_quantizers, per_channel, chunks).save(b, pack_10bit)
-
+    pairs = _listed(mirror_paths(find_files(src, exts), src, out, SUFFIX), src, f"audio files ({','.join(exts)})")
+    if not overwrite:
+        settings = (n_quantizers or tokenizer.n_codebooks, per_channel, "10bit" if pack_10bit else "none")
+        report.kept = [(a, b) for a, b in pairs if _encoded_before(tokenizer, a, b, *settings)]
+        pairs = [pair for pair in pairs if pair not in report.kept]
     _run_batch(pairs, work, report, "encoding", progress)
     return report
+
+
+def _encoded_before(tokenizer: AudioTokenizer, src: Path, dst: Path, n_quantizers: int, per_channel: bool,
+                    packing: str) -> bool:
+    """Whether ``dst`` is a code file of ``src`` that an earlier run wrote with ``tokenizer`` and these
+    settings: readable, newer than ``src``, of the same model and weights, codebooks, channels and packing.
+    (Outputs are written atomically, so a file at ``dst`` is whole.)"""
+    try:
+        if dst.stat().st_mtime < src.stat().st_mtime:
+            return False
+        header = read_header(dst)
+    except (OSError, ValueError):
+        return False
+    return (header.config_hash == tokenizer.config.architecture_hash()
+            and header.codes_fingerprint == tokenizer.codes_fingerprint
+            and header.shape[:2] == (header.channels if per_channel else 1, n_quantizers)
+            and header.packing == packing)
+
+
+def _listed(pairs: list[tuple[Path, Path]], src: Path, what: str) -> list[tuple[Path, Path]]:
+    """``pairs`` (a folder's inputs and outputs), unless there are none: then ``ValueError`` naming
+    the folder (a folder named ``x.wav``, a wrong folder, wrong ``--extensions``)."""
+    if not pairs:
+        raise ValueError(f"{src}: a folder without {what}: nothing to do")
+    return pairs
 
 
 def _show_progress(progress: bool | None) -> bool:
@@ -178,6 +217,8 @@ def _run_batch(pairs: list[tuple[Path, Path]], work: Callable[[Path, Path], None
     for a, b in bar:
         try:
             work(a, b)
+        except StorageError:  # the output's storage, not this input: every next file would fail too
+            raise
         except (ValueError, OSError) as e:
             reason = str(e)
             prefix = f"{a}: "
@@ -194,18 +235,54 @@ def _run_batch(pairs: list[tuple[Path, Path]], work: Callable[[Path, Path], None
 
 def decode_code_file(tokenizer: AudioTokenizer, code_file: CodeFile, sample_rate: int | str | None = None,
                      progress: bool = False, allow_other_weights: bool = False) -> tuple[np.ndarray, int]:
-    """Decode to float32 ``[C, T]``, cropped to the original duration: ``(audio, rate)``.
+    """Decode to float32 ``[C, T]``, cropped to the original duration: ``(audio, rate)``; the
+    blocks of :func:`decoded_blocks` joined (whose arguments it takes)."""
+    rate, blocks = decoded_blocks(tokenizer, code_file, sample_rate, progress, allow_other_weights)
+    return np.concatenate(list(blocks), axis=1), rate
+
+
+def decoded_blocks(tokenizer: AudioTokenizer, code_file: CodeFile, sample_rate: int | str | None = None,
+                   progress: bool = False, allow_other_weights: bool = False) -> tuple[int, Iterator[np.ndarray]]:
+    """Decode piece by piece, in memory bounded by the tokenizer's ``chunk_seconds`` whatever the
+    file's length: ``(rate, blocks)``, float32 ``[C, n]`` blocks that together are the audio cropped
+    to the original duration (equal to whole decoding within float rounding,
+    :meth:`AudioTokenizer.decode_stream`).
 
     ``sample_rate``: ``None`` for the model's rate, ``"source"`` for the rate of the audio that was
-    encoded, or a rate in Hz (resampled with soxr). ``progress``: a bar over the chunks.
+    encoded, or a rate in Hz (resampled with soxr, as a stream). ``progress``: a bar over the frames.
     ``allow_other_weights``: decode codes written by a model of the same architecture with other weights.
+    Whatever is wrong with the file or the model is raised before the first block.
     """
     code_file.check_compatible(tokenizer, allow_other_weights)
-    audio = tokenizer.decode(code_file.to_encoded(), progress=progress,
-                             allow_other_weights=allow_other_weights)[:, 0, :].numpy()
-    rate = code_file.source_sample_rate if sample_rate == "source" else sample_rate or tokenizer.sample_rate
-    rate = check_sample_rate(rate)
-    return resample(audio, tokenizer.sample_rate, rate), rate
+    encoded = code_file.to_encoded()
+    tokenizer.check_encoded(encoded, allow_other_weights)
+    rate = check_sample_rate(code_file.source_sample_rate if sample_rate == "source"
+                             else sample_rate or tokenizer.sample_rate)
+    check_resample_ratio(tokenizer.sample_rate, rate)
+    codes = encoded.codes  # [C, K, F]: the channels decode as a batch
+    total = tokenizer.decoded_samples(code_file.num_samples, code_file.source_sample_rate, codes.shape[-1])
+    return rate, resample_blocks(_decoded(tokenizer, codes, total, progress), tokenizer.sample_rate, rate)
+
+
+def _decoded(tokenizer: AudioTokenizer, codes: torch.Tensor, total: int, progress: bool) -> Iterator[np.ndarray]:
+    """``[C, n]`` blocks of the first ``total`` samples of the audio of ``codes`` ``[C, K, F]``, at
+    the model's rate, decoded ``chunk_seconds`` at a time."""
+    from tqdm import tqdm
+
+    frames = codes.shape[-1]
+    chunk = tokenizer.frame_budgets()[0] or frames
+    with tqdm(total=frames / tokenizer.frame_rate, desc="decoding", unit="s", leave=False, bar_format=BAR_FORMAT,
+              disable=not progress) as bar:
+        pieces = (codes[..., i: i + chunk] for i in range(0, frames, chunk))
+        left = total
+        for piece in tokenizer.decode_stream(pieces, chunk):
+            block = piece[:, 0, :left].numpy()
+            bar.update(piece.shape[-1] / tokenizer.sample_rate)
+            left -= block.shape[-1]
+            if block.shape[-1]:
+                yield block
+            if not left:
+                return
 
 
 def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: AudioTokenizer | None = None,
@@ -224,7 +301,9 @@ def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: 
 
     Before anything is decoded, every file's header is checked against the model: another architecture
     or other weights raise ``ValueError``. Files that are corrupt are logged, skipped and listed in the
-    report (for a single file: ``ValueError``).
+    report (for a single file: ``ValueError``); a folder without code files is a ``ValueError``. Audio
+    is decoded and written piece by piece (:func:`decoded_blocks`), at a temporary name moved into
+    place when complete; an output that cannot be written stops the run (:class:`~audiotok.io.StorageError`).
     """
     src, out = Path(input), Path(output)
     if format is not None:
@@ -252,8 +331,10 @@ def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: 
     def work(a: Path, b: Path) -> None:
         code_file = CodeFile.load(a)
         check(code_file, a)
-        audio, rate = decode_code_file(model, code_file, sample_rate, chunks, allow_other_weights)
-        save_audio(b, audio, rate, subtype)
+        rate, blocks = decoded_blocks(model, code_file, sample_rate, chunks, allow_other_weights)
+        with audio_writer(b, rate, code_file.shape[0], subtype) as write:
+            for block in blocks:
+                write(block)
 
     if src.is_file():
         suffixes = ("." + format,) if format else tuple(AUDIO_WRITE_FORMATS)
@@ -265,9 +346,7 @@ def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: 
         raise ValueError(f"{out}: is a file; the output for a folder must be a folder")
     suffix = "." + (format or "wav")
     check_subtype(suffix, subtype)
-    pairs = mirror_paths(find_files(src, (SUFFIX,)), src, out, suffix)
-    if not pairs:
-        logger.warning("no %s files under %s", SUFFIX, src)
+    pairs = _listed(mirror_paths(find_files(src, (SUFFIX,)), src, out, suffix), src, f"{SUFFIX} files")
     # Check every readable header against the model first, so that a wrong model decodes nothing.
     mismatched = []
     for a, _ in pairs:

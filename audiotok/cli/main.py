@@ -2,7 +2,9 @@
 
 Exit status: 0 on success; 1 when inputs failed (a folder run skipped some files, listed in the
 summary); 2 for errors the user can fix (bad arguments, missing files, a model that does not fit the
-codes); 3 for an internal error (a bug: please report it). Every failure is one line on stderr,
+codes, a device that cannot run); 3 for an internal error (a bug: please report it); 4 when an output
+could not be written (disk full, permission denied: the run stops there; run it again once the storage
+works, and the files already written are kept). Every failure is one line on stderr,
 ``audiotok: error: ...`` (``-vv`` adds the traceback of an internal error).
 """
 
@@ -18,11 +20,13 @@ from pathlib import Path
 from typing import NoReturn
 
 from .. import __version__
+from ..io import StorageError
 from ..untrusted import number_arg, shown
 
 _EPILOG = ("exit status: 0 success, 1 some files in a folder were skipped (see the summary), "
-           "2 usage or input error, 3 internal error")
-EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+           "2 usage or input error, 3 internal error, 4 an output could not be written (disk full, permission "
+           "denied): run again once the storage works")
+EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, EXIT_INTERNAL, EXIT_STORAGE = 0, 1, 2, 3, 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="code each channel separately instead of averaging them to mono")
     p.add_argument("--extensions", default=",".join(e.lstrip(".") for e in AUDIO_EXTENSIONS), metavar="LIST",
                    help="comma-separated audio extensions to pick up in folders (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="in a folder, encode every file again (default: keep the outputs an earlier run wrote with "
+                        "the same model and settings, newer than their input)")
     p.set_defaults(func=_cmd_encode)
 
     p = sub.add_parser("decode", help=".atok file or folder -> audio", epilog=_EPILOG,
@@ -188,7 +195,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     tokenizer = _load_model(args)
     report = encode_path(tokenizer, args.input, args.output, n_quantizers=args.n_quantizers,
                          per_channel=args.per_channel, pack_10bit=args.pack_10bit, extensions=args.extensions,
-                         progress=_progress(args))
+                         progress=_progress(args), overwrite=args.overwrite)
     return _finish(report, "encoded", args.input.is_file())
 
 
@@ -238,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     try:
         return args.func(args)
+    except StorageError as e:
+        print(f"audiotok: error: cannot write the output: {shown(_one_line(e))}; run the same command again once "
+              "the storage works (files already written are kept)", file=sys.stderr)
+        return EXIT_STORAGE
     except (ValueError, OSError) as e:  # FileNotFoundError, PermissionError, ... are OSErrors
         print(f"audiotok: error: {shown(_one_line(e))}", file=sys.stderr)
         return EXIT_USAGE

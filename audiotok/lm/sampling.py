@@ -275,7 +275,9 @@ def generate(prior: CodePrior, n_samples: int = 1, **options) -> Samples:
 def sample_to_wav(prior: CodePrior, tokenizer, path: str | os.PathLike, chunk_frames: int = 25,
                   **options) -> torch.Tensor:
     """Generate one sample and write it to a WAV file while generating: frames go through
-    :meth:`AudioTokenizer.decode_stream` as they are complete.
+    :meth:`AudioTokenizer.decode_stream` as they are complete. The file is built at a temporary name
+    and moved to ``path`` when the sample is complete (:func:`audiotok.audio.audio_writer`): a sampler
+    that fails or is killed leaves no partial file at ``path``.
 
     Args:
         prior: the prior.
@@ -287,11 +289,11 @@ def sample_to_wav(prior: CodePrior, tokenizer, path: str | os.PathLike, chunk_fr
     Returns:
         int64 codes ``[K, F]`` of the sample (prompt included).
     """
-    import soundfile as sf
+    from ..audio import audio_writer
 
     prior.check_codec(tokenizer)
     sampler = Sampler(prior, 1, **options)
-    with sf.SoundFile(str(path), "w", samplerate=tokenizer.sample_rate, channels=1, subtype="FLOAT") as out:
+    with audio_writer(path, tokenizer.sample_rate, 1, "FLOAT") as write:
         for audio in tokenizer.decode_stream((frame for _, frame in sampler.frames()), chunk_frames):
-            out.write(audio[0, 0].numpy())
+            write(audio[0])
     return prior.vocab.decode(sampler.ids[0], prior.pattern)

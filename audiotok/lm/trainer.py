@@ -33,6 +33,7 @@ from ..train.media import PRIOR_SAMPLES, PriorSamples, count, stop_reason, summa
 from ..train.state import check_resumable, newest_checkpoint, save_checkpoint
 from ..train.trainer import Logger
 from ..untrusted import check_number, shown
+from ..workers import worker_init
 from .config import PriorTrainConfig
 from .dataset import CodeDataset, LMTokenDataset
 from .prior import CodecInfo, CodePrior, check_codes, read_prior_config
@@ -74,7 +75,7 @@ def _batches(dataset: IterableDataset, config: PriorTrainConfig, rank: int, batc
         # its own generator: starting an epoch must not draw from torch's global RNG (dropout), or a resumed
         # run would see other dropout masks than an uninterrupted one
         loader = DataLoader(dataset, batch_size=None, num_workers=loop.num_workers,
-                            generator=torch.Generator().manual_seed(seed))
+                            generator=torch.Generator().manual_seed(seed), worker_init_fn=worker_init())
         items = _shuffled(loader, loop.shuffle_blocks, rng)
         count = 0
         while chunk := list(itertools.islice(items, batch)):
