@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from ..audio import downmix, resample
+from ..workers import die_with_parent
 from .dataset import SourceGroup, mixture
 from .sources import AudioSource, DecodeError
 from .transforms import ABSOLUTE_GATE
@@ -102,8 +103,9 @@ _worker_sources: list[AudioSource] = []
 _worker_rate = 0
 
 
-def _init_worker(sources: list[AudioSource], sample_rate: int) -> None:
+def _init_worker(parent: int, sources: list[AudioSource], sample_rate: int) -> None:
     global _worker_sources, _worker_rate
+    die_with_parent(parent)  # a killed trainer leaves no decoders behind
     _worker_sources, _worker_rate = sources, sample_rate
 
 
@@ -130,7 +132,7 @@ def decode_sources(sources: Sequence[AudioSource], sample_rate: int, workers: in
     else:
         pool = concurrent.futures.ProcessPoolExecutor(
             min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(list(sources), sample_rate))
+            initializer=_init_worker, initargs=(os.getpid(), list(sources), sample_rate))
         with pool:
             results = list(pool.map(_decode_task, tasks))
     out: list[list[Decoded]] = [[] for _ in sources]

@@ -30,6 +30,7 @@ from ..layers import use_fused_snake
 from ..metrics import codebook_utilization
 from ..model import DAC
 from ..untrusted import shown
+from ..workers import worker_init
 from .config import TrainConfig
 from .discriminator import Discriminator, FeatureMaps
 from .losses import discriminator_loss, feature_matching_loss, generator_adversarial_loss
@@ -308,7 +309,8 @@ def _train(config: TrainConfig, save_path: Path, max_steps: int | None, init_fro
     complex_loss = ComplexSTFTLoss(weights.complex_stft_window_lengths, weights.complex_stft_pow,
                                    weights.complex_stft_mag_weight).to(dev) if weights.complex_stft > 0 else None
     loader = dataset if isinstance(dataset, ResidentBatches) else DataLoader(
-        dataset, batch_size=batch_per_rank, num_workers=loop.num_workers, persistent_workers=loop.num_workers > 0)
+        dataset, batch_size=batch_per_rank, num_workers=loop.num_workers, persistent_workers=loop.num_workers > 0,
+        worker_init_fn=worker_init())  # workers end with this process, even when it is killed
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=loop.bf16)
 
     logger: Logger | None = None
