@@ -119,10 +119,13 @@ def codec_code_sets(tmp_path_factory, codec_tok):
     """Code sets like ``code_sets`` whose manifests name a folder holding their codec: it loads offline."""
     root = tmp_path_factory.mktemp("prior-codec-codes")
     codec_tok.save_pretrained(root / "codec")
+    codec_id = str(root / "codec")
     for name, records in (("train", learnable_records("t", 40, 0)), ("valid", learnable_records("v", 12, 2))):
+        for record in records:  # each record names the model that wrote it, as the manifest does
+            record.meta["model_id"] = codec_id
         write_dataset(root / name, [("shard-00000.tar", records)], codec_tok.codes_fingerprint)
         manifest = json.loads((root / name / "manifest.json").read_text())
-        (root / name / "manifest.json").write_text(json.dumps({**manifest, "model_id": str(root / "codec")}))
+        (root / name / "manifest.json").write_text(json.dumps({**manifest, "model_id": codec_id}))
     return root
 
 

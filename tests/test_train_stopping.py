@@ -129,7 +129,16 @@ def test_signals_stop_after_the_step_and_handlers_are_restored():
 
 def test_a_forked_worker_keeps_the_signals_behaviour():
     """DataLoader workers are forked with the handlers: there a signal does what it did before (SIGTERM ends
-    the worker, so a loader can terminate it)."""
+    the worker, so a loader can terminate it). SIGTERM's default action beforehand: other libraries
+    (Ray) may have installed handlers in this process."""
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        _fork_and_terminate()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _fork_and_terminate() -> None:
     with StopControl():
         pid = os.fork()
         if pid == 0:  # the worker
