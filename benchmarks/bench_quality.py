@@ -349,7 +349,7 @@ def run_category(codecs: list[Codec], category: str, source, args: argparse.Name
     skip_examples: list[str] = []
     failures: dict[str, int] = {}
     failure_examples: list[str] = []
-    files = []
+    files: list[dict[str, Any]] = []
     for codec in codecs:
         codec.codes.clear()  # this category's codes only
     timing: dict[str, Any] = {"read": 0.0, "code": {c.name: 0.0 for c in codecs},
@@ -381,7 +381,7 @@ def run_category(codecs: list[Codec], category: str, source, args: argparse.Name
             outputs.append((codec, decoded))
             timing["code"][codec.name] += time.perf_counter() - start
             for row in codec.rows:
-                values = {}
+                values: dict[str, float | None] = {}
                 for name, fn in fns.items():
                     start = time.perf_counter()
                     try:
@@ -510,7 +510,7 @@ def pooled(results: dict[str, dict[str, Any]], codecs: list[Codec]) -> dict[str,
     utilization = {}
     for codec in codecs:
         codes = [c for cat in cats for c in results[cat]["_codes"].get(codec.name, [])]
-        if codes:
+        if codes and codec.tokenizer is not None:
             per, overall = metrics.codebook_utilization(codes, codec.tokenizer.codebook_size)
             utilization[codec.name] = {"overall": overall, "per_codebook": per,
                                        "frames": sum(int(c.shape[-1]) for c in codes)}
