@@ -603,3 +603,33 @@ def test_shard_counts_and_parquet_metadata_must_match_the_manifest(tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="metadata disagrees with the manifest: hop_length 512 .*, config_hash 'x'"):
         list(CodeDataset(root))
+
+
+def test_info_on_a_code_dataset_gives_per_codebook_statistics(tmp_path, capsys):
+    """`audiotok info DATASET`: the token rate and, per codebook, distinct codes, perplexity and entropy
+    of the code histogram, checked against a direct count over every channel of every record."""
+    from audiotok.cli import main
+
+    rng = np.random.default_rng(3)
+    records = make_records("a", 6, rng, stereo=True)
+    write_dataset(tmp_path / "ds", [("shard-00000.tar", records[:3]), ("shard-00001.tar", records[3:])])
+    assert main(["info", str(tmp_path / "ds"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    channels = [c for r in records for c in r.codes.reshape(-1, 4, r.codes.shape[-1])]
+    flat = np.concatenate(channels, axis=1)
+    assert (info["records"], info["records_read"], info["frames_read"]) == (6, 6, flat.shape[1])
+    assert info["tokens_per_second"] == pytest.approx(CONFIG.frame_rate * 4, abs=1e-3)
+    for k, row in enumerate(flat):
+        counts = np.bincount(row, minlength=64)
+        p = counts[counts > 0] / row.size
+        entropy = float(-(p * np.log2(p)).sum())
+        assert info["distinct_codes"][k] == int((counts > 0).sum())
+        assert info["entropy_bits"][k] == pytest.approx(entropy, abs=1e-3)
+        assert info["perplexity"][k] == pytest.approx(2**entropy, abs=0.06)
+    assert main(["info", str(tmp_path / "ds"), "--max-records", "1", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    c0, f0 = records[0].codes.reshape(-1, 4, records[0].codes.shape[-1]).shape[0], records[0].codes.shape[-1]
+    assert (first["records_read"], first["frames_read"]) == (1, c0 * f0)  # every channel's frames
+    assert main(["info", str(tmp_path / "ds")]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["distinct_codes"].split() == [str(d) for d in info["distinct_codes"]]

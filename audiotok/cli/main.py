@@ -135,10 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the model's rate)")
     p.set_defaults(func=_cmd_decode)
 
-    p = sub.add_parser("info", help="describe a model or an .atok file", epilog=_EPILOG,
-                       description=f"Describe a model or an .atok file. Model names: {describe_names()}.")
+    p = sub.add_parser("info", help="describe a model, an .atok file or a code dataset", epilog=_EPILOG,
+                       description="Describe a model, an .atok file or a code dataset (a folder with manifest.json: "
+                                   "its token rate and per-codebook usage, as a language model will see it). "
+                                   f"Model names: {describe_names()}.")
     p.add_argument("source", metavar="SRC", nargs="?", default=None,
-                   help="model source or .atok file (default: the bundled model)")
+                   help="model source, .atok file or code dataset folder (default: the bundled model)")
+    p.add_argument("--max-records", type=int, default=2000, metavar="N",
+                   help="code datasets: per-codebook statistics over the first N records (default 2000)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
 
@@ -211,22 +215,29 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from ..codedataset import MANIFEST_NAME
     from ..codefile import SUFFIX
     from ..hub import describe_names
-    from .modelinfo import code_file_info, model_info
+    from .modelinfo import code_dataset_info, code_file_info, model_info
 
     path = Path(args.source or "").expanduser()
     is_code_file = args.source is not None and path.is_file() and path.suffix == SUFFIX
-    info = code_file_info(path) if is_code_file else model_info(args.source)
-    if not is_code_file and not args.json:
-        info["model_names"] = describe_names()  # every name --model takes besides paths and hub ids
+    is_dataset = args.source is not None and (path / MANIFEST_NAME).is_file()
+    if is_code_file:
+        info = code_file_info(path)
+    elif is_dataset:
+        info = code_dataset_info(path, args.max_records)
+    else:
+        info = model_info(args.source)
+        if not args.json:
+            info["model_names"] = describe_names()  # every name --model takes besides paths and hub ids
     if args.json:
         print(json.dumps(info, indent=2))  # escapes every control character
     else:
         width = max(len(k) for k in info)
         for key, value in info.items():
-            if isinstance(value, list):
-                value = " x ".join(str(v) for v in value)
+            if isinstance(value, list):  # a shape, or one value per codebook
+                value = (" x " if key.endswith("shape") else " ").join(str(v) for v in value)
             print(f"{key:<{width}}  {shown(value)}")
     return 0
 

@@ -1,11 +1,14 @@
-"""Describing models and code files, and converting models between checkpoint formats."""
+"""Describing models, code files and code datasets, and converting models between checkpoint formats."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..checkpoint import detect_format, storage_dtype
@@ -75,6 +78,46 @@ def code_file_info(path: str | os.PathLike) -> dict[str, Any]:
         "packing": cf.packing,
         "code_shape": [c, k, f],
         "file_bytes": path.stat().st_size,
+    }
+
+
+def code_dataset_info(path: str | os.PathLike, max_records: int = 2000) -> dict[str, Any]:
+    """What a language model will see in a code dataset (a folder or URL with ``manifest.json``): its
+    writer, size and token rate, and per codebook the distinct codes, the perplexity (``2 ** H``) and
+    the entropy in bits of the code histogram over the first ``max_records`` records (every channel
+    of a per-channel record counts)."""
+    from ..lm import CodeDataset
+    from ..metrics import codebook_utilization
+
+    if max_records < 1:
+        raise ValueError(f"max_records must be at least 1, got {max_records}")
+    dataset = CodeDataset(path)
+    config, k = dataset.config, dataset.n_codebooks
+    records = list(itertools.islice(iter(dataset), max_records))
+    items = [channel for record in records for channel in record.codes.reshape(-1, k, record.codes.shape[-1])]
+    if not items:
+        raise ValueError(f"{path}: the code dataset has no records")
+    usage = codebook_utilization(items, config.codebook_size)
+    flat = np.concatenate(items, axis=1)
+    bits = math.log2(config.codebook_size)
+    return {
+        "dataset": str(path),
+        "format": "audiotok-code-dataset",
+        "model_id": dataset.model_id,
+        "config_hash": dataset.manifest["config_hash"],
+        "codes_fingerprint": dataset.codes_fingerprint or "(not recorded)",
+        "records": len(dataset),
+        "audio_hours": dataset.manifest.get("audio_hours"),
+        "n_codebooks": k,
+        "codebook_size": config.codebook_size,
+        "frame_rate": round(config.frame_rate, 4),
+        "tokens_per_second": round(config.frame_rate * k, 4),
+        "records_read": len(records),
+        "frames_read": int(flat.shape[1]),
+        "distinct_codes": [int(np.unique(row).size) for row in flat],
+        "perplexity": [round(p, 1) for p in usage.perplexity(config.codebook_size)],
+        "entropy_bits": [round(u * bits, 3) for u in usage.per_codebook],
+        "utilization": round(usage.overall, 4),
     }
 
 
