@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,16 @@ def unfold_state_dict(state_dict: dict[str, torch.Tensor], weight_norm_keys: set
     return out
 
 
+def weight_mismatches(weights: Mapping[str, torch.Tensor],
+                      expected: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """How ``weights`` differ from ``expected`` (a module's ``state_dict()``): the missing keys and the
+    unexpected keys (sorted), and the keys whose shapes differ (in ``expected``'s order)."""
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    reshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    return missing, unexpected, reshaped
+
+
 def load_weights(model: DAC, state_dict: dict[str, torch.Tensor]) -> DAC:
     """Load ``state_dict`` into ``model`` in whichever weight-norm form the model has, strictly.
 
@@ -102,13 +113,8 @@ def load_weights(model: DAC, state_dict: dict[str, torch.Tensor]) -> DAC:
     elif not parametrized:
         state_dict = fold_state_dict(state_dict)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and state_dict[k].shape != expected[k].shape
-    ]
+    missing, unexpected, reshaped = weight_mismatches(state_dict, expected)
+    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}" for k in reshaped]
     if missing or unexpected or mismatched:
         problems = []
         kinds = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))

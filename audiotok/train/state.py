@@ -49,6 +49,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from ..checkpoint import weight_mismatches
 from ..io import atomic_write, fsync_dir, fsync_file
 
 log = logging.getLogger("audiotok.train")
@@ -203,6 +204,12 @@ def save_checkpoint(run: str | os.PathLike, state: dict[str, Any], write: Callab
 #: architecture, the discriminator, the trained parameters). ``quantizer_dropout`` may change.
 CODEC_RESUME_SETTINGS = ("model", "discriminator", "train.freeze")
 CODEC_RESUME_MAY_CHANGE = ("model.quantizer_dropout",)
+
+
+def codec_resume_settings(loads_discriminator: bool) -> list[str]:
+    """The :data:`CODEC_RESUME_SETTINGS` a codec resume compares: ``discriminator`` only when the run's
+    discriminator is loaded (the GAN is on and the state has one); otherwise any discriminator may come."""
+    return [k for k in CODEC_RESUME_SETTINGS if loads_discriminator or k != "discriminator"]
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], folder: Path, compared: Sequence[str],
@@ -408,11 +415,11 @@ def _unflatten_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any
 def check_weights(weights: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], where: str) -> None:
     """``ValueError`` starting with ``where`` unless ``weights`` has exactly the keys and shapes of ``expected``
     (a module's ``state_dict()``)."""
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    missing, unexpected, reshaped = weight_mismatches(weights, expected)
     problems = [f"{what} keys {_few(names)}" for what, names in (("missing", missing), ("unexpected", unexpected))
                 if names]
     problems += [f"{key} has shape {list(weights[key].shape)}, the model {list(expected[key].shape)}"
-                 for key in expected if key in weights and weights[key].shape != expected[key].shape][:5]
+                 for key in reshaped[:5]]
     if problems:
         raise ValueError(f"{where}: does not fit the model its config describes: " + "; ".join(problems))
 

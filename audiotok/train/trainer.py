@@ -37,10 +37,10 @@ from .losses import discriminator_loss, feature_matching_loss, generator_adversa
 from .media import MelImage, duration, media_excerpts, stop_reason, summary_line, train_line, write_reconstructions
 from .state import (
     CODEC_RESUME_MAY_CHANGE,
-    CODEC_RESUME_SETTINGS,
     check_moments,
     check_resumable,
     check_weights,
+    codec_resume_settings,
     newest_checkpoint,
     read_state_export,
     save_checkpoint,
@@ -173,9 +173,8 @@ def import_state(path: str | Path, save_path: str | Path, config: TrainConfig | 
         check_weights(state["discriminator"], discriminator.state_dict(), f"{path}: discriminator")
         check_moments(state["opt_d"], list(discriminator.parameters()), f"{path}: opt_d")
     if config is not None:
-        compared = [k for k in CODEC_RESUME_SETTINGS if k != "discriminator" or (gan and config.loss.gan)]
-        check_resumable(state["config"], config.to_dict(), Path(path), compared, CODEC_RESUME_MAY_CHANGE,
-                        "Resume with the exported run's settings")
+        check_resumable(state["config"], config.to_dict(), Path(path), codec_resume_settings(gan and config.loss.gan),
+                        CODEC_RESUME_MAY_CHANGE, "Resume with the exported run's settings")
     if not state["opt_g"]["state"]:
         log.info("%s has no optimizer moments: the optimizers restart (zero moments) at step %d; the learning "
                  "rate schedule continues", path, state["step"])
@@ -261,8 +260,7 @@ def _train(config: TrainConfig, save_path: Path, max_steps: int | None, init_fro
         if init_from is not None and saved:  # a fine-tune has the architecture of the model it started from
             config.model = DACConfig.from_dict({**saved["model"], "quantizer_dropout": config.model.quantizer_dropout})
         if saved:
-            loads_discriminator = weights.gan and "discriminator" in state  # else any discriminator may come
-            compared = [k for k in CODEC_RESUME_SETTINGS if loads_discriminator or k != "discriminator"]
+            compared = codec_resume_settings(weights.gan and "discriminator" in state)
             check_resumable(saved, config.to_dict(), folder, compared, CODEC_RESUME_MAY_CHANGE,
                             "Resume with the run's settings, or start a new --save-path (with --init-from to keep "
                             "its weights)")
