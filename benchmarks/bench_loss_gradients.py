@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in terms.items():
         weight = getattr(weights, name) or 1.0
         grads = torch.autograd.grad(weight * value, params, retain_graph=True)
-        rows.append((name, float(value.detach()), weight, float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))))
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        rows.append((name, float(value.detach()), weight, float(norm)))
     reference = rows[0][3]
     print(f"Model {args.model}, config {args.config}, batch {args.batch} x {config.data.get('duration', 0.38)} s; "
           f"machine: {machine(torch.device('cpu'))}, torch {torch.__version__}\n")
