@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
@@ -12,9 +13,11 @@ import torch
 
 AudioLike = torch.Tensor | np.ndarray | Sequence[float]
 #: What ``AudioTokenizer.encode`` takes: a tensor or array, a list of clips (tensors, arrays or lists of
-#: floats), or audio records as ``datasets`` gives them: ``{"array", "sampling_rate"}`` (decoded) or
-#: ``{"bytes", "path"}`` (``Audio(decode=False)``), one or a list.
-AudioInput = AudioLike | Sequence[AudioLike] | Mapping[str, Any] | Sequence[Mapping[str, Any]]
+#: floats), audio records as ``datasets`` gives them: ``{"array", "sampling_rate"}`` (decoded) or
+#: ``{"bytes", "path"}`` (``Audio(decode=False)``), one or a list, or paths of audio files, one or a list.
+AudioPath = str | os.PathLike
+AudioInput = (AudioLike | Sequence[AudioLike] | Mapping[str, Any] | Sequence[Mapping[str, Any]] | AudioPath
+              | Sequence[AudioPath])
 
 _PCM_SCALE = {np.dtype("int16"): 2.0**15, np.dtype("int32"): 2.0**31, np.dtype("int8"): 2.0**7}
 
@@ -108,18 +111,21 @@ MIN_SAMPLE_RATE, MAX_SAMPLE_RATE, MAX_RESAMPLE_RATIO = 1000, 768_000, 64
 
 
 def unpack_records(audio: AudioInput, sample_rate: int | None) -> tuple[AudioInput, int | list[int]]:
-    """Audio records as ``datasets`` gives them -> ``(clips, rate of each)``; other audio passes
-    through as ``(audio, sample_rate)``.
+    """Audio records as ``datasets`` gives them, or paths of audio files -> ``(clips, rate of each)``;
+    other audio passes through as ``(audio, sample_rate)``.
 
     A record is ``{"array": [T] or [C, T], "sampling_rate": sr}`` (a decoded ``datasets.Audio``
     value) or ``{"bytes": ..., "path": ...}`` (``Audio(decode=False)``, read with
-    :func:`read_audio_bytes` or :func:`load_audio`). ``sample_rate``, when given with records, must
-    be the rate of every record. Plain audio needs ``sample_rate``.
+    :func:`read_audio_bytes` or :func:`load_audio`); a path (``str`` or ``os.PathLike``) is the record
+    ``{"path": path}``. ``sample_rate``, when given with records, must be the rate of every record.
+    Plain audio needs ``sample_rate``.
     """
+    audio = _path_records(audio)
     records = [audio] if isinstance(audio, Mapping) else audio
     if not (isinstance(records, (list, tuple)) and records and all(isinstance(r, Mapping) for r in records)):
         if sample_rate is None:
-            raise ValueError("give the audio's sample_rate (or records with 'array' and 'sampling_rate')")
+            raise ValueError("give the audio's sample_rate (or a path of an audio file, or records with 'array' "
+                             "and 'sampling_rate')")
         return audio, check_sample_rate(sample_rate)
     clips, rates = [], []
     for i, record in enumerate(records):
@@ -133,10 +139,21 @@ def unpack_records(audio: AudioInput, sample_rate: int | None) -> tuple[AudioInp
             raise ValueError(f"audio record {i} has neither 'array' and 'sampling_rate' nor 'bytes' or 'path': "
                              f"keys {sorted(record)}")
         if sample_rate is not None and rate != check_sample_rate(sample_rate):
-            raise ValueError(f"audio record {i} is at {rate} Hz, not sample_rate={sample_rate}")
+            raise ValueError(f"{record.get('path') or f'audio record {i}'} is at {rate} Hz, not "
+                             f"sample_rate={sample_rate}")
         clips.append(clip)
         rates.append(rate)
     return (clips[0], rates[0]) if isinstance(audio, Mapping) else (clips, rates)
+
+
+def _path_records(audio: AudioInput) -> AudioInput:
+    """A path of an audio file as the record ``{"path": path}``, a list of paths as a list of records;
+    other audio unchanged."""
+    if isinstance(audio, (str, os.PathLike)):
+        return {"path": audio}
+    if isinstance(audio, (list, tuple)) and audio and all(isinstance(a, (str, os.PathLike)) for a in audio):
+        return [{"path": a} for a in audio]
+    return audio
 
 
 def check_sample_rate(sample_rate: object) -> int:
@@ -204,7 +221,6 @@ def downmix(clip: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Audio files
 
-import os  # noqa: E402
 import re  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from contextlib import AbstractContextManager, contextmanager  # noqa: E402

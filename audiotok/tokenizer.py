@@ -26,6 +26,7 @@ from .checkpoint import (
 )
 from .codes import check_n_quantizers, is_integer_dtype
 from .config import DACConfig
+from .distributed import DistEnv
 from .hub import names_bundled_model, resolve
 from .layers import use_fused_snake
 from .model import DAC, context_frames
@@ -36,6 +37,9 @@ logger = logging.getLogger("audiotok")
 
 #: Names of the dtypes ``from_pretrained`` runs in (command lines and configs).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: The environment variable that silences models' notices (the bundled model's early-checkpoint notice) when
+#: set to 1 (or true, yes, on), in this process and the processes it starts.
+NOTICE_ENV = "AUDIOTOK_NO_NOTICE"
 _notices_shown: set[tuple[str, str]] = set()
 
 
@@ -138,17 +142,14 @@ class AudioTokenizer:
             revision, cache_dir, token, local_files_only, force_download: for hub ids, passed to
                 ``huggingface_hub.snapshot_download`` (ignored for the bundled model and local paths).
 
-        A model's notice (e.g. that it is an early checkpoint) is logged once per process as a
-        warning of the ``audiotok`` logger.
+        A model's notice (e.g. that it is an early checkpoint) is logged when it first encodes
+        (:meth:`show_notice`), not on loading.
         """
         hub_arguments = dict(revision=revision, cache_dir=cache_dir, token=token,
                              local_files_only=local_files_only, force_download=force_download)
         checkpoint = load_checkpoint(resolve(source, **hub_arguments))
         if not names_bundled_model(source) and not Path(str(source)).expanduser().exists():
             checkpoint.model_id = str(source)
-        if checkpoint.notice and (checkpoint.model_id, checkpoint.notice) not in _notices_shown:
-            _notices_shown.add((checkpoint.model_id, checkpoint.notice))
-            logger.warning("%s: %s", shown(checkpoint.model_id), shown(checkpoint.notice))
         tokenizer = cls(build_model(checkpoint, folded=True), checkpoint.model_id, device, dtype, compile,
                         decoder_dtype)
         tokenizer.notice, tokenizer.card = checkpoint.notice, checkpoint.card
@@ -227,6 +228,17 @@ class AudioTokenizer:
         for module in self.model.decoder.float32_tail():  # half precision there adds a noise floor
             module.float()
         return self
+
+    def show_notice(self) -> None:
+        """Log the model's notice (e.g. that it is an early checkpoint), if it has one, as one warning of the
+        ``audiotok`` logger: once per process, in the main process of a torchrun job only, and not when
+        the environment variable ``AUDIOTOK_NO_NOTICE`` is 1. :meth:`encode` calls it."""
+        silenced = os.environ.get(NOTICE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        if not self.notice or silenced or not DistEnv.from_environ().is_main:
+            return
+        if (self.model_id, self.notice) not in _notices_shown:
+            _notices_shown.add((self.model_id, self.notice))
+            logger.warning("%s: %s", shown(self.model_id), shown(self.notice))
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -330,10 +342,14 @@ class AudioTokenizer:
                 of ``[T]`` / ``[C, T]`` clips of different lengths (tensors, arrays or lists of
                 floats), or what ``datasets`` gives for an Audio column: a record
                 ``{"array", "sampling_rate"}`` (or ``{"bytes", "path"}`` with ``Audio(decode=False)``)
-                or a list of them (a batch of ``Dataset.map(batched=True)``).
+                or a list of them (a batch of ``Dataset.map(batched=True)``), or the path of an audio
+                file (``str`` or ``os.PathLike``; any format :func:`~audiotok.audio.load_audio` reads) or
+                a list of paths. A path that is not a readable audio file raises ``FileNotFoundError``
+                or ``ValueError`` naming it.
             sample_rate: rate of ``audio`` in Hz (``sampling_rate=`` as feature extractors name it;
-                records carry their own); it is resampled to :attr:`sample_rate`. Records of
-                different rates are each resampled, and counted at the model rate in the result.
+                records and files carry their own); it is resampled to :attr:`sample_rate`. Records
+                and files of different rates are each resampled, and counted at the model rate in the
+                result.
             n_quantizers: code with the first K codebooks only (default: all).
             mono: average channels (default); ``False`` codes each channel on its own.
             chunk_seconds: longest stretch of audio per forward pass (default per device; ``inf``
@@ -343,6 +359,8 @@ class AudioTokenizer:
 
         Returns:
             :class:`EncodedAudio` with ``codes`` ``[B, K, F]`` (``[B, C, K, F]`` with ``mono=False``).
+
+        The first encoding of a model with a notice logs it, once the input is read (:meth:`show_notice`).
         """
         n_quantizers = check_n_quantizers(n_quantizers, self.n_codebooks)
         if sample_rate is not None and sampling_rate is not None and sample_rate != sampling_rate:
@@ -354,6 +372,7 @@ class AudioTokenizer:
         frames = [self.num_frames(len(x)) for x in items]
         codes = torch.zeros(len(items), n_quantizers, max(frames), dtype=torch.long)
         segments = plan_segments(frames, chunk, context_frames(self.config)["encoder"])
+        self.show_notice()
         for batch in _progress(make_batches(segments, max_frames), progress, "encoding", self.frame_rate):
             lengths = [min(len(items[s.item]), s.stop * hop) - s.start * hop for s in batch]
             x = torch.zeros(len(batch), 1, max(lengths))

@@ -4,6 +4,7 @@ instance, its output is the torch engine's byte for byte; an interrupted job res
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -90,6 +91,25 @@ def test_webdataset_job_equals_the_torch_engines(corpus, model_dir, tmp_path, la
     assert files(tmp_path / "ray") == want
     manifest = json.loads(want["manifest.json"])
     assert sorted(f["key"].rsplit(":", 1)[1] for f in manifest["failures"]) == ["s1/junk", "s1/notes"]
+
+
+def test_the_driver_shows_the_models_notice_once_and_the_actors_do_not(corpus, model_dir, tmp_path, caplog):
+    from audiotok.bulk.ray_engine import actor_options
+    from audiotok.checkpoint import load_checkpoint, save_folder
+    from audiotok.tokenizer import NOTICE_ENV
+
+    noted = load_checkpoint(model_dir)
+    noted.notice = f"a notice for {tmp_path.name}"
+    save_folder(noted, tmp_path / "noted")
+    with caplog.at_level(logging.WARNING, logger="audiotok"):
+        tokenize_dataset(ray_config(InputSpec("folder", str(corpus / "a")), tmp_path / "out", tmp_path / "noted"))
+    assert [r.getMessage() for r in caplog.records].count(f"{noted.model_id}: {noted.notice}") == 1
+
+    @ray.remote
+    def notice_switch() -> str | None:
+        return os.environ.get(NOTICE_ENV)
+
+    assert ray.get(notice_switch.options(**actor_options("cpu")).remote()) == "1"  # as the actors start
 
 
 def kill_the_actor_mid_part(out: Path, killed: list[int]) -> None:

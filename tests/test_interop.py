@@ -253,18 +253,34 @@ def test_hub_id_offline_cached_and_not_cached(tmp_path, monkeypatch):
     assert tok.model_id == "dac_16khz" and tok.sample_rate == 16000
 
 
-def test_notice_is_saved_and_logged_once_per_process(tmp_path, caplog):
+def test_notice_is_saved_and_logged_once_per_process_when_the_model_encodes(tmp_path, caplog, monkeypatch):
+    from audiotok.checkpoint import save_folder
+    from audiotok.tokenizer import NOTICE_ENV
+
     tok = random_tokenizer("tiny-16khz")
     checkpoint = tok.checkpoint()
-    checkpoint.notice = "an early checkpoint, not for production"
-    from audiotok.checkpoint import save_folder
-
+    checkpoint.notice = f"an early checkpoint, not for production ({tmp_path.name})"
     save_folder(checkpoint, tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a log line, not a Python warning with a source line
-        with caplog.at_level(logging.WARNING, logger="audiotok"):
-            loaded = AudioTokenizer.from_pretrained(tmp_path)
-            AudioTokenizer.from_pretrained(tmp_path)
-    shown = [r for r in caplog.records if "not for production" in r.getMessage()]
-    assert len(shown) == 1 and shown[0].levelno == logging.WARNING
+    audio = make_audio(1600)
+
+    def notices(action) -> int:
+        caplog.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a log line, not a Python warning with a source line
+            with caplog.at_level(logging.WARNING, logger="audiotok"):
+                action()
+        shown = [r for r in caplog.records if checkpoint.notice in r.getMessage()]
+        assert all(r.levelno == logging.WARNING for r in shown)
+        return len(shown)
+
+    loaded = AudioTokenizer.from_pretrained(tmp_path)
     assert loaded.notice == checkpoint.notice
+    assert notices(lambda: AudioTokenizer.from_pretrained(tmp_path).decode(tok.encode(audio, 16000))) == 0
+    with monkeypatch.context() as env:
+        env.setenv(NOTICE_ENV, "1")  # its own switch
+        assert notices(lambda: loaded.encode(audio, 16000)) == 0
+        env.setenv(NOTICE_ENV, "0")
+        env.setenv("RANK", "1")  # a torchrun rank but the first
+        assert notices(lambda: loaded.encode(audio, 16000)) == 0
+    assert notices(lambda: loaded.encode(audio, 16000)) == 1
+    assert notices(lambda: AudioTokenizer.from_pretrained(tmp_path).encode(audio, 16000)) == 0  # once per process

@@ -253,3 +253,26 @@ def test_encode_takes_what_datasets_and_feature_extractors_give(tiny_tokenizer, 
         tok.encode(a, 16000, sampling_rate=8000)
     with pytest.raises(ValueError, match="neither 'array'"):
         tok.encode({"audio": a})
+
+
+def test_encode_takes_paths_of_audio_files(tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    a, b = make_audio(3000, channels=2, seed=1), make_audio(5000, seed=2)
+    sf.write(tmp_path / "a.flac", a.T, 22050)
+    sf.write(tmp_path / "b.wav", b.T, 16000, subtype="FLOAT")
+    read_a = sf.read(tmp_path / "a.flac", dtype="float32", always_2d=True)[0].T  # FLAC is 16-bit: as read
+    one = tok.encode(str(tmp_path / "a.flac"))
+    assert torch.equal(one.codes, tok.encode(read_a, 22050).codes) and one.sample_rate == 22050
+    assert int(one.num_samples[0]) == 3000
+    both = tok.encode([tmp_path / "a.flac", tmp_path / "b.wav"])  # os.PathLike, a batch of files
+    assert torch.equal(both.unbatch()[1], tok.encode(b, 16000).unbatch()[0])
+    assert torch.equal(both.unbatch()[0], tok.encode(read_a, 22050).unbatch()[0])
+    assert torch.equal(tok.encode(tmp_path / "b.wav", 16000).codes, tok.encode(b, 16000).codes)
+    with pytest.raises(ValueError, match=r"b\.wav is at 16000 Hz, not sample_rate=22050"):
+        tok.encode(tmp_path / "b.wav", 22050)
+    with pytest.raises(FileNotFoundError, match="clip.wav: no such file"):
+        tok.encode("clip.wav")
+    (tmp_path / "notes.txt").write_text("not audio")
+    with pytest.raises(ValueError, match=r"notes\.txt: cannot read audio file") as error:
+        tok.encode(str(tmp_path / "notes.txt"))
+    assert "\n" not in str(error.value)

@@ -25,6 +25,7 @@ import torch
 from ..data.sources import AudioSource
 from ..distributed import rank_device
 from ..io import StorageError
+from ..tokenizer import NOTICE_ENV
 from .claims import default_owner, done_parts
 from .inputs import Bundle, InputSpec, read_bundles
 from .job import (
@@ -62,6 +63,7 @@ def tokenize_with_ray(config: BulkConfig) -> BulkSummary:
     stats: list[dict[str, Any]] = []
     actors = 1
     if len(done_parts(job.store)) < len(job.parts):
+        job.tokenizer.show_notice()  # here, once: the actors are started with AUDIOTOK_NO_NOTICE=1
         joined = not ray.is_initialized()
         if joined:
             check_reachable(config.ray_address or os.environ.get("RAY_ADDRESS"))
@@ -111,7 +113,7 @@ def _run_actors(job: Job) -> tuple[list[dict[str, Any]], int]:
     """Start the actors, wait until each has ended; what those that finished did, and how many there were."""
     config = job.config
     device, count = placement(config, ray.cluster_resources())
-    encoder = Encoder.options(num_cpus=1, num_gpus=1 if device == "cuda" else 0)
+    encoder = Encoder.options(**actor_options(device))
     # each actor is its own claim owner and shows no bar of its own (the driver shows parts done)
     actor_config = replace(config, device=device, progress=False, owner=None)
     actors: list[Any] = [encoder.remote(actor_config) for _ in range(count)]
@@ -144,6 +146,12 @@ def _run_actors(job: Job) -> tuple[list[dict[str, Any]], int]:
         raise RuntimeError(f"every Ray actor stopped before the job was done ({len(errors)} errors; run the "
                            f"same command again to resume); the first: {_last_line(errors[0])}") from errors[0]
     return stats, count
+
+
+def actor_options(device: str) -> dict[str, Any]:
+    """Ray options of an encoding actor on ``device`` (``cpu`` or ``cuda``): a CPU, a GPU for CUDA, and the
+    model's notice silenced (:data:`~audiotok.tokenizer.NOTICE_ENV`; the driver shows it once)."""
+    return {"num_cpus": 1, "num_gpus": 1 if device == "cuda" else 0, "runtime_env": {"env_vars": {NOTICE_ENV: "1"}}}
 
 
 def _last_line(error: Exception) -> str:
