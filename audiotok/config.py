@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def bitrate(frame_rate: float, n_codebooks: int, codebook_size: int) -> float:
+    """Bits per second of codes: ``n_codebooks`` codes of ``log2(codebook_size)`` bits per frame, at
+    ``frame_rate`` frames per second."""
+    return frame_rate * n_codebooks * math.log2(codebook_size)
+
+
 def check_keys(cls: type, data: Mapping[str, Any], where: str) -> None:
     """``ValueError`` naming the keys of ``data`` that are not fields of the dataclass ``cls``: the
     unknown-key check of every ``from_dict``."""
@@ -126,8 +132,7 @@ class DACConfig:
 
     def bitrate(self, n_codebooks: int | None = None) -> float:
         """Bits per second when coding with the first ``n_codebooks`` codebooks (all by default)."""
-        n = self.n_codebooks if n_codebooks is None else n_codebooks
-        return self.frame_rate * n * self.bits_per_codebook
+        return bitrate(self.frame_rate, self.n_codebooks if n_codebooks is None else n_codebooks, self.codebook_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -99,6 +99,20 @@ def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     fsync_dir(Path(path).parent)
 
 
+def check_writable(path: str | os.PathLike, folder: bool = False) -> None:
+    """``ValueError`` naming ``path`` unless the writers here can put a file there (``folder``: files
+    under the folder ``path``): the nearest folder of it that exists (the missing ones are created on
+    writing) must be a folder this process may create files in. What no check can foresee (a full
+    disk) is a :class:`StorageError` when writing."""
+    path = Path(path)
+    target = path if folder else path.parent
+    existing = next(p for p in (target, *target.parents) if os.path.exists(p) or p == p.parent)
+    if not existing.is_dir():
+        raise ValueError(f"{path}: cannot write here: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot write here: no permission to create files in {existing}")
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path`` for writing; when the block ends without an error it

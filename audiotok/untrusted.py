@@ -8,7 +8,8 @@ One implementation of each rule, used by every reader:
   :data:`Shape`; every failure is one ``ValueError`` that names the file and the entry.
 * :func:`shown`: a string from a file (a model id, a notice, a shard path) as it may be printed:
   control, format and other non-printable characters escaped, so that a file cannot move the
-  cursor, clear the screen or start a new line in a terminal or a log.
+  cursor, clear the screen or start a new line in a terminal or a log; :func:`one_line`: an error
+  message the same way, as the one line a command prints.
 * :func:`check_number` / :func:`number_arg`: a setting or command-line argument that must be a
   finite number (an integer where it counts) within bounds, checked before anything is allocated.
 """
@@ -51,6 +52,16 @@ def shown(text: object) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` as one printable line (:func:`shown`): its lines joined with `` | ``, or,
+    when it carries a traceback (an error re-raised from a DataLoader worker or a Ray task), its last
+    line, the original error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any("Traceback (most recent call last)" in line for line in lines):
+        lines = lines[-1:]
+    return shown(" | ".join(lines) or type(error).__name__)
 
 
 # ---------------------------------------------------------------------------------------------

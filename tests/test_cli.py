@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,24 +138,46 @@ def test_decode_sample_rate_and_subtype(tmp_path, capsys, model_dir, tok, inputs
 
 
 def test_quiet_dtype_compile_options_and_default_device(tmp_path, capsys, model_dir, inputs):
-    from audiotok.checkpoint import load_checkpoint, save_folder
     from audiotok.distributed import rank_device
 
     assert rank_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    args = ["encode", inputs["mono"], tmp_path / "m.atok", "--model", model_dir, "--dtype", "bf16"]
+    rc, out, err = run(capsys, *args, "--quiet", "--n-quantizers", "3")
+    assert rc == 0 and out == err == ""
+    assert CodeFile.load(tmp_path / "m.atok").shape[1] == 3
+    rc, out, err = run(capsys, "-q", "decode", tmp_path / "m.atok", tmp_path / "m.wav", "--model", model_dir)
+    assert rc == 0 and out == err == "" and sf.info(tmp_path / "m.wav").frames == 9000
+
+
+def test_the_notice_is_shown_once_when_the_model_encodes_apart_from_quiet(tmp_path, capsys, model_dir, inputs,
+                                                                          monkeypatch):
+    from audiotok.checkpoint import load_checkpoint, save_folder
+    from audiotok.tokenizer import NOTICE_ENV
+
     noted = load_checkpoint(model_dir)
     noted.notice = f"a test notice {tmp_path.name}"
     save_folder(noted, tmp_path / "noted")
-    args = ["encode", inputs["mono"], tmp_path / "m.atok", "--model", tmp_path / "noted", "--dtype", "bf16"]
-    rc, _, err = run(capsys, *args, "--quiet")
-    assert rc == 0 and err == ""
-    assert CodeFile.load(tmp_path / "m.atok").shape[1] == 4
-    rc, _, err = run(capsys, *args)  # the notice, once per process (the quiet run already loaded it)
-    assert rc == 0 and err == ""
-    (tmp_path / "noted2").mkdir()
-    noted.notice += " again"
-    save_folder(noted, tmp_path / "noted2")
-    rc, _, err = run(capsys, "encode", inputs["mono"], tmp_path / "m.atok", "--model", tmp_path / "noted2")
-    assert rc == 0 and err.splitlines() == [f"audiotok: warning: {noted.model_id}: {noted.notice}"]
+    notice = f"audiotok: warning: {noted.model_id}: {noted.notice}"
+    atok, wav = tmp_path / "m.atok", tmp_path / "m.wav"
+    assert run(capsys, "encode", inputs["mono"], atok, "--model", model_dir)[0] == 0
+    for args in (["decode", atok, wav, "--model", tmp_path / "noted"], ["info", tmp_path / "noted"], ["info"],
+                 ["convert", tmp_path / "noted", tmp_path / "copy", "--to", "audiotok"]):  # no model encodes
+        rc, _, err = run(capsys, *args)
+        assert rc == 0 and err == "", (args, err)
+    monkeypatch.setenv(NOTICE_ENV, "1")  # silenced on its own
+    rc, out, err = run(capsys, "encode", inputs["mono"], atok, "--model", tmp_path / "noted")
+    assert rc == 0 and err == "" and str(atok) in out
+    monkeypatch.delenv(NOTICE_ENV)
+    rc, out, err = run(capsys, "encode", inputs["mono"], atok, "--model", tmp_path / "noted", "-q")
+    assert rc == 0 and out == "" and err.splitlines() == [notice]  # -q keeps warnings
+    rc, _, err = run(capsys, "encode", inputs["mono"], atok, "--model", tmp_path / "noted")
+    assert rc == 0 and err == ""  # once per process
+
+    rc, out, err = run(capsys, "encode", tmp_path / "in", tmp_path / "codes", "--model", model_dir, "-q")
+    assert rc == 1 and "skipped 3" in out
+    assert sum("audiotok: warning: skipped" in line for line in err.splitlines()) == 3  # -q keeps skipped files
+    rc, out, err = run(capsys, "encode", tmp_path / "in", tmp_path / "codes2", "--model", model_dir, "-qq")
+    assert rc == 1 and "skipped 3" in out and err == ""  # -qq: errors only
 
 
 def test_progress_over_the_chunks_of_one_file(tmp_path, capsys, tok, inputs):
@@ -195,6 +219,68 @@ def test_output_into_existing_folder(tmp_path, capsys, model_dir, inputs):
                      "--model", model_dir)
     assert rc == 0, err
     assert (tmp_path / "o" / "mono.flac").is_file()
+
+
+def test_one_file_gives_one_line_with_duration_frames_codebooks_bitrate_and_speed(tmp_path, capsys, model_dir,
+                                                                                   inputs):
+    kbps = 44100 / 512 * 4 * 6 / 1000  # frames per second x codebooks x bits per code
+    line = re.compile(r"(en|de)coded (\S+) -> (\S+): (\d+\.\d\d) s of audio, (\d+) frames x (\d+) codebooks"
+                      r"(?: x (\d+) channels)? \((\d+\.\d\d) kbps\), ([\d.e+]+)x real time")
+    atok, wav = tmp_path / "s.atok", tmp_path / "s.wav"
+    for command, src, dst, extra, channels in (("encode", inputs["stereo"], atok, ["--per-channel"], 2),
+                                               ("decode", atok, wav, [], 2),
+                                               ("encode", inputs["low"], atok, ["--n-quantizers", "2"], 1)):
+        rc, out, err = run(capsys, command, src, dst, "--model", model_dir, *extra)
+        assert rc == 0 and err == "", err
+        found = line.fullmatch(out.strip())
+        assert found, out
+        assert (found[1], found[2], found[3]) == (command[:2], str(src), str(dst))
+        header = CodeFile.load(atok)
+        assert float(found[4]) == pytest.approx(header.duration, abs=0.006)
+        assert header.shape == (channels, int(found[6]), int(found[5])) and int(found[7] or 1) == channels
+        assert float(found[8]) == pytest.approx(channels * kbps * int(found[6]) / 4, abs=0.006)
+        assert float(found[9]) > 0
+    assert run(capsys, "encode", inputs["mono"], atok, "--model", model_dir, "-q")[1] == ""
+
+
+@pytest.mark.parametrize("args", [
+    ["encode", "{in}/missing.wav", "{tmp}/x.atok"],
+    ["encode", "{in}/notes.txt", "{tmp}/x.atok"],  # not audio
+    ["encode", "{in}/corrupt.wav", "{tmp}/x.atok"],
+    ["encode", "{in}/sub/empty.wav", "{tmp}/x.atok"],
+    ["encode", "{in}/mono.wav", "{in}/mono.wav/x.atok"],  # an output inside a file
+    ["encode", "{in}", "{in}/mono.wav/codes"],
+    ["decode", "{tmp}/missing.atok", "{tmp}/x.wav"],
+    ["decode", "{in}/mono.wav", "{tmp}/x.wav"],  # not a code file
+    ["decode", "{tmp}/good.atok", "{in}/mono.wav/x.wav"],
+    ["decode", "{tmp}", "{in}/mono.wav/decoded"],
+])
+@pytest.mark.parametrize("model", [True, False])
+def test_inputs_and_outputs_are_checked_before_the_model_loads(tmp_path, capsys, model_dir, tok, inputs,
+                                                               monkeypatch, args, model):
+    fill = {"in": tmp_path / "in", "tmp": tmp_path}
+    CodeFile.from_encoded(tok, expected_codes(tok, inputs["mono"])[1]).save(tmp_path / "good.atok")
+    loads = []
+
+    def load(*a, **kw):
+        loads.append(a)
+        return real(*a, **kw)
+
+    real = AudioTokenizer.from_pretrained
+    monkeypatch.setattr(AudioTokenizer, "from_pretrained", load)
+    rc, _, err = run(capsys, *(a.format(**fill) for a in args), *(["--model", model_dir] if model else []))
+    assert rc == 2 and err.startswith("audiotok: error:") and err.count("\n") == 1, err
+    assert loads == []  # reported before any model loaded
+    rc, _, err = run(capsys, "decode", tmp_path / "good.atok", tmp_path / "good.wav", "--model", model_dir)
+    assert rc == 0 and len(loads) == 1, err  # a good call does load it, through the same function
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_an_output_folder_without_write_permission_is_refused_before_the_model_loads(tmp_path, capsys, inputs):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    rc, _, err = run(capsys, "encode", inputs["mono"], locked / "sub" / "x.atok", "--model", tmp_path / "nowhere")
+    assert rc == 2 and f"no permission to create files in {locked}" in err
 
 
 # ---------------------------------------------------------------------------------------------

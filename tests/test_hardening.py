@@ -436,7 +436,8 @@ def test_text_from_files_reaches_the_terminal_escaped(tmp_path, tok, model_dir):
         assert _no_raw_control(proc.stdout) and _no_raw_control(proc.stderr), args
     proc = _cli("info", atok)
     assert proc.returncode == 0 and "evil\\x1b[2J\\x1b[H\\nnext line\\u202e" in proc.stdout
-    proc = _cli("info", folder)
+    sf.write(tmp_path / "a.wav", make_audio(4000)[0], SR)
+    proc = _cli("encode", tmp_path / "a.wav", tmp_path / "a.atok", "--model", folder, "-q")  # the notice: encoding
     assert "warning: evil\\x1b[2J\\x1b[H\\nnext line\\u202e: evil\\x1b" in proc.stderr  # the notice, one line
     assert proc.stderr.count("\n") == 1, proc.stderr
 

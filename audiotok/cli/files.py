@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,22 +26,27 @@ from ..audio import (
 )
 from ..codefile import SUFFIX, CodeFile, CodeHeader, DisagreeingFields, read_header
 from ..codes import check_10bit, check_n_quantizers
-from ..io import StorageError, storage_errors
+from ..io import StorageError, check_writable, storage_errors
 from ..tokenizer import BAR_FORMAT, AudioTokenizer
 from ..untrusted import shown
 
 logger = logging.getLogger("audiotok")
 
+#: A model, or a function that loads one: :func:`encode_path` and :func:`decode_path` call it only once
+#: the input and the output passed their checks, so that a wrong path is reported before a model loads.
+ModelOrLoader = AudioTokenizer | Callable[[], AudioTokenizer]
 
 
 @dataclass
 class BatchReport:
     """What a file or folder run did: outputs written, outputs an earlier run wrote and that were kept
-    (``kept``), and inputs skipped (with the reason)."""
+    (``kept``), inputs skipped (with the reason), and the seconds the run took, loading the model not
+    included (``seconds``)."""
 
     done: list[tuple[Path, Path]] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     kept: list[tuple[Path, Path]] = field(default_factory=list)
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -88,6 +94,15 @@ def mirror_paths(inputs: list[Path], in_root: Path, out_root: Path, suffix: str)
     return pairs
 
 
+def _loaded(tokenizer: ModelOrLoader) -> tuple[AudioTokenizer, float]:
+    """The model (loaded now when ``tokenizer`` is a loader) and the seconds its loading took."""
+    if isinstance(tokenizer, AudioTokenizer):
+        return tokenizer, 0.0
+    start = time.perf_counter()
+    model = tokenizer()
+    return model, time.perf_counter() - start
+
+
 def _with_extra_suffix(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
@@ -114,12 +129,24 @@ def encode_file(tokenizer: AudioTokenizer, path: str | os.PathLike, n_quantizers
     channel on its own (``C = channels``). ``progress``: a bar over the file's chunks. Raises
     ``ValueError`` naming the file for unreadable or empty audio and NaN / Inf samples.
     """
+    return _encode_audio(tokenizer, path, *_read_input(path), n_quantizers, per_channel, progress)
+
+
+def _read_input(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """An audio file's float32 ``[C, T]`` samples and rate; ``ValueError`` naming the file for unreadable or
+    empty audio and NaN / Inf samples."""
     audio, sample_rate = load_audio(path)
-    channels, num_samples = audio.shape
-    if num_samples == 0:
+    if audio.shape[1] == 0:
         raise ValueError(f"{path}: empty audio file (0 samples)")
     if not np.isfinite(audio).all():
         raise ValueError(f"{path}: audio contains NaN or Inf samples")
+    return audio, sample_rate
+
+
+def _encode_audio(tokenizer: AudioTokenizer, path: str | os.PathLike, audio: np.ndarray, sample_rate: int,
+                  n_quantizers: int | None, per_channel: bool, progress: bool) -> CodeFile:
+    """The code file of the audio ``[C, T]`` read from ``path`` (see :func:`encode_file`)."""
+    channels = audio.shape[0]
     try:
         if per_channel and channels > 1:
             encoded = tokenizer.encode([audio[c: c + 1] for c in range(channels)], sample_rate, n_quantizers,
@@ -137,46 +164,65 @@ def _check_encode_args(tokenizer: AudioTokenizer, n_quantizers: int | None, pack
         check_10bit(tokenizer.codebook_size)
 
 
-def encode_path(tokenizer: AudioTokenizer, input: str | os.PathLike, output: str | os.PathLike,
+def encode_path(tokenizer: ModelOrLoader, input: str | os.PathLike, output: str | os.PathLike,
                 n_quantizers: int | None = None, per_channel: bool = False, pack_10bit: bool = False,
                 extensions: str | Iterable[str] | None = None, progress: bool | None = None,
                 overwrite: bool = False) -> BatchReport:
     """Encode an audio file to an ``.atok`` file, or a folder tree to a mirrored tree of them.
 
-    A single file that fails raises ``ValueError``. In a folder, files that fail (unreadable,
-    empty, NaN) are logged, skipped and listed in the report; a folder without audio files is a
-    ``ValueError``. An output that cannot be written (a full disk) stops the run: a
-    :class:`~audiotok.io.StorageError`. In a folder, outputs an earlier run wrote with the same model
-    and settings, newer than their input, are kept (``report.kept``) unless ``overwrite``.
-    ``progress``: show tqdm bars, over the files of a folder and over the chunks of each file
-    (``None``: only on a terminal).
+    ``tokenizer``: the model, or a function that loads it, called once the input and the output passed
+    their checks (a missing input, a single file that is not readable audio, an output that cannot be
+    written: ``FileNotFoundError`` or ``ValueError``, before the model loads). A single file that fails
+    raises ``ValueError``. In a folder, files that fail (unreadable, empty, NaN) are logged, skipped
+    and listed in the report; a folder without audio files is a ``ValueError``. An output that cannot
+    be written (a full disk) stops the run: a :class:`~audiotok.io.StorageError`. In a folder, outputs
+    an earlier run wrote with the same model and settings, newer than their input, are kept
+    (``report.kept``) unless ``overwrite``. ``progress``: show tqdm bars, over the files of a folder and
+    over the chunks of each file (``None``: only on a terminal).
     """
+    start = time.perf_counter()
     src, out = Path(input), Path(output)
-    _check_encode_args(tokenizer, n_quantizers, pack_10bit)
     _check_input(src)
-    report = BatchReport()
     chunks = _show_progress(progress)
-
-    def work(a: Path, b: Path) -> None:
-        code_file = encode_file(tokenizer, a, n_quantizers, per_channel, chunks)
-        with storage_errors(b):
-            code_file.save(b, pack_10bit)
-
     if src.is_file():
         dst = _single_output(src, out, (SUFFIX,), "code")
-        work(src, dst)
-        report.done.append((src, dst))
-        return report
+        check_writable(dst)
+        audio, sample_rate = _read_input(src)
+        model, loading = _loaded(tokenizer)
+        _check_encode_args(model, n_quantizers, pack_10bit)
+        _save(_encode_audio(model, src, audio, sample_rate, n_quantizers, per_channel, chunks), dst, pack_10bit)
+        report = BatchReport(done=[(src, dst)])
+    else:
+        exts = parse_extensions(extensions)
+        pairs = _folder_pairs(src, out, exts, SUFFIX, f"audio files ({','.join(exts)})")
+        model, loading = _loaded(tokenizer)
+        _check_encode_args(model, n_quantizers, pack_10bit)
+        report = BatchReport()
+        if not overwrite:
+            settings = (n_quantizers or model.n_codebooks, per_channel, "10bit" if pack_10bit else "none")
+            report.kept = [(a, b) for a, b in pairs if _encoded_before(model, a, b, *settings)]
+            pairs = [pair for pair in pairs if pair not in report.kept]
+        _run_batch(pairs, lambda a, b: _save(encode_file(model, a, n_quantizers, per_channel, chunks), b, pack_10bit),
+                   report, "encoding", progress)
+    report.seconds = time.perf_counter() - start - loading
+    return report
+
+
+def _save(code_file: CodeFile, path: Path, pack_10bit: bool) -> None:
+    """Write ``code_file`` to ``path``; a failure of the storage is a :class:`~audiotok.io.StorageError`."""
+    with storage_errors(path):
+        code_file.save(path, pack_10bit)
+
+
+def _folder_pairs(src: Path, out: Path, extensions: tuple[str, ...], suffix: str,
+                  what: str) -> list[tuple[Path, Path]]:
+    """The inputs under the folder ``src`` with the given ``extensions`` and their outputs under ``out``
+    with ``suffix`` (:func:`mirror_paths`); ``ValueError`` when ``out`` cannot be an output folder or
+    there are no inputs (``what`` names them)."""
     if out.is_file():
         raise ValueError(f"{out}: is a file; the output for a folder must be a folder")
-    exts = parse_extensions(extensions)
-    pairs = _listed(mirror_paths(find_files(src, exts), src, out, SUFFIX), src, f"audio files ({','.join(exts)})")
-    if not overwrite:
-        settings = (n_quantizers or tokenizer.n_codebooks, per_channel, "10bit" if pack_10bit else "none")
-        report.kept = [(a, b) for a, b in pairs if _encoded_before(tokenizer, a, b, *settings)]
-        pairs = [pair for pair in pairs if pair not in report.kept]
-    _run_batch(pairs, work, report, "encoding", progress)
-    return report
+    check_writable(out, folder=True)
+    return _listed(mirror_paths(find_files(src, extensions), src, out, suffix), src, what)
 
 
 def _encoded_before(tokenizer: AudioTokenizer, src: Path, dst: Path, n_quantizers: int, per_channel: bool,
@@ -285,7 +331,7 @@ def _decoded(tokenizer: AudioTokenizer, codes: torch.Tensor, total: int, progres
                 return
 
 
-def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: AudioTokenizer | None = None,
+def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: ModelOrLoader | None = None,
                 format: str | None = None, device: str | torch.device | None = None,
                 progress: bool | None = None, sample_rate: int | str | None = None, subtype: str | None = None,
                 allow_other_weights: bool = False, **load_kwargs) -> BatchReport:
@@ -294,17 +340,22 @@ def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: 
     Audio is cropped to the original duration and written at the model's sample rate (or at
     ``sample_rate``: ``"source"`` or Hz, see :func:`decode_code_file`) with ``subtype`` (default
     per format, see :data:`~audiotok.audio.AUDIO_WRITE_FORMATS`). ``tokenizer``: the model to
-    decode with; ``None`` uses the model that ships with the package (``load_kwargs``: dtype,
-    compile); the ``model_id`` a code file records is never loaded: a file does not choose what runs.
-    ``format``: ``"wav"`` or ``"flac"`` (for a single file, default: from the output's extension).
-    ``allow_other_weights``: decode codes written by a model of the same architecture with other weights.
+    decode with, or a function that loads it; ``None`` uses the model that ships with the package
+    (``load_kwargs``: dtype, compile); the ``model_id`` a code file records is never loaded: a file
+    does not choose what runs. ``format``: ``"wav"`` or ``"flac"`` (for a single file, default: from
+    the output's extension). ``allow_other_weights``: decode codes written by a model of the same
+    architecture with other weights.
 
-    Before anything is decoded, every file's header is checked against the model: another architecture
-    or other weights raise ``ValueError``. Files that are corrupt are logged, skipped and listed in the
-    report (for a single file: ``ValueError``); a folder without code files is a ``ValueError``. Audio
-    is decoded and written piece by piece (:func:`decoded_blocks`), at a temporary name moved into
-    place when complete; an output that cannot be written stops the run (:class:`~audiotok.io.StorageError`).
+    The model is loaded once the input and the output passed their checks (a missing input, a single
+    code file that cannot be read, an output that cannot be written: ``FileNotFoundError`` or
+    ``ValueError``). Before anything is decoded, every file's header is checked against the model:
+    another architecture or other weights raise ``ValueError``. Files that are corrupt are logged,
+    skipped and listed in the report (for a single file: ``ValueError``); a folder without code files is
+    a ``ValueError``. Audio is decoded and written piece by piece (:func:`decoded_blocks`), at a
+    temporary name moved into place when complete; an output that cannot be written stops the run
+    (:class:`~audiotok.io.StorageError`).
     """
+    start = time.perf_counter()
     src, out = Path(input), Path(output)
     if format is not None:
         format = format.lower().lstrip(".")
@@ -316,56 +367,69 @@ def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: 
         check_sample_rate(sample_rate)
     chunks = _show_progress(progress)
     chosen = tokenizer is not None
-    model = tokenizer or AudioTokenizer.from_pretrained(None, device=device, **load_kwargs)
+    load = tokenizer or (lambda: AudioTokenizer.from_pretrained(None, device=device, **load_kwargs))
 
-    def check(codes: CodeHeader | CodeFile, path: Path) -> None:
-        try:
-            codes.check_compatible(model, allow_other_weights)
-        except DisagreeingFields as e:
-            raise DisagreeingFields(f"{path}: {e}") from None
-        except ValueError as e:
-            hint = "" if chosen else (f" (no model was given, so the bundled {model.model_id!r} was used; give the "
-                                      f"model that wrote the codes with --model)")
-            raise ValueError(f"{path}: {e}{hint}") from None
-
-    def work(a: Path, b: Path) -> None:
-        code_file = CodeFile.load(a)
-        check(code_file, a)
+    def write(model: AudioTokenizer, code_file: CodeFile, a: Path, b: Path) -> None:
+        _check_fits(code_file, a, model, chosen, allow_other_weights)
         rate, blocks = decoded_blocks(model, code_file, sample_rate, chunks, allow_other_weights)
-        with audio_writer(b, rate, code_file.shape[0], subtype) as write:
+        with audio_writer(b, rate, code_file.shape[0], subtype) as put:
             for block in blocks:
-                write(block)
+                put(block)
 
     if src.is_file():
         suffixes = ("." + format,) if format else tuple(AUDIO_WRITE_FORMATS)
         dst = _single_output(src, out, suffixes, "audio")
         check_subtype(dst.suffix.lower(), subtype)
-        work(src, dst)
-        return BatchReport(done=[(src, dst)])
-    if out.is_file():
-        raise ValueError(f"{out}: is a file; the output for a folder must be a folder")
-    suffix = "." + (format or "wav")
-    check_subtype(suffix, subtype)
-    pairs = _listed(mirror_paths(find_files(src, (SUFFIX,)), src, out, suffix), src, f"{SUFFIX} files")
-    # Check every readable header against the model first, so that a wrong model decodes nothing.
+        check_writable(dst)
+        code_file = CodeFile.load(src)
+        model, loading = _loaded(load)
+        write(model, code_file, src, dst)
+        report = BatchReport(done=[(src, dst)])
+    else:
+        suffix = "." + (format or "wav")
+        check_subtype(suffix, subtype)
+        pairs = _folder_pairs(src, out, (SUFFIX,), suffix, f"{SUFFIX} files")
+        model, loading = _loaded(load)
+        _check_headers(pairs, model, chosen, allow_other_weights)
+        report = BatchReport()
+        _run_batch(pairs, lambda a, b: write(model, CodeFile.load(a), a, b), report, "decoding", progress)
+    report.seconds = time.perf_counter() - start - loading
+    return report
+
+
+def _check_fits(codes: CodeHeader | CodeFile, path: Path, model: AudioTokenizer, chosen: bool,
+                allow_other_weights: bool) -> None:
+    """``ValueError`` naming ``path`` unless ``model`` decodes ``codes`` (``chosen``: the user chose the
+    model; if not, the message says the bundled one was used); :class:`DisagreeingFields` for a damaged file."""
+    try:
+        codes.check_compatible(model, allow_other_weights)
+    except DisagreeingFields as e:
+        raise DisagreeingFields(f"{path}: {e}") from None
+    except ValueError as e:
+        hint = "" if chosen else (f" (no model was given, so the bundled {model.model_id!r} was used; give the "
+                                  f"model that wrote the codes with --model)")
+        raise ValueError(f"{path}: {e}{hint}") from None
+
+
+def _check_headers(pairs: list[tuple[Path, Path]], model: AudioTokenizer, chosen: bool,
+                   allow_other_weights: bool) -> None:
+    """Check every readable header of a folder's code files against the model first, so that a wrong model
+    decodes nothing: ``ValueError`` listing the files that do not fit (damaged files are skipped later)."""
     mismatched = []
     for a, _ in pairs:
         try:
             header = read_header(a)
         except (ValueError, OSError):
-            continue  # reported as skipped below
+            continue  # reported as skipped when decoding
         try:
-            check(header, a)
+            _check_fits(header, a, model, chosen, allow_other_weights)
         except DisagreeingFields:
-            continue  # a damaged file, not another model's: reported as skipped below
+            continue  # a damaged file, not another model's: reported as skipped when decoding
         except ValueError as e:
             mismatched.append(str(e))
     if mismatched:
-        shown = "\n".join(mismatched[:5]) + (f"\n... ({len(mismatched)} files in all)" if len(mismatched) > 5 else "")
-        raise ValueError(f"refusing to decode: {len(mismatched)} file(s) do not fit the model:\n{shown}")
-    report = BatchReport()
-    _run_batch(pairs, work, report, "decoding", progress)
-    return report
+        listed = "\n".join(mismatched[:5]) + (f"\n... ({len(mismatched)} files in all)" if len(mismatched) > 5 else "")
+        raise ValueError(f"refusing to decode: {len(mismatched)} file(s) do not fit the model:\n{listed}")
 
 
 def _check_input(src: Path) -> None:

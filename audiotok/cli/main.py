@@ -5,7 +5,14 @@ summary); 2 for errors the user can fix (bad arguments, missing files, a model t
 codes, a device that cannot run); 3 for an internal error (a bug: please report it); 4 when an output
 could not be written (disk full, permission denied: the run stops there; run it again once the storage
 works, and the files already written are kept). Every failure is one line on stderr,
-``audiotok: error: ...`` (``-vv`` adds the traceback of an internal error).
+``audiotok: error: ...`` (``-vv`` adds the traceback of an internal error). Inputs and outputs are
+checked before a model loads.
+
+Output: ``encode`` and ``decode`` of one file print one line (duration, frames, codebooks, bitrate,
+speed), of a folder a summary listing the skipped files. ``-q``: no progress bars and no line of a
+single file; warnings (skipped files, partly read inputs, a model's notice) stay. ``-qq``: errors only.
+A model's notice (the bundled model is an early checkpoint) is shown once, when it encodes;
+``AUDIOTOK_NO_NOTICE=1`` silences it alone.
 """
 
 from __future__ import annotations
@@ -15,18 +22,25 @@ import json
 import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from .. import __version__
 from ..io import StorageError
-from ..untrusted import number_arg, shown
+from ..untrusted import number_arg, one_line, shown
+
+if TYPE_CHECKING:
+    from ..tokenizer import AudioTokenizer
+    from .files import BatchReport
 
 _EPILOG = ("exit status: 0 success, 1 some files in a folder were skipped (see the summary), "
            "2 usage or input error, 3 internal error, 4 an output could not be written (disk full, permission "
-           "denied): run again once the storage works")
+           "denied): run again once the storage works. AUDIOTOK_NO_NOTICE=1: no notice of the model (the bundled "
+           "model is an early checkpoint)")
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, EXIT_INTERNAL, EXIT_STORAGE = 0, 1, 2, 3, 4
+_QUIET_HELP = ("-q: no progress bars, no line for a single file (warnings such as skipped files stay); "
+               "-qq: errors only")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,12 +66,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     logging.getLogger("audiotok").warning("%s", message)
 
 
-def _setup_logging(verbose: int, quiet: bool = False) -> None:
+def _setup_logging(verbose: int, quiet: int = 0) -> None:
+    """Warnings and errors on stderr, one line each; ``quiet`` 2 or more: errors only; ``verbose``: info, debug."""
     warnings.showwarning = _show_warning  # one line each, like the log lines
     logger = logging.getLogger("audiotok")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         logger.addHandler(_StderrHandler())
-    level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    level = (logging.ERROR if quiet > 1 else logging.DEBUG if verbose > 1 else logging.INFO if verbose
+             else logging.WARNING)
     logger.setLevel(level)
 
 
@@ -71,8 +87,7 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="fuse the Snake activations with torch.compile (faster after seconds of compiling)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="print errors only: no warnings, no progress bars")
+    p.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS, help=_QUIET_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"model names: {describe_names()}. {_EPILOG}")
     parser.add_argument("--version", action="version", version=f"audiotok {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help=_QUIET_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     model_help = (f"model source: a model folder, an original DAC .pth file, a hub id or a name ({describe_names()}). "
@@ -176,42 +191,57 @@ def _load_options(args: argparse.Namespace) -> dict:
     return {"dtype": DTYPES[args.dtype], "compile": args.compile}
 
 
-def _load_model(args: argparse.Namespace):
+def _model_loader(args: argparse.Namespace) -> Callable[[], AudioTokenizer]:
+    """What loads ``--model`` with the runtime options, called once the inputs and outputs passed their checks."""
     from ..distributed import rank_device
     from ..tokenizer import AudioTokenizer
 
-    return AudioTokenizer.from_pretrained(args.model, device=rank_device(args.device), **_load_options(args))
+    device = rank_device(args.device)
+    return lambda: AudioTokenizer.from_pretrained(args.model, device=device, **_load_options(args))
 
 
-def _finish(report, verb: str, single: bool) -> int:
-    if single and report.done:
-        print(f"wrote {shown(report.done[0][1])}")
-    else:
+def _finish(report: BatchReport, verb: str, single: bool, quiet: int) -> int:
+    if not single:
         print(report.summary(verb))
+    elif not quiet:
+        print(_file_line(report, verb))
     return EXIT_OK if report.ok else EXIT_SKIPPED
+
+
+def _file_line(report: BatchReport, verb: str) -> str:
+    """``encoded a.flac -> a.atok: 3.20 s of audio, 240 frames x 10 codebooks (7.50 kbps), Nx real time``
+    for a run on one file (and its code file's ``x C channels`` when coded per channel)."""
+    from ..codefile import read_header
+    from ..config import bitrate
+
+    src, dst = report.done[0]
+    header = read_header(dst if verb == "encoded" else src)
+    channels, codebooks, frames = header.shape
+    kbps = channels * bitrate(header.sample_rate / header.hop_length, codebooks, header.codebook_size) / 1000
+    coded = f"{frames} frames x {codebooks} codebooks" + (f" x {channels} channels" if channels > 1 else "")
+    speed = header.duration / max(report.seconds, 1e-9)
+    return (f"{verb} {shown(src)} -> {shown(dst)}: {header.duration:.2f} s of audio, {coded} ({kbps:.2f} kbps), "
+            f"{speed:.3g}x real time")
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
     from .files import encode_path
 
-    if not args.input.exists():
-        raise FileNotFoundError(f"{args.input}: no such file or folder")
-    tokenizer = _load_model(args)
-    report = encode_path(tokenizer, args.input, args.output, n_quantizers=args.n_quantizers,
+    report = encode_path(_model_loader(args), args.input, args.output, n_quantizers=args.n_quantizers,
                          per_channel=args.per_channel, pack_10bit=args.pack_10bit, extensions=args.extensions,
                          progress=_progress(args), overwrite=args.overwrite)
-    return _finish(report, "encoded", args.input.is_file())
+    return _finish(report, "encoded", args.input.is_file(), args.quiet)
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
     from ..distributed import rank_device
     from .files import decode_path
 
-    tokenizer = None if args.model is None else _load_model(args)
-    report = decode_path(args.input, args.output, tokenizer, format=args.format, device=rank_device(args.device),
+    loader = None if args.model is None else _model_loader(args)
+    report = decode_path(args.input, args.output, loader, format=args.format, device=rank_device(args.device),
                          progress=_progress(args), sample_rate=args.sample_rate, subtype=args.subtype,
                          allow_other_weights=args.allow_other_weights, **_load_options(args))
-    return _finish(report, "decoded", args.input.is_file())
+    return _finish(report, "decoded", args.input.is_file(), args.quiet)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -257,24 +287,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except StorageError as e:
-        print(f"audiotok: error: cannot write the output: {shown(_one_line(e))}; run the same command again once "
+        print(f"audiotok: error: cannot write the output: {one_line(e)}; run the same command again once "
               "the storage works (files already written are kept)", file=sys.stderr)
         return EXIT_STORAGE
     except (ValueError, OSError) as e:  # FileNotFoundError, PermissionError, ... are OSErrors
-        print(f"audiotok: error: {shown(_one_line(e))}", file=sys.stderr)
+        print(f"audiotok: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("audiotok: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug: one line, the traceback with -vv
         logging.getLogger("audiotok").debug("internal error", exc_info=True)
-        print(f"audiotok: error: internal error ({type(e).__name__}: {shown(_one_line(e))}); please report it",
+        print(f"audiotok: error: internal error ({type(e).__name__}: {one_line(e)}); please report it",
               file=sys.stderr)
         return EXIT_INTERNAL
-
-
-def _one_line(error: BaseException) -> str:
-    return " | ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 if __name__ == "__main__":
