@@ -27,6 +27,7 @@ from audiotok.train.config import load_config
 from audiotok.train.state import export_state
 from audiotok.train.stopping import TrainingInterrupted, parse_duration
 from audiotok.train.trainer import train
+from audiotok.untrusted import one_line
 
 
 def duration(text: str) -> float:
@@ -37,7 +38,7 @@ def duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a YAML config, e.g. recipes/configs/final/44khz.yml (required to train)")
     p.add_argument("--save-path", required=True, help="run folder: checkpoints, logs; resumed if it holds a run")
@@ -54,7 +55,7 @@ def main() -> int:
     p.add_argument("--no-moments", action="store_true",
                    help="with --export-state: leave the optimizer moments out (smaller; the optimizer restarts)")
     p.add_argument("overrides", nargs="*", help="config overrides such as train.batch_size=24")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.no_moments and not args.export_state:
         p.error("--no-moments goes with --export-state")
     if args.export_state is None and args.config is None:
@@ -71,7 +72,7 @@ def main() -> int:
         print(f"train: {e}", file=sys.stderr)
         return e.exit_code
     except (FileNotFoundError, ValueError) as e:  # missing data or config, bad settings or files: one line
-        print(f"train: error: {e}", file=sys.stderr)
+        print(f"train: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -15,10 +15,10 @@ import sys
 
 from audiotok.lm.config import load_prior_config
 from audiotok.lm.trainer import train_prior
-from audiotok.untrusted import number_arg, shown
+from audiotok.untrusted import number_arg, one_line
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="a YAML config, e.g. recipes/configs/prior/small.yml")
     p.add_argument("--save-path", required=True, help="run folder: checkpoints, logs; resumed if it holds a run")
@@ -26,12 +26,12 @@ def main() -> int:
                    help="stop at this step (default: the config's num_iters)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("overrides", nargs="*", help="config overrides such as train.batch_size=32")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         train_prior(load_prior_config(args.config, args.overrides), args.save_path, args.max_steps, args.device)
     except (FileNotFoundError, ValueError) as e:  # missing or bad codes, config or run: one line that says what
-        print(f"train_lm: error: {shown(e)}", file=sys.stderr)
+        print(f"train_lm: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -210,6 +210,22 @@ def test_resuming_with_another_config_names_the_differences(code_sets, tmp_path)
     assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "val"), (4, "train"), (4, "val")]
 
 
+def test_the_recipe_refuses_a_changed_config_and_bad_overrides_in_one_line(code_sets, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("train_lm", REPO / "recipes" / "train_lm.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    options = ["--config", TINY, "--save-path", str(tmp_path / "run"), "--device", "cpu"]
+    overrides = [f"data.train={code_sets / 'train'}", f"data.valid={code_sets / 'valid'}", "train.save_every=2"]
+    assert recipe.main([*options, "--max-steps", "2", *overrides]) == 0
+    capsys.readouterr()
+    for override, message in [("prior.pattern=flatten", "another configuration, so its state cannot be resumed: "
+                                                        "prior.pattern: 'delay' in the run, 'flatten' now"),
+                              ("train.seq_len={16", "override 'train.seq_len={16': the value is not YAML")]:
+        assert recipe.main([*options, "--max-steps", "4", *overrides, override]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("train_lm: error: ") and message in err and err.count("\n") == 1, err
+
+
 def test_training_records_and_checks_the_codec_weights(code_sets, codec_tok, tmp_path):
     twin = random_tokenizer("tiny-16khz", seed=1)  # the same architecture with other weights
     write_dataset(tmp_path / "twin", [("shard-00000.tar", learnable_records("w", 12, 3))], twin.codes_fingerprint)

@@ -1,5 +1,6 @@
 """Training recipe: configs, a few CPU steps, exact resume, DDP on gloo, bad data, fine-tuning."""
 
+import importlib.util
 import io
 import json
 import os
@@ -607,6 +608,44 @@ def test_the_recipe_stops_in_time_exports_and_reports_bad_files(audio_dir, tmp_p
                           (["--time-limit", "soon"], "argument --time-limit: invalid duration 'soon'")]:
         bad = call("--save-path", str(tmp_path / "bad"), *args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+
+
+def _train_recipe():
+    spec = importlib.util.spec_from_file_location("train_recipe", REPO / "recipes" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_refusal_of_the_recipe_is_one_line(audio_dir, straight, tmp_path, capsys):
+    recipe = _train_recipe()
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, symlinks=True)
+    (tmp_path / "bad.yml").write_text("model: [1\n")
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "a.wav").write_bytes(b"RIFF not audio")
+    unreadable = f"[{{type: folder, root: {tmp_path / 'unreadable'}}}]"
+    tiny = ["--config", str(TINY), "--device", "cpu", "--max-steps", str(STEPS + 1)]
+    cases = [
+        ([*tiny, "--save-path", str(run), *tiny_overrides(audio_dir, *RESUME, "model.n_codebooks=3")],
+         "the run was trained with another configuration, so its state cannot be resumed: model.n_codebooks"),
+        ([*tiny, "--save-path", str(run), *tiny_overrides(audio_dir, *RESUME, "train.batch_size=[1")],
+         "override 'train.batch_size=[1': the value is not YAML: expected ',' or ']'"),
+        (["--config", str(tmp_path / "bad.yml"), "--save-path", str(tmp_path / "new")], "bad.yml: not a YAML config"),
+        ([*tiny, "--save-path", str(tmp_path / "new"), *tiny_overrides(audio_dir, *RESUME, "train.num_workers=1",
+                                                                       f"data.groups={{u: {{sources: {unreadable}}}}}")],
+         "no usable audio in 32 draws"),  # raised in a DataLoader worker
+        (["--save-path", str(tmp_path / "new"), "--export-state", str(tmp_path / "x.safetensors")],
+         "no complete checkpoint to export"),
+    ]
+    for argv, message in cases:
+        assert recipe.main(argv) == 2, message
+        err = capsys.readouterr().err
+        assert err.startswith("train: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "new" / "checkpoints").exists()
+    with pytest.raises(SystemExit) as stop:  # a fine-tune or a moved run, not both
+        recipe.main([*tiny, "--save-path", str(tmp_path / "new"), "--init-from", "default", "--resume-from", "x"])
+    assert stop.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
 def test_remote_train_script_trains_in_time_and_hands_the_state_on_in_pieces(audio_dir, tmp_path):

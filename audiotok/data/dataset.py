@@ -167,7 +167,8 @@ class ExcerptDataset(IterableDataset):
                 continue
             return torch.from_numpy(x)
         skipped = {src.name: dict(src.skipped.counts) for _, src in self.entries if src.skipped.total}
-        raise RuntimeError(f"excerpt {index}: no usable audio in {self.max_draws} draws; skipped so far: {skipped}")
+        raise ValueError(f"excerpt {index}: no usable audio in {self.max_draws} draws (skipped so far: {skipped}); "
+                         f"check the sources' files")
 
     def _stream(self, source: AudioSource, part: int, num_parts: int, seed: int) -> Iterator[Record | DecodeError]:
         for epoch in itertools.count():
@@ -176,7 +177,7 @@ class ExcerptDataset(IterableDataset):
                 empty = False
                 yield item
             if empty:
-                raise RuntimeError(f"{source.name}: part {part} of {num_parts} has no records")
+                raise ValueError(f"{source.name}: part {part} of {num_parts} has no records")
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()

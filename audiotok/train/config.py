@@ -193,8 +193,10 @@ def read_config_dict(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+    except OSError as e:
         raise ValueError(f"{path}: cannot read config: {e}") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not a YAML config: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config must be a mapping of sections")
     merged: dict[str, Any] = {}
@@ -216,8 +218,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: the value is not YAML: {_yaml_problem(e)}") from None
     return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong in a YAML text and where, in one line (``expected ',' or ']' (line 1, column 3)``)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return (getattr(error, "problem", None) or " ".join(str(error).split())) + where
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
