@@ -624,7 +624,7 @@ def test_every_refusal_of_the_recipe_is_one_line(audio_dir, straight, tmp_path, 
     (tmp_path / "bad.yml").write_text("model: [1\n")
     (tmp_path / "unreadable").mkdir()
     (tmp_path / "unreadable" / "a.wav").write_bytes(b"RIFF not audio")
-    unreadable = f"[{{type: folder, root: {tmp_path / 'unreadable'}}}]"
+    unreadable = f"data.groups={{u: {{sources: [{{type: folder, root: {tmp_path / 'unreadable'}}}]}}}}"
     tiny = ["--config", str(TINY), "--device", "cpu", "--max-steps", str(STEPS + 1)]
     cases = [
         ([*tiny, "--save-path", str(run), *tiny_overrides(audio_dir, *RESUME, "model.n_codebooks=3")],
@@ -633,7 +633,7 @@ def test_every_refusal_of_the_recipe_is_one_line(audio_dir, straight, tmp_path, 
          "override 'train.batch_size=[1': the value is not YAML: expected ',' or ']'"),
         (["--config", str(tmp_path / "bad.yml"), "--save-path", str(tmp_path / "new")], "bad.yml: not a YAML config"),
         ([*tiny, "--save-path", str(tmp_path / "new"), *tiny_overrides(audio_dir, *RESUME, "train.num_workers=1",
-                                                                       f"data.groups={{u: {{sources: {unreadable}}}}}")],
+                                                                       unreadable)],
          "no usable audio in 32 draws"),  # raised in a DataLoader worker
         (["--save-path", str(tmp_path / "new"), "--export-state", str(tmp_path / "x.safetensors")],
          "no complete checkpoint to export"),
