@@ -1,0 +1,75 @@
+"""Files written by an earlier audiotok read the same: ``tests/data/format-fixtures``.
+
+The fixtures were written by audiotok at commit 7d0b821 with the tiny-16khz model of
+``conftest.random_tokenizer``: two ``.atok`` files (``CodeFile.from_encoded(...).save``, one mono, one
+coded per channel and packed in 10 bits) and two code datasets (``tokenize_dataset`` of a folder of
+three clips with ``.txt`` sidecars and an unreadable file: ``codes-tar`` mono in tar shards,
+``codes-parquet`` per channel in Parquet shards; their ``.bulk/`` folders removed and the manifests'
+``input.path`` shortened to ``corpus``). ``expected.json`` holds what that audiotok read from them:
+each code file's metadata and codes, each dataset's model, codebooks and records.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audiotok import CodeFile
+from audiotok.codedataset import SHARD_WRITERS, manifest_metadata
+from audiotok.lm import CodeDataset
+
+FIXTURES = Path(__file__).parent / "data" / "format-fixtures"
+EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED["code_files"]))
+def test_code_files_read_the_same(tmp_path, name):
+    want = EXPECTED["code_files"][name]
+    code_file = CodeFile.load(FIXTURES / name)
+    assert code_file._metadata(code_file.packing) == want["header"]
+    assert code_file.codes.tolist() == want["codes"]
+    # written again (safetensors orders the metadata its own way: the bytes may differ), it reads the same
+    again = CodeFile.load(code_file.save(tmp_path / name, pack_10bit=code_file.packing == "10bit"))
+    assert again._metadata(again.packing) == want["header"] and again.codes.tolist() == want["codes"]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED["code_datasets"]))
+def test_code_datasets_read_the_same(name):
+    want = EXPECTED["code_datasets"][name]
+    dataset = CodeDataset(FIXTURES / name)
+    assert (dataset.model_id, dataset.config.to_dict(), dataset.n_codebooks, dataset.codes_fingerprint, len(dataset)) \
+        == (want["model_id"], want["config"], want["n_codebooks"], want["codes_fingerprint"], want["records"])
+    read = [{"key": r.key, "meta": r.meta, "metadata": r.metadata, "dtype": str(r.codes.dtype),
+             "codes": r.codes.tolist()} for r in dataset]
+    assert read == want["records_read"]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED["code_datasets"]))
+def test_shards_written_again_hold_the_same(tmp_path, name):
+    """Records read from a shard and written again with today's writer: a tar shard is the same bytes,
+    a Parquet shard reads back the same records with the same key-value metadata."""
+    dataset = CodeDataset(FIXTURES / name)
+    manifest = dataset.manifest
+    expected = manifest_metadata(manifest)
+    fmt = "webdataset" if name.endswith("tar") else "parquet"
+    for shard in dataset.shards:
+        records = list(dataset.split_by_rank(dataset.shards.index(shard), len(dataset.shards)))
+        writer = SHARD_WRITERS[fmt](tmp_path / shard["path"], expected, tuple(manifest["metadata"]))
+        for record in records:
+            writer.add({**record.meta, "metadata": record.metadata}, record.codes)
+        writer.close()
+        if fmt == "webdataset":
+            assert (tmp_path / shard["path"]).read_bytes() == (FIXTURES / name / shard["path"]).read_bytes()
+        else:
+            import pyarrow.parquet as pq
+
+            old, new = (pq.ParquetFile(root / shard["path"]) for root in (FIXTURES / name, tmp_path))
+            assert new.schema_arrow.equals(old.schema_arrow, check_metadata=True)
+            assert new.read().equals(old.read())
+    (tmp_path / "manifest.json").write_text((FIXTURES / name / "manifest.json").read_text())
+    again = [(r.key, r.meta, r.metadata, r.codes.tolist()) for r in CodeDataset(tmp_path)]
+    assert again == [(r.key, r.meta, r.metadata, r.codes.tolist()) for r in dataset]
+    assert all(np.asarray(r.codes).dtype == np.uint16 for r in CodeDataset(tmp_path))
