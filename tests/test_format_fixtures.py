@@ -5,8 +5,10 @@ The fixtures were written by audiotok at commit 7d0b821 with the tiny-16khz mode
 coded per channel and packed in 10 bits) and two code datasets (``tokenize_dataset`` of a folder of
 three clips with ``.txt`` sidecars and an unreadable file: ``codes-tar`` mono in tar shards,
 ``codes-parquet`` per channel in Parquet shards; their ``.bulk/`` folders removed and the manifests'
-``input.path`` shortened to ``corpus``). ``expected.json`` holds what that audiotok read from them:
-each code file's metadata and codes, each dataset's model, codebooks and records.
+``input.path`` shortened to ``corpus``), and a tiny prior of the delay pattern on the codes of
+``codes-tar`` (``CodePrior(...).save_pretrained``: ``prior-delay``). ``expected.json`` holds what that
+audiotok read from them: each code file's metadata and codes, each dataset's model, codebooks and
+records, the prior's codec, vocabulary and weight sums.
 """
 
 from __future__ import annotations
@@ -73,3 +75,15 @@ def test_shards_written_again_hold_the_same(tmp_path, name):
     again = [(r.key, r.meta, r.metadata, r.codes.tolist()) for r in CodeDataset(tmp_path)]
     assert again == [(r.key, r.meta, r.metadata, r.codes.tolist()) for r in dataset]
     assert all(np.asarray(r.codes).dtype == np.uint16 for r in CodeDataset(tmp_path))
+
+
+def test_priors_read_the_same():
+    from audiotok.lm import CodePrior
+
+    want = EXPECTED["priors"]["prior-delay"]
+    prior = CodePrior.from_pretrained(FIXTURES / "prior-delay")
+    assert prior.codec.to_dict() == want["codec"]
+    assert (prior.vocab.to_dict(), prior.pattern.value, prior.n_codebooks) == \
+        (want["vocabulary"], want["pattern"], want["n_codebooks"])
+    assert {k: round(float(v.double().sum()), 6) for k, v in prior.state_dict().items()} == want["weights"]
+    prior.check_dataset(CodeDataset(FIXTURES / "codes-tar"))  # the codes it was made for
