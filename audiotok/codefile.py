@@ -85,21 +85,15 @@ import os
 import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .codes import (
-    PACKED_10BIT_CODEBOOK_SIZE,
-    check_10bit,
-    check_fingerprint,
-    check_frames,
-    check_uint16,
-    is_integer_dtype,
-)
+from .codes import PACKED_10BIT_CODEBOOK_SIZE, check_10bit, check_frames, check_uint16, is_integer_dtype
+from .identity import CodecIdentity
 from .io import atomic_write
 
 if TYPE_CHECKING:
@@ -177,10 +171,10 @@ def unpack_codes_10bit(packed: np.ndarray, count: int) -> np.ndarray:
 
 @dataclass
 class _CodeInfo:
-    """What an ``.atok`` file records besides its codes (see the module docstring)."""
+    """What an ``.atok`` file records besides its codes (see the module docstring): ``codec`` is
+    stored as ``model_id``, ``config_hash`` and ``codes_fingerprint``."""
 
-    model_id: str
-    config_hash: str
+    codec: CodecIdentity
     sample_rate: int
     hop_length: int
     n_codebooks: int
@@ -188,7 +182,6 @@ class _CodeInfo:
     num_samples: int
     source_sample_rate: int
     channels: int
-    codes_fingerprint: str | None = field(default=None, kw_only=True)
 
     @property
     def duration(self) -> float:
@@ -196,51 +189,24 @@ class _CodeInfo:
         return self.num_samples / self.source_sample_rate
 
     def check_compatible(self, tokenizer: AudioTokenizer, allow_other_weights: bool = False) -> None:
-        """Raise ``ValueError`` (naming both model ids and config hashes) unless ``tokenizer`` has the
-        architecture these codes were written with and, unless ``allow_other_weights``, the same encoder
-        and quantizer weights (when the file records their fingerprint)."""
-        check_codec(tokenizer, self.model_id, self.config_hash, self.n_codebooks, self.codebook_size,
-                    codes_fingerprint=None if allow_other_weights else self.codes_fingerprint,
-                    override="--allow-other-weights decodes anyway")
+        """Raise ``ValueError`` (naming both models) unless ``tokenizer`` has the architecture these codes
+        were written with and, unless ``allow_other_weights``, the same encoder and quantizer weights
+        (:meth:`AudioTokenizer.check_codec <audiotok.tokenizer.AudioTokenizer.check_codec>`; when the
+        file records their fingerprint); :class:`DisagreeingFields` if the file states rates or
+        codebooks other than those of the model its ``config_hash`` names."""
+        from .tokenizer import ALLOW_OTHER_WEIGHTS
+
+        tokenizer.check_codec(self.codec, "the file holds", allow_other_weights, ALLOW_OTHER_WEIGHTS)
         stated = {"sample_rate": (self.sample_rate, tokenizer.sample_rate),
-                  "hop_length": (self.hop_length, tokenizer.hop_length)}
+                  "hop_length": (self.hop_length, tokenizer.hop_length),
+                  "codebook_size": (self.codebook_size, tokenizer.codebook_size)}
         wrong = [f"{k}={ours} (the model has {theirs})" for k, (ours, theirs) in stated.items() if ours != theirs]
+        if self.n_codebooks > tokenizer.n_codebooks:
+            wrong.append(f"n_codebooks={self.n_codebooks} (the model has {tokenizer.n_codebooks})")
         if wrong:
-            raise DisagreeingFields(f"the codes state {', '.join(wrong)}, yet their config_hash {self.config_hash} "
-                                    f"is that of {tokenizer.model_id!r}: the file was edited or damaged")
-
-
-def check_codec(tokenizer: AudioTokenizer, model_id: str, config_hash: str, n_codebooks: int, codebook_size: int,
-                what: str = "codes were written by", codes_fingerprint: str | None = None,
-                override: str | None = None) -> None:
-    """Raise ``ValueError`` (naming both models) unless ``tokenizer`` is a model of the architecture
-    ``config_hash`` with at least ``n_codebooks`` codebooks of ``codebook_size`` and, when
-    ``codes_fingerprint`` is given, the encoder and quantizer weights of that
-    :func:`~audiotok.checkpoint.codes_fingerprint` or weights it was rounded from
-    (:meth:`AudioTokenizer.reads_codes_of <audiotok.tokenizer.AudioTokenizer.reads_codes_of>`).
-
-    ``what`` starts the message: codes ``were written by`` a model, a prior ``was trained on the codes of``
-    one; ``override`` (how the caller decodes anyway, if it can) ends the message about other weights.
-    """
-    model_hash = tokenizer.config.architecture_hash()
-    if config_hash != model_hash:
-        raise ValueError(
-            f"{what} model {model_id!r} (config hash {config_hash}) but the model in use is "
-            f"{tokenizer.model_id!r} (config hash {model_hash}); these codes mean nothing to it. Use the model "
-            f"that wrote them"
-        )
-    if not tokenizer.reads_codes_of(codes_fingerprint):
-        raise ValueError(
-            f"{what} model {model_id!r} (weights fingerprint {codes_fingerprint}) but the model in use is "
-            f"{tokenizer.model_id!r} (fingerprint {tokenizer.codes_fingerprint}): the same architecture with other "
-            f"weights, whose codes mean other sounds. Use the model that wrote them"
-            + (f" ({override})" if override else "")
-        )
-    if n_codebooks > tokenizer.n_codebooks or codebook_size != tokenizer.codebook_size:
-        raise ValueError(
-            f"codes have {n_codebooks} codebooks of size {codebook_size}; model "
-            f"{tokenizer.model_id!r} has {tokenizer.n_codebooks} of size {tokenizer.codebook_size}"
-        )
+            raise DisagreeingFields(f"the codes state {', '.join(wrong)}, yet their config_hash "
+                                    f"{self.codec.config_hash} is that of {tokenizer.model_id!r}: the file was "
+                                    f"edited or damaged")
 
 
 @dataclass
@@ -275,7 +241,7 @@ def _parse_metadata(meta: dict[str, str] | None, where: str) -> CodeHeader:
     missing = [k for k in REQUIRED_METADATA if k not in meta]
     if missing:
         raise ValueError(f"{where}: metadata is missing required fields: {', '.join(missing)}")
-    values: dict[str, object] = {k: meta[k] for k in _STR_FIELDS}
+    values: dict[str, object] = {"packing": meta["packing"]}
     for key in _INT_FIELDS:
         try:
             value = int(meta[key])
@@ -290,13 +256,11 @@ def _parse_metadata(meta: dict[str, str] | None, where: str) -> CodeHeader:
         shape = ()
     if len(shape) != 3 or min(shape) <= 0:
         raise ValueError(f"{where}: metadata shape={meta['shape']!r} is not three positive integers 'C,K,F'")
-    fingerprint = check_fingerprint(meta.get("codes_fingerprint"), f"{where}: metadata codes_fingerprint")
-    check_fingerprint(meta["config_hash"], f"{where}: metadata config_hash")
+    codec = CodecIdentity.from_dict(meta, f"{where}: metadata")
     crc32 = meta.get("crc32")
     if crc32 is not None and not _CRC32.fullmatch(crc32):
         raise ValueError(f"{where}: metadata crc32={crc32!r} is not 8 lowercase hex digits")
-    header = CodeHeader(**values, shape=shape, format_version=version,  # type: ignore[arg-type]
-                        codes_fingerprint=fingerprint, crc32=crc32)
+    header = CodeHeader(codec, **values, shape=shape, format_version=version, crc32=crc32)  # type: ignore[arg-type]
     if header.packing not in PACKINGS:
         raise ValueError(f"{where}: unknown packing {header.packing!r}; expected one of {PACKINGS}")
     c, k, f = shape
@@ -371,11 +335,8 @@ class CodeFile(_CodeInfo):
         one per coded channel (for audio whose channels were encoded as a batch of clips).
         ``channels`` is the channel count of the original audio file.
         """
-        tokenizer.check_encoded(encoded)
-        if encoded.codes_fingerprint not in (None, tokenizer.codes_fingerprint):  # the file names its writer
-            raise ValueError(f"these codes were written by weights of fingerprint {encoded.codes_fingerprint}, "
-                             f"not by {tokenizer.model_id!r} ({tokenizer.codes_fingerprint}): write the code file "
-                             f"with the model that encoded them")
+        tokenizer.check_encoded(encoded, allow_other_weights=True)
+        tokenizer.identity.check_codes_of(encoded.codec, "EncodedAudio holds")  # the file names its writer: this one
         indices = [index] if isinstance(index, (int, np.integer)) else list(index)
         batch = encoded.codes.shape[0]
         if not indices or any(not 0 <= int(i) < batch for i in indices):
@@ -392,11 +353,9 @@ class CodeFile(_CodeInfo):
             codes = encoded.codes[[int(i) for i in indices], :, : frames.pop()]
         config = tokenizer.config
         return cls(
-            codes=codes, model_id=str(tokenizer.model_id), config_hash=config.architecture_hash(),
-            sample_rate=config.sample_rate, hop_length=config.hop_length, n_codebooks=codes.shape[1],
-            codebook_size=config.codebook_size, num_samples=samples.pop(),
+            codes=codes, codec=tokenizer.identity, sample_rate=config.sample_rate, hop_length=config.hop_length,
+            n_codebooks=codes.shape[1], codebook_size=config.codebook_size, num_samples=samples.pop(),
             source_sample_rate=int(encoded.sample_rate), channels=int(channels),
-            codes_fingerprint=tokenizer.codes_fingerprint,
         )
 
     def to_encoded(self) -> EncodedAudio:
@@ -405,7 +364,7 @@ class CodeFile(_CodeInfo):
 
         c, _, f = self.codes.shape
         return EncodedAudio(self.codes.clone(), torch.full((c,), f), torch.full((c,), self.num_samples),
-                            self.source_sample_rate, self.model_id, self.config_hash, self.codes_fingerprint)
+                            self.source_sample_rate, self.codec)
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -422,8 +381,9 @@ class CodeFile(_CodeInfo):
     def _metadata(self, packing: str) -> dict[str, str]:
         meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "packing": packing,
                 "shape": ",".join(str(s) for s in self.codes.shape)}
+        meta.update((k, v) for k, v in self.codec.to_dict().items() if v is not None)
         for f in fields(self):
-            if f.name not in ("codes", "packing") and getattr(self, f.name) is not None:
+            if f.name not in ("codes", "packing", "codec"):
                 meta[f.name] = str(getattr(self, f.name))
         return {**meta, "crc32": checksum(meta, self.codes.numpy())}
 
@@ -491,9 +451,8 @@ class CodeFile(_CodeInfo):
             raise ValueError(f"{where}: checksum mismatch (crc32 {header.crc32} recorded, {checksum(meta, codes)} "
                              f"computed): the codes or the metadata were damaged or edited")
         return cls(
-            codes=torch.from_numpy(codes), model_id=header.model_id, config_hash=header.config_hash,
-            sample_rate=header.sample_rate, hop_length=header.hop_length, n_codebooks=header.n_codebooks,
-            codebook_size=header.codebook_size, num_samples=header.num_samples,
-            source_sample_rate=header.source_sample_rate, channels=header.channels, packing=header.packing,
-            codes_fingerprint=header.codes_fingerprint,
+            codes=torch.from_numpy(codes), codec=header.codec, sample_rate=header.sample_rate,
+            hop_length=header.hop_length, n_codebooks=header.n_codebooks, codebook_size=header.codebook_size,
+            num_samples=header.num_samples, source_sample_rate=header.source_sample_rate, channels=header.channels,
+            packing=header.packing,
         )

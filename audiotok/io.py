@@ -4,7 +4,7 @@ A file is written to a temporary name in its final folder (``.NAME.<random>.tmp`
 fsynced, then moved into place with ``os.replace`` and the folder fsynced, so a reader (or a
 resumed job) sees the old file or the whole new one, never a partial file at the final path.
 
-    with atomic_write("out/manifest.json", "w") as f:   # a file written in one go
+    with atomic_write("out/summary.json", "w") as f:    # a file written in one go
         json.dump(obj, f)
 
     tmp = temp_path(path)                                # a file built over time (a shard)

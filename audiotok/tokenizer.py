@@ -28,6 +28,7 @@ from .codes import check_n_quantizers, is_integer_dtype
 from .config import DACConfig
 from .distributed import DistEnv
 from .hub import names_bundled_model, resolve
+from .identity import CodecIdentity
 from .layers import use_fused_snake
 from .model import DAC, context_frames
 from .segments import make_batches, plan_segments
@@ -35,6 +36,8 @@ from .untrusted import shown
 
 logger = logging.getLogger("audiotok")
 
+#: How a decoder decodes codes of other weights anyway (ends the message of :meth:`AudioTokenizer.check_codec`).
+ALLOW_OTHER_WEIGHTS = "allow_other_weights=True, --allow-other-weights, decodes anyway"
 #: Names of the dtypes ``from_pretrained`` runs in (command lines and configs).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: The environment variable that silences models' notices (the bundled model's early-checkpoint notice) when
@@ -65,18 +68,15 @@ class EncodedAudio:
         lengths: ``[B]`` valid frames per item.
         num_samples: ``[B]`` samples per item in the input, at ``sample_rate``.
         sample_rate: rate of the audio that was encoded (before resampling to the model rate).
-        model_id, config_hash, codes_fingerprint: the model that wrote the codes (its name, its
-            ``DACConfig.architecture_hash()`` and the ``checkpoint.codes_fingerprint`` of its weights);
-            ``None`` when unknown. :meth:`AudioTokenizer.decode` refuses codes of another model.
+        codec: the model that wrote the codes (``None`` when unknown): :meth:`AudioTokenizer.decode`
+            refuses codes of another model.
     """
 
     codes: torch.Tensor
     lengths: torch.Tensor
     num_samples: torch.Tensor
     sample_rate: int
-    model_id: str | None = None
-    config_hash: str | None = None
-    codes_fingerprint: str | None = None
+    codec: CodecIdentity | None = None
 
     def to(self, device: str | torch.device) -> EncodedAudio:
         return dataclasses.replace(self, codes=self.codes.to(device))
@@ -93,7 +93,7 @@ class AudioTokenizer:
     ``codes_fingerprint`` identifies the weights the tokenizer was made with (see
     :func:`~audiotok.checkpoint.codes_fingerprint`); it is recorded with every encoding and checked on
     decoding, where the fingerprints of ``decodes_codes_of`` pass too: the weights a model stored in
-    fp16 or bf16 was rounded from, whose codes it decodes as they were meant (:meth:`reads_codes_of`).
+    fp16 or bf16 was rounded from, whose codes it decodes as they were meant (:meth:`check_codec`).
     """
 
     def __init__(self, model: DAC, model_id: str = "dac", device: str | torch.device | None = None,
@@ -247,6 +247,11 @@ class AudioTokenizer:
         return self.model.config
 
     @property
+    def identity(self) -> CodecIdentity:
+        """This model as the writer of codes: :attr:`model_id`, its architecture hash and :attr:`codes_fingerprint`."""
+        return CodecIdentity.of(self.model_id, self.config, self.codes_fingerprint)
+
+    @property
     def sample_rate(self) -> int:
         return self.config.sample_rate
 
@@ -388,19 +393,22 @@ class AudioTokenizer:
                 codes[s.item, :, s.keep_start:s.keep_stop] = out[j, :, s.keep_start - s.start:s.keep_stop - s.start]
         if not mono:
             codes = codes.reshape(len(num_samples), channels, *codes.shape[1:])
-        return EncodedAudio(codes, torch.tensor(frames[::channels]), torch.tensor(num_samples), rate,
-                            str(self.model_id), self.config.architecture_hash(), self.codes_fingerprint)
+        return EncodedAudio(codes, torch.tensor(frames[::channels]), torch.tensor(num_samples), rate, self.identity)
 
-    def reads_codes_of(self, fingerprint: str | None) -> bool:
-        """True when codes written by the weights of ``fingerprint`` mean to this model what they meant
-        to their writer: its own :attr:`codes_fingerprint`, one of :attr:`decodes_codes_of` (weights it
-        was rounded from), or ``None`` (not recorded)."""
-        return fingerprint is None or fingerprint == self.codes_fingerprint or fingerprint in self.decodes_codes_of
+    def check_codec(self, codec: CodecIdentity | None, holds: str, allow_other_weights: bool = False,
+                    override: str = "") -> None:
+        """Raise :class:`~audiotok.identity.CodecMismatch` unless codes that ``codec`` wrote mean to this
+        model what they meant to their writer (:meth:`CodecIdentity.check_codes_of
+        <audiotok.identity.CodecIdentity.check_codes_of>`): the same architecture and, unless
+        ``allow_other_weights``, this model's encoder and quantizer weights or weights it was rounded
+        from (:attr:`decodes_codes_of`). ``holds`` and ``override`` word the message."""
+        self.identity.check_codes_of(codec, holds, reads=self.decodes_codes_of, weights=not allow_other_weights,
+                                     override=override)
 
     def check_encoded(self, encoded: EncodedAudio, allow_other_weights: bool = False) -> None:
         """Raise ``ValueError`` unless ``encoded`` is well formed and was written by this model: the same
         architecture, and the same encoder and quantizer weights (or weights it was rounded from, see
-        :meth:`reads_codes_of`) unless ``allow_other_weights``."""
+        :meth:`check_codec`) unless ``allow_other_weights``."""
         if not isinstance(encoded.codes, torch.Tensor) or encoded.codes.ndim not in (3, 4):
             raise ValueError("EncodedAudio.codes must be a [B, K, F] or [B, C, K, F] tensor")
         batch, frames = encoded.codes.shape[0], encoded.codes.shape[-1]
@@ -414,18 +422,7 @@ class AudioTokenizer:
         if batch and int(encoded.lengths.max()) > frames:
             raise ValueError(f"EncodedAudio.lengths {encoded.lengths.tolist()} exceed the {frames} frames of its codes")
         audio_utils.check_sample_rate(encoded.sample_rate)
-        model_hash = self.config.architecture_hash()
-        if encoded.config_hash is not None and encoded.config_hash != model_hash:
-            raise ValueError(f"these codes were written by model {encoded.model_id!r} (config hash "
-                             f"{encoded.config_hash}) but this is {self.model_id!r} (config hash {model_hash}): "
-                             f"they mean nothing to it")
-        if not allow_other_weights and not self.reads_codes_of(encoded.codes_fingerprint):
-            raise ValueError(
-                f"these codes were written by model {encoded.model_id!r} (weights fingerprint "
-                f"{encoded.codes_fingerprint}) but this is {self.model_id!r} (fingerprint {self.codes_fingerprint}): "
-                f"the same architecture with other encoder or quantizer weights, whose codes mean other sounds. "
-                f"Decode with the model that wrote them (allow_other_weights=True, --allow-other-weights, "
-                f"decodes anyway)")
+        self.check_codec(encoded.codec, "EncodedAudio holds", allow_other_weights, ALLOW_OTHER_WEIGHTS)
 
     def _check_codes(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
         if isinstance(codes, np.ndarray):

@@ -13,7 +13,6 @@ same records in the same row groups; reads are timed with the library's reader
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,11 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from audiotok import AudioTokenizer
+from audiotok import AudioTokenizer, CodeDataset
 from audiotok.audio import load_audio
-from audiotok.bulk import ParquetShardWriter, dataset_metadata
+from audiotok.codedataset import Manifest, ParquetShardWriter, ShardEntry, dataset_metadata
 from audiotok.data.config import read_manifest
-from audiotok.lm import CodeDataset
+from audiotok.store import LocalStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
@@ -72,20 +71,14 @@ def write_v1(path: Path, records: list[np.ndarray], tok: AudioTokenizer, row_gro
 
 
 def write_v2(path: Path, records: list[np.ndarray], tok: AudioTokenizer) -> None:
-    metadata = dataset_metadata(tok.model_id, tok.config, tok.codes_fingerprint, tok.n_codebooks, True)
-    writer = ParquetShardWriter(path, metadata)
-    for i, codes in enumerate(records):
-        writer.add(meta(i, codes, tok), codes)
-    writer.close()
+    with ParquetShardWriter(path, dataset_metadata(tok.identity, tok.config, tok.n_codebooks, True)) as writer:
+        for i, codes in enumerate(records):
+            writer.add(meta(i, codes, tok), codes)
 
 
 def write_manifest(folder: Path, shard: str, records: list[np.ndarray], tok: AudioTokenizer) -> None:
-    (folder / "manifest.json").write_text(json.dumps({
-        "format": "audiotok-code-dataset", "format_version": 2, "model_id": tok.model_id,
-        "config": tok.config.to_dict(), "config_hash": tok.config.architecture_hash(),
-        "hop_length": tok.hop_length, "frame_rate": tok.frame_rate,
-        "shards": [{"path": shard, "records": len(records), "frames": sum(c.shape[1] for c in records)}],
-        "records": len(records), "audio_hours": 0.0, "failures": []}))
+    entry = ShardEntry(shard, len(records), sum(c.shape[1] for c in records))
+    Manifest(tok.identity, tok.config, (entry,), audio_hours=0.0, format_version=2).write(LocalStore(folder))
 
 
 def best_of(fn, repeats: int) -> float:

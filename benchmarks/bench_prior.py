@@ -138,7 +138,7 @@ def evaluate(args, work: Path, config) -> dict:
         uni_sum.index_add_(0, codebook, -logp[codebook, code])
         uni_count.index_add_(0, codebook, torch.ones(len(code)))
 
-    frame_rate = prior.codec.config.frame_rate
+    frame_rate = prior.codec_config.frame_rate
     n_prompt, n_cont = round(args.prompt_seconds * frame_rate), round(args.continuation_seconds * frame_rate)
     rng = torch.Generator().manual_seed(args.seed)
     totals = {name: torch.zeros(k_all) for name in ("true", "random", "unigram", "count")}

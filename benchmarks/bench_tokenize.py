@@ -131,17 +131,17 @@ def main() -> None:
             encode_rows.append((f"encode, batch {b:g} s", t))
         rows.append(encode_rows[0])
 
-        metadata = dataset_metadata(tok.model_id, tok.config, tok.codes_fingerprint, tok.n_codebooks, True)
+        metadata = dataset_metadata(tok.identity, tok.config, tok.n_codebooks, True)
 
         def write() -> None:
-            writer = SHARD_WRITERS[args.format](Path(tmp) / f"shard{SHARD_WRITERS[args.format].suffix}", metadata)
             codes = enc.codes.numpy().astype(np.uint16)
-            for i, f in enumerate(files):
-                n = int(enc.lengths[i])
-                meta = {"key": record_key(f.stem, 0, i), "source_key": f.name, "num_samples": len(clips[i]),
-                        "sample_rate": tok.sample_rate, "n_frames": n, "channels": 1, "model_id": tok.model_id}
-                writer.add(meta, codes[i, :, :n])
-            writer.close()
+            shard = SHARD_WRITERS[args.format]
+            with shard(Path(tmp) / f"shard{shard.suffix}", metadata) as writer:
+                for i, f in enumerate(files):
+                    n = int(enc.lengths[i])
+                    meta = {"key": record_key(f.stem, 0, i), "source_key": f.name, "num_samples": len(clips[i]),
+                            "sample_rate": tok.sample_rate, "n_frames": n, "channels": 1, "model_id": tok.model_id}
+                    writer.add(meta, codes[i, :, :n])
 
         _, t = timed(write)
         rows.append(("write", t))

@@ -22,7 +22,7 @@ command again resumes an interrupted job, with any number of processes, nodes an
 (a dead process's parts are taken over once its claims lapse, after --lease-seconds; at once on
 its own host), and does nothing for a finished one. --engine ray runs the same job on a Ray cluster
 (one actor per GPU, parts read by Ray tasks) with the same output; either engine resumes the other's
-job. The output format is described in audiotok/codedataset.py; the work split in
+job. The output format is described in audiotok/codedataset/; the work split in
 audiotok/bulk/__init__.py.
 
 Exit status: 0 when every record was tokenized; 1 when some records failed (unreadable, empty,

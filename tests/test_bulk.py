@@ -417,7 +417,7 @@ class Crash(Exception):
 @pytest.mark.parametrize("kind,where", [("folder", "mid-shard"), ("folder", "after-shard-publish"),
                                         ("webdataset", "mid-shard")])
 def test_kill_and_resume(corpus, model_dir, folder_job, tmp_path, monkeypatch, kind, where):
-    from audiotok.bulk.store import LocalStore
+    from audiotok.store import LocalStore
 
     if kind == "folder":
         spec = InputSpec("folder", str(corpus))
@@ -752,7 +752,7 @@ def kept_metadata_input(kind: str, corpus: Path, root: Path) -> tuple[InputSpec,
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
 @pytest.mark.parametrize("kind", ["hf", "folder", "webdataset"])
 def test_kept_metadata_round_trips(corpus, model_dir, tmp_path, kind, fmt):
-    from audiotok.lm import CodeDataset, TextTokenizer
+    from audiotok.lm import CodeDataset, CodeVocabulary, TextTokenizer
     from audiotok.lm.text import TextCodeDataset
 
     spec, want, reasons = kept_metadata_input(kind, corpus, tmp_path)
@@ -782,7 +782,8 @@ def test_kept_metadata_round_trips(corpus, model_dir, tmp_path, kind, fmt):
     # the text field reaches a text-conditioned prior's examples
     text_key = "text" if kind == "hf" else "txt"
     text = TextTokenizer(None, max_len=24)
-    examples = list(TextCodeDataset(dataset, dataset.vocabulary(), "flatten", text, seq_len=8, text_key=text_key))
+    vocab = CodeVocabulary.for_codec(dataset.config)
+    examples = list(TextCodeDataset(dataset, vocab, "flatten", text, seq_len=8, text_key=text_key))
     texts = [r.metadata[text_key] for r in dataset]
     assert len(examples) == len(texts) == 2
     for example, t in zip(examples, texts):

@@ -169,7 +169,7 @@ def test_tokenize_to_s3_output(corpus, model_dir, tok, s3_bucket, tmp_path, monk
 
     fs = fsspec.filesystem("s3", **options)
     names = [n for n in fs.find(out) if "/.bulk/" not in n]
-    assert sorted(n.rsplit("/", 1)[1] for n in names) == sorted([s["path"] for s in codes.shards] + ["manifest.json"])
+    assert sorted(n.rsplit("/", 1)[1] for n in names) == sorted([s.path for s in codes.shards] + ["manifest.json"])
     written = {n: fs.info(n)["LastModified"] for n in names}
     cfg = config(InputSpec("folder", str(corpus / "c")), out, model_dir, num_workers=1, shard_records=1,
                  storage_options=options)

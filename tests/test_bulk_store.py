@@ -1,11 +1,12 @@
-"""The output store of bulk jobs: atomic writes, publishing staged files, listing, names confined;
-on a local folder and on an S3-compatible server (moto, see conftest.s3_server)."""
+"""The store code datasets are read and written through (bulk jobs' output): atomic writes, publishing
+staged files, listing, reading, names confined; on a local folder and on an S3-compatible server
+(moto, see conftest.s3_server)."""
 
 import os
 
 import pytest
 
-from audiotok.bulk.store import FsspecStore, LocalStore, open_store
+from audiotok.store import FsspecStore, LocalStore, open_store
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -31,6 +32,8 @@ def test_store_round_trip(store_and_root):
     assert store.list() == [".bulk/a.json", "b.bin", "sub/c.tar"]
     assert store.list("sub") == ["sub/c.tar"] and store.list("nothing") == []
     assert store.read_json(".bulk/a.json", {"x": int}) == {"x": 1} and store.read_bytes("sub/c.tar") == b"tar"
+    with store.open("sub/c.tar") as f:
+        assert f.read() == b"tar"
     store.write_bytes("b.bin", b"new")
     assert store.read_bytes("b.bin") == b"new"
     store.delete("b.bin")
@@ -96,6 +99,21 @@ def test_fsspec_store_staging_folder_is_removed_with_the_store():
     folder = staged.parent
     del store
     assert not folder.exists()
+
+
+def test_a_store_only_read_from_stages_nothing(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # TMPDIR
+    FsspecStore("memory://audiotok-read-only").write_bytes("a.bin", b"abc")
+    reader = FsspecStore("memory://audiotok-read-only")
+    with reader.open("a.bin") as f:
+        assert f.read() == b"abc"
+    with pytest.raises(FileNotFoundError):
+        reader.open("missing.bin")
+    assert not (tmp_path / "audiotok-staging").exists()  # a staging folder is made for writing only
+    reader.staging_path("b.bin")
+    assert (tmp_path / "audiotok-staging").is_dir()
 
 
 def test_fsspec_store_works_in_a_forked_child(s3_bucket):

@@ -102,7 +102,7 @@ def test_encode_decode_file(tmp_path, capsys, model_dir, tok, inputs, name):
     assert torch.equal(cf.codes, codes)
     info = sf.info(src)
     assert (cf.num_samples, cf.source_sample_rate, cf.channels) == (info.frames, info.samplerate, info.channels)
-    assert cf.config_hash == tok.config.architecture_hash() and cf.model_id == str(model_dir)
+    assert cf.codec == tok.identity and cf.codec.model_id == str(model_dir)
 
     wav = tmp_path / "dec" / f"{name}.wav"
     rc, _, err = run(capsys, "decode", atok, wav, "--model", model_dir)

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from audiotok import AudioTokenizer, DACConfig, EncodedAudio
+from audiotok import AudioTokenizer, CodecIdentity, DACConfig, EncodedAudio
 from audiotok.codefile import (
     FORMAT_NAME,
     CodeFile,
@@ -34,8 +34,8 @@ def make_code_file(c=2, k=3, f=7, codebook_size=1024, seed=0, channels=None) -> 
     g = torch.Generator().manual_seed(seed)
     hop = 512
     return CodeFile(
-        codes=torch.randint(0, codebook_size, (c, k, f), generator=g), model_id="some/model",
-        config_hash="0123456789abcdef", sample_rate=44100, hop_length=hop, n_codebooks=k,
+        codes=torch.randint(0, codebook_size, (c, k, f), generator=g),
+        codec=CodecIdentity("some/model", "0123456789abcdef"), sample_rate=44100, hop_length=hop, n_codebooks=k,
         codebook_size=codebook_size, num_samples=(f - 1) * hop + 5, source_sample_rate=44100,
         channels=channels or c,
     )
@@ -66,7 +66,7 @@ def test_round_trip(tmp_path, pack):
     back = CodeFile.load(path)
     assert back.codes.dtype == torch.int64
     assert torch.equal(back.codes, cf.codes)
-    for name in ("model_id", "config_hash", "sample_rate", "hop_length", "n_codebooks", "codebook_size",
+    for name in ("codec", "sample_rate", "hop_length", "n_codebooks", "codebook_size",
                  "num_samples", "source_sample_rate", "channels"):
         assert getattr(back, name) == getattr(cf, name), name
     assert back.packing == ("10bit" if pack else "none")
@@ -275,7 +275,7 @@ def test_from_encoded_and_compatibility(tmp_path, tok):
     assert torch.equal(cf.codes, enc.codes[0:1, :, :frames])
     assert (cf.num_samples, cf.source_sample_rate, cf.channels, cf.n_codebooks) == (3000, 22050, 2, 3)
     assert (cf.sample_rate, cf.hop_length, cf.codebook_size) == (44100, 512, 64)
-    assert cf.config_hash == tok.config.architecture_hash() and cf.model_id == tok.model_id
+    assert cf.codec == CodecIdentity(tok.model_id, tok.config.architecture_hash(), tok.codes_fingerprint)
     cf.check_compatible(tok)
 
     back = CodeFile.load(cf.save(tmp_path / "x.atok", pack_10bit=True))

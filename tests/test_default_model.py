@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-from audiotok import AudioTokenizer, cli
+from audiotok import AudioTokenizer, CodecIdentity, cli
 from audiotok.checkpoint import codes_fingerprint, load_checkpoint
 from audiotok.codefile import CodeFile
 from audiotok.hub import DEFAULT_MODEL_ID, PRETRAINED_DIR, SAME_CODES_AS
@@ -83,7 +83,8 @@ def test_code_files_of_an_earlier_model_with_the_same_codes_decode(tmp_path, mod
     enc = tok.encode(audio, sr)
     expected = tok.decode(enc)[0, 0]
     old = CodeFile.from_encoded(tok, enc)  # as that model wrote it:
-    dataclasses.replace(old, model_id=model_id, codes_fingerprint=SAME_CODES_AS[model_id]).save(tmp_path / "old.atok")
+    dataclasses.replace(old, codec=CodecIdentity(model_id, old.codec.config_hash, SAME_CODES_AS[model_id])).save(
+        tmp_path / "old.atok")
     assert cli.main(["decode", str(tmp_path / "old.atok"), str(tmp_path / "old.wav"), "--no-progress"]) == 0
     wav, _ = sf.read(tmp_path / "old.wav", dtype="float32")
     torch.testing.assert_close(torch.from_numpy(wav), expected, rtol=0, atol=1e-4)
@@ -97,7 +98,7 @@ def test_code_files_of_the_float32_release_decode_within_tolerance(tmp_path):
     """Code files written by the previous release (float32 weights, fingerprint FP32_FINGERPRINT) decode
     with the fp16-stored weights, by the API and the CLI, within DECODE_SNR_DB of that release's decode."""
     old = CodeFile.load(OLD_CODES)
-    assert (old.model_id, old.codes_fingerprint) == (DEFAULT_MODEL_ID, FP32_FINGERPRINT)
+    assert (old.codec.model_id, old.codec.codes_fingerprint) == (DEFAULT_MODEL_ID, FP32_FINGERPRINT)
     reference = torch.from_numpy(sf.read(OLD_DECODED, dtype="float32")[0])
     tok = AudioTokenizer.from_pretrained()
     decoded = tok.decode(old.to_encoded())[0, 0]
@@ -107,10 +108,10 @@ def test_code_files_of_the_float32_release_decode_within_tolerance(tmp_path):
     wav = torch.from_numpy(sf.read(tmp_path / "old.wav", dtype="float32")[0])
     assert snr_db(reference, wav) >= DECODE_SNR_DB
     # Any other fingerprint is still refused: the bundled model does not decode every file of its id.
-    other = dataclasses.replace(old, codes_fingerprint="0123456789abcdef")
+    other = dataclasses.replace(old, codec=dataclasses.replace(old.codec, codes_fingerprint="0123456789abcdef"))
     other.save(tmp_path / "other.atok")
     assert cli.main(["decode", str(tmp_path / "other.atok"), str(tmp_path / "other.wav"), "--no-progress"]) != 0
-    with pytest.raises(ValueError, match="other encoder or quantizer weights"):
+    with pytest.raises(ValueError, match="same architecture with other weights"):
         tok.decode(other.to_encoded())
 
 
@@ -120,7 +121,7 @@ def test_default_model_writes_nearly_the_codes_of_the_float32_release():
     audio, sr = sf.read(EXAMPLE, dtype="float32")
     old = CodeFile.load(OLD_CODES)
     enc = AudioTokenizer.from_pretrained().encode(audio[: 2 * sr], sr)
-    assert enc.codes_fingerprint == FINGERPRINT
+    assert enc.codec is not None and enc.codec.codes_fingerprint == FINGERPRINT
     same = enc.codes[0] == old.codes[0]
     assert same.float().mean() >= 0.99 and same[0].float().mean() >= 0.995, same.float().mean(-1)
 

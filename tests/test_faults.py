@@ -155,8 +155,8 @@ def enospc(*args, **kwargs):
 def test_a_failing_store_is_a_storage_error(tmp_path, monkeypatch):
     import fsspec
 
-    from audiotok.bulk.store import FsspecStore, LocalStore
     from audiotok.io import StorageError
+    from audiotok.store import FsspecStore, LocalStore
 
     local = LocalStore(tmp_path / "out")
     monkeypatch.setattr(os, "replace", enospc)
@@ -185,10 +185,10 @@ def test_the_bulk_recipe_exits_4_when_the_output_storage_fails(tmp_path, model_d
         import tokenize_dataset as recipe
     finally:
         sys.path.remove(str(REPO / "recipes"))
-    import audiotok.bulk.store
+    import audiotok.store
 
     write_clips(tmp_path / "in", ["a.wav", "b.wav"])
-    monkeypatch.setattr(audiotok.bulk.store, "replace_durably", enospc)  # publishing a shard finds the disk full
+    monkeypatch.setattr(audiotok.store, "replace_durably", enospc)  # publishing a shard finds the disk full
     args = ["--input", str(tmp_path / "in"), "--input-type", "folder", "--output", str(tmp_path / "out"),
             "--model", str(model_dir), "--device", "cpu", "--num-workers", "0", "--no-progress"]
     assert recipe.main(args) == 4
@@ -382,8 +382,7 @@ def test_long_code_files_decode_piece_by_piece_as_whole_decoding(tmp_path, tok, 
     frames = 600
     codes = torch.randint(0, tok.codebook_size, (1, 1, frames))
     num_samples = int((frames * tok.hop_length - 200) * 16000 / tok.sample_rate)  # at 16 kHz, the source's rate
-    encoded = EncodedAudio(codes, torch.tensor([frames]), torch.tensor([num_samples]), 16000, tok.model_id,
-                           tok.config.architecture_hash(), tok.codes_fingerprint)
+    encoded = EncodedAudio(codes, torch.tensor([frames]), torch.tensor([num_samples]), 16000, tok.identity)
     code_file = CodeFile.from_encoded(tok, encoded, 0, 1)
     code_file.save(tmp_path / "long.atok")
     whole = tok.decode(code_file.to_encoded())[:, 0].numpy()
@@ -415,23 +414,20 @@ def write_dataset(root: Path, tok, shards: dict[str, object], fmt: str = "webdat
     """A code dataset whose manifest names ``tok`` and lists ``shards`` (name -> the tokenizer that wrote it)."""
     import numpy as np
 
-    from audiotok.codedataset import MANIFEST_NAME, SHARD_WRITERS, dataset_metadata, manifest_header
-    from audiotok.io import write_json_atomic
+    from audiotok.codedataset import SHARD_WRITERS, Manifest, ShardEntry, dataset_metadata
+    from audiotok.store import LocalStore
 
     entries = []
     for name, writer_tok in shards.items():
-        meta = dataset_metadata(writer_tok.model_id, writer_tok.config, writer_tok.codes_fingerprint, 2, True)
-        shard = SHARD_WRITERS[fmt](root / name, meta)
-        for i in range(3):
-            frames = 5 + i
-            shard.add({"key": f"{Path(name).stem}_{i}", "source_key": f"{i}.wav", "channels": 1,
-                       "num_samples": frames * tok.hop_length, "sample_rate": tok.sample_rate, "n_frames": frames,
-                       "model_id": writer_tok.model_id}, np.full((2, frames), i, np.uint16))
-        shard.close()
-        entries.append({"path": name, "records": shard.records, "frames": shard.frames})
-    manifest = {**manifest_header(tok.model_id, tok.config, tok.codes_fingerprint), "shards": entries,
-                "records": sum(e["records"] for e in entries), "n_quantizers": 2, "mono": True}
-    write_json_atomic(root / MANIFEST_NAME, manifest)
+        metadata = dataset_metadata(writer_tok.identity, writer_tok.config, 2, True)
+        with SHARD_WRITERS[fmt](root / name, metadata) as shard:
+            for i in range(3):
+                frames = 5 + i
+                shard.add({"key": f"{Path(name).stem}_{i}", "source_key": f"{i}.wav", "channels": 1,
+                           "num_samples": frames * tok.hop_length, "sample_rate": tok.sample_rate, "n_frames": frames,
+                           "model_id": writer_tok.model_id}, np.full((2, frames), i, np.uint16))
+        entries.append(ShardEntry(name, shard.records, shard.frames))
+    Manifest(tok.identity, tok.config, tuple(entries), n_quantizers=2, mono=True).write(LocalStore(root))
 
 
 @pytest.mark.parametrize("fmt,suffix", [("webdataset", ".tar"), ("parquet", ".parquet")])

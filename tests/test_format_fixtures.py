@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audiotok import CodeFile
-from audiotok.codedataset import SHARD_WRITERS, manifest_metadata
-from audiotok.lm import CodeDataset
+from audiotok import CodeDataset, CodeFile
+from audiotok.codedataset import SHARD_WRITERS, Manifest
+from audiotok.store import LocalStore
 
 FIXTURES = Path(__file__).parent / "data" / "format-fixtures"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
@@ -55,35 +55,46 @@ def test_shards_written_again_hold_the_same(tmp_path, name):
     a Parquet shard reads back the same records with the same key-value metadata."""
     dataset = CodeDataset(FIXTURES / name)
     manifest = dataset.manifest
-    expected = manifest_metadata(manifest)
     fmt = "webdataset" if name.endswith("tar") else "parquet"
-    for shard in dataset.shards:
-        records = list(dataset.split_by_rank(dataset.shards.index(shard), len(dataset.shards)))
-        writer = SHARD_WRITERS[fmt](tmp_path / shard["path"], expected, tuple(manifest["metadata"]))
-        for record in records:
-            writer.add({**record.meta, "metadata": record.metadata}, record.codes)
-        writer.close()
+    for i, shard in enumerate(dataset.shards):
+        with SHARD_WRITERS[fmt](tmp_path / shard.path, manifest.shard_metadata(), manifest.metadata) as writer:
+            for record in dataset.split_by_rank(i, len(dataset.shards)):
+                writer.add({**record.meta, "metadata": record.metadata}, record.codes)
         if fmt == "webdataset":
-            assert (tmp_path / shard["path"]).read_bytes() == (FIXTURES / name / shard["path"]).read_bytes()
+            assert (tmp_path / shard.path).read_bytes() == (FIXTURES / name / shard.path).read_bytes()
         else:
             import pyarrow.parquet as pq
 
-            old, new = (pq.ParquetFile(root / shard["path"]) for root in (FIXTURES / name, tmp_path))
+            old, new = (pq.ParquetFile(root / shard.path) for root in (FIXTURES / name, tmp_path))
             assert new.schema_arrow.equals(old.schema_arrow, check_metadata=True)
             assert new.read().equals(old.read())
-    (tmp_path / "manifest.json").write_text((FIXTURES / name / "manifest.json").read_text())
+    manifest.write(LocalStore(tmp_path))
+    assert (tmp_path / "manifest.json").read_text() == (FIXTURES / name / "manifest.json").read_text()
     again = [(r.key, r.meta, r.metadata, r.codes.tolist()) for r in CodeDataset(tmp_path)]
     assert again == [(r.key, r.meta, r.metadata, r.codes.tolist()) for r in dataset]
     assert all(np.asarray(r.codes).dtype == np.uint16 for r in CodeDataset(tmp_path))
 
 
-def test_priors_read_the_same():
+def test_priors_read_the_same(tmp_path):
     from audiotok.lm import CodePrior
 
     want = EXPECTED["priors"]["prior-delay"]
     prior = CodePrior.from_pretrained(FIXTURES / "prior-delay")
-    assert prior.codec.to_dict() == want["codec"]
+    assert {**prior.codec.to_dict(), "config": prior.codec_config.to_dict()} == want["codec"]
+    prior.save_pretrained(tmp_path)  # saved again: the same config.json
+    assert json.loads((tmp_path / "config.json").read_text()) == \
+        json.loads((FIXTURES / "prior-delay" / "config.json").read_text())
     assert (prior.vocab.to_dict(), prior.pattern.value, prior.n_codebooks) == \
         (want["vocabulary"], want["pattern"], want["n_codebooks"])
     assert {k: round(float(v.double().sum()), 6) for k, v in prior.state_dict().items()} == want["weights"]
     prior.check_dataset(CodeDataset(FIXTURES / "codes-tar"))  # the codes it was made for
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED["code_datasets"]))
+def test_manifests_read_and_written_again_are_the_same(name):
+    data = json.loads((FIXTURES / name / "manifest.json").read_text())
+    manifest = Manifest.from_dict(data, name)
+    assert manifest.to_dict() == data and list(manifest.to_dict()) == list(data)  # the same entries, in order
+    assert manifest.codec.to_dict() == {k: data[k] for k in ("model_id", "config_hash", "codes_fingerprint")}
+    assert (manifest.records, manifest.n_quantizers, manifest.mono, manifest.metadata) == \
+        (data["records"], data["n_quantizers"], data["mono"], tuple(data["metadata"]))

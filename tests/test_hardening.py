@@ -22,7 +22,7 @@ import torch
 from conftest import make_audio, random_tokenizer
 
 import audiotok.hub
-from audiotok import AudioTokenizer
+from audiotok import AudioTokenizer, CodecIdentity
 from audiotok.audio import load_audio
 from audiotok.cli import main
 from audiotok.cli.files import decode_path
@@ -162,7 +162,7 @@ def test_bad_encode_arguments(tok, kwargs, message):
     (lambda e: {"sample_rate": 0}, "sample_rate"),
     (lambda e: {"sample_rate": 2**50}, "sample_rate"),
     (lambda e: {"codes": e.codes[0]}, r"\[B, K, F\]"),
-    (lambda e: {"config_hash": "0" * 16}, "config hash"),
+    (lambda e: {"codec": dataclasses.replace(e.codec, config_hash="0" * 16)}, "config hash"),
 ])
 def test_edited_encodings_are_value_errors(tok, edit, message):
     encoded = tok.encode(make_audio(4000, batch=2), SR)
@@ -172,16 +172,15 @@ def test_edited_encodings_are_value_errors(tok, edit, message):
 
 def test_decode_checks_the_model_that_encoded(tok, twin):
     encoded = tok.encode(make_audio(4000), SR)
-    assert (encoded.model_id, encoded.config_hash, encoded.codes_fingerprint) == (
-        "random", tok.config.architecture_hash(), tok.codes_fingerprint)
+    assert encoded.codec == CodecIdentity("random", tok.config.architecture_hash(), tok.codes_fingerprint)
     assert tok.codes_fingerprint != twin.codes_fingerprint
-    with pytest.raises(ValueError, match="other encoder or quantizer weights"):
+    with pytest.raises(ValueError, match="same architecture with other weights"):
         twin.decode(encoded)
     torch.testing.assert_close(twin.decode(encoded, allow_other_weights=True), twin.decode(encoded.codes)[..., :4000])
     other = random_tokenizer("tiny-24khz")
     with pytest.raises(ValueError, match="config hash"):
         other.decode(encoded, allow_other_weights=True)
-    with pytest.raises(ValueError, match="other encoder or quantizer weights"):
+    with pytest.raises(ValueError, match="same architecture with other weights"):
         CodeFile.from_encoded(twin, encoded)  # a code file never names a model that did not write its codes
 
 
@@ -242,7 +241,7 @@ def test_transformers_config_values_are_checked_by_name(model_dir, tmp_path):
 def test_a_code_file_never_chooses_the_model(tmp_path, capsys, monkeypatch, tok, model_dir, model_id):
     atok = tmp_path / "x.atok"
     cf = CodeFile.from_encoded(tok, tok.encode(make_audio(4000), SR))
-    dataclasses.replace(cf, model_id=model_id).save(atok)
+    dataclasses.replace(cf, codec=dataclasses.replace(cf.codec, model_id=model_id)).save(atok)
     loaded = []
     real = AudioTokenizer.from_pretrained.__func__
 
@@ -260,14 +259,15 @@ def test_a_code_file_never_chooses_the_model(tmp_path, capsys, monkeypatch, tok,
 
 def test_code_files_carry_the_weights_fingerprint(tmp_path, tok, twin):
     atok = CodeFile.from_encoded(tok, tok.encode(make_audio(4000), SR)).save(tmp_path / "x.atok")
-    assert CodeFile.load(atok).codes_fingerprint == tok.codes_fingerprint
+    assert CodeFile.load(atok).codec.codes_fingerprint == tok.codes_fingerprint
     with pytest.raises(ValueError, match="same architecture with other weights"):
         decode_path(atok, tmp_path / "x.wav", twin)
     assert not (tmp_path / "x.wav").exists()
     decode_path(atok, tmp_path / "x.wav", twin, allow_other_weights=True)
     assert (tmp_path / "x.wav").exists()
     # files written before the fingerprint existed decode as before
-    old = dataclasses.replace(CodeFile.load(atok), codes_fingerprint=None).save(tmp_path / "old.atok")
+    unrecorded = dataclasses.replace(tok.identity, codes_fingerprint=None)
+    old = dataclasses.replace(CodeFile.load(atok), codec=unrecorded).save(tmp_path / "old.atok")
     assert "codes_fingerprint" not in CodeFile.load(old)._metadata("none")
     decode_path(old, tmp_path / "old.wav", twin)
 
@@ -426,8 +426,8 @@ def test_text_from_files_reaches_the_terminal_escaped(tmp_path, tok, model_dir):
     shutil.copytree(model_dir, folder)
     data = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**data, "model_id": evil, "notice": evil}))
-    atok = dataclasses.replace(CodeFile.from_encoded(tok, tok.encode(make_audio(4000), SR)),
-                               model_id=evil).save(tmp_path / "x.atok")
+    cf = CodeFile.from_encoded(tok, tok.encode(make_audio(4000), SR))
+    atok = dataclasses.replace(cf, codec=dataclasses.replace(cf.codec, model_id=evil)).save(tmp_path / "x.atok")
     for args in (("info", folder), ("info", atok), ("encode", atok, tmp_path / "y.atok", "--model", folder),
                  ("decode", atok, tmp_path / "x.wav", "--model", tmp_path / "nope"),
                  ("decode", atok, tmp_path / "x.wav")):

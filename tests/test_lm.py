@@ -389,8 +389,8 @@ def test_split_by_rank_covers_every_record_once(code_dataset, world_size):
 
 def test_code_dataset_vocabulary(code_dataset):
     ds = CodeDataset(code_dataset[0])
-    assert ds.vocabulary() == CodeVocabulary(64, 4)
-    assert ds.vocabulary(offsets=False, n_codebooks=2).vocab_size == 64 + 3
+    assert CodeVocabulary.for_codec(ds.config) == CodeVocabulary(64, 4)
+    assert CodeVocabulary.for_codec(ds.config, offsets=False, n_codebooks=2).vocab_size == 64 + 3
 
 
 def test_code_dataset_rejects_bad_manifests_and_shards(tmp_path):
@@ -477,7 +477,7 @@ def decode_stream(vocab: CodeVocabulary, blocks, pattern: str = "flatten") -> li
 def test_lm_token_dataset_flatten(code_dataset):
     root, expected = code_dataset
     ds = CodeDataset(root)
-    vocab = ds.vocabulary()
+    vocab = CodeVocabulary.for_codec(ds.config)
     blocks = list(LMTokenDataset(ds, vocab, seq_len=16))
     assert all(b["input_ids"].shape == (16,) for b in blocks)
     channels = [c for r in expected for c in r.channel_codes]
@@ -487,7 +487,7 @@ def test_lm_token_dataset_flatten(code_dataset):
         np.testing.assert_array_equal(got, want)
 
     # First two codebooks, right channel only (mono records serve as every channel).
-    vocab2 = ds.vocabulary(n_codebooks=2)
+    vocab2 = CodeVocabulary.for_codec(ds.config, n_codebooks=2)
     blocks = list(LMTokenDataset(ds, vocab2, seq_len=8, channel=1, drop_remainder=True))
     decoded = decode_stream(vocab2, blocks)
     assert len(blocks) == sum(len(r.channel_codes[0, 0]) * 2 + 2 for r in expected) // 8
@@ -501,7 +501,7 @@ def test_lm_token_dataset_flatten(code_dataset):
 def test_lm_token_dataset_delay_and_workers(code_dataset):
     root, expected = code_dataset
     ds = CodeDataset(root)
-    vocab = ds.vocabulary()
+    vocab = CodeVocabulary.for_codec(ds.config)
     blocks = list(LMTokenDataset(ds, vocab, "delay", seq_len=10, n_codebooks=3, channel=0))
     assert all(b["input_ids"].shape == (3, 10) and b["labels"].shape == (3, 10) for b in blocks)
     row0 = torch.cat([b["input_ids"][0][b["attention_mask"].bool()] for b in blocks])

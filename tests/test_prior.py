@@ -21,8 +21,9 @@ import torch
 from conftest import make_audio, random_tokenizer
 from test_lm import CONFIG, write_dataset
 
+from audiotok import DACConfig
 from audiotok.lm import (
-    CodecInfo,
+    CodecIdentity,
     CodePrior,
     CodeRecord,
     CodeVocabulary,
@@ -40,7 +41,7 @@ pytest.importorskip("transformers")
 
 PATTERNS = ["flatten", "delay", "parallel"]
 TINY = "recipes/configs/prior/tiny.yml"
-CODEC = CodecInfo("tiny", CONFIG.architecture_hash(), CONFIG)  # tiny-16khz: 4 codebooks of 64 codes
+CODEC = CodecIdentity("tiny", CONFIG.architecture_hash())  # tiny-16khz (CONFIG): 4 codebooks of 64 codes
 BACKBONE = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 512}
 WORDS = ["one", "two", "three", "four"]
 
@@ -86,11 +87,12 @@ def val_losses(run) -> list[dict]:
     return [r for r in rows if r["split"] == "val"]
 
 
-def tiny_prior(pattern: str, text: TextTokenizer | None = None, seed: int = 0, codec: CodecInfo = CODEC) -> CodePrior:
+def tiny_prior(pattern: str, text: TextTokenizer | None = None, seed: int = 0,
+               codec: CodecIdentity = CODEC) -> CodePrior:
     torch.manual_seed(seed)
     config = PriorConfig(pattern=pattern, backbone=BACKBONE, text=None if text is None else "bytes",
                          max_text_len=text.max_len if text is not None else 64)
-    return CodePrior(config, codec, text).eval()
+    return CodePrior(config, codec, CONFIG, text).eval()
 
 
 # -- training ---------------------------------------------------------------------------------------
@@ -275,7 +277,7 @@ def test_config_errors(code_sets):
     with pytest.raises(ValueError, match="model_type"):
         tiny_config(code_sets, "prior.backbone={n_layer: 1}")
     with pytest.raises(ValueError, match="n_codebooks"):
-        CodePrior(PriorConfig(n_codebooks=5, backbone=BACKBONE), CODEC)
+        CodePrior(PriorConfig(n_codebooks=5, backbone=BACKBONE), CODEC, CONFIG)
 
 
 # -- sampling ---------------------------------------------------------------------------------------
@@ -444,7 +446,7 @@ def test_prior_refuses_a_codec_with_other_weights(tmp_path, codec_tok):
     twin = random_tokenizer("tiny-16khz", seed=1)
     codec = dataclasses.replace(CODEC, codes_fingerprint=codec_tok.codes_fingerprint)
     torch.manual_seed(0)
-    CodePrior(PriorConfig(pattern="delay", backbone=BACKBONE), codec).save_pretrained(tmp_path / "prior")
+    CodePrior(PriorConfig(pattern="delay", backbone=BACKBONE), codec, CONFIG).save_pretrained(tmp_path / "prior")
     prior = CodePrior.from_pretrained(tmp_path / "prior")
     assert prior.codec == codec
     with warnings.catch_warnings():
@@ -491,15 +493,15 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("path", sorted((REPO / "recipes" / "configs" / "prior").glob("*.yml")), ids=lambda p: p.name)
 def test_every_prior_config_loads(path):
     config = load_prior_config(path)
-    CodePrior(config.prior, CODEC if config.prior.n_codebooks is None or config.prior.n_codebooks <= 4 else
-              CodecInfo("default", *_default_codec()))
+    CodePrior(config.prior, *((CODEC, CONFIG) if config.prior.n_codebooks is None or config.prior.n_codebooks <= 4
+                              else _default_codec()))
 
 
-def _default_codec():
+def _default_codec() -> tuple[CodecIdentity, DACConfig]:
     from audiotok import AudioTokenizer
 
-    config = AudioTokenizer.from_pretrained().config
-    return config.architecture_hash(), config
+    tok = AudioTokenizer.from_pretrained()
+    return tok.identity, tok.config
 
 
 def test_two_process_gloo_run_and_sample_recipe(code_sets, tmp_path, capsys):

@@ -7,12 +7,12 @@
     python recipes/tokenize_dataset.py --input corpus/ --input-type folder --output codes/ --engine ray
 
 Inputs and the output may be fsspec URLs (``s3://bucket/codes``, ``gs://``, ``hf://``, with
-``storage_options``): outputs go through :mod:`audiotok.bulk.store`, which uploads each file whole.
+``storage_options``): outputs go through :mod:`audiotok.store`, which uploads each file whole.
 
-The output is a code dataset (shards and ``manifest.json``, plus a ``.bulk/`` folder of job files
+The output is a code dataset (shards and a manifest, plus a ``.bulk/`` folder of job files
 that readers ignore; it lets the job resume and must stay for "run again does nothing"); its format
 is specified and implemented in :mod:`audiotok.codedataset`. Every file operation on the output goes
-through a :class:`~audiotok.bulk.store.Store`, which guarantees atomic whole-file writes only (no
+through a :class:`~audiotok.store.Store`, which guarantees atomic whole-file writes only (no
 exclusive create, no compare-and-swap); the protocol below relies on nothing else.
 
 Work split
@@ -50,7 +50,7 @@ encoded twice), and a shard published but not yet recorded is written again with
 content. When a part ends, its done marker records its shards and failures and its claim is
 deleted.
 
-Manifest. When every part is done, ``manifest.json`` is built from the done markers in part order
+Manifest. When every part is done, the manifest is built from the done markers in part order
 (the same whoever builds it) and written last, by every process that finds the job finished
 (rank 0 only under torchrun, after a barrier; several writers are harmless). Then shards no part
 records (only possible when a failure was not deterministic, e.g. an out-of-memory retry),
@@ -118,7 +118,6 @@ Unreadable, empty, NaN, too-short records are skipped and listed in the manifest
 from ..codedataset import (
     FORMAT_NAME,
     FORMAT_VERSION,
-    MANIFEST_NAME,
     PARQUET_METADATA_KEY,
     RECORD_FIELDS,
     ParquetShardWriter,
@@ -139,7 +138,6 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "LAYOUTS",
-    "MANIFEST_NAME",
     "PARQUET_METADATA_KEY",
     "RECORD_FIELDS",
     "STATE_DIR",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import re
@@ -20,24 +21,25 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from ..codedataset import (
-    MANIFEST_NAME,
-    MANIFEST_SHAPE,
+    PART_SHARD,
     SHARD_WRITERS,
+    Manifest,
+    ShardEntry,
     dataset_metadata,
-    manifest_header,
     record_key,
+    sidecar_name,
 )
 from ..codes import check_n_quantizers, check_uint16
 from ..data.sources import AudioSource, DecodeError, SkipCounter
 from ..distributed import DistEnv, init_process_group, rank_device, shutdown
 from ..segments import make_batches, plan_segments
+from ..store import Store, open_store
 from ..tokenizer import DTYPES, AudioTokenizer
 from ..untrusted import check_number
 from ..workers import worker_init
 from .claims import STATE_DIR, Claims, Scheduler, default_owner, state_path
 from .inputs import Bundle, Decoded, Failure, InputSpec, PartReader, identity_collate, source_fingerprint
-from .store import Store, open_store
-from .writer import DONE_SHAPE, PART_SHARD, PartWriter, sidecar_name
+from .writer import DONE_SHAPE, PartWriter
 
 logger = logging.getLogger("audiotok.bulk")
 
@@ -60,7 +62,7 @@ class BulkConfig:
     Attributes:
         input: what to read.
         output: output folder (shared by all processes; on several nodes, a shared filesystem), or an
-            fsspec URL such as ``s3://bucket/codes`` (:func:`audiotok.bulk.store.open_store`).
+            fsspec URL such as ``s3://bucket/codes`` (:func:`audiotok.store.open_store`).
         model: anything :meth:`AudioTokenizer.from_pretrained` loads (default: the bundled model;
             ignored when a tokenizer is passed).
         format: ``webdataset`` (tar shards) or ``parquet``.
@@ -287,38 +289,30 @@ def encode_items(tokenizer: AudioTokenizer, items: list[Decoded], n_quantizers: 
 
 
 def build_manifest(store: Store, num_parts: int, tokenizer: AudioTokenizer, config: BulkConfig,
-                   n_quantizers: int) -> dict[str, Any]:
+                   n_quantizers: int) -> Manifest:
     """The manifest from the done markers, in part order (``created`` left out): the same whoever builds it."""
     done = [store.read_json(state_path("done", p), DONE_SHAPE) for p in range(num_parts)]
     shards = [s for d in done for s in d["shards"]]
-    return {
-        **manifest_header(tokenizer.model_id, tokenizer.config, tokenizer.codes_fingerprint),
-        "shards": [{"path": s["path"], "records": s["records"], "frames": s["frames"]} for s in shards],
-        "records": sum(s["records"] for s in shards),
-        "audio_hours": sum(s["seconds"] for s in shards) / 3600,
-        "failures": [{k: f[k] for k in ("key", "reason", "detail")} for d in done for f in d["failures"]],
-        "input": config.input.to_dict(),
-        "n_quantizers": n_quantizers,
-        "mono": config.mono,
-        "metadata": list(config.input.keep),
-        "layout": config.layout,
-    }
+    return Manifest(
+        tokenizer.identity, tokenizer.config, tuple(ShardEntry(s["path"], s["records"], s["frames"]) for s in shards),
+        audio_hours=sum(s["seconds"] for s in shards) / 3600,
+        failures=tuple({k: f[k] for k in ("key", "reason", "detail")} for d in done for f in d["failures"]),
+        input=config.input.to_dict(), n_quantizers=n_quantizers, mono=config.mono, metadata=tuple(config.input.keep),
+        layout=config.layout)
 
 
-def write_manifest(store: Store, manifest: dict[str, Any]) -> None:
+def write_manifest(store: Store, manifest: Manifest) -> None:
     """Write the manifest unless the same one (but for ``created``) is there; then remove shards no
     part records (left by a run whose failures differed), staging leftovers and the claims of killed
     processes (one killed after it wrote a done marker, before it deleted its claim)."""
-    old = None
-    if store.exists(MANIFEST_NAME):
-        try:
-            old = store.read_json(MANIFEST_NAME, MANIFEST_SHAPE)
-        except (OSError, ValueError):
-            pass
-    if not (isinstance(old, dict) and {k: v for k, v in old.items() if k != "created"} == manifest):
+    try:
+        old: Manifest | None = Manifest.read(store)
+    except (OSError, ValueError):  # none yet (FileNotFoundError), or one of another job
+        old = None
+    if old is None or dataclasses.replace(old, created=None) != manifest:
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        store.write_json(MANIFEST_NAME, {**manifest, "created": created})
-    listed = {s["path"] for s in manifest["shards"]}
+        dataclasses.replace(manifest, created=created).write(store)
+    listed = {s.path for s in manifest.shards}
     for name in store.list():
         if "/" not in name and PART_SHARD.fullmatch(name) and name not in listed:
             logger.info("removing %s: no part records it", name)
@@ -421,9 +415,8 @@ def plan_job(config: BulkConfig, tokenizer: AudioTokenizer) -> Job:
         if len(set(names)) != len(names):
             raise ValueError("the sidecar layout needs input shards with distinct file names")
     job = {
-        "format": config.format, "layout": config.layout, "model_id": tokenizer.model_id,
-        "config_hash": tokenizer.config.architecture_hash(), "codes_fingerprint": tokenizer.codes_fingerprint,
-        "n_quantizers": k, "mono": config.mono,
+        "format": config.format, "layout": config.layout, **tokenizer.identity.to_dict(), "n_quantizers": k,
+        "mono": config.mono,
         "dtype": str(tokenizer.dtype).replace("torch.", ""), "min_seconds": config.min_seconds,
         "shard_records": config.shard_records, "shard_frames": config.shard_frames,
         "part_records": config.part_records if source.random_access else None,
@@ -510,12 +503,12 @@ def work(job: Job, owner: str, offset: int, reads: ReadsFactory, progress: bool 
 def summarize(job: Job, run_stats: list[dict[str, Any]], seconds: float, processes: int) -> BulkSummary:
     """The :class:`BulkSummary` of a finished job: the manifest's totals, and ``run_stats`` (what
     each of ``processes`` processes did, from :func:`work`)."""
-    manifest = job.store.read_json(MANIFEST_NAME, MANIFEST_SHAPE)
+    manifest = Manifest.read(job.store)
     counts: dict[str, int] = {}
-    for f in manifest["failures"]:
+    for f in manifest.failures:
         counts[f["reason"]] = counts.get(f["reason"], 0) + 1
-    return BulkSummary(job.config.output, manifest["records"], manifest["audio_hours"], len(manifest["failures"]),
-                       len(manifest["shards"]), int(sum(s["records"] for s in run_stats)),
+    return BulkSummary(job.config.output, manifest.records, manifest.audio_hours or 0.0, len(manifest.failures),
+                       len(manifest.shards), int(sum(s["records"] for s in run_stats)),
                        sum(s["seconds"] for s in run_stats) / 3600, int(sum(s["failures"] for s in run_stats)),
                        seconds, processes, counts)
 
@@ -536,7 +529,7 @@ def _encode_parts(job: Job, settings: _Settings, scheduler: Scheduler, reads: Pa
     config, tok, k, stats = job.config, job.tokenizer, job.n_quantizers, settings.stats
     store, claims = scheduler.store, scheduler.claims
     workers = reads.workers
-    metadata = dataset_metadata(tok.model_id, tok.config, tok.codes_fingerprint, k, config.mono)
+    metadata = dataset_metadata(tok.identity, tok.config, k, config.mono)
     sidecar = config.layout == "sidecar"
     writers: dict[int, PartWriter] = {}  # claimed parts being read
     dropped: set[int] = set()  # parts another process took over, read to their end and ignored

@@ -3,34 +3,17 @@ all through the output's store."""
 
 from __future__ import annotations
 
-import re
 from contextlib import AbstractContextManager
-from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from ..codedataset import SHARD_WRITERS, ShardWriter, TarShardWriter
+from ..codedataset import SHARD_WRITERS, ShardWriter, TarShardWriter, part_shard_name
 from ..io import storage_errors
+from ..store import Store
 from .claims import state_path
 from .inputs import Failure
-from .store import Store
 
-
-def sidecar_name(url: str) -> str:
-    """The code shard of an input shard: ``.../train-000123.tar`` -> ``train-000123.codes.tar``."""
-    name = PurePosixPath(url.split("?", 1)[0].rstrip("/")).name
-    name = re.sub(r"(\.tar|\.tar\.gz|\.tgz)$", "", name)
-    return f"{name}.codes.tar"
-
-
-def part_shard_name(part: int, index: int, suffix: str) -> str:
-    """Shard ``index`` of ``part`` in the pooled layout: ``part-000123-0000.tar``."""
-    return f"part-{part:06d}-{index:04d}{suffix}"
-
-
-#: The name of a pooled-layout shard (:func:`part_shard_name`).
-PART_SHARD = re.compile(r"part-\d{6}-\d{4,}\.(tar|parquet)")
 #: A part's progress file (:class:`PartWriter`); its done marker also has ``end``.
 PROGRESS_SHAPE = {
     "part": int, "position": int, "failures": [{"key": str, "reason": str, "detail": str, "position": int}],

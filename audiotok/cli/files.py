@@ -236,8 +236,8 @@ def _encoded_before(tokenizer: AudioTokenizer, src: Path, dst: Path, n_quantizer
         header = read_header(dst)
     except (OSError, ValueError):
         return False
-    return (header.config_hash == tokenizer.config.architecture_hash()
-            and header.codes_fingerprint == tokenizer.codes_fingerprint
+    return (header.codec.config_hash == tokenizer.identity.config_hash
+            and header.codec.codes_fingerprint == tokenizer.codes_fingerprint
             and header.shape[:2] == (header.channels if per_channel else 1, n_quantizers)
             and header.packing == packing)
 

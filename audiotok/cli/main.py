@@ -245,14 +245,14 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from ..codedataset import MANIFEST_NAME
+    from ..codedataset import is_code_dataset
     from ..codefile import SUFFIX
     from ..hub import describe_names
     from .modelinfo import code_dataset_info, code_file_info, model_info
 
     path = Path(args.source or "").expanduser()
     is_code_file = args.source is not None and path.is_file() and path.suffix == SUFFIX
-    is_dataset = args.source is not None and (path / MANIFEST_NAME).is_file()
+    is_dataset = args.source is not None and is_code_dataset(path)
     if is_code_file:
         info = code_file_info(path)
     elif is_dataset:

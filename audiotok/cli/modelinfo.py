@@ -63,9 +63,9 @@ def code_file_info(path: str | os.PathLike) -> dict[str, Any]:
         "file": str(path),
         "format": "audiotok-codes",
         "format_version": header.format_version,
-        "model_id": cf.model_id,
-        "config_hash": cf.config_hash,
-        "codes_fingerprint": cf.codes_fingerprint or "(not recorded)",
+        "model_id": cf.codec.model_id,
+        "config_hash": cf.codec.config_hash,
+        "codes_fingerprint": cf.codec.codes_fingerprint or "(not recorded)",
         "crc32": f"{header.crc32} (verified)" if header.crc32 else "(not recorded)",
         "sample_rate": cf.sample_rate,
         "hop_length": cf.hop_length,
@@ -82,11 +82,11 @@ def code_file_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def code_dataset_info(path: str | os.PathLike, max_records: int = 2000) -> dict[str, Any]:
-    """What a language model will see in a code dataset (a folder or URL with ``manifest.json``): its
+    """What a language model will see in a code dataset (a folder or URL, :mod:`audiotok.codedataset`): its
     writer, size and token rate, and per codebook the distinct codes, the perplexity (``2 ** H``) and
     the entropy in bits of the code histogram over the first ``max_records`` records (every channel
     of a per-channel record counts)."""
-    from ..lm import CodeDataset
+    from ..codedataset import CodeDataset
     from ..metrics import codebook_utilization
 
     if max_records < 1:
@@ -104,10 +104,10 @@ def code_dataset_info(path: str | os.PathLike, max_records: int = 2000) -> dict[
         "dataset": str(path),
         "format": "audiotok-code-dataset",
         "model_id": dataset.model_id,
-        "config_hash": dataset.manifest["config_hash"],
+        "config_hash": dataset.codec.config_hash,
         "codes_fingerprint": dataset.codes_fingerprint or "(not recorded)",
         "records": len(dataset),
-        "audio_hours": dataset.manifest.get("audio_hours"),
+        "audio_hours": dataset.manifest.audio_hours,
         "n_codebooks": k,
         "codebook_size": config.codebook_size,
         "frame_rate": round(config.frame_rate, 4),

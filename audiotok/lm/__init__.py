@@ -19,11 +19,12 @@ Needs ``pyarrow`` (the ``data`` extra) to read Parquet shards.
 """
 
 from ..codedataset import FORMAT_NAME as FORMAT
-from ..codedataset import FORMAT_VERSION, CodeRecord
-from .dataset import CodeDataset, LMTokenDataset
+from ..codedataset import FORMAT_VERSION, CodeDataset, CodeRecord
+from ..identity import CodecIdentity
+from .dataset import LMTokenDataset
 from .packing import IGNORE_INDEX, pack_sequences, pad_to_length
 from .patterns import DELAY_PAD, CodebookPattern, apply_pattern, invert_pattern
-from .prior import CodecInfo, CodePrior, PriorConfig
+from .prior import CodePrior, PriorConfig
 from .sampling import Sampler, Samples, generate, sample_to_wav
 from .text import TextTokenizer
 from .vocab import DEFAULT_SPECIAL, CodeVocabulary
@@ -36,7 +37,7 @@ __all__ = [
     "IGNORE_INDEX",
     "CodeDataset",
     "CodePrior",
-    "CodecInfo",
+    "CodecIdentity",
     "CodeRecord",
     "CodeVocabulary",
     "CodebookPattern",

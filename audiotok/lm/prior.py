@@ -46,9 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..codefile import check_codec
-from ..codes import check_fingerprint
 from ..config import LIMITS, DACConfig, check_keys
+from ..identity import CodecIdentity
 from ..untrusted import OptionalEntry, check_number, check_shape, read_json, shown
 from .packing import IGNORE_INDEX
 from .patterns import CodebookPattern
@@ -56,7 +55,7 @@ from .text import MAX_TEXT_LEN, TextTokenizer
 from .vocab import CodeVocabulary
 
 if TYPE_CHECKING:
-    from .dataset import CodeDataset
+    from ..codedataset import CodeDataset
 
 FORMAT = "audiotok-prior"
 FORMAT_VERSION = 1
@@ -122,58 +121,14 @@ class PriorConfig:
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
 
-    def codebooks_of(self, codec: CodecInfo) -> int:
-        """The codebooks a prior of this config models for ``codec``: ``n_codebooks``, or all of the
-        codec's; ``ValueError`` if the codec has fewer."""
-        n_codebooks = self.n_codebooks or codec.config.n_codebooks
-        if not 1 <= n_codebooks <= codec.config.n_codebooks:
-            raise ValueError(f"prior.n_codebooks must be in [1, {codec.config.n_codebooks}] for codec "
-                             f"{codec.model_id!r}, got {n_codebooks}")
+    def codebooks_of(self, codec_config: DACConfig) -> int:
+        """The codebooks a prior of this config models for the codec of ``codec_config``:
+        ``n_codebooks``, or all of the codec's; ``ValueError`` if the codec has fewer."""
+        n_codebooks = self.n_codebooks or codec_config.n_codebooks
+        if not 1 <= n_codebooks <= codec_config.n_codebooks:
+            raise ValueError(f"prior.n_codebooks must be in [1, {codec_config.n_codebooks}] for the codec's "
+                             f"{codec_config.n_codebooks} codebooks, got {n_codebooks}")
         return n_codebooks
-
-
-@dataclass(frozen=True)
-class CodecInfo:
-    """The codec whose codes a prior models: its name, architecture and, when known, the
-    :func:`~audiotok.checkpoint.codes_fingerprint` of its encoder and quantizer weights."""
-
-    model_id: str
-    config_hash: str
-    config: DACConfig
-    codes_fingerprint: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.config.architecture_hash() != self.config_hash:
-            raise ValueError(f"codec {self.model_id!r}: config hash {self.config_hash} does not match its config "
-                             f"({self.config.architecture_hash()})")
-        check_fingerprint(self.codes_fingerprint, f"codec {self.model_id!r}: codes_fingerprint")
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> CodecInfo:
-        """The codec of a code dataset (its ``manifest.json``; no fingerprint in datasets written before it)."""
-        return cls(str(manifest["model_id"]), manifest["config_hash"], DACConfig.from_dict(manifest["config"]),
-                   manifest.get("codes_fingerprint"))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model_id": self.model_id, "config_hash": self.config_hash, "config": self.config.to_dict(),
-                "codes_fingerprint": self.codes_fingerprint}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CodecInfo:
-        return cls(data["model_id"], data["config_hash"], DACConfig.from_dict(data["config"]),
-                   data.get("codes_fingerprint"))
-
-    def check_codes_of(self, other: CodecInfo, where: str) -> None:
-        """Raise ``ValueError`` naming both codecs unless the codes ``other`` wrote (held at ``where``) are
-        this codec's: the same architecture and, when both record it, the same weights fingerprint."""
-        ours, theirs = self.codes_fingerprint, other.codes_fingerprint
-        if self.config_hash != other.config_hash or (ours is not None and theirs is not None and ours != theirs):
-            raise ValueError(
-                f"{where} holds the codes of model {other.model_id!r} (config hash {other.config_hash}, weights "
-                f"fingerprint {theirs or 'not recorded'}) but the prior models the codes of {self.model_id!r} "
-                f"(config hash {self.config_hash}, weights fingerprint {ours or 'not recorded'}): another "
-                f"architecture or other weights give codes that mean other sounds"
-            )
 
 
 class CodePrior(nn.Module):
@@ -181,7 +136,7 @@ class CodePrior(nn.Module):
 
     Args:
         config: the architecture.
-        codec: the codec whose codes it models.
+        codec: the codec whose codes it models; ``codec_config`` its configuration.
         text: the text tokenizer (default: built from ``config.text``; ignored when that is None).
 
     Attributes:
@@ -190,17 +145,18 @@ class CodePrior(nn.Module):
         text: the :class:`TextTokenizer`, or None for an unconditional prior.
     """
 
-    def __init__(self, config: PriorConfig, codec: CodecInfo, text: TextTokenizer | None = None):
+    def __init__(self, config: PriorConfig, codec: CodecIdentity, codec_config: DACConfig,
+                 text: TextTokenizer | None = None):
         super().__init__()
         from transformers import AutoModel, AutoModelForCausalLM
 
         self.config = config
-        self.codec = codec
+        self.codec, self.codec_config = codec, codec_config
         self._warned_unchecked_weights = False
         self.pattern = CodebookPattern(config.pattern)
-        n_codebooks = config.codebooks_of(codec)
+        n_codebooks = config.codebooks_of(codec_config)
         flat = self.pattern is CodebookPattern.FLATTEN
-        self.vocab = CodeVocabulary(codec.config.codebook_size, n_codebooks, offsets=flat)
+        self.vocab = CodeVocabulary.for_codec(codec_config, offsets=flat, n_codebooks=n_codebooks)
         if config.text is None:
             self.text = None
         else:
@@ -333,9 +289,7 @@ class CodePrior(nn.Module):
         encoder and quantizer weights (``codes_fingerprint``). A prior that does not record the fingerprint
         (saved before it existed, or trained on codes that did not record it) is checked by architecture
         only, with a warning (once per prior)."""
-        check_codec(tokenizer, self.codec.model_id, self.codec.config_hash, self.n_codebooks,
-                    self.vocab.codebook_size, what="this prior was trained on the codes of",
-                    codes_fingerprint=self.codec.codes_fingerprint)
+        tokenizer.check_codec(self.codec, "this prior models")
         if self.codec.codes_fingerprint is None and not self._warned_unchecked_weights:
             self._warned_unchecked_weights = True
             warnings.warn(f"this prior does not record the weights fingerprint of its codec {self.codec.model_id!r} "
@@ -357,7 +311,8 @@ class CodePrior(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "prior": dataclasses.asdict(self.config),
-                "vocabulary": self.vocab.to_dict(), "codec": self.codec.to_dict(),
+                "vocabulary": self.vocab.to_dict(),
+                "codec": {**self.codec.to_dict(), "config": self.codec_config.to_dict()},
                 "text": self.text.to_dict() if self.text is not None else None}
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         save_model(self, str(folder / WEIGHTS_FILE))
@@ -375,11 +330,11 @@ class CodePrior(nn.Module):
         config = PriorConfig.from_dict(meta["prior"], f"{where}: prior")
         text = TextTokenizer.load(folder, meta["text"]) if meta.get("text") else None
         try:
-            codec = CodecInfo.from_dict(meta["codec"])
             saved = CodeVocabulary.from_dict(meta["vocabulary"])
+            codec, codec_config = prior_codec(meta)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None
-        prior = cls(config, codec, text)
+        prior = cls(config, codec, codec_config, text)
         if saved != prior.vocab:
             raise ValueError(f"{folder}: saved vocabulary {saved} does not match the prior's {prior.vocab}")
         try:
@@ -416,13 +371,23 @@ def _check_size(kind: Any, backbone: Any, extra: int) -> None:
                          f"above the supported {MAX_PRIOR_ELEMENTS / 1e9:.0f} billion")
 
 
-def check_codes(codec: CodecInfo, n_codebooks: int, dataset: CodeDataset) -> None:
-    """Raise ``ValueError`` unless ``dataset`` holds the codes of ``codec`` (:meth:`CodecInfo.check_codes_of`,
+def check_codes(codec: CodecIdentity, n_codebooks: int, dataset: CodeDataset) -> None:
+    """Raise ``ValueError`` unless ``dataset`` holds the codes of ``codec`` (:meth:`CodecIdentity.check_codes_of`,
     naming both codecs) with at least the ``n_codebooks`` codebooks a prior models."""
-    codec.check_codes_of(CodecInfo.from_manifest(dataset.manifest), f"code dataset {dataset.root}")
+    codec.check_codes_of(dataset.codec, f"code dataset {dataset.root} holds")
     if dataset.n_codebooks < n_codebooks:
         raise ValueError(f"code dataset {dataset.root} holds {dataset.n_codebooks} codebooks per record, the prior "
                          f"models {n_codebooks} (prior.n_codebooks): code the audio with more, or model fewer")
+
+
+def prior_codec(meta: dict[str, Any]) -> tuple[CodecIdentity, DACConfig]:
+    """The codec of a prior's ``config.json`` (:func:`read_prior_config`) and its configuration;
+    ``ValueError`` unless they agree."""
+    codec, config = CodecIdentity.from_dict(meta["codec"], "codec"), DACConfig.from_dict(meta["codec"]["config"])
+    if config.architecture_hash() != codec.config_hash:
+        raise ValueError(f"codec {codec.model_id!r}: config hash {codec.config_hash} does not match its config "
+                         f"({config.architecture_hash()})")
+    return codec, config
 
 
 def prior_folder(path: str | os.PathLike) -> Path:

@@ -22,7 +22,7 @@ from .packing import pad_to_length
 from .patterns import CodebookPattern
 
 if TYPE_CHECKING:
-    from .dataset import CodeDataset
+    from ..codedataset import CodeDataset
     from .vocab import CodeVocabulary
 
 BYTES = "bytes"

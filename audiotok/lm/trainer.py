@@ -28,6 +28,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..codedataset import CodeDataset
 from ..distributed import barrier, init_training, shutdown
 from ..train.media import PRIOR_SAMPLES, PriorSamples, count, stop_reason, summary_line, train_line
 from ..train.state import check_resumable, newest_checkpoint, save_checkpoint
@@ -35,8 +36,8 @@ from ..train.trainer import Logger
 from ..untrusted import check_number, shown
 from ..workers import worker_init
 from .config import PriorTrainConfig
-from .dataset import CodeDataset, LMTokenDataset
-from .prior import CodecInfo, CodePrior, check_codes, read_prior_config
+from .dataset import LMTokenDataset
+from .prior import CodePrior, check_codes, prior_codec, read_prior_config
 from .text import TextCodeDataset
 
 log = logging.getLogger("audiotok.lm")
@@ -139,20 +140,20 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
     codes = CodeDataset(config.data.train)
     if len(codes.shards) < env.world_size:
         raise ValueError(f"{config.data.train}: {len(codes.shards)} shard(s) cannot feed {env.world_size} ranks")
-    codec = CodecInfo.from_manifest(codes.manifest)
+    codec = codes.codec
     found = newest_checkpoint(save_path)  # the newest complete checkpoint, whatever a crash interrupted
     if found is not None:
         check_resumable(found[1].get("config") or {}, config.to_dict(), found[0], ("prior", "optim", "train", "data"),
                         RESUME_MAY_CHANGE)
-        run_codec = CodecInfo.from_dict(read_prior_config(found[0])["codec"])
-        run_codec.check_codes_of(codec, f"data.train {config.data.train} (resuming {found[0]})")
+        run_codec = prior_codec(read_prior_config(found[0]))[0]
+        run_codec.check_codes_of(codec, f"data.train {config.data.train} (resuming {found[0]}) holds")
     valid_codes = CodeDataset(config.data.valid) if config.data.valid else None
-    n_codebooks = config.prior.codebooks_of(codec)
+    n_codebooks = config.prior.codebooks_of(codes.config)
     for data in (codes, valid_codes):  # on every rank, before anything is built: a refusal on one would hang the rest
         if data is not None:
             check_codes(codec, n_codebooks, data)
     torch.manual_seed(loop.seed)  # the same initial weights on every rank and every run
-    prior = CodePrior(config.prior, codec).to(dev)
+    prior = CodePrior(config.prior, codec, codes.config).to(dev)
     decay = [p for p in prior.parameters() if p.ndim >= 2]
     no_decay = [p for p in prior.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.optim.weight_decay},

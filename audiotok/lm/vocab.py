@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from ..config import DACConfig
 from .patterns import CodebookPattern, apply_pattern, as_int64, invert_pattern
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
@@ -58,6 +60,14 @@ class CodeVocabulary:
             raise ValueError(f"special must be distinct non-empty names, got {special}")
         object.__setattr__(self, "special", special)
         object.__setattr__(self, "offsets", bool(self.offsets))
+
+    @classmethod
+    def for_codec(cls, config: DACConfig, offsets: bool = True, special: Sequence[str] = DEFAULT_SPECIAL,
+                  n_codebooks: int | None = None) -> CodeVocabulary:
+        """A vocabulary for the codes of the codec of ``config`` (a code dataset's, a prior's): its
+        ``codebook_size`` and ``n_codebooks`` (or the first ``n_codebooks``); the same for every pattern."""
+        return cls(config.codebook_size, config.n_codebooks if n_codebooks is None else n_codebooks, offsets,
+                   tuple(special))
 
     # -- ids ------------------------------------------------------------------------------------
 

@@ -146,7 +146,7 @@ class PriorSamples:
                  log: logging.Logger | None = None):
         self.prior, self.seed, self.device, self.n = prior, seed, device, n
         self.texts = list(texts)
-        self.max_frames = max(1, round(seconds * prior.codec.config.frame_rate))
+        self.max_frames = max(1, round(seconds * prior.codec_config.frame_rate))
         self.log = log or logging.getLogger("audiotok.lm")
         self.codec: Any = None
         self.off = n < 1

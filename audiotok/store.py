@@ -1,8 +1,9 @@
-"""Where a bulk job's output lives: every file operation of a job goes through a :class:`Store`.
+"""Where a code dataset lives: every file operation on one, reading (:class:`audiotok.codedataset.CodeDataset`)
+or writing (a bulk job, :mod:`audiotok.bulk`), goes through a :class:`Store`.
 
 A store is a root (a local folder, :class:`LocalStore`, or an fsspec URL such as ``s3://bucket/codes``,
 :class:`FsspecStore`; :func:`open_store` picks) holding files named by ``/``-separated paths
-relative to it. The guarantees a job relies on:
+relative to it. The guarantees a writer relies on:
 
 * :meth:`Store.write_bytes` and :meth:`Store.put_file` are atomic: a reader sees the old file or
   the whole new one, never a partial file under the final name;
@@ -33,11 +34,11 @@ import tempfile
 import weakref
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from ..io import atomic_write, is_temp_name, replace_durably, storage_errors, temp_path
-from ..untrusted import Shape, parse_json
-from ..urls import is_url, local_path, url_to_fs
+from .io import atomic_write, is_temp_name, replace_durably, storage_errors, temp_path
+from .untrusted import Shape, parse_json
+from .urls import is_url, local_path, url_to_fs
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -65,6 +66,10 @@ class Store:
         raise NotImplementedError
 
     def read_bytes(self, name: str) -> bytes:
+        raise NotImplementedError
+
+    def open(self, name: str) -> IO[bytes]:
+        """The file ``name`` opened for reading, as a stream (a missing file: ``FileNotFoundError``)."""
         raise NotImplementedError
 
     def write_bytes(self, name: str, data: bytes) -> None:
@@ -129,6 +134,10 @@ class LocalStore(Store):
         with storage_errors(self._path(name)):
             return self._path(name).read_bytes()
 
+    def open(self, name: str) -> IO[bytes]:
+        with storage_errors(self._path(name)):
+            return open(self._path(name), "rb")
+
     def write_bytes(self, name: str, data: bytes) -> None:
         with storage_errors(self._path(name)), atomic_write(self._path(name), "wb") as f:
             f.write(data)
@@ -187,11 +196,19 @@ class FsspecStore(Store):
         self.storage_options = dict(storage_options or {})
         self.root = url_to_fs(self.url, self.storage_options)[1]
         # TMPDIR/audiotok-staging/{url hash}-{host}-{pid}-{random}: clean_staging finds a gone process's
-        staging = Path(tempfile.gettempdir(), "audiotok-staging")
-        staging.mkdir(exist_ok=True)
+        self._staging_root = Path(tempfile.gettempdir(), "audiotok-staging")
         self._prefix = f"{_url_hash(self.url)}-{socket.gethostname()}-"
-        self._staging = Path(tempfile.mkdtemp(prefix=f"{self._prefix}{os.getpid()}-", dir=staging))
-        weakref.finalize(self, _remove_staging, self._staging, os.getpid())
+        self._staging_folder: Path | None = None
+
+    @property
+    def _staging(self) -> Path:
+        """This store's staging folder, made on first use (a store only read from makes none)."""
+        if self._staging_folder is None:
+            self._staging_root.mkdir(exist_ok=True)
+            self._staging_folder = Path(tempfile.mkdtemp(prefix=f"{self._prefix}{os.getpid()}-",
+                                                         dir=self._staging_root))
+            weakref.finalize(self, _remove_staging, self._staging_folder, os.getpid())
+        return self._staging_folder
 
     @property
     def fs(self) -> AbstractFileSystem:
@@ -227,6 +244,11 @@ class FsspecStore(Store):
         with self._errors(name):
             return bytes(self.fs.cat_file(path))
 
+    def open(self, name: str) -> IO[bytes]:
+        path = self._path(name)
+        with self._errors(name):
+            return self.fs.open(path, "rb")
+
     def write_bytes(self, name: str, data: bytes) -> None:
         path = self._path(name)
         with self._errors(name):
@@ -253,11 +275,12 @@ class FsspecStore(Store):
         """Empty this store's staging folder and remove those that processes now gone left on this
         machine for the same URL (files of a killed process's unfinished builds); returns their paths."""
         removed: list[str] = []
-        for folder in sorted(self._staging.parent.glob(self._prefix + "*")):
-            if folder == self._staging or _left_by_a_gone_process(folder):
+        for folder in sorted(self._staging_root.glob(self._prefix + "*")):
+            if folder == self._staging_folder or _left_by_a_gone_process(folder):
                 removed += [str(f) for f in sorted(folder.rglob("*")) if f.is_file()]
                 shutil.rmtree(folder, ignore_errors=True)
-        self._staging.mkdir(exist_ok=True)
+        if self._staging_folder is not None:
+            self._staging_folder.mkdir(exist_ok=True)
         return tuple(removed)
 
 
