@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -31,7 +32,8 @@ from .hub import names_bundled_model, resolve
 from .identity import CodecIdentity
 from .layers import use_fused_snake
 from .model import DAC, context_frames
-from .segments import make_batches, plan_segments
+from .prefetch import prefetch
+from .segments import Segment, make_batches, plan_segments
 from .untrusted import shown
 
 logger = logging.getLogger("audiotok")
@@ -84,6 +86,31 @@ class EncodedAudio:
     def unbatch(self) -> list[torch.Tensor]:
         """Each item's codes without padding: ``[K, F_b]`` (``[C, K, F_b]`` when coded per channel)."""
         return [codes[..., :n] for codes, n in zip(self.codes, self.lengths.tolist())]
+
+
+@dataclass
+class EncodePlan:
+    """What :meth:`AudioTokenizer.encode` does before the model runs (:meth:`AudioTokenizer.plan_encode`).
+
+    Attributes:
+        items: the clips (one per coded channel) at the model rate, ``[T]`` float32 each.
+        batches: the forward passes: segments of ``items`` (:func:`audiotok.segments.make_batches`).
+        frames: code frames per item.
+        num_samples, sample_rate, channels: of the input clips, as :class:`EncodedAudio` has them.
+        n_quantizers: codebooks coded.
+        mono: channels averaged (codes ``[B, K, F]``), else coded one by one (``[B, C, K, F]``).
+        inputs: the passes' padded inputs made ahead (:meth:`AudioTokenizer.padded_inputs`), or ``None``.
+    """
+
+    items: list[np.ndarray]
+    batches: list[list[Segment]]
+    frames: list[int]
+    num_samples: list[int]
+    sample_rate: int
+    channels: int
+    n_quantizers: int
+    mono: bool
+    inputs: list[tuple[torch.Tensor, list[int]]] | None = None
 
 
 class AudioTokenizer:
@@ -367,33 +394,64 @@ class AudioTokenizer:
 
         The first encoding of a model with a notice logs it, once the input is read (:meth:`show_notice`).
         """
-        n_quantizers = check_n_quantizers(n_quantizers, self.n_codebooks)
         if sample_rate is not None and sampling_rate is not None and sample_rate != sampling_rate:
             raise ValueError(f"sample_rate={sample_rate} and sampling_rate={sampling_rate} differ; give one")
-        audio, rates = audio_utils.unpack_records(audio, sampling_rate if sample_rate is None else sample_rate)
+        plan = self.plan_encode(audio, sampling_rate if sample_rate is None else sample_rate, n_quantizers,
+                                mono=mono, chunk_seconds=chunk_seconds, batch_seconds=batch_seconds)
+        return self.run_plan(plan, progress)
+
+    def plan_encode(self, audio: audio_utils.AudioInput, sample_rate: int | None = None,
+                    n_quantizers: int | None = None, *, mono: bool = True, chunk_seconds: float | None = None,
+                    batch_seconds: float | None = None, pad: bool = False) -> EncodePlan:
+        """The host side of :meth:`encode` (same arguments): the clips read and resampled to the model
+        rate, cut and grouped into forward passes. :meth:`run_plan` runs them. With ``pad`` the passes'
+        padded inputs are made now too (what a caller preparing its next plan while the model runs
+        the current one wants); else :meth:`run_plan` makes them, one pass ahead of the model."""
+        n_quantizers = check_n_quantizers(n_quantizers, self.n_codebooks)
+        audio, rates = audio_utils.unpack_records(audio, sample_rate)
         items, num_samples, rate, channels = self._prepare(audio, rates, mono)
         chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
-        hop = self.hop_length
         frames = [self.num_frames(len(x)) for x in items]
-        codes = torch.zeros(len(items), n_quantizers, max(frames), dtype=torch.long)
-        segments = plan_segments(frames, chunk, context_frames(self.config)["encoder"])
-        self.show_notice()
-        for batch in _progress(make_batches(segments, max_frames), progress, "encoding", self.frame_rate):
-            lengths = [min(len(items[s.item]), s.stop * hop) - s.start * hop for s in batch]
-            x = torch.zeros(len(batch), 1, max(lengths))
+        batches = make_batches(plan_segments(frames, chunk, context_frames(self.config)["encoder"]), max_frames)
+        plan = EncodePlan(items, batches, frames, num_samples, rate, channels, n_quantizers, mono)
+        if pad:
+            plan.inputs = list(self.padded_inputs(plan))
+        return plan
+
+    def padded_inputs(self, plan: EncodePlan) -> Iterator[tuple[torch.Tensor, list[int]]]:
+        """Each forward pass of ``plan``: its input ``[B, 1, T]`` float32, zero-padded (in pinned
+        memory when the model is on CUDA, so the copy to the device does not block), and each row's
+        length in samples."""
+        hop, pin = self.hop_length, self.device.type == "cuda"
+        for batch in plan.batches:
+            lengths = [min(len(plan.items[s.item]), s.stop * hop) - s.start * hop for s in batch]
+            x = torch.zeros(len(batch), 1, max(lengths), pin_memory=pin)
             for j, (s, n) in enumerate(zip(batch, lengths)):
-                x[j, 0, :n] = torch.from_numpy(items[s.item][s.start * hop: s.start * hop + n])
-            padded = any(n != x.shape[-1] for n in lengths)
-            q = self.model.encode(x.to(self.device, self.dtype), n_quantizers, lengths if padded else None)
-            if not torch.isfinite(q.latents).all():
-                raise ValueError("the encoder produced non-finite latents (NaN or Inf): the audio is far outside "
-                                 "[-1, 1] or the model's weights are broken")
-            out = q.codes.cpu()
-            for j, s in enumerate(batch):
-                codes[s.item, :, s.keep_start:s.keep_stop] = out[j, :, s.keep_start - s.start:s.keep_stop - s.start]
-        if not mono:
-            codes = codes.reshape(len(num_samples), channels, *codes.shape[1:])
-        return EncodedAudio(codes, torch.tensor(frames[::channels]), torch.tensor(num_samples), rate, self.identity)
+                x[j, 0, :n] = torch.from_numpy(plan.items[s.item][s.start * hop: s.start * hop + n])
+            yield x, lengths
+
+    @torch.inference_mode()
+    def run_plan(self, plan: EncodePlan, progress: bool = False) -> EncodedAudio:
+        """Run the forward passes of ``plan`` (:meth:`plan_encode`): what :meth:`encode` returns. The
+        next pass's input is padded in a background thread while the model runs the current one."""
+        codes = torch.zeros(len(plan.items), plan.n_quantizers, max(plan.frames), dtype=torch.long)
+        self.show_notice()
+        inputs = prefetch(self.padded_inputs(plan)) if plan.inputs is None else (x for x in plan.inputs)
+        with contextlib.closing(inputs):
+            for batch, (x, lengths) in zip(_progress(plan.batches, progress, "encoding", self.frame_rate), inputs):
+                padded = any(n != x.shape[-1] for n in lengths)
+                x = x.to(self.device, non_blocking=True).to(self.dtype)
+                q = self.model.encode(x, plan.n_quantizers, lengths if padded else None)
+                if not torch.isfinite(q.latents).all():
+                    raise ValueError("the encoder produced non-finite latents (NaN or Inf): the audio is far outside "
+                                     "[-1, 1] or the model's weights are broken")
+                out = q.codes.cpu()
+                for j, s in enumerate(batch):
+                    codes[s.item, :, s.keep_start:s.keep_stop] = out[j, :, s.keep_start - s.start:s.keep_stop - s.start]
+        if not plan.mono:
+            codes = codes.reshape(len(plan.num_samples), plan.channels, *codes.shape[1:])
+        return EncodedAudio(codes, torch.tensor(plan.frames[::plan.channels]), torch.tensor(plan.num_samples),
+                            plan.sample_rate, self.identity)
 
     def check_codec(self, codec: CodecIdentity | None, holds: str, allow_other_weights: bool = False,
                     override: str = "") -> None:

@@ -11,7 +11,9 @@ on the same files, each stage alone in the main process and the whole job:
   (``--batch-seconds`` may list several values: each is timed, the first is used elsewhere);
 * ``write``: the codes into code shards (``--format``);
 * ``end to end``: ``audiotok.bulk.tokenize_dataset`` (reading, decoding and resampling in
-  ``--num-workers`` DataLoader workers, encoding and writing in the main process).
+  ``--num-workers`` DataLoader workers, encoding and writing in the main process), with the encoder's
+  busy share of the wall time and its idle time between forward passes: what the job waits on when
+  the encoder is not busy (reading and decoding, padding, writing).
 
 Rates are in hours of audio per hour of wall time (and times real time); ``share`` is each stage's part
 of the stages' sum. The model is the bottleneck when ``encode`` is most of the sum and the end to end
@@ -42,7 +44,7 @@ from conftest import random_tokenizer  # noqa: E402  (weights with realistic sca
 
 from audiotok import AudioTokenizer  # noqa: E402
 from audiotok.audio import AUDIO_EXTENSIONS, downmix, find_files, read_audio_bytes, resample  # noqa: E402
-from audiotok.bulk import DTYPES, BulkConfig, InputSpec, tokenize_dataset  # noqa: E402
+from audiotok.bulk import DTYPES, BulkConfig, InputSpec, default_workers, tokenize_dataset  # noqa: E402
 from audiotok.codedataset import SHARD_WRITERS, dataset_metadata, record_key  # noqa: E402
 from audiotok.layers import use_fused_snake  # noqa: E402
 
@@ -67,6 +69,23 @@ def make_corpus(root: Path, minutes: float, file_seconds: float, seed: int = 0) 
         n += 1
 
 
+def encoder_calls(tok: AudioTokenizer, sync) -> list[tuple[float, float]]:
+    """Wrap ``tok.model.encode`` to record each call's ``(start, end)`` (device work synchronized at
+    the end: the loop waits for the codes right after anyway); returns the list it fills."""
+    calls: list[tuple[float, float]] = []
+    encode = tok.model.encode
+
+    def recorded(*args, **kwargs):
+        start = time.perf_counter()
+        out = encode(*args, **kwargs)
+        sync()
+        calls.append((start, time.perf_counter()))
+        return out
+
+    tok.model.encode = recorded
+    return calls
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -83,7 +102,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=default_workers(), help="default: audiotok.bulk.default_workers")
     p.add_argument("--batch-seconds", type=float, nargs="+", help="default per device")
     p.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"])
     p.add_argument("--threads", type=int, help="torch intra-op threads of the main process")
@@ -149,8 +168,12 @@ def main() -> None:
 
         cfg = BulkConfig(InputSpec("folder", str(corpus)), str(Path(tmp) / "out"), format=args.format,
                          num_workers=args.num_workers, batch_seconds=batches[0], progress=False)
+        calls = encoder_calls(tok, sync)
         summary, end_to_end = timed(lambda: tokenize_dataset(cfg, tokenizer=tok))
         assert summary.records == len(files) and summary.failures == 0, summary
+        del tok.model.encode
+        gaps = np.array([b[0] - a[1] for a, b in zip(calls, calls[1:])] or [0.0])
+        busy = sum(b - a for a, b in calls)
 
     print(f"## bulk tokenization: {name} ({tok.sample_rate} Hz, {tok.n_codebooks} codebooks), {args.dtype}"
           f"{' compile' if args.compile else ''} on {args.device}")
@@ -164,6 +187,10 @@ def main() -> None:
         print(f"| {stage:<30} | {t:8.2f} | {hours / (t / 3600):11.1f} | {seconds / t:7.1f} |       |")
     print(f"| {'end to end (tokenize_dataset)':<30} | {end_to_end:8.2f} | {hours / (end_to_end / 3600):11.1f} | "
           f"{seconds / end_to_end:7.1f} |       |")
+    print(f"\nend to end: {len(calls)} encoder calls, busy {busy / end_to_end:.0%} of the wall time; encoder idle "
+          f"between calls: median {1e3 * np.median(gaps):.1f} ms, mean {1e3 * gaps.mean():.1f} ms, max "
+          f"{1e3 * gaps.max():.1f} ms ({gaps.sum():.2f} s in all; the rest of the wall time is before the first call, "
+          f"reading the first pool, and after the last, writing)")
 
 
 if __name__ == "__main__":

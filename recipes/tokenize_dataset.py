@@ -87,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-seconds", type=float, help="audio per forward pass, padding included (default per device)")
     p.add_argument("--chunk-seconds", type=float, help="longest audio per forward pass (default per device)")
     p.add_argument("--pool-seconds", type=float, help="audio sorted by length at a time (default 4 x batch)")
-    p.add_argument("--num-workers", type=int, default=2, help="decoding workers per process (default 2)")
+    p.add_argument("--num-workers", type=int,
+                   help="decoding workers per process (default: its share of the machine's cores less one, at most 16)")
     p.add_argument("--part-records", type=int, default=1000,
                    help="rows per part of a folder or saved hf dataset (the unit of work claimed; tar shards "
                         "and streaming hf shards are parts of their own)")
@@ -154,12 +155,12 @@ def main(argv=None) -> int:
         config = BulkConfig(
             spec, args.output, args.model, format=args.format, layout=args.layout, n_quantizers=args.n_quantizers,
             mono=not args.per_channel, batch_seconds=args.batch_seconds, chunk_seconds=args.chunk_seconds,
-            pool_seconds=args.pool_seconds, num_workers=args.num_workers, part_records=args.part_records,
+            pool_seconds=args.pool_seconds, part_records=args.part_records,
             shard_records=args.shard_records,
             shard_frames=args.shard_frames, min_seconds=args.min_seconds, dtype=args.dtype, device=args.device,
             compile=args.compile, progress=not args.no_progress, lease_seconds=args.lease_seconds,
             storage_options=args.storage_options, engine=args.engine, ray_actors=args.ray_actors,
-            ray_address=args.ray_address,
+            ray_address=args.ray_address, **({} if args.num_workers is None else {"num_workers": args.num_workers}),
         )
         summary = tokenize_dataset(config)
     except StorageError as e:

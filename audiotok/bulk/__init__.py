@@ -129,7 +129,17 @@ from ..codedataset import (
 )
 from .claims import STATE_DIR
 from .inputs import Decoded, Failure, InputSpec, PartReader, part_stream, prepare
-from .job import DTYPES, ENGINES, FORMATS, LAYOUTS, BulkConfig, BulkSummary, encode_items, tokenize_dataset
+from .job import (
+    DTYPES,
+    ENGINES,
+    FORMATS,
+    LAYOUTS,
+    BulkConfig,
+    BulkSummary,
+    default_workers,
+    encode_items,
+    tokenize_dataset,
+)
 
 __all__ = [
     "DTYPES",
@@ -150,6 +160,7 @@ __all__ = [
     "PartReader",
     "TarShardWriter",
     "dataset_metadata",
+    "default_workers",
     "encode_items",
     "parquet_schema",
     "part_stream",

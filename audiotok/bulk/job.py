@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
+import os
 import re
 import time
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,9 +34,10 @@ from ..codedataset import (
 from ..codes import check_n_quantizers, check_uint16
 from ..data.sources import AudioSource, DecodeError, SkipCounter
 from ..distributed import DistEnv, init_process_group, rank_device, shutdown
+from ..prefetch import prefetch
 from ..segments import make_batches, plan_segments
 from ..store import Store, open_store
-from ..tokenizer import DTYPES, AudioTokenizer
+from ..tokenizer import DTYPES, AudioTokenizer, EncodePlan
 from ..untrusted import check_number
 from ..workers import worker_init
 from .claims import STATE_DIR, Claims, Scheduler, default_owner, state_path
@@ -55,6 +58,17 @@ LAYOUTS = ("pooled", "sidecar")
 ENGINES = ("torch", "ray")
 
 
+def default_workers() -> int:
+    """Reading workers per process by default: the cores this process may use, shared among the job's
+    processes on this machine (torchrun's ``LOCAL_WORLD_SIZE``), less one for the process's own
+    encoding and writing; at least 1, at most 16. Decoding and resampling run about 1,000 h of
+    audio per hour on one core (benchmarks/README.md), so a GPU encoding several thousand needs
+    several cores feeding it; beyond 16 the bundles held ahead only cost memory."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(16, cores // local - 1))
+
+
 @dataclass
 class BulkConfig:
     """Settings of a bulk job (the ``recipes/tokenize_dataset.py`` options).
@@ -73,7 +87,8 @@ class BulkConfig:
         batch_seconds: most audio, padding included, per forward pass (default per device).
         chunk_seconds: longest audio per forward pass; longer files are chunked exactly (default per device).
         pool_seconds: audio collected before sorting by length into batches (default ``max(4 * batch, 120)``).
-        num_workers: DataLoader workers per process for reading, decoding and resampling (0: in process).
+        num_workers: DataLoader workers per process for reading, decoding and resampling (0: in process;
+            default :func:`default_workers`).
         part_records: rows per part of a random-access input (folder, saved Hugging Face dataset);
             part of the job's plan.
         shard_records, shard_frames: a shard is closed at this many records or code frames (pooled).
@@ -105,7 +120,7 @@ class BulkConfig:
     batch_seconds: float | None = None
     chunk_seconds: float | None = None
     pool_seconds: float | None = None
-    num_workers: int = 2
+    num_workers: int = field(default_factory=lambda: default_workers())
     part_records: int = 1000
     shard_records: int = 10000
     shard_frames: int = 20_000_000
@@ -232,7 +247,10 @@ def encode_items(tokenizer: AudioTokenizer, items: list[Decoded], n_quantizers: 
     Every channel is coded as a clip of its own (what ``encode(..., mono=False)`` does); clips are
     grouped by the tokenizer's own batch planner (:func:`audiotok.segments.make_batches` under
     :meth:`AudioTokenizer.frame_budgets`), so ``encode`` runs each group as the batch it plans,
-    exact padded (and chunked) encoding included. A group is the unit of retry: one that fails is retried
+    exact padded (and chunked) encoding included. The next group is planned and padded (in pinned
+    memory on CUDA) in a background thread while the model runs the current one
+    (:meth:`AudioTokenizer.plan_encode`, :func:`audiotok.prefetch.prefetch`); reading, decoding and
+    resampling run in the job's readers. A group is the unit of retry: one that fails is retried
     clip by clip; a clip that still fails makes its item a ``Failure("encode")``. If every clip of
     eight or more fails, the error is systematic (device, model) and is raised instead.
     """
@@ -243,33 +261,48 @@ def encode_items(tokenizer: AudioTokenizer, items: list[Decoded], n_quantizers: 
     first_error: Exception | None = None
     max_frames = tokenizer.frame_budgets(chunk_seconds, batch_seconds)[1]
 
-    def run(group: list[int]) -> None:
+    def plan(group: list[int]) -> EncodePlan:
         audio = [items[clips[j][0]].audio[clips[j][1]].numpy() for j in group]
-        with warnings.catch_warnings():  # one warning per clip would flood a job's log: counted by the caller
-            warnings.filterwarnings("ignore", LOUD_WARNING, UserWarning)
-            enc = tokenizer.encode(audio, tokenizer.sample_rate, n_quantizers, chunk_seconds=chunk_seconds,
-                                   batch_seconds=batch_seconds)
+        return tokenizer.plan_encode(audio, tokenizer.sample_rate, n_quantizers, chunk_seconds=chunk_seconds,
+                                     batch_seconds=batch_seconds, pad=True)
+
+    def planned(groups: list[list[int]]) -> Iterator[tuple[list[int], EncodePlan | Exception]]:
+        for group in groups:
+            try:
+                yield group, plan(group)
+            except Exception as e:  # noqa: BLE001 - the group's failure, handled where it is run
+                yield group, e
+
+    def run(group: list[int], planned: EncodePlan | Exception) -> None:
+        if isinstance(planned, Exception):
+            raise planned
+        enc = tokenizer.run_plan(planned)
         out = enc.codes.numpy()
         for b, j in enumerate(group):
             codes[clips[j]] = out[b, :, : int(enc.lengths[b])].astype(np.uint16)
 
-    for batch in make_batches(plan_segments(frames, None, (0, 0)), max_frames):
-        group = [segment.item for segment in batch]
-        try:
-            run(group)
-            continue
-        except Exception as e:  # noqa: BLE001 - out of memory, odd inputs: retry clip by clip
-            first_error = first_error or e
-            if isinstance(e, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            if len(group) == 1:
-                errors.setdefault(clips[group[0]][0], f"{type(e).__name__}: {e}")
-                continue
-        for j in group:
+    groups = [[segment.item for segment in batch] for batch in make_batches(plan_segments(frames, None, (0, 0)),
+                                                                            max_frames)]
+    # one warning per clip would flood a job's log: counted by the caller. The filter is the process's,
+    # so it covers the thread that plans (and pads) group n + 1 while the model runs group n.
+    with warnings.catch_warnings(), contextlib.closing(prefetch(planned(groups))) as ahead:
+        warnings.filterwarnings("ignore", LOUD_WARNING, UserWarning)
+        for group, ready in ahead:
             try:
-                run([j])
-            except Exception as e:  # noqa: BLE001
-                errors.setdefault(clips[j][0], f"{type(e).__name__}: {e}")
+                run(group, ready)
+                continue
+            except Exception as e:  # noqa: BLE001 - out of memory, odd inputs: retry clip by clip
+                first_error = first_error or e
+                if isinstance(e, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                if len(group) == 1:
+                    errors.setdefault(clips[group[0]][0], f"{type(e).__name__}: {e}")
+                    continue
+            for j in group:
+                try:
+                    run([j], plan([j]))
+                except Exception as e:  # noqa: BLE001
+                    errors.setdefault(clips[j][0], f"{type(e).__name__}: {e}")
     if first_error is not None and len(clips) >= 8 and not codes:
         raise RuntimeError(f"encoding failed for all {len(clips)} clips of a pool") from first_error
     results: list[np.ndarray | Failure] = []
