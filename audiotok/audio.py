@@ -218,6 +218,13 @@ def downmix(clip: np.ndarray) -> np.ndarray:
     return clip if clip.shape[0] == 1 else clip.mean(axis=0, keepdims=True)
 
 
+def to_model_rate(clip: np.ndarray, sample_rate: int, model_rate: int, mono: bool = True) -> np.ndarray:
+    """A ``[C, T]`` clip as a model at ``model_rate`` codes it: downmixed to ``[1, T]`` when ``mono``,
+    then resampled (``[C', T']``, possibly no samples). The one implementation behind
+    :meth:`audiotok.AudioTokenizer.prepare_audio`, and what the bulk job's readers run (they hold no model)."""
+    return resample(downmix(clip) if mono else clip, sample_rate, model_rate)
+
+
 # ---------------------------------------------------------------------------------------------
 # Audio files
 

@@ -337,6 +337,16 @@ class AudioTokenizer:
         samples at ``sample_rate`` gives: the clip's duration, at most what the frames hold."""
         return min(round(num_samples * self.sample_rate / sample_rate), frames * self.hop_length)
 
+    def prepare_audio(self, clip: np.ndarray, sample_rate: int, mono: bool = True,
+                      name: str = "the clip") -> np.ndarray:
+        """One ``[C, T]`` float32 clip as :meth:`encode` codes it: downmixed to ``[1, T]`` when ``mono``,
+        resampled to :attr:`sample_rate` (:func:`audiotok.audio.to_model_rate`); ``ValueError`` naming
+        it (``name``) when no samples are left."""
+        out = audio_utils.to_model_rate(clip, sample_rate, self.sample_rate, mono)
+        if out.shape[-1] == 0:
+            raise ValueError(f"{name} is too short to resample from {sample_rate} to {self.sample_rate} Hz")
+        return out
+
     def _prepare(self, audio: audio_utils.AudioInput, sample_rate: int | list[int],
                  mono: bool) -> tuple[list[np.ndarray], list[int], int, int]:
         """-> (items ``[T]`` at the model rate, sample counts, the rate they count at, channels per clip).
@@ -350,9 +360,7 @@ class AudioTokenizer:
         items: list[np.ndarray] = []
         resampled: list[int] = []
         for i, (clip, rate) in enumerate(zip(clips, rates)):
-            clip = audio_utils.resample(audio_utils.downmix(clip) if mono else clip, rate, self.sample_rate)
-            if clip.shape[-1] == 0:
-                raise ValueError(f"clip {i} is too short to resample from {rate} to {self.sample_rate} Hz")
+            clip = self.prepare_audio(clip, rate, mono, name=f"clip {i}")
             items.extend(clip)
             resampled.append(clip.shape[-1])
         if len(set(rates)) == 1:

@@ -1,6 +1,7 @@
-"""Host preparation overlaps the encoder (issue 24): while the model runs on batch n, batch n + 1 is
-already being prepared, in the tokenizer's encode loop and in the bulk job's. Checked by intervals
-(a slowed fake preparation and a slowed encoder), never by wall-clock thresholds."""
+"""Host preparation for the encoder: it overlaps the encoder (issue 24: while the model runs on
+batch n, batch n + 1 is already being prepared, in the tokenizer's encode loop and in the bulk job's;
+checked by intervals with a slowed fake preparation and a slowed encoder, never by wall-clock
+thresholds), and the bulk readers prepare audio as the tokenizer does (issue 25)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import soundfile as sf
 import torch
 from conftest import make_audio
 
-from audiotok.bulk import BulkConfig, InputSpec, tokenize_dataset
+from audiotok.bulk import BulkConfig, Decoded, InputSpec, prepare, tokenize_dataset
+from audiotok.data.sources import Record
 from audiotok.prefetch import prefetch
 
 #: How long the slowed steps take: long against a thread switch on a busy machine.
@@ -104,3 +106,18 @@ def test_prefetch_keeps_order_raises_in_place_and_stops_on_close():
     assert np.array_equal(pulled, np.arange(len(pulled)))
     with pytest.raises(ValueError):
         next(prefetch([1], depth=0))
+
+
+@pytest.mark.parametrize("rate,channels,mono", [(44100, 1, True), (16000, 2, True), (48000, 2, False),
+                                                 (22050, 1, False)])
+def test_bulk_readers_prepare_audio_as_the_tokenizer_does(tiny_tokenizer, rate, channels, mono):
+    tok = tiny_tokenizer
+    clip = make_audio(rate // 3, channels, seed=rate)
+    decoded = prepare(0, 0, Record("k", clip, rate), tok.sample_rate, mono)
+    assert isinstance(decoded, Decoded)
+    want = tok.prepare_audio(clip, rate, mono)
+    assert want.shape[0] == (1 if mono else channels) and want.dtype == np.float32
+    np.testing.assert_array_equal(decoded.audio.numpy(), want)
+    # what encode codes is that audio: coding it at the model rate gives the same codes
+    direct = tok.encode(clip, rate, mono=mono).codes
+    assert torch.equal(tok.encode(decoded.audio.numpy(), tok.sample_rate, mono=mono).codes, direct)

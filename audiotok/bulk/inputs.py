@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from ..audio import AUDIO_EXTENSIONS, downmix, resample
+from ..audio import AUDIO_EXTENSIONS, to_model_rate
 from ..codedataset import check_metadata_fields
 from ..data.config import build_sources
 from ..data.sources import AudioSource, DecodeError, Record
@@ -232,8 +232,9 @@ class Bundle:
 
 def prepare(part: int, position: int, item: Record | DecodeError, sample_rate: int, mono: bool,
             min_seconds: float = 0.0) -> Decoded | Failure:
-    """A source item -> :class:`Decoded` (downmixed if ``mono``, resampled to ``sample_rate``
-    exactly as :meth:`AudioTokenizer.encode` does) or :class:`Failure`."""
+    """A source item -> :class:`Decoded` (downmixed if ``mono``, resampled to ``sample_rate`` by
+    :func:`audiotok.audio.to_model_rate`, what :meth:`AudioTokenizer.prepare_audio` runs for
+    :meth:`AudioTokenizer.encode`) or :class:`Failure`."""
     if isinstance(item, DecodeError):
         return Failure(part, position, item.key, item.reason, item.detail)
     num_samples, channels = item.audio.shape[-1], item.audio.shape[0]
@@ -241,7 +242,7 @@ def prepare(part: int, position: int, item: Record | DecodeError, sample_rate: i
     if seconds < min_seconds:
         return Failure(part, position, item.key, "short", f"{seconds:.3f} s < {min_seconds} s")
     try:
-        audio = resample(downmix(item.audio) if mono else item.audio, item.sample_rate, sample_rate)
+        audio = to_model_rate(item.audio, item.sample_rate, sample_rate, mono)
     except Exception as e:  # soxr errors on odd rates
         return Failure(part, position, item.key, "resample", f"{type(e).__name__}: {e}")
     if audio.shape[-1] == 0:
