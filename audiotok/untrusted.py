@@ -96,10 +96,18 @@ def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def parse_json(data: bytes | str, where: str | os.PathLike, shape: Shape) -> Any:
+def _infinity(name: str) -> float:
+    if name == "NaN":
+        _refuse_constant(name)
+    return float(name)
+
+
+def parse_json(data: bytes | str, where: str | os.PathLike, shape: Shape, *, infinity: bool = False) -> Any:
     """The JSON value of ``data``, checked: ``ValueError`` naming ``where`` (the file) if it is larger
     than :data:`MAX_JSON_BYTES`, nested deeper than :data:`MAX_JSON_DEPTH`, not JSON (``NaN`` and
-    ``Infinity`` included) or not of ``shape`` (see :data:`Shape`)."""
+    ``Infinity`` included) or not of ``shape`` (see :data:`Shape`). ``infinity`` takes ``Infinity`` and
+    ``-Infinity``, which Python's ``json`` writes for infinite floats (files audiotok wrote before it wrote
+    ``null`` instead)."""
     if len(data) > MAX_JSON_BYTES:
         raise ValueError(f"{where}: {len(data)} bytes of JSON, more than the {MAX_JSON_BYTES} this reader takes")
     try:
@@ -110,7 +118,7 @@ def parse_json(data: bytes | str, where: str | os.PathLike, shape: Shape) -> Any
     if depth > MAX_JSON_DEPTH:
         raise ValueError(f"{where}: JSON nested {depth} deep, more than the {MAX_JSON_DEPTH} this reader takes")
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_constant=_infinity if infinity else _refuse_constant)
     except ValueError as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{where}: not valid JSON ({shown(e)})") from None
     check_shape(value, shape, where)

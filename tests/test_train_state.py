@@ -256,3 +256,53 @@ def test_a_state_export_keeps_what_a_resume_needs_at_half_precision(tmp_path):
     assert read_state_export(export_state(run / "latest", tmp_path / "folder.safetensors"))["step"] == 7
     with pytest.raises(ValueError, match="no complete checkpoint to export"):
         export_state(tmp_path / "empty", tmp_path / "none.safetensors")
+
+
+def _rewritten(export: Path, out: Path, text: str) -> Path:
+    """A copy of ``export`` with the metadata JSON ``text``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from audiotok.train.state import EXPORT_KEY
+
+    with safe_open(str(export), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys()}, out, metadata={EXPORT_KEY: text})
+    return out
+
+
+def test_an_export_before_the_first_validation_is_json_and_reads_back_through_the_bounded_parser(tmp_path):
+    import json
+    import math
+
+    from safetensors import safe_open
+
+    from audiotok.train.state import EXPORT_KEY, export_state, read_state_export
+
+    state = _trained_state()  # best is inf: the run has not validated yet
+    save_checkpoint(tmp_path / "run", state, _write_generator)
+    out = export_state(tmp_path / "run", tmp_path / "state.safetensors")
+    with safe_open(str(out), "pt") as f:
+        text = f.metadata()[EXPORT_KEY]
+
+    def refuse(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    meta = json.loads(text, parse_constant=refuse)
+    assert meta["version"] == 2 and meta["values"]["best"] is None
+    back = read_state_export(out)
+    assert back["best"] == math.inf and back["step"] == state["step"] and back["data"] == state["data"]
+    # version 1 wrote Python's Infinity: still read
+    legacy = json.dumps({**meta, "version": 1, "values": {**meta["values"], "best": math.inf}})
+    assert "Infinity" in legacy
+    assert read_state_export(_rewritten(out, tmp_path / "v1.safetensors", legacy))["best"] == math.inf
+    # metadata of the wrong shape or version, NaN, or nested too deep: one error naming the file
+    for name, bad, message in [
+        ("shape", json.dumps({**meta, "modules": "generator"}), "modules must be an array of strings"),
+        ("version", json.dumps({**meta, "version": 3}), "version 3; this version of audiotok reads versions 1, 2"),
+        ("nan", json.dumps({**meta, "values": {"best": math.nan}}), "NaN is not a number JSON allows"),
+        ("deep", text[:-1] + ', "x": ' + "[" * 100 + "]" * 100 + "}", "JSON nested 101 deep"),
+    ]:
+        path = _rewritten(out, tmp_path / f"{name}.safetensors", bad)
+        with pytest.raises(ValueError, match=message) as e:
+            read_state_export(path)
+        assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value), name

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -51,6 +52,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from ..checkpoint import weight_mismatches
 from ..io import atomic_write, fsync_dir, fsync_file
+from ..untrusted import parse_json
 
 log = logging.getLogger("audiotok.train")
 
@@ -244,10 +246,13 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], folder: Path
 # ``<entry>/state/<i>/<name>`` (an optimizer's per-parameter moments, ``exp_avg`` and ``exp_avg_sq``,
 # in bfloat16); the rest (optimizer step counts and parameter groups, schedulers, step, best, data
 # position, training config) as JSON in the metadata entry ``audiotok.train_state``, which also lists
-# every tensor's original dtype and shape.
+# every tensor's original dtype and shape. ``best`` is ``null`` before the first validation (it is
+# infinite then, which JSON cannot hold; version 1 wrote Python's ``Infinity``, which is still read).
 
 EXPORT_KEY = "audiotok.train_state"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
+READ_VERSIONS = (1, 2)
+_EXPORT_SHAPE = {"version": int, "tensors": dict, "modules": [str], "optimizers": dict, "values": dict}
 WEIGHTS_DTYPE = torch.float16
 MOMENTS_DTYPE = torch.bfloat16
 
@@ -302,7 +307,7 @@ def _flatten_state(state: Mapping[str, Any], moments: bool,
                         scalars[str(index)][name] = [item, None]
             meta["optimizers"][entry] = {"param_groups": value["param_groups"], "state": scalars}
         else:
-            meta["values"][entry] = value
+            meta["values"][entry] = None if entry == "best" and value == math.inf else value
     return tensors, meta
 
 
@@ -322,8 +327,8 @@ def export_state(run: str | os.PathLike, out: str | os.PathLike, moments: bool =
     folder, state = _export_source(Path(run))
     tensors, meta = _flatten_state(state, moments, folder)
     try:
-        metadata = json.dumps(meta)
-    except TypeError as e:
+        metadata = json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{folder}: its training state cannot be exported: {e}") from e
     with atomic_write(out) as f:
         f.write(safetensors_bytes(tensors, metadata={EXPORT_KEY: metadata}))
@@ -341,15 +346,10 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if EXPORT_KEY not in header:
         raise ValueError(f"{path}: a safetensors file without {EXPORT_KEY!r} metadata: not a training state export "
                          "(write one with recipes/train.py --export-state)")
-    try:
-        meta = json.loads(header[EXPORT_KEY])
-        if meta.get("version") != EXPORT_VERSION:
-            raise ValueError(f"version {meta.get('version')!r}, this version of audiotok reads {EXPORT_VERSION}")
-        for key in ("tensors", "modules", "optimizers", "values"):
-            if key not in meta:
-                raise ValueError(f"no {key!r} entry")
-    except (ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: unreadable training state export metadata: {e}") from e
+    meta = parse_json(header[EXPORT_KEY], f"{path}: its {EXPORT_KEY!r} metadata", _EXPORT_SHAPE, infinity=True)
+    if meta["version"] not in READ_VERSIONS:
+        raise ValueError(f"{path}: a training state export of version {meta['version']}; this version of audiotok "
+                         f"reads versions {', '.join(map(str, READ_VERSIONS))}")
     return tensors, meta
 
 
@@ -397,6 +397,8 @@ def _unflatten_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any
         return tensors[name].to(dtype(meta["tensors"][name][0]))
 
     state: dict[str, Any] = dict(meta["values"])
+    if "best" in state and state["best"] is None:  # no validation yet
+        state["best"] = math.inf
     for entry in meta["modules"]:
         prefix = f"{entry}/"
         state[entry] = {name[len(prefix):]: get(name) for name in meta["tensors"] if name.startswith(prefix)}
