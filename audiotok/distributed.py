@@ -115,7 +115,17 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-_cpu_group: Any = None  # a gloo group beside a GPU (NCCL) default group, made on first use
+_cpu_group_made: Any = None  # a gloo group beside a GPU (NCCL) default group, made on first use
+
+
+def _cpu_group() -> Any:
+    """A CPU (gloo) group: the default one (``None``), or one made once beside NCCL."""
+    global _cpu_group_made
+    if dist.get_backend() == "gloo":
+        return None
+    if _cpu_group_made is None:
+        _cpu_group_made = dist.new_group(backend="gloo")
+    return _cpu_group_made
 
 
 def max_over_ranks(values: Sequence[int], env: DistEnv) -> list[int]:
@@ -125,20 +135,24 @@ def max_over_ranks(values: Sequence[int], env: DistEnv) -> list[int]:
     a GPU; every rank must call it at the same point."""
     if not env.enabled:
         return list(values)
-    global _cpu_group
-    group = None
-    if dist.get_backend() != "gloo":
-        if _cpu_group is None:
-            _cpu_group = dist.new_group(backend="gloo")
-        group = _cpu_group
     tensor = torch.tensor(list(values), dtype=torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_cpu_group())
     return [int(v) for v in tensor.tolist()]
+
+
+def gather_objects(value: Any, env: DistEnv) -> list[Any]:
+    """``value`` (picklable) of every rank, in rank order, on every rank (``[value]`` with one rank); on a
+    CPU (gloo) group, as :func:`max_over_ranks`; every rank must call it at the same point."""
+    if not env.enabled:
+        return [value]
+    values: list[Any] = [None] * env.world_size
+    dist.all_gather_object(values, value, group=_cpu_group())
+    return values
 
 
 def shutdown() -> None:
     """Leave the process group, if one is joined."""
-    global _cpu_group
-    _cpu_group = None
+    global _cpu_group_made
+    _cpu_group_made = None
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -25,17 +25,9 @@ import sys
 
 from audiotok.train.config import load_config
 from audiotok.train.state import export_state
-from audiotok.train.stopping import TrainingInterrupted, parse_duration
+from audiotok.train.stopping import TrainingInterrupted, duration_arg
 from audiotok.train.trainer import train
 from audiotok.untrusted import one_line
-
-
-def duration(text: str) -> float:
-    """argparse type of --time-limit: seconds, or a number with s, m, h or d."""
-    try:
-        return parse_duration(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--resume-from", metavar="FILE",
                        help="start --save-path from a state export (ignored once --save-path holds a checkpoint)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--time-limit", type=duration, metavar="DURATION",
+    p.add_argument("--time-limit", type=duration_arg, metavar="DURATION",
                    help="stop and save in time to end within this long (seconds, or 90s, 9m, 1.5h); exit 0")
     p.add_argument("--export-state", metavar="FILE",
                    help="write the resumable state of --save-path's newest checkpoint to FILE and exit")

@@ -18,6 +18,7 @@ from conftest import random_tokenizer
 from audiotok import DACConfig
 from audiotok.bulk import ParquetShardWriter
 from audiotok.codedataset import FORMAT_VERSION
+from audiotok.distributed import DistEnv
 from audiotok.lm import (
     IGNORE_INDEX,
     CodebookPattern,
@@ -30,6 +31,7 @@ from audiotok.lm import (
     pack_sequences,
     pad_to_length,
 )
+from audiotok.lm.stream import ExampleBatches
 
 PATTERNS = list(CodebookPattern)
 
@@ -521,6 +523,65 @@ def test_lm_token_dataset_delay_and_workers(code_dataset):
     loader = torch.utils.data.DataLoader(lm, batch_size=None, num_workers=2)
     tokens = sorted(torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in loader]).tolist())
     assert tokens == sorted(torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in single]).tolist())
+
+
+class RecordIds:
+    """An example source (:class:`~audiotok.lm.stream.ExampleSource`): one example per record, its index in
+    ``keys``; ``read`` counts the records read (in this process)."""
+
+    seq_len = 1
+
+    def __init__(self, keys: list[str], skip: bool = False):
+        self.index, self.skip, self.read = {k: i for i, k in enumerate(keys)}, skip, 0
+
+    def examples(self, records):
+        for record in records:
+            self.read += 1
+            if not self.skip:
+                yield {"id": torch.tensor(self.index[record.key])}
+
+
+def _ids(batches, n: int) -> list[int]:
+    return [i for _ in range(n) for i in next(batches)["id"].tolist()]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_example_batches_shuffle_each_epoch_and_resume_from_their_state(code_dataset, num_workers):
+    root, expected = code_dataset
+    ds, keys = CodeDataset(root), [r.key for r in expected]  # 17 records in shards of 4, 3, 5, 2 and 3
+
+    def batches(source=None, **changes):
+        settings = dict(seed=5, window=3, num_workers=num_workers, env=DistEnv()) | changes
+        return ExampleBatches(ds, source or RecordIds(keys), 2, **settings)
+
+    straight = batches()
+    ids = _ids(straight, 26)  # 52 examples
+    straight.close()  # its worker processes end
+    readers = [ids] if num_workers == 0 else [ids[0::2], ids[1::2]]  # the readers take turns
+    shards = [[0, 1, 2, 3, 4]] if num_workers == 0 else [[0, 2, 4], [1, 3]]  # reader r: shards r, r + 2, ...
+    sizes = [4, 3, 5, 2, 3]
+    for taken, own in zip(readers, shards):  # each epoch of a reader holds each of its records once, in its order
+        records = sorted(i for s in own for i in range(sum(sizes[:s]), sum(sizes[:s + 1])))
+        epochs = [taken[e * len(records): (e + 1) * len(records)] for e in range(len(taken) // len(records))]
+        assert len(epochs) >= 2 and all(sorted(epoch) == records for epoch in epochs)
+        assert len({tuple(epoch) for epoch in epochs}) > 1 and epochs[0] != records  # shuffled, not all alike
+    for stop in (4, 9, 17):  # in the first epoch, early in the second, at the end of the second (one reader)
+        first = batches()
+        _ids(first, stop)
+        source = RecordIds(keys)
+        resumed = batches(source)
+        resumed.load_state_dict(first.state_dict())
+        assert _ids(resumed, 26 - stop) == ids[2 * stop:], stop
+        first.close()
+        resumed.close()
+        if num_workers == 0:  # the data before is not read: at most its shard up to a window, and a batch
+            assert source.read <= (2 * 3 - 1) + 2 * (26 - stop) + 3, (stop, source.read)
+    with pytest.raises(ValueError, match="cannot resume the data position: it has seed=5, this run 6"):
+        batches(seed=6).load_state_dict(first.state_dict())
+    empty = batches(RecordIds(keys, skip=True))
+    with pytest.raises(ValueError, match="rank 0 has too few codes for one example of 1 steps in its 5 shard"):
+        next(empty)
+    empty.close()
 
 
 # -- manifests and shards that disagree, or are of the wrong shape (issue 26) ------------------------

@@ -8,6 +8,8 @@ import io
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -192,6 +194,99 @@ def test_resumed_run_equals_uninterrupted(code_sets, tmp_path):
         assert torch.equal(whole[key], split[key]), key
 
 
+# -- stops: signals, time limits and runs of the earlier layout, with DataLoader workers -------------
+
+STOPS = ("train.save_every=1000", "train.valid_every=5", "train.num_workers=2")  # 2 readers: 40 examples each
+STEPS = 20  # 4 examples a step, 80 in all: each reader ends an epoch (about 31 blocks) and starts another
+
+
+@pytest.fixture(scope="module")
+def prior_straight(code_sets, tmp_path_factory):
+    """An uninterrupted run of STEPS steps."""
+    run = tmp_path_factory.mktemp("prior-straight") / "run"
+    train_prior(tiny_config(code_sets, *STOPS), run, max_steps=STEPS)
+    return run
+
+
+def _assert_same_end(run, straight):
+    """``run`` ended bit for bit as ``straight``: weights, optimizer, data position, logs."""
+    from audiotok.train.state import load_train_state
+
+    a, b = load_train_state(straight / "latest"), load_train_state(run / "latest")
+    assert a["step"] == b["step"] == STEPS and a["data"] == b["data"] and a["best"] == b["best"]
+    assert all(torch.equal(a["prior"][k], b["prior"][k]) for k in a["prior"])
+    for index, entry in a["opt"]["state"].items():
+        assert all(torch.equal(entry[k], b["opt"]["state"][index][k]) for k in entry), index
+    rows = lambda r: [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert rows(run) == [{**r, "steps_per_s": r2["steps_per_s"]} if "steps_per_s" in r else r
+                         for r, r2 in zip(rows(straight), rows(run))]
+
+
+def test_a_prior_run_stopped_by_sigterm_resumes_exactly_and_an_earlier_layout_resumes(code_sets, prior_straight,
+                                                                                      tmp_path, monkeypatch, caplog):
+    from audiotok.lm.stream import ExampleBatches
+    from audiotok.train.state import STATE_FILE, load_train_state
+    from audiotok.train.stopping import TrainingInterrupted
+
+    config, run, taken = tiny_config(code_sets, *STOPS), tmp_path / "run", []
+    next_batch = ExampleBatches.__next__
+
+    def signalled(batches):
+        taken.append(1)
+        if len(taken) == 7:  # during step 7
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next_batch(batches)
+
+    with monkeypatch.context() as m:
+        m.setattr(ExampleBatches, "__next__", signalled)
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train_prior(config, run, max_steps=STEPS)
+    assert (stopped.value.step, stopped.value.exit_code) == (7, 143)
+    state = load_train_state(run / "latest")
+    assert state["step"] == 7 and set(state) == {"prior", "opt", "sched", "data", "step", "best", "config"}
+    legacy = tmp_path / "legacy"  # a checkpoint written before the data position was saved
+    shutil.copytree(run, legacy, symlinks=True)
+    torch.save({k: v for k, v in state.items() if k != "data"}, legacy / "latest" / STATE_FILE)
+    train_prior(config, run, max_steps=STEPS)
+    _assert_same_end(run, prior_straight)
+    with caplog.at_level("WARNING", logger="audiotok.lm"):
+        train_prior(config, legacy, max_steps=STEPS)
+    assert "no data position (written by an earlier version): the data starts again" in caplog.text
+    assert load_train_state(legacy / "latest")["step"] == STEPS
+
+
+def test_a_prior_run_stopped_by_its_time_limit_resumes_exactly(code_sets, prior_straight, tmp_path, monkeypatch):
+    import audiotok.train.stopping as stopping
+
+    readings = []
+
+    def clock():  # a second passes at every reading
+        readings.append(float(len(readings)))
+        return readings[-1]
+
+    config, run = tiny_config(code_sets, *STOPS), tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(stopping, "monotonic", clock)
+        train_prior(config, run, max_steps=STEPS, time_limit="12s")  # returns normally
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert 1 <= steps[-1] < STEPS and (run / "checkpoints" / f"step_{steps[-1]}").is_dir() and readings[-1] <= 12
+    train_prior(config, run, max_steps=STEPS)
+    _assert_same_end(run, prior_straight)
+
+
+def test_train_lm_takes_a_time_limit(code_sets, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("train_lm", REPO / "recipes" / "train_lm.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    options = ["--config", TINY, "--save-path", str(tmp_path / "run"), "--device", "cpu",
+               f"data.train={code_sets / 'train'}"]
+    assert recipe.main([*options, "--time-limit", "0.01s"]) == 0
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+    with pytest.raises(SystemExit) as e:
+        recipe.main([*options, "--time-limit", "soon"])
+    assert e.value.code == 2 and "argument --time-limit: invalid duration 'soon'" in capsys.readouterr().err
+
+
 def test_resuming_with_another_config_names_the_differences(code_sets, tmp_path):
     run = tmp_path / "run"
     train_prior(tiny_config(code_sets, "train.save_every=2"), run, max_steps=2)
@@ -209,7 +304,7 @@ def test_resuming_with_another_config_names_the_differences(code_sets, tmp_path)
                        "train.save_every=4")
     train_prior(safe, run, max_steps=4)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (2, "val"), (4, "train"), (4, "val")]
+    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (4, "train"), (4, "val")]
 
 
 def test_the_recipe_refuses_a_changed_config_and_bad_overrides_in_one_line(code_sets, tmp_path, capsys):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from audiotok import AudioTokenizer
@@ -21,6 +22,7 @@ from audiotok.data.dataset import Excerpt
 from audiotok.distances import MelSpectrogramLoss, MultiScaleSTFTLoss
 from audiotok.model import DAC
 from audiotok.train.config import load_config
+from audiotok.train.state import EXPORT_KEY
 from audiotok.train.trainer import train, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -444,22 +446,29 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
         time.sleep(0.05)
 
 
-def test_sigterm_stops_a_run_with_a_checkpoint_and_it_resumes_exactly(audio_dir, straight, tmp_path):
+def test_sigterm_to_the_process_group_stops_a_run_with_a_checkpoint_and_it_resumes_exactly(audio_dir, straight,
+                                                                                           tmp_path):
+    """SIGTERM to the whole process group, as schedulers and ``timeout`` send it: the DataLoader worker
+    ignores it, the trainer finishes its step, saves and exits 143."""
     from audiotok.train.state import load_train_state
 
     run, err = tmp_path / "run", tmp_path / "stderr.txt"
     cmd = [sys.executable, str(REPO / "recipes" / "train.py"), "--config", str(TINY), "--save-path", str(run),
-           "--max-steps", str(STEPS), "--device", "cpu", *tiny_overrides(audio_dir, *RESUME)]
+           "--max-steps", str(STEPS), "--device", "cpu", *tiny_overrides(audio_dir, *RESUME, "train.num_workers=1")]
     with open(err, "w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=tmp_path)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=tmp_path, start_new_session=True)
         try:
             _wait_for(run / "metrics.jsonl", proc)  # stepping: step 1 is logged
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)
             assert proc.wait(timeout=600) == 128 + signal.SIGTERM, err.read_text()[-3000:]
         finally:
             proc.kill()
-    stopped = load_train_state(run / "latest")["step"]
+    state = load_train_state(run / "latest")
+    stopped = state["step"]
     assert 1 <= stopped < STEPS and [r["step"] for r in _rows(run)][-1] == stopped
+    # the layout of a codec checkpoint is the one earlier versions wrote and read
+    assert set(state) == {"generator", "opt_g", "sched_g", "data", "step", "best", "config"}
+    assert set(state["data"]) == {"position", "seed", "world_size", "block_size"}
     assert f"train: SIGTERM: training stopped at step {stopped}" in err.read_text()
     assert f"training stopped at step {stopped} (signal SIGTERM): {stopped} steps this launch" in err.read_text()
     train(tiny_config(audio_dir, *RESUME), run, max_steps=STEPS, device="cpu")
@@ -524,10 +533,7 @@ def test_a_gan_run_exports_its_discriminator(audio_dir, tmp_path):
 
 def _rewrite(good: Path, out: Path, edit) -> Path:
     """A copy of the export ``good`` with ``edit(tensors, meta)`` applied (tensors and metadata as stored)."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from audiotok.train.state import EXPORT_KEY
 
     with safe_open(str(good), "pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[EXPORT_KEY])
@@ -603,6 +609,8 @@ def test_the_recipe_stops_in_time_exports_and_reports_bad_files(audio_dir, tmp_p
     exported = subprocess.run([*recipe, "--save-path", str(run), "--export-state", str(out), "--no-moments"],
                               capture_output=True, text=True, timeout=600)
     assert exported.returncode == 0 and out.stat().st_size > 0, exported.stderr[-3000:]
+    with safe_open(str(out), "pt") as f:  # before the first validation: JSON has no infinity
+        assert json.loads(f.metadata()[EXPORT_KEY])["values"]["best"] is None
     (tmp_path / "cut.safetensors").write_bytes(out.read_bytes()[:-10])
     for args, message in [(["--resume-from", str(tmp_path / "cut.safetensors")], "truncated or not safetensors"),
                           (["--time-limit", "soon"], "argument --time-limit: invalid duration 'soon'")]:

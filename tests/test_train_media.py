@@ -7,7 +7,7 @@ from test_prior import PATTERNS, tiny_prior
 
 from audiotok.lm import Sampler
 from audiotok.lm.sampling import max_frames_for
-from audiotok.train.media import MelImage, colourize, count, duration, train_line
+from audiotok.train.media import MelImage, colourize, count, duration, train_line, validation_line
 
 
 def test_colour_map_runs_from_dark_blue_to_yellow():
@@ -36,6 +36,12 @@ def test_console_line_formats():
     assert [count(n) for n in (950, 12_300, 4_560_000, 7.89e9)] == ["950", "12.3k", "4.56M", "7.89G"]
     assert train_line(120, 1000, {"loss": 12.34, "mel": 1.234}, 1e-4, 2.0, "1.2 h audio") == \
         "step 120/1000 | loss 12.34 mel 1.234 | lr 1.00e-04 | 2.00 steps/s eta 7.3 min | 1.2 h audio"
+    formats = {"mel_distance": "{:.4f}", "si_sdr": "{:.2f} dB", "absent": "{}"}
+    metrics = {"si_sdr": 5.4321, "mel_distance": 1.23456, "other": 1.0}
+    assert validation_line(500, metrics, formats, "mel_distance", True) == \
+        "step 500 validation | mel_distance 1.2346 (best) | si_sdr 5.43 dB"
+    assert validation_line(500, metrics, formats, "mel_distance", False) == \
+        "step 500 validation | mel_distance 1.2346 | si_sdr 5.43 dB"
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

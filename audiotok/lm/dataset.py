@@ -69,9 +69,13 @@ class LMTokenDataset(IterableDataset):
             for codes in channels:
                 yield self.vocab.encode(codes[: self.n_codebooks], self.pattern)
 
+    def examples(self, records: Iterable[CodeRecord]) -> Iterator[dict[str, torch.Tensor]]:
+        """The blocks that ``records`` pack into."""
+        return pack_sequences(self.sequences(records), self.seq_len, self.pad_id, self.drop_remainder)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         records = self.code_dataset
         worker = get_worker_info()
         if worker is not None:
             records = records.split_by_rank(worker.id, worker.num_workers)
-        return pack_sequences(self.sequences(records), self.seq_len, self.pad_id, self.drop_remainder)
+        return self.examples(records)

@@ -10,7 +10,7 @@ Text longer than ``max_len - 1`` tokens is cut.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from .packing import pad_to_length
 from .patterns import CodebookPattern
 
 if TYPE_CHECKING:
-    from ..codedataset import CodeDataset
+    from ..codedataset import CodeDataset, CodeRecord
     from .vocab import CodeVocabulary
 
 BYTES = "bytes"
@@ -129,6 +129,10 @@ class TextCodeDataset(IterableDataset):
         worker = get_worker_info()
         if worker is not None:
             records = records.split_by_rank(worker.id, worker.num_workers)
+        return self.examples(records)
+
+    def examples(self, records: Iterable[CodeRecord]) -> Iterator[dict[str, torch.Tensor]]:
+        """One example per record of ``records``."""
         for record in records:
             try:
                 text = record.lookup(self.text_key)

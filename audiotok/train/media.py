@@ -18,14 +18,15 @@ TensorBoard media (rank 0, at each validation; nothing when TensorBoard is not i
   and their decoding, on the training device (under torchrun the other ranks wait meanwhile, as they
   do for the validation).
 
-Console lines (the ``logging`` module; :func:`train_line`, :func:`summary_line`) come from the trainers.
+Console lines (the ``logging`` module; :func:`train_line`, :func:`validation_line`, :func:`summary_line`) come
+from the run harness (:mod:`audiotok.train.harness`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from ..data.dataset import Excerpt
     from ..lm.prior import CodePrior
     from ..model import DAC
+    from .stopping import StopControl
 
 #: Validation excerpts logged per validation group (the first ones of the group).
 EXCERPTS_PER_GROUP = 1
@@ -224,14 +226,22 @@ def train_line(step: int, end: int, losses: dict[str, float], lr: float, steps_p
             f"{duration(eta) if math.isfinite(eta) else '?'} | {seen}")
 
 
-def stop_reason(step: int, end: int, num_iters: int, stop: Any = None) -> str:
-    """Why a loop that started for ``end`` steps stopped at ``step``: a signal, its time limit (``stop``, a
-    :class:`~audiotok.train.stopping.StopControl`), or ``num_iters`` / ``max_steps`` reached."""
+def validation_line(step: int, metrics: dict[str, float], formats: Mapping[str, str], best: str, improved: bool) -> str:
+    """One line per validation, the metrics of ``formats`` in their formats, ``(best)`` after the metric ``best``
+    when ``improved``: ``step 500 validation | mel_distance 1.2345 (best) | si_sdr 5.43 dB``."""
+    parts = [f"{k} {form.format(metrics[k])}{' (best)' if k == best and improved else ''}"
+             for k, form in formats.items() if k in metrics]
+    return " | ".join([f"step {step} validation", *parts])
+
+
+def stop_reason(step: int, end: int, num_iters: int, stop: StopControl) -> str:
+    """Why a loop that started for ``end`` steps stopped at ``step``: a signal, its time limit (``stop``),
+    or ``num_iters`` / ``max_steps`` reached."""
     import signal
 
-    if stop is not None and stop.stop_signal is not None:
+    if stop.stop_signal is not None:
         return f"signal {signal.Signals(stop.stop_signal).name}"
-    if stop is not None and stop.stopped_at is not None:
+    if stop.stopped_at is not None:
         return f"time limit {stop.time_limit:g} s"
     return f"reached num_iters {num_iters}" if end == num_iters else f"reached max_steps {end}"
 

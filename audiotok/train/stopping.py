@@ -38,6 +38,7 @@ fit in that time.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -78,6 +79,14 @@ def parse_duration(value: str | float) -> float:
     if not 0 < seconds < float("inf"):
         raise ValueError(f"invalid duration {value!r}: it must be positive")
     return seconds
+
+
+def duration_arg(text: str) -> float:
+    """The ``argparse`` type of a ``--time-limit``: :func:`parse_duration`, its error as argparse's."""
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class TrainingInterrupted(Exception):

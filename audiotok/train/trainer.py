@@ -1,4 +1,5 @@
-"""The Improved RVQGAN training loop: one readable function, top to bottom.
+"""Improved RVQGAN training: the codec's step, validation and checkpoint contents; the loop, its logs,
+checkpoints and stops are the run harness's (:mod:`audiotok.train.harness`).
 
 Each step: the generator reconstructs a batch of excerpts; the discriminator takes a step on the
 detached reconstruction (least-squares GAN); then the generator takes a step on
@@ -7,34 +8,30 @@ mel + adversarial + feature-matching + VQ losses. Only rank 0 logs, validates an
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from ..checkpoint import Checkpoint, load_checkpoint, load_weights, save_folder
 from ..config import DACConfig
 from ..distances import ComplexSTFTLoss, MelSpectrogramLoss, MultiScaleSTFTLoss, si_sdr
-from ..distributed import barrier, init_training, shutdown
+from ..distributed import barrier, init_training
 from ..hub import resolve
-from ..io import atomic_write
 from ..layers import use_fused_snake
 from ..metrics import codebook_utilization
 from ..model import DAC
-from ..untrusted import shown
-from ..workers import worker_init
+from ..workers import stop_workers, worker_init
 from .config import TrainConfig
 from .discriminator import Discriminator, FeatureMaps
+from .harness import Run, stop_control
 from .losses import discriminator_loss, feature_matching_loss, generator_adversarial_loss
-from .media import MelImage, duration, media_excerpts, stop_reason, summary_line, train_line, write_reconstructions
+from .media import MelImage, duration, media_excerpts, write_reconstructions
 from .state import (
     CODEC_RESUME_MAY_CHANGE,
     check_moments,
@@ -45,7 +42,6 @@ from .state import (
     read_state_export,
     save_checkpoint,
 )
-from .stopping import StopControl, parse_duration
 
 if TYPE_CHECKING:
     from ..data.dataset import Excerpt, ExcerptDataset
@@ -54,11 +50,6 @@ log = logging.getLogger("audiotok.train")
 
 #: The losses of the console line of a logged step (all of them are in metrics.jsonl).
 MAIN_LOSSES = ("loss", "mel", "adversarial", "feature", "disc")
-
-
-def _step_seed(seed: int, rank: int, step: int) -> int:
-    """Torch's RNG (quantizer dropout) is reseeded every step, so a resumed run continues exactly."""
-    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
 
 
 @dataclass
@@ -70,50 +61,6 @@ class _GAN:
     run: torch.nn.Module
     opt: torch.optim.AdamW
     sched: torch.optim.lr_scheduler.ExponentialLR
-
-
-def _drop_rows_after(path: Path, step: int) -> None:
-    """Keep the rows of ``metrics.jsonl`` up to ``step`` (the run resumes there, so the later ones come
-    again); a last line a crash cut short is dropped too."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    with atomic_write(path, "w") as f:
-        f.writelines(kept)
-
-
-class Logger:
-    """JSONL always; TensorBoard when installed. Rank 0 only. Rows (and TensorBoard events) after
-    ``step``, where the run starts, are dropped: a resumed run logs them again."""
-
-    def __init__(self, folder: Path, step: int):
-        _drop_rows_after(folder / "metrics.jsonl", step)
-        self.jsonl = open(folder / "metrics.jsonl", "a")
-        self.tb: Any = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=step + 1)
-        except ImportError:
-            pass
-
-    def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        self.jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            for key, value in metrics.items():
-                self.tb.add_scalar(f"{split}/{key}", value, step)
-
-    def close(self) -> None:
-        self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
 
 
 def discriminate(disc: torch.nn.Module, fake: torch.Tensor,
@@ -227,133 +174,123 @@ def train(config: TrainConfig, save_path: str | Path, max_steps: int | None = No
     (:mod:`audiotok.train.stopping` has the rule). SIGTERM and SIGINT stop it after the current step,
     with a checkpoint, and raise :class:`~audiotok.train.stopping.TrainingInterrupted`.
     ``resume_from`` starts a new run at ``save_path`` from a state export (:func:`import_state`).
+    The loop, its logs and checkpoints are the run harness's (:mod:`audiotok.train.harness`).
 
     Returns the last logged training metrics.
     """
     if init_from is not None and resume_from is not None:
         raise ValueError("init_from and resume_from exclude each other: a run starts from one or the other")
-    limit = None if time_limit is None else parse_duration(time_limit)
-    with StopControl(limit) as stop:
-        metrics = _train(config, Path(save_path), max_steps, init_from, device, resume_from, stop)
-    stop.raise_if_interrupted()
-    return metrics
+    with stop_control(time_limit) as stop:
+        env, dev, batch_per_rank = init_training(device, config.train.batch_size)
+        if resume_from is not None:
+            if env.is_main:
+                import_state(resume_from, save_path, config)
+            barrier(env)
+        run = Run(save_path, config.train, max_steps, env, stop, log)
+        if run.found is not None:
+            _check_resume(config, run.found, init_from)
+        task = _CodecTask(config, run, dev, batch_per_rank, None if run.found else init_from)
+        return run.train(task, config.to_dict(), batch_per_rank, milestones=config.train.milestones)
 
 
-def _train(config: TrainConfig, save_path: Path, max_steps: int | None, init_from: str | None, device: str | None,
-           resume_from: str | Path | None, stop: StopControl) -> dict[str, Any]:
-    """:func:`train`'s body, with the stop conditions of ``stop``."""
-    from ..data import DataConfig, ResidentBatches
+def _check_resume(config: TrainConfig, found: tuple[Path, dict[str, Any]], init_from: str | None) -> None:
+    """Refuse a resume whose settings do not fit the run's; a fine-tune keeps the architecture of the model
+    it started from (``config.model`` becomes the run's)."""
+    folder, state = found
+    saved = state.get("config")
+    if not saved:
+        return
+    if init_from is not None:
+        config.model = DACConfig.from_dict({**saved["model"], "quantizer_dropout": config.model.quantizer_dropout})
+    compared = codec_resume_settings(config.loss.gan and "discriminator" in state)
+    check_resumable(saved, config.to_dict(), folder, compared, CODEC_RESUME_MAY_CHANGE,
+                    "Resume with the run's settings, or start a new --save-path (with --init-from to keep its weights)")
 
-    env, dev, batch_per_rank = init_training(device, config.train.batch_size)
-    if resume_from is not None:
-        if env.is_main:
-            import_state(resume_from, save_path, config)
-        barrier(env)
-    loop, weights = config.train, config.loss
-    end = min(loop.num_iters, max_steps or loop.num_iters)
 
-    # -- state: fresh, fine-tuned, or resumed -------------------------------------------------
-    found = newest_checkpoint(save_path)  # the newest complete checkpoint, whatever a crash interrupted
-    if found is not None:
-        folder, state = found
-        saved = state.get("config")
-        if init_from is not None and saved:  # a fine-tune has the architecture of the model it started from
-            config.model = DACConfig.from_dict({**saved["model"], "quantizer_dropout": config.model.quantizer_dropout})
-        if saved:
-            compared = codec_resume_settings(weights.gan and "discriminator" in state)
-            check_resumable(saved, config.to_dict(), folder, compared, CODEC_RESUME_MAY_CHANGE,
-                            "Resume with the run's settings, or start a new --save-path (with --init-from to keep "
-                            "its weights)")
-    torch.manual_seed(loop.seed)  # the same initial networks on every rank and every run
-    generator = build_generator(config, None if found else init_from).to(dev)
-    use_fused_snake(generator, loop.fused_snake)
-    trainable = trainable_parameters(generator, loop.freeze)
-    for part in loop.freeze:
-        getattr(generator, part).requires_grad_(False)
-    b1, b2 = config.optim.betas
-    opt_g = torch.optim.AdamW(trainable, lr=config.optim.lr, betas=(b1, b2))
-    sched_g = torch.optim.lr_scheduler.ExponentialLR(opt_g, config.optim.gamma)
-    gan = None  # no GAN (mel + VQ losses only): no discriminator at all
-    if weights.gan:
-        discriminator = config.discriminator.build(config.model.sample_rate).to(dev)
-        opt_d = torch.optim.AdamW(discriminator.parameters(), lr=config.optim.lr, betas=(b1, b2))
-        gan = _GAN(discriminator, DDP(discriminator) if env.enabled else discriminator, opt_d,
-                   torch.optim.lr_scheduler.ExponentialLR(opt_d, config.optim.gamma))
-    data_config = DataConfig.from_dict({**config.data, "sample_rate": config.model.sample_rate})
-    dataset: ExcerptDataset | ResidentBatches
-    if data_config.resident:  # every record decoded once onto the device; batches cut there
-        dataset = data_config.resident_batches(dev, batch_per_rank, env.rank, env.world_size)
-    else:
-        dataset = data_config.train_dataset(env.rank, env.world_size, block_size=batch_per_rank)
-    step, best = 0, math.inf
-    if found is not None:
-        generator.load_state_dict(state["generator"])
-        opt_g.load_state_dict(state["opt_g"])
-        sched_g.load_state_dict(state["sched_g"])
-        if gan is not None and "discriminator" in state:
-            gan.discriminator.load_state_dict(state["discriminator"])
-            gan.opt.load_state_dict(state["opt_d"])
-            gan.sched.load_state_dict(state["sched_d"])
-        elif gan is not None:  # a GAN stage continuing a run trained without one
+class _CodecTask:
+    """The codec's part of a run (a :class:`~audiotok.train.harness.Task`): the networks, optimizers and
+    data, built and resumed from ``run.found``, and the GAN step. Rank 0 shows a few validation excerpts as
+    audio and mel images in TensorBoard at each validation (inputs once per launch)."""
+
+    train_shown: Sequence[str] = MAIN_LOSSES
+    validation_shown: Mapping[str, str] = {"mel_distance": "{:.4f}", "stft_distance": "{:.4f}", "si_sdr": "{:.2f} dB",
+                                           "codebook_utilization": "{:.3f}"}
+    best_metric = "mel_distance"
+
+    def __init__(self, config: TrainConfig, run: Run, dev: torch.device, batch_per_rank: int, init_from: str | None):
+        from ..data import DataConfig, ResidentBatches
+
+        self.config, self.dev, self.batch_per_rank, self.name = config, dev, batch_per_rank, run.save_path.name
+        env, loop, weights = run.env, config.train, config.loss
+        torch.manual_seed(loop.seed)  # the same initial networks on every rank and every run
+        self.generator = build_generator(config, init_from).to(dev)
+        use_fused_snake(self.generator, loop.fused_snake)
+        self.trainable = trainable_parameters(self.generator, loop.freeze)
+        for part in loop.freeze:
+            getattr(self.generator, part).requires_grad_(False)
+        b1, b2 = config.optim.betas
+        self.opt_g = torch.optim.AdamW(self.trainable, lr=config.optim.lr, betas=(b1, b2))
+        self.sched_g = torch.optim.lr_scheduler.ExponentialLR(self.opt_g, config.optim.gamma)
+        self.gan = None  # no GAN (mel + VQ losses only): no discriminator at all
+        if weights.gan:
+            discriminator = config.discriminator.build(config.model.sample_rate).to(dev)
+            opt_d = torch.optim.AdamW(discriminator.parameters(), lr=config.optim.lr, betas=(b1, b2))
+            self.gan = _GAN(discriminator, DDP(discriminator) if env.enabled else discriminator, opt_d,
+                            torch.optim.lr_scheduler.ExponentialLR(opt_d, config.optim.gamma))
+        data_config = DataConfig.from_dict({**config.data, "sample_rate": config.model.sample_rate})
+        self.dataset: ExcerptDataset | ResidentBatches
+        if data_config.resident:  # every record decoded once onto the device; batches cut there
+            self.dataset = data_config.resident_batches(dev, batch_per_rank, env.rank, env.world_size)
+        else:
+            self.dataset = data_config.train_dataset(env.rank, env.world_size, block_size=batch_per_rank)
+        if run.found is not None:
+            self._load(run.found[1])
+        self.gen = DDP(self.generator) if env.enabled else self.generator
+
+        self.mel_loss = MelSpectrogramLoss(config.model.sample_rate, weights.mel_window_lengths, weights.mel_n_mels,
+                                           clamp_eps=weights.mel_clamp_eps, pow=weights.mel_pow,
+                                           mag_weight=weights.mel_mag_weight).to(dev)
+        self.stft_loss = MultiScaleSTFTLoss(weights.stft_window_lengths).to(dev)
+        self.complex_loss = None if weights.complex_stft <= 0 else ComplexSTFTLoss(
+            weights.complex_stft_window_lengths, weights.complex_stft_pow, weights.complex_stft_mag_weight).to(dev)
+        self.autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=loop.bf16)
+
+        self.val_set = data_config.validation_set() if env.is_main and data_config.val_groups else []
+        self.media_set = media_excerpts(self.val_set)  # the excerpts shown in TensorBoard
+        self.mel_image: MelImage | None = None
+        self.inputs_due = True
+        self.audio_per_step = batch_per_rank * env.world_size * data_config.duration  # seconds a step trains on
+        n_gen = sum(p.numel() for p in self.generator.parameters())
+        n_disc = sum(p.numel() for p in self.gan.discriminator.parameters()) if self.gan else 0
+        self.n_params = n_gen + n_disc
+        self.description = f"generator {n_gen / 1e6:.2f}M, discriminator {n_disc / 1e6:.2f}M parameters"
+        self.validation_size = len(self.val_set) + len(self.media_set)
+        self.generator.train()
+        # last, once nothing can fail: workers that end with this process and leave SIGTERM and SIGINT to it
+        loader = self.dataset if isinstance(self.dataset, ResidentBatches) else DataLoader(
+            self.dataset, batch_size=batch_per_rank, num_workers=loop.num_workers,
+            persistent_workers=loop.num_workers > 0, worker_init_fn=worker_init(ignore_stop_signals=True))
+        self.batches = iter(loader)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's training state."""
+        self.generator.load_state_dict(state["generator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        if self.gan is not None and "discriminator" in state:
+            self.gan.discriminator.load_state_dict(state["discriminator"])
+            self.gan.opt.load_state_dict(state["opt_d"])
+            self.gan.sched.load_state_dict(state["sched_d"])
+        elif self.gan is not None:  # a GAN stage continuing a run trained without one
             log.info("the run has no discriminator yet: it starts fresh at step %d", state["step"])
-        dataset.load_state_dict(state["data"])
-        step, best = state["step"], state["best"]
-    gen = DDP(generator) if env.enabled else generator
+        self.dataset.load_state_dict(state["data"])
 
-    mel_loss = MelSpectrogramLoss(config.model.sample_rate, weights.mel_window_lengths, weights.mel_n_mels,
-                                  clamp_eps=weights.mel_clamp_eps, pow=weights.mel_pow,
-                                  mag_weight=weights.mel_mag_weight).to(dev)
-    stft_loss = MultiScaleSTFTLoss(weights.stft_window_lengths).to(dev)
-    complex_loss = ComplexSTFTLoss(weights.complex_stft_window_lengths, weights.complex_stft_pow,
-                                   weights.complex_stft_mag_weight).to(dev) if weights.complex_stft > 0 else None
-    loader = dataset if isinstance(dataset, ResidentBatches) else DataLoader(
-        dataset, batch_size=batch_per_rank, num_workers=loop.num_workers, persistent_workers=loop.num_workers > 0,
-        worker_init_fn=worker_init())  # workers end with this process, even when it is killed
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=loop.bf16)
-
-    logger: Logger | None = None
-    val_set = None
-    if env.is_main:
-        save_path.mkdir(parents=True, exist_ok=True)
-        (save_path / "config.yml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        logger = Logger(save_path, step)
-        if data_config.val_groups:
-            val_set = data_config.validation_set()
-        log.info("%s at step %d of %d; generator %.2fM, discriminator %.2fM parameters; %d rank(s) x batch %d",
-                 f"resuming from {found[0]}" if found else "starting", step, end,
-                 sum(p.numel() for p in generator.parameters()) / 1e6,
-                 sum(p.numel() for p in gan.discriminator.parameters()) / 1e6 if gan else 0.0,
-                 env.world_size, batch_per_rank)
-
-    def checkpoint(improved: bool, milestone: bool) -> None:
-        state = {"generator": generator.state_dict(), "opt_g": opt_g.state_dict(), "sched_g": sched_g.state_dict(),
-                 "data": dataset.state_dict(consumed=step * batch_per_rank), "step": step, "best": best,
-                 "config": config.to_dict()}
-        if gan is not None:
-            state.update(discriminator=gan.discriminator.state_dict(), opt_d=gan.opt.state_dict(),
-                         sched_d=gan.sched.state_dict())
-        inference = Checkpoint(config.model, generator.state_dict(), save_path.name)
-        save_checkpoint(save_path, state, lambda folder: save_folder(inference, folder), best=improved,
-                        milestone=milestone)
-
-    # -- the loop -------------------------------------------------------------------------------
-    # rank 0 shows: a console line per logged step (no progress bar: the line has the step, speed and eta),
-    # and in TensorBoard at each validation a few excerpts as audio and mel images (inputs once per launch)
-    audio_per_step = batch_per_rank * env.world_size * data_config.duration  # seconds of audio a step trains on
-    media_set = media_excerpts(val_set or [])  # the excerpts shown in TensorBoard
-    mel_image = MelImage(config.model.sample_rate) if media_set and getattr(logger, "tb", None) is not None else None
-    metrics: dict[str, float] = {}
-    batches = iter(loader)
-    started, first_step, inputs_due = time.perf_counter(), step, True
-    nets = [generator] + ([gan.discriminator] if gan else [])
-    n_params = sum(p.numel() for net in nets for p in net.parameters())  # saved as fp32 weights, 2 moments, a copy
-    stop.start(checkpoint_bytes=16 * n_params, validation_excerpts=len(val_set or ()) + len(media_set))
-    generator.train()
-    while step < end:
-        torch.manual_seed(_step_seed(loop.seed, env.rank, step))
-        x = next(batches).to(dev, non_blocking=True)  # [B, 1, N]
+    def step(self, logged: bool) -> dict[str, float]:
+        """The discriminator's step on the detached reconstruction, then the generator's."""
+        config, gan, weights, autocast = self.config, self.gan, self.config.loss, self.autocast
+        x = next(self.batches).to(self.dev, non_blocking=True)  # [B, 1, N]
         with autocast:
-            y, q = gen(x)
+            y, q = self.gen(x)
 
         out: dict[str, torch.Tensor] = {}
         if gan is not None:  # discriminator step on the detached reconstruction
@@ -367,11 +304,11 @@ def _train(config: TrainConfig, save_path: Path, max_steps: int | None, init_fro
             gan.sched.step()
 
         with autocast:  # generator step
-            out["mel"] = mel_loss(y, x)
-            out["stft"] = stft_loss(y, x)
+            out["mel"] = self.mel_loss(y, x)
+            out["stft"] = self.stft_loss(y, x)
             out["waveform"] = torch.nn.functional.l1_loss(y.float(), x.float())
-            if complex_loss is not None:
-                out["complex_stft"] = complex_loss(y, x)
+            if self.complex_loss is not None:
+                out["complex_stft"] = self.complex_loss(y, x)
             out["commitment"] = q.commitment_loss
             out["codebook"] = q.codebook_loss
             if gan is not None:  # gradients for y only: the unwrapped discriminator, its weights held fixed
@@ -383,54 +320,40 @@ def _train(config: TrainConfig, save_path: Path, max_steps: int | None, init_fro
             out["loss"] = sum(getattr(weights, k) * out[k] for k in
                               ("mel", "waveform", "complex_stft", "commitment", "codebook", "adversarial", "feature")
                               if k in out)
-        opt_g.zero_grad(set_to_none=True)
+        self.opt_g.zero_grad(set_to_none=True)
         out["loss"].backward()
-        out["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainable, config.optim.clip_generator)
-        opt_g.step()
-        sched_g.step()
-        step += 1
+        out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, config.optim.clip_generator)
+        self.opt_g.step()
+        self.sched_g.step()
+        if not logged:
+            return {}
+        return {**{k: float(v.detach()) for k, v in out.items()}, "lr": float(self.sched_g.get_last_lr()[0])}
 
-        if logger is not None:  # rank 0
-            if step % loop.log_every == 0 or step == end:
-                metrics = {k: float(v.detach()) for k, v in out.items()}
-                metrics["lr"] = float(sched_g.get_last_lr()[0])
-                metrics["steps_per_s"] = (step - first_step) / max(time.perf_counter() - started, 1e-9)
-                logger.write(step, "train", metrics)
-                log.info("%s", train_line(step, end, {k: metrics[k] for k in MAIN_LOSSES if k in metrics},
-                                          metrics["lr"], metrics["steps_per_s"],
-                                          f"{duration(step * audio_per_step)} audio"))
-            improved = False
-            if val_set and step % loop.valid_every == 0:
-                with stop.timed("validate"):
-                    val = validate(generator, val_set, mel_loss, stft_loss, dev)
-                    if mel_image is not None:
-                        write_reconstructions(logger.tb, generator, media_set, step, mel_image, inputs_due, dev)
-                        inputs_due = False
-                logger.write(step, "val", val)
-                improved = val["mel_distance"] < best
-                best = min(best, val["mel_distance"])
-                log.info("step %d validation | mel_distance %.4f%s | stft_distance %.4f | si_sdr %.2f dB | "
-                         "codebook_utilization %.3f", step, val["mel_distance"], " (best)" if improved else "",
-                         val["stft_distance"], val["si_sdr"], val["codebook_utilization"])
-            milestone = step in loop.milestones
-            if improved or milestone or step % loop.save_every == 0 or step == end:
-                with stop.timed("save", step):
-                    checkpoint(improved, milestone)
-        if step % loop.save_every == 0 or step == end:
-            barrier(env)
-        if step < end and stop.should_stop(step, env, bool(val_set) and (step + 1) % loop.valid_every == 0):
-            if logger is not None and stop.saved_step != step:  # the checkpoint to resume from
-                with stop.timed("save", step):
-                    checkpoint(False, False)
-            barrier(env)
-            break
+    def validate(self, step: int, writer: Any) -> dict[str, float]:
+        val = validate(self.generator, self.val_set, self.mel_loss, self.stft_loss, self.dev)
+        if writer is not None and self.media_set:
+            self.mel_image = self.mel_image or MelImage(self.config.model.sample_rate)
+            write_reconstructions(writer, self.generator, self.media_set, step, self.mel_image, self.inputs_due,
+                                  self.dev)
+            self.inputs_due = False
+        return val
 
-    if logger is not None:
-        logger.close()
-        best_note = "no validation yet" if math.isinf(best) else (
-            f"best validation mel_distance {best:.4f}, checkpoint {shown((save_path / 'best').resolve())}")
-        log.info("%s", summary_line(step, first_step, time.perf_counter() - started,
-                                    f"{duration(step * audio_per_step)} audio", best_note,
-                                    stop_reason(step, end, loop.num_iters, stop)))
-    shutdown()
-    return metrics
+    def seen(self, step: int) -> str:
+        return f"{duration(step * self.audio_per_step)} audio"
+
+    def data_state(self, step: int) -> dict[str, int]:
+        return self.dataset.state_dict(consumed=step * self.batch_per_rank)
+
+    def state(self) -> dict[str, Any]:
+        state = {"generator": self.generator.state_dict(), "opt_g": self.opt_g.state_dict(),
+                 "sched_g": self.sched_g.state_dict()}
+        if self.gan is not None:
+            state.update(discriminator=self.gan.discriminator.state_dict(), opt_d=self.gan.opt.state_dict(),
+                         sched_d=self.gan.sched.state_dict())
+        return state
+
+    def write(self, folder: Path) -> None:
+        save_folder(Checkpoint(self.config.model, self.generator.state_dict(), self.name), folder)
+
+    def close(self) -> None:
+        stop_workers(self.batches)
