@@ -21,7 +21,7 @@ import torch
 
 from audiotok import AudioTokenizer
 from audiotok.bulk import BulkConfig, InputSpec, record_key, safe_name, tokenize_dataset
-from audiotok.bulk import job as bulk_job
+from audiotok.bulk.writer import PartWriter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -434,16 +434,16 @@ def test_kill_and_resume(corpus, model_dir, folder_job, tmp_path, monkeypatch, k
     cfg = config(spec, out, model_dir, shard_records=2, part_records=4)
     calls = {"n": 0}
     # like a killed process, leave unfinished temporary files behind
-    monkeypatch.setattr(bulk_job.PartWriter, "abort", lambda self: None)
+    monkeypatch.setattr(PartWriter, "abort", lambda self: None)
     if where == "mid-shard":  # dies with a partial temporary shard on disk, after a shard was committed
-        original = bulk_job.PartWriter.add_record
+        original = PartWriter.add_record
 
         def add_record(self, *args):
             if self.shard is not None and self.shard.records and list(out.glob("part-*")):
                 raise Crash()  # a shard is half written, another one is in place
             original(self, *args)
 
-        monkeypatch.setattr(bulk_job.PartWriter, "add_record", add_record)
+        monkeypatch.setattr(PartWriter, "add_record", add_record)
     else:  # dies after a shard file is in place but before the progress file records it
         original = LocalStore.put_file
 

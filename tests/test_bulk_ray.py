@@ -18,7 +18,7 @@ import test_bulk
 from test_bulk import BAD, GOOD, Crash, _recipe, config, write_tars
 
 from audiotok.bulk import InputSpec, tokenize_dataset
-from audiotok.bulk import job as bulk_job
+from audiotok.bulk.writer import PartWriter
 from audiotok.lm import CodeDataset
 
 ray = pytest.importorskip("ray")
@@ -153,14 +153,14 @@ def test_a_job_begun_by_one_engine_is_finished_by_the_other(corpus, model_dir, f
                                                               monkeypatch):
     out = tmp_path / "out"
     spec = InputSpec("folder", str(corpus))
-    original = bulk_job.PartWriter.add_record
+    original = PartWriter.add_record
 
     def add_record(self, *args):  # the torch engine's process dies once a shard is in place
         if list(out.glob("part-*")):
             raise Crash()
         original(self, *args)
 
-    monkeypatch.setattr(bulk_job.PartWriter, "add_record", add_record)
+    monkeypatch.setattr(PartWriter, "add_record", add_record)
     with pytest.raises(Crash):
         tokenize_dataset(config(spec, out, model_dir, **SETTINGS))
     monkeypatch.undo()

@@ -77,7 +77,7 @@ def test_bulk_readers_end_when_the_job_is_killed(tmp_path):
         import sys, time
         from types import SimpleNamespace
         from audiotok.bulk import InputSpec
-        from audiotok.bulk.job import LoaderReads
+        from audiotok.bulk.torch_engine import LoaderReads
         source = InputSpec("folder", sys.argv[1]).build()
         config = SimpleNamespace(num_workers=2, mono=True, min_seconds=0.0)
         job = SimpleNamespace(config=config, source=source, parts=source.partition(10),
@@ -485,8 +485,7 @@ def test_a_truncated_shard_is_an_error_naming_it(tmp_path, tok, fmt, suffix):
 
 
 def test_a_resume_on_a_changed_listing_of_the_same_size_is_refused(tmp_path, model_dir, monkeypatch):
-    from audiotok.bulk import BulkConfig, InputSpec, tokenize_dataset
-    from audiotok.bulk import job as bulk_job
+    from audiotok.bulk import BulkConfig, InputSpec, tokenize_dataset, torch_engine
 
     write_clips(tmp_path / "in", ["a.wav", "b.wav", "c.wav"])
     config = BulkConfig(InputSpec("folder", str(tmp_path / "in")), str(tmp_path / "out"), str(model_dir),
@@ -495,7 +494,7 @@ def test_a_resume_on_a_changed_listing_of_the_same_size_is_refused(tmp_path, mod
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bulk_job, "work", killed)  # the job is planned, then killed
+    monkeypatch.setattr(torch_engine, "work", killed)  # the job is planned, then killed
     with pytest.raises(KeyboardInterrupt):
         tokenize_dataset(config)
     monkeypatch.undo()

@@ -75,7 +75,7 @@ model loaded on its CPU only for its identity), starts ``ray_actors`` encoding a
 each with a CUDA ``device``, default one per GPU of the cluster; else one CPU each, default half
 the cluster's CPUs), waits for them, and writes the manifest. Each actor loads the model on its
 device and is one process of the protocol above, the torch engine's own code
-(:func:`audiotok.bulk.job.work`): it claims parts with the claim files (owner ``host/pid/random`` of
+(:func:`audiotok.bulk.parts.work`): it claims parts with the claim files (owner ``host/pid/random`` of
 the actor's process), encodes them in length-sorted pools and writes shards, progress and done
 markers with the same part writers. So the output (shards, ``.bulk/`` files, manifest but for its
 ``created`` time) is byte for byte the torch engine's, and a job begun by one engine is resumed or
@@ -128,18 +128,10 @@ from ..codedataset import (
     safe_name,
 )
 from .claims import STATE_DIR
+from .encode import encode_items
 from .inputs import Decoded, Failure, InputSpec, PartReader, part_stream, prepare
-from .job import (
-    DTYPES,
-    ENGINES,
-    FORMATS,
-    LAYOUTS,
-    BulkConfig,
-    BulkSummary,
-    default_workers,
-    encode_items,
-    tokenize_dataset,
-)
+from .job import DTYPES, ENGINES, FORMATS, LAYOUTS, BulkConfig, BulkSummary, default_workers
+from .runner import tokenize_dataset
 
 __all__ = [
     "DTYPES",

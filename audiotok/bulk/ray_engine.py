@@ -3,7 +3,7 @@ on a Ray cluster, with the same output (see :mod:`audiotok.bulk`, section "Ray e
 
 The driver (the process that calls :func:`~audiotok.bulk.tokenize_dataset`) plans the job, starts
 encoding actors and waits for them; each actor is one process of the job as the torch engine runs
-it (:func:`~audiotok.bulk.job.work`: claims, part writers, progress, done markers), with its parts
+it (:func:`~audiotok.bulk.parts.work`: claims, part writers, progress, done markers), with its parts
 read by Ray tasks (:class:`RayReads`) instead of DataLoader workers.
 """
 
@@ -28,17 +28,8 @@ from ..io import StorageError
 from ..tokenizer import NOTICE_ENV
 from .claims import default_owner, done_parts
 from .inputs import Bundle, InputSpec, read_bundles
-from .job import (
-    BulkConfig,
-    BulkSummary,
-    Job,
-    build_manifest,
-    load_tokenizer,
-    plan_job,
-    summarize,
-    work,
-    write_manifest,
-)
+from .job import BulkConfig, BulkSummary, Job, build_manifest, load_tokenizer, plan_job, summarize, write_manifest
+from .parts import work
 
 try:
     import ray
@@ -184,7 +175,7 @@ Encoder = ray.remote(_Encoder)
 class RayReads:
     """A Ray task per part read (``num_cpus=1``, anywhere in the cluster), ``max(1, num_workers)`` at
     once, each streaming its part's bundles (:func:`~audiotok.bulk.inputs.read_bundles`) back to the
-    actor (:class:`~audiotok.bulk.job.PartReads`)."""
+    actor (:class:`~audiotok.bulk.parts.PartReads`)."""
 
     def __init__(self, job: Job, pool_seconds: float):
         self.job = job

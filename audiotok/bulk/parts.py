@@ -1,0 +1,241 @@
+"""One process's work on a bulk job: claim parts (:mod:`audiotok.bulk.claims`), have the engine's
+readers read them, encode their records in pools (:mod:`audiotok.bulk.encode`) and write them with a
+part writer per part (:mod:`audiotok.bulk.writer`), until every part of the job is done. Both engines
+run it: in each torch process, in each Ray actor."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..codedataset import dataset_metadata, record_key, sidecar_name
+from ..data.sources import DecodeError, SkipCounter
+from .claims import Claims, Scheduler
+from .encode import encode_items
+from .inputs import Bundle, Decoded, Failure
+from .job import Job
+from .writer import PartWriter
+
+logger = logging.getLogger("audiotok.bulk")
+
+
+class PartReads(Protocol):
+    """How a process reads the parts it claims: :meth:`read` asks for a part from a position;
+    :meth:`next_bundle` returns the next :class:`~audiotok.bulk.inputs.Bundle` of any part asked for
+    (each part's in position order, the last with its ``end``); ``workers`` parts are read at once."""
+
+    workers: int
+
+    def read(self, part: int, start: int) -> None: ...
+
+    def next_bundle(self) -> Bundle: ...
+
+    def close(self) -> None:
+        """Every part asked for was read to its end: stop the readers."""
+
+    def abort(self) -> None:
+        """Stop the readers, parts unfinished."""
+
+
+#: ``reads(job, pool_seconds)``: the readers of an engine (bundles of about ``pool_seconds / (2 * workers)``).
+ReadsFactory = Callable[[Job, float], PartReads]
+
+
+def work(job: Job, owner: str, offset: int, reads: ReadsFactory, progress: bool = False) -> dict[str, Any]:
+    """Claim parts of ``job`` as ``owner`` (trying them in order from ``offset``) and encode them,
+    reading them with ``reads``, until every part of the job is done (by this process or others).
+    Returns what this process did: ``{"records", "seconds", "failures", "loud"}``."""
+    config, tok = job.config, job.tokenizer
+    chunk_seconds, batch_seconds = tok.resolve_seconds(config.chunk_seconds, config.batch_seconds)
+    pool_seconds = config.pool_seconds or max(4 * batch_seconds, 120.0)
+    claims = Claims(job.store, owner, config.lease_seconds)
+    scheduler = Scheduler(job.store, claims, len(job.parts), offset % max(1, len(job.parts)))
+    stats: dict[str, Any] = {"records": 0, "seconds": 0.0, "failures": 0, "loud": 0}
+    if not scheduler.refresh_done():
+        PartLoop(job, scheduler, reads(job, pool_seconds), (batch_seconds, chunk_seconds, pool_seconds), stats,
+                 SkipCounter(f"tokenize {owner}"), progress).run()
+        if stats["loud"]:
+            logger.warning("%d of the %d records coded by this process peak above 1 (a full-scale recording "
+                           "resampled overshoots slightly): their loudest samples are coded clipped",
+                           stats["loud"], stats["records"])
+    return stats
+
+
+class PartLoop:
+    """The loop of :func:`work`, in named steps on its state: :meth:`fill` claims parts and hands them
+    to the readers, :meth:`add` pools the records read, :meth:`flush` encodes the pool and writes it
+    (finishing the parts read to their end), :meth:`renew` keeps the claims, :meth:`abort` gives the
+    parts back when the loop fails."""
+
+    def __init__(self, job: Job, scheduler: Scheduler, reads: PartReads, budgets: tuple[float, float | None, float],
+                 stats: dict[str, Any], reasons: SkipCounter, progress: bool):
+        """``budgets``: the job's ``(batch_seconds, chunk_seconds, pool_seconds)``; ``stats``: what the
+        loop did, added to; ``reasons``: counts the records that failed."""
+        tok, config = job.tokenizer, job.config
+        self.job, self.scheduler, self.claims, self.reads = job, scheduler, scheduler.claims, reads
+        self.batch_seconds, self.chunk_seconds, pool_seconds = budgets
+        self.pool_samples_max = pool_seconds * tok.sample_rate
+        self.metadata = dataset_metadata(tok.identity, tok.config, job.n_quantizers, config.mono)
+        self.sidecar = config.layout == "sidecar"
+        self.stats, self.reasons = stats, reasons
+        self.writers: dict[int, PartWriter] = {}  # claimed parts being read
+        self.dropped: set[int] = set()  # parts another process took over, read to their end and ignored
+        self.pool: list[Decoded | Failure] = []
+        self.pool_samples = 0
+        self.ends: dict[int, int] = {}  # parts read to their end in the pool: their end position
+        self.next_claim = 0.0  # when to look for parts again after a scan found too few
+        self.offered: list[int] = []  # claims written, to be confirmed ``claims.settle`` seconds after ``offered_at``
+        self.offered_at = 0.0
+        self.bar = _progress_bar(progress)
+        self.started = time.perf_counter()
+
+    def run(self) -> None:
+        """Claim parts, have the readers read them and encode them until every part of the job is done."""
+        try:
+            while True:
+                self.fill()
+                if not self.writers and not self.dropped:
+                    if self.wait():
+                        continue
+                    break
+                self.add(self.reads.next_bundle())
+                if self.pool_samples >= self.pool_samples_max or self.ends:
+                    self.flush()
+                if self.claims.renew_due:
+                    self.renew()
+            self.reads.close()
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self.bar.close()
+
+    def fill(self) -> None:
+        """Confirm offered claims that have settled (their parts go to the readers), offer new ones."""
+        config, now = self.job.config, time.time()
+        if self.offered and now >= self.offered_at + self.claims.settle:
+            for part in self.scheduler.confirm(self.offered):
+                url = self.job.parts[part].get("shard", "") if self.sidecar else ""
+                writer = PartWriter(self.scheduler.store, part, config.format, config.shard_records,
+                                    config.shard_frames, self.metadata, tuple(config.input.keep),
+                                    sidecar_name(url) if self.sidecar else None, url)
+                self.writers[part] = writer
+                self.reads.read(part, writer.position)
+            self.offered = []
+        want = self.reads.workers + 1 - len(self.writers) - len(self.dropped)
+        if want > 0 and not self.offered and now >= self.next_claim:
+            self.offered, self.offered_at = self.scheduler.propose(want, set(self.writers) | self.dropped), now
+            if len(self.offered) < want:
+                self.next_claim = now + min(self.claims.lease / 4, 5.0)
+
+    def wait(self) -> bool:
+        """Nothing is being read: wait for offered claims to settle, or for parts other processes hold.
+        ``False`` when every part of the job is done."""
+        if self.offered:
+            time.sleep(max(0.0, self.offered_at + self.claims.settle - time.time()))
+            return True
+        if self.scheduler.refresh_done():
+            return False
+        self.scheduler.wait()  # every part left is claimed by a live process
+        self.next_claim = 0.0
+        return True
+
+    def add(self, bundle: Bundle) -> None:
+        """Pool the records of ``bundle`` (and its part's end, if it is the last)."""
+        self.pool.extend(bundle.items)
+        self.pool_samples += sum(x.audio.numel() for x in bundle.items if isinstance(x, Decoded))
+        if bundle.end is not None:
+            self.ends[bundle.part] = bundle.end
+
+    def renew(self) -> None:
+        """Renew this process's claims; leave the parts another process took over."""
+        for part in self.claims.renew(list(self.writers)):
+            logger.warning("part %d was taken over by another process: leaving it", part)
+            self.writers.pop(part).abort()
+            self.dropped.add(part)
+
+    def flush(self) -> None:
+        """Encode the pool, write its records and failures in part and position order, and finish
+        the parts read to their end."""
+        config, tok = self.job.config, self.job.tokenizer
+        pool = [x for x in self.pool if x.part in self.writers]
+        decoded = [x for x in pool if isinstance(x, Decoded)]
+        results = (encode_items(tok, decoded, self.job.n_quantizers, self.batch_seconds, self.chunk_seconds,
+                                config.mono) if decoded else [])
+        by_item = {id(x): r for x, r in zip(decoded, results)}
+        self.stats["loud"] += sum(float(x.audio.abs().max()) > 1.0 for x in decoded)
+        hours = 0.0
+        for item in sorted(pool, key=lambda x: (x.part, x.position)):
+            result = by_item[id(item)] if isinstance(item, Decoded) else item
+            if isinstance(result, Failure):
+                self.write_failure(result)
+                continue
+            assert isinstance(item, Decoded)  # a Failure item is its own result
+            self.write_record(item, result)
+            hours += item.seconds / 3600
+        self.finish_ended()
+        self.pool, self.pool_samples = [], 0
+        self.show_progress(hours)
+
+    def write_failure(self, failure: Failure) -> None:
+        self.writers[failure.part].add_failure(failure)
+        self.reasons.add(DecodeError(failure.key, failure.reason, failure.detail))
+        self.stats["failures"] += 1
+
+    def write_record(self, item: Decoded, codes: np.ndarray) -> None:
+        writer = self.writers[item.part]
+        sample = writer.sample_key(item.key) if self.sidecar else None
+        meta = {
+            "key": sample if sample is not None else record_key(item.key, item.part, item.position),
+            "source_key": item.key, "num_samples": item.num_samples, "sample_rate": item.sample_rate,
+            "n_frames": int(codes.shape[-1]), "channels": item.channels, "model_id": self.job.tokenizer.model_id,
+            "metadata": item.metadata,
+        }
+        writer.add_record(item.position, meta, codes)
+        self.stats["records"] += 1
+        self.stats["seconds"] += item.seconds
+
+    def finish_ended(self) -> None:
+        """Finish the parts read to their end (publish their last shard and done marker, release the claim)."""
+        for part, end in self.ends.items():
+            if part in self.writers:
+                self.writers[part].finish(end)  # still held if this fails: the claim is released by abort
+                del self.writers[part]
+                self.claims.release(part)
+                self.scheduler.done.add(part)
+            self.dropped.discard(part)
+        if self.ends:
+            self.next_claim = 0.0
+        self.ends.clear()
+
+    def show_progress(self, hours: float) -> None:
+        stats = self.stats
+        rate = stats["seconds"] / 3600 / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{rate:.3g} h/s ({rate * 3600:.3g}x real time), {stats['records']} records, "
+                                 f"{stats['failures']} failed, {len(self.scheduler.done)}/{len(self.job.parts)} parts",
+                                 refresh=False)
+        self.bar.update(hours)
+
+    def abort(self) -> None:
+        """Stop the readers, drop the unfinished shards, and give the parts back at once (a killed
+        process's claims lapse)."""
+        self.reads.abort()
+        for w in self.writers.values():
+            w.abort()
+        for part in [*self.writers, *self.offered]:
+            try:
+                self.claims.release(part)
+            except OSError:
+                pass
+
+
+def _progress_bar(enabled: bool):
+    """Hours of source audio tokenized and the rate in hours of audio per second."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=None, unit="h", desc="tokenize", disable=not enabled, dynamic_ncols=True,
+                bar_format="{desc}: {n:.4f} h of audio [{elapsed}{postfix}]")
