@@ -45,6 +45,29 @@ def to_float_array(audio: AudioLike) -> np.ndarray:
     return audio.astype(np.float32, copy=False)
 
 
+#: Why audio cannot be coded, as :func:`audio_fault` names it (the reason codes that skipped records
+#: and bulk failure records carry), and what each means.
+AUDIO_FAULTS = {"empty": "is empty (no samples)", "nonfinite": "contains NaN or Inf samples"}
+
+
+def audio_fault(audio: np.ndarray) -> str | None:
+    """The one audio validity check: ``"empty"`` when ``audio`` has no samples, ``"nonfinite"`` when
+    any is NaN or Inf, else ``None``. :func:`check_samples` raises on it; readers that skip bad
+    records keep the reason."""
+    if audio.size == 0:
+        return "empty"
+    if not np.isfinite(audio).all():
+        return "nonfinite"
+    return None
+
+
+def check_samples(audio: np.ndarray, name: str) -> None:
+    """``ValueError`` naming ``audio`` (``name``) when :func:`audio_fault` finds a fault."""
+    fault = audio_fault(audio)
+    if fault is not None:
+        raise ValueError(f"{name} {AUDIO_FAULTS[fault]} (shape {tuple(audio.shape)})")
+
+
 def split_clips(audio: AudioInput) -> list[np.ndarray]:
     """Audio ``[T]``, ``[C, T]``, ``[B, C, T]`` or a list of ``[T]``/``[C, T]`` clips -> list of ``[C, T]`` float32.
 
@@ -78,14 +101,11 @@ def split_clips(audio: AudioInput) -> list[np.ndarray]:
         if not clips:
             raise ValueError("audio has an empty batch dimension")
     for i, clip in enumerate(clips):
-        if clip.shape[0] == 0 or clip.shape[-1] == 0:
-            raise ValueError(f"clip {i} is empty (shape {tuple(clip.shape)}); give at least one sample per channel")
+        check_samples(clip, f"clip {i}")
         if clip.shape[0] > clip.shape[1]:
             raise ValueError(
                 f"clip {i} has shape {tuple(clip.shape)}: {clip.shape[0]} channels of {clip.shape[1]} samples. Audio "
                 f"is [C, T] (channels first); this looks like [T, C], as soundfile.read returns it: pass audio.T")
-        if not np.isfinite(clip).all():
-            raise ValueError(f"clip {i} contains NaN or Inf samples; clean the audio before encoding")
         _warn_if_loud(clip, i)
     return clips
 
@@ -497,8 +517,8 @@ def _audio_writer(path: Path, sample_rate: int, channels: int, subtype: str) -> 
         x = x[None] if x.ndim == 1 else x
         if x.ndim != 2 or x.shape[0] != channels:
             raise ValueError(f"{path}: audio to write must be [{channels}, T], got shape {tuple(x.shape)}")
-        if not np.isfinite(x).all():
-            raise ValueError(f"{path}: audio contains NaN or Inf samples")
+        if x.size:  # a stream may write empty blocks
+            check_samples(x, f"{path}: audio")
         if subtype.startswith("PCM"):
             x = np.clip(x, -1.0, 1.0)
         with storage_errors(path, errors):

@@ -1,7 +1,7 @@
 """Running an iterator ahead in a background thread, so host work overlaps the device's.
 
-The encoder loop (:meth:`audiotok.AudioTokenizer.run_plan`, the bulk job's
-:func:`audiotok.bulk.encode_items`) pads and stacks the next batch while the model runs on the
+The encoder loop (:meth:`audiotok.AudioTokenizer.run_plan`, and for the bulk job
+:meth:`~audiotok.AudioTokenizer.encode_each`) pads and stacks the next batch while the model runs on the
 current one: the model's kernels release the GIL, and the padding is memory copies that mostly do too.
 """
 

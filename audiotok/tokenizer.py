@@ -461,6 +461,56 @@ class AudioTokenizer:
         return EncodedAudio(codes, torch.tensor(plan.frames[::plan.channels]), torch.tensor(plan.num_samples),
                             plan.sample_rate, self.identity)
 
+    def encode_each(self, clips: list[np.ndarray], n_quantizers: int | None = None, *,
+                    chunk_seconds: float | None = None,
+                    batch_seconds: float | None = None) -> list[torch.Tensor | Exception]:
+        """Codes ``[K, F]`` of each clip (``[T]`` float32 at :attr:`sample_rate`), or what encoding it raised.
+
+        Whole clips are grouped by the batch planner (:func:`audiotok.segments.make_batches` under
+        :meth:`frame_budgets`) and each group is encoded as :meth:`encode` runs it (exact padded and
+        chunked encoding), the next group planned and padded in a background thread while the model
+        runs the current one. A group that fails (out of memory, odd inputs) is retried clip by clip."""
+        results: dict[int, torch.Tensor | Exception] = {}
+        frames = [self.num_frames(len(c)) for c in clips]
+        max_frames = self.frame_budgets(chunk_seconds, batch_seconds)[1]
+        groups = [[s.item for s in batch] for batch in make_batches(plan_segments(frames, None, (0, 0)), max_frames)]
+
+        def plan(group: list[int]) -> EncodePlan:
+            return self.plan_encode([clips[j] for j in group], self.sample_rate, n_quantizers,
+                                    chunk_seconds=chunk_seconds, batch_seconds=batch_seconds, pad=True)
+
+        def planned() -> Iterator[tuple[list[int], EncodePlan | Exception]]:
+            for group in groups:
+                try:
+                    yield group, plan(group)
+                except Exception as e:  # noqa: BLE001 - the group's failure, handled where it is run
+                    yield group, e
+
+        def run(group: list[int], ready: EncodePlan | Exception) -> None:
+            if isinstance(ready, Exception):
+                raise ready
+            enc = self.run_plan(ready)
+            for b, j in enumerate(group):
+                results[j] = enc.codes[b, :, : int(enc.lengths[b])]
+
+        with contextlib.closing(prefetch(planned())) as ahead:
+            for group, ready in ahead:
+                try:
+                    run(group, ready)
+                    continue
+                except Exception as e:  # noqa: BLE001 - retried clip by clip below
+                    if isinstance(e, torch.cuda.OutOfMemoryError):
+                        torch.cuda.empty_cache()
+                    if len(group) == 1:
+                        results[group[0]] = e
+                        continue
+                for j in group:
+                    try:
+                        run([j], plan([j]))
+                    except Exception as e:  # noqa: BLE001
+                        results[j] = e
+        return [results[j] for j in range(len(clips))]
+
     def check_codec(self, codec: CodecIdentity | None, holds: str, allow_other_weights: bool = False,
                     override: str = "") -> None:
         """Raise :class:`~audiotok.identity.CodecMismatch` unless codes that ``codec`` wrote mean to this

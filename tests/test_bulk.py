@@ -809,3 +809,23 @@ def test_a_job_resumed_with_other_weights_is_refused(corpus, tmp_path):
     AudioTokenizer.from_config("tiny-44khz", seed=1).save_pretrained(model)
     with pytest.raises(ValueError, match="other settings.*codes_fingerprint"):
         tokenize_dataset(cfg)
+
+
+def test_encode_items_failures_and_the_systematic_error(tok, monkeypatch):
+    from audiotok.bulk.encode import encode_items
+    from audiotok.bulk.inputs import Decoded
+    rng = np.random.default_rng(1)
+    items = [Decoded(0, i, f"k{i}", torch.from_numpy(rng.uniform(-0.5, 0.5, (2, 2000 + 100 * i)).astype(np.float32)),
+                     2000, tok.sample_rate, 2) for i in range(4)]
+    good = encode_items(tok, items, 2, 10.0, None, mono=False)
+    assert [r.shape for r in good] == [(2, 2, tok.num_frames(2000 + 100 * i)) for i in range(4)]
+    assert all(r.dtype == np.uint16 for r in good)
+    monkeypatch.setattr(tok, "encode_each", lambda clips, *a, **k: [
+        RuntimeError(f"clip {j}") if j in (2, 3) else torch.zeros(2, 7, dtype=torch.long) for j in range(len(clips))])
+    out = encode_items(tok, items, 2, 10.0, None, mono=False)
+    assert isinstance(out[0], np.ndarray) and out[0].shape == (2, 2, 7)
+    assert (out[1].key, out[1].reason, out[1].detail) == ("k1", "encode", "RuntimeError: clip 2")  # its first error
+    monkeypatch.setattr(tok, "encode_each", lambda clips, *a, **k: [RuntimeError("gpu")] * len(clips))
+    assert all(r.reason == "encode" for r in encode_items(tok, items[:3], 2, 10.0, None, mono=False))  # 6 clips
+    with pytest.raises(RuntimeError, match="encoding failed for all 8 clips of a pool"):
+        encode_items(tok, items, 2, 10.0, None, mono=False)

@@ -276,3 +276,34 @@ def test_encode_takes_paths_of_audio_files(tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"notes\.txt: cannot read audio file") as error:
         tok.encode(str(tmp_path / "notes.txt"))
     assert "\n" not in str(error.value)
+
+
+def test_encode_each_returns_codes_or_the_error_per_clip(tok, monkeypatch):
+    rng = np.random.default_rng(0)
+    clips = [rng.uniform(-0.5, 0.5, n).astype(np.float32) for n in (3000, 900, 5000, 2000)]
+    whole = tok.encode_each(clips, 3, batch_seconds=10.0)
+    for clip, codes in zip(clips, whole):
+        assert torch.equal(codes, tok.encode(clip, tok.sample_rate, 3).codes[0, :, :codes.shape[-1]])
+        assert codes.shape == (3, tok.num_frames(len(clip)))
+    run_plan, bad = tok.run_plan, clips[2]
+
+    def failing(plan, progress=False):  # a group holding the bad clip fails, so does the bad clip alone
+        if any(len(x) == len(bad) for x in plan.items):
+            raise RuntimeError("boom")
+        return run_plan(plan, progress)
+
+    monkeypatch.setattr(tok, "run_plan", failing)
+    out = tok.encode_each(clips, 3, batch_seconds=10.0)
+    assert isinstance(out[2], RuntimeError) and str(out[2]) == "boom"
+    for j in (0, 1, 3):  # retried clip by clip after their group failed
+        assert torch.equal(out[j], whole[j])
+
+
+def test_invalid_audio_is_named_with_its_reason():
+    from audiotok.audio import audio_fault, check_samples
+    assert audio_fault(np.zeros((1, 0), np.float32)) == "empty"
+    assert audio_fault(np.array([[0.0, np.inf]], np.float32)) == "nonfinite"
+    assert audio_fault(np.zeros((2, 3), np.float32)) is None
+    with pytest.raises(ValueError, match=r"x.wav: audio contains NaN or Inf samples \(shape \(1, 2\)\)"):
+        check_samples(np.array([[np.nan, 0.0]], np.float32), "x.wav: audio")
+    check_samples(np.zeros((1, 3), np.float32), "fine")

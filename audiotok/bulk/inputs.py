@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from ..audio import AUDIO_EXTENSIONS, to_model_rate
+from ..audio import AUDIO_EXTENSIONS, audio_fault, to_model_rate
 from ..codedataset import check_metadata_fields
 from ..data.config import build_sources
 from ..data.sources import AudioSource, DecodeError, Record
@@ -245,11 +245,12 @@ def prepare(part: int, position: int, item: Record | DecodeError, sample_rate: i
         audio = to_model_rate(item.audio, item.sample_rate, sample_rate, mono)
     except Exception as e:  # soxr errors on odd rates
         return Failure(part, position, item.key, "resample", f"{type(e).__name__}: {e}")
-    if audio.shape[-1] == 0:
+    fault = audio_fault(audio)
+    if fault == "empty":
         return Failure(part, position, item.key, "short",
                        f"{num_samples} samples at {item.sample_rate} Hz leave none at {sample_rate} Hz")
-    if not np.isfinite(audio).all():
-        return Failure(part, position, item.key, "nonfinite", "after resampling")
+    if fault is not None:
+        return Failure(part, position, item.key, fault, "after resampling")
     return Decoded(part, position, item.key, torch.from_numpy(np.ascontiguousarray(audio)), num_samples,
                    item.sample_rate, channels, item.metadata)
 

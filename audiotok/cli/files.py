@@ -19,6 +19,7 @@ from ..audio import (
     audio_writer,
     check_resample_ratio,
     check_sample_rate,
+    check_samples,
     check_subtype,
     find_files,
     load_audio,
@@ -136,10 +137,7 @@ def _read_input(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """An audio file's float32 ``[C, T]`` samples and rate; ``ValueError`` naming the file for unreadable or
     empty audio and NaN / Inf samples."""
     audio, sample_rate = load_audio(path)
-    if audio.shape[1] == 0:
-        raise ValueError(f"{path}: empty audio file (0 samples)")
-    if not np.isfinite(audio).all():
-        raise ValueError(f"{path}: audio contains NaN or Inf samples")
+    check_samples(audio, f"{path}: audio")
     return audio, sample_rate
 
 

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..audio import downmix, resample
+from ..audio import audio_fault, downmix, resample
 from ..workers import die_with_parent
 from .dataset import SourceGroup, mixture
 from .sources import AudioSource, DecodeError
@@ -92,8 +92,9 @@ def decode_record(source: AudioSource, index: int, sample_rate: int) -> tuple[np
     Raises :class:`DecodeError` when it is unusable."""
     record = source.load(index)
     audio = resample(downmix(record.audio), record.sample_rate, sample_rate)[0]
-    if audio.size == 0:
-        raise DecodeError(record.key, "empty", f"no samples at {sample_rate} Hz")
+    fault = audio_fault(audio)
+    if fault is not None:
+        raise DecodeError(record.key, fault, f"at {sample_rate} Hz")
     return quantize(audio)
 
 

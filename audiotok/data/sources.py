@@ -40,7 +40,15 @@ from typing import Any
 
 import numpy as np
 
-from ..audio import AUDIO_EXTENSIONS, FFMPEG_EXTENSIONS, find_files, load_audio, read_audio_bytes, to_float_array
+from ..audio import (
+    AUDIO_EXTENSIONS,
+    FFMPEG_EXTENSIONS,
+    audio_fault,
+    find_files,
+    load_audio,
+    read_audio_bytes,
+    to_float_array,
+)
 from ..urls import glob_url, is_url, list_url, local_path, scheme, url_to_fs
 from .transforms import ArrayClip, Clip
 
@@ -112,10 +120,9 @@ def check_audio(key: str, audio: np.ndarray, sample_rate: int) -> Record:
         audio = audio[None]
     if audio.ndim != 2:
         raise DecodeError(key, "decode", f"audio has shape {audio.shape}, expected [T] or [C, T]")
-    if audio.size == 0:
-        raise DecodeError(key, "empty")
-    if not np.isfinite(audio).all():
-        raise DecodeError(key, "nonfinite")
+    fault = audio_fault(audio)
+    if fault is not None:
+        raise DecodeError(key, fault)
     if int(sample_rate) <= 0:
         raise DecodeError(key, "decode", f"sample rate {sample_rate}")
     return Record(key, audio, int(sample_rate))
