@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 
-def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def snake(x: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x + 1/(alpha + 1e-9) * sin(alpha * x)**2``; x ``[B, C, T]``, alpha ``[1, C, 1]``.
 
     Same operation order as the reference implementations, so eager results match them bit for bit.
     Without autograd (inference), the same operations run in place on one buffer: bit-identical, and
-    about 1.4x faster on CPU, where Snake's passes over memory are half the encoder's time.
+    about 1.4x faster on CPU, where Snake's passes over memory are half the encoder's time. That
+    buffer is ``out`` when given (a spent tensor of x's shape, overwritten), else a new one in the
+    layout of ``x``: on CPU, fresh memory costs a page fault per 4 KiB written.
     """
     if torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
         return x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
-    out = torch.sin(alpha * x)
-    return out.pow_(2).mul_((alpha + 1e-9).reciprocal()).add_(x)
+    out = torch.mul(alpha, x, out=out)
+    return out.sin_().pow_(2).mul_((alpha + 1e-9).reciprocal()).add_(x)
 
 
 @functools.cache
@@ -39,12 +43,13 @@ class Snake1d(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1, channels, 1))
         self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``: a spent tensor of x's shape that inference may overwrite with the result (see :func:`snake`)."""
         if self.fused:
             # A view, not the Parameter itself: Dynamo keeps parameter shapes static, which would
             # recompile the kernel for every channel count.
             return fused_snake()(x, self.alpha.view(self.alpha.shape))
-        return snake(x, self.alpha)
+        return snake(x, self.alpha, out)
 
 
 def use_fused_snake(module: nn.Module, enabled: bool = True) -> None:
@@ -55,7 +60,55 @@ def use_fused_snake(module: nn.Module, enabled: bool = True) -> None:
             sub.fused = enabled
 
 
-def wn_conv1d(*args, **kwargs) -> nn.Conv1d:
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """The values of ``x`` ``[B, C, T]``, stored as ``[B, T, C]`` (no copy when they already are)."""
+    return x.mT.contiguous().mT
+
+
+class Conv1d(nn.Conv1d):
+    """``nn.Conv1d`` with a channels-last mode (:func:`use_channels_last`): input and output stored
+    as ``[B, T, C]``, run as a 2-D convolution on ``[B, C, 1, T]`` in NHWC, oneDNN's native layout
+    on CPU. That saves reordering the activations into and out of oneDNN's blocked layout (1.4 to
+    1.5x faster for the 44.1 kHz decoder's 96 to 384 channel layers on a 2-core Xeon; slower below
+    about 16 channels). Values equal the channels-first ones within float rounding, not bit for bit.
+    Zero padding only.
+    """
+
+    channels_last = False
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not self.channels_last:
+            return super()._conv_forward(input, weight, bias)
+        return F.conv2d(to_channels_last(input).unsqueeze(2), weight.unsqueeze(2), bias, (1, self.stride[0]),
+                        (0, cast(tuple[int], self.padding)[0]), (1, self.dilation[0]), self.groups).squeeze(2)
+
+
+class ConvTranspose1d(nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` with the channels-last mode of :class:`Conv1d` (1.2 to 3x faster for
+    the 44.1 kHz decoder's upsampling layers on CPU)."""
+
+    channels_last = False
+
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if not self.channels_last or output_size is not None:
+            return super().forward(input, output_size)
+        padding = cast(tuple[int], self.padding)[0]
+        return F.conv_transpose2d(to_channels_last(input).unsqueeze(2), self.weight.unsqueeze(2), self.bias,
+                                  (1, self.stride[0]), (0, padding), (0, self.output_padding[0]), self.groups,
+                                  (1, self.dilation[0])).squeeze(2)
+
+
+def use_channels_last(module: nn.Module, enabled: bool = True) -> None:
+    """Switch every :class:`Conv1d` and :class:`ConvTranspose1d` below ``module`` to channels-last.
+
+    Snake and the residual additions keep their input's layout, so a whole stack of these
+    convolutions then runs channels-last, with one copy at its input."""
+    for sub in module.modules():
+        if isinstance(sub, (Conv1d, ConvTranspose1d)):
+            sub.channels_last = enabled
+
+
+def wn_conv1d(*args, **kwargs) -> Conv1d:
     """A ``Conv1d`` with a trainable weight-norm parametrization (g, v) on its weight.
 
     Initialised as the reference trains: PyTorch's default weights and a zero bias. (The reference
@@ -64,25 +117,30 @@ def wn_conv1d(*args, **kwargs) -> nn.Conv1d:
     the encoder's output ~1000x at 32 channels; Adam then moves the biases past the signal within
     a few hundred steps and every codebook collapses to one code.)
     """
-    conv = nn.Conv1d(*args, **kwargs)
+    conv = Conv1d(*args, **kwargs)
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
     return weight_norm(conv, dim=0)
 
 
-def wn_conv_transpose1d(*args, **kwargs) -> nn.ConvTranspose1d:
+def wn_conv_transpose1d(*args, **kwargs) -> ConvTranspose1d:
     """A ``ConvTranspose1d`` with a trainable weight-norm parametrization on its weight; PyTorch's
     default init, bias included, as in the reference (its init touches ``Conv1d`` only)."""
-    return weight_norm(nn.ConvTranspose1d(*args, **kwargs), dim=0)
+    return weight_norm(ConvTranspose1d(*args, **kwargs), dim=0)
 
 
-def pointwise_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+def pointwise_conv(conv: Conv1d, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """A kernel-size-1 ``conv`` applied as one batched GEMM with the bias fused:
-    ``[B, C, T]`` -> ``[B, O, T]``. On CPUs this is 1.3 to 2.6x faster than the convolution path."""
+    ``[B, C, T]`` -> ``[B, O, T]``, written to ``out`` when given (not with autograd). On CPUs this is
+    1.3 to 2.6x faster than the channels-first convolution path; as fast as the convolution in
+    channels-last mode, whose layout it keeps."""
     if conv.bias is None:
         raise ValueError("pointwise_conv needs a convolution with a bias")
-    weight = conv.weight[:, :, 0]
-    return torch.baddbmm(conv.bias[None, :, None].to(x.dtype), weight.expand(x.shape[0], -1, -1), x)
+    weight = conv.weight[:, :, 0].expand(x.shape[0], -1, -1)
+    if conv.channels_last:  # [B, T, C] @ [C, O] -> [B, T, O]
+        out_t = None if out is None else out.mT
+        return torch.baddbmm(conv.bias.to(x.dtype), to_channels_last(x).mT, weight.mT, out=out_t).mT
+    return torch.baddbmm(conv.bias[None, :, None].to(x.dtype), weight, x, out=out)
 
 
 def fold_weight_norm(module: nn.Module) -> nn.Module:

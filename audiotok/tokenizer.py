@@ -30,7 +30,7 @@ from .config import DACConfig
 from .distributed import DistEnv
 from .hub import names_bundled_model, resolve
 from .identity import CodecIdentity
-from .layers import use_fused_snake
+from .layers import use_channels_last, use_fused_snake
 from .model import DAC, context_frames
 from .prefetch import prefetch
 from .segments import Segment, make_batches, plan_segments
@@ -243,7 +243,8 @@ class AudioTokenizer:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
            decoder_dtype: torch.dtype | None = None) -> AudioTokenizer:
         """Move the model to ``device`` and/or cast it to ``dtype`` (the decoder to ``decoder_dtype``
-        if given, else to ``dtype``), in place."""
+        if given, else to ``dtype``), in place. On CPU the decoder runs channels-last (faster there,
+        see :func:`~audiotok.layers.use_channels_last`)."""
         if dtype is not None:
             self.dtype, self.decoder_dtype = dtype, decoder_dtype
         elif decoder_dtype is not None:
@@ -252,6 +253,7 @@ class AudioTokenizer:
             self.device = torch.device(device)
         self.model.to(self.device, self.dtype)
         self.model.decoder.to(dtype=self.decoder_dtype or self.dtype)
+        use_channels_last(self.model.decoder, self.device.type == "cpu")
         for module in self.model.decoder.float32_tail():  # half precision there adds a noise floor
             module.float()
         return self

@@ -58,3 +58,38 @@ class PeakMemory:
             self.running = False
             self.thread.join()
             self.bytes = max(self.peak, self._rss()) - self.base
+
+
+def profile_summary(fn, device: torch.device, title: str, rows: int = 15) -> str:
+    """One call of ``fn`` (after a warm-up) under ``torch.profiler``, as text: wall time, the device's
+    busy time (the union of its kernel and copy intervals) and idle share, synchronizations and
+    host-device copies, then the top ops by device time (CUDA) and by host time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        sync()
+        wall = time.perf_counter() - start
+    events = prof.events()
+    busy, end = 0.0, float("-inf")  # the union of device intervals, in microseconds
+    for lo, hi in sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA):
+        busy += max(0.0, hi - max(lo, end))
+        end = max(end, hi)
+    counts = {name: sum(name in e.name for e in events if e.device_type == DeviceType.CPU)
+              for name in ("Synchronize", "cudaMemcpy", "aten::_local_scalar_dense")}
+    averages = prof.key_averages()
+    lines = [f"## {title}", f"wall {wall * 1e3:.1f} ms; host (CPU) self time in ops "
+             f"{sum(e.self_cpu_time_total for e in averages) / 1e3:.1f} ms (profiler overhead included)"]
+    if device.type == "cuda":
+        lines.append(f"device busy {busy / 1e3:.1f} ms, idle {100 * max(0.0, 1 - busy / 1e6 / wall):.0f}% of the wall "
+                     f"time; synchronize calls {counts['Synchronize']}, cudaMemcpy* calls {counts['cudaMemcpy']}, "
+                     f"scalar reads to the host {counts['aten::_local_scalar_dense']}")
+        lines += ["", "### top ops by device time", averages.table(sort_by="self_device_time_total", row_limit=rows)]
+    lines += ["", "### top ops by host time", averages.table(sort_by="self_cpu_time_total", row_limit=rows)]
+    return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import randomize_
 
-from audiotok import DAC, DACConfig
+from audiotok import DAC, AudioTokenizer, DACConfig
 from audiotok.config import PRESETS
 
 TINY = ["tiny-44khz", "tiny-24khz", "tiny-16khz"]
@@ -257,3 +257,59 @@ def test_decoder_tail_stays_float32_under_autocast():
         y, _ = model(torch.randn(1, 1, 2048))
     assert seen == {"first": torch.bfloat16, "last block": torch.float32, "output": torch.float32}
     assert y.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference reuses no buffers here
+        assert model(torch.randn(1, 1, 2048))[0].dtype == torch.float32
+
+
+def test_residual_unit_inference_path_is_bit_identical_to_the_autograd_path():
+    """Without autograd a residual unit writes into its spent buffers, in either layout: the same bits."""
+    from audiotok.layers import fold_weight_norm, use_channels_last
+    from audiotok.model import ResidualUnit
+
+    torch.manual_seed(0)
+    unit = fold_weight_norm(ResidualUnit(16, 3))
+    with torch.no_grad():
+        unit.snake1.alpha.uniform_(0.5, 2.0)
+    for channels_last in (False, True):
+        use_channels_last(unit, channels_last)
+        x = torch.randn(2, 16, 301)
+        reference = unit(x.clone().requires_grad_(), [301, 200]).detach()
+        with torch.inference_mode():
+            assert torch.equal(unit(x, [301, 200]), reference)
+
+
+@pytest.mark.parametrize("decoder_rates", [[4, 4, 2, 2, 2, 1], [5, 3]])  # with a stride-1 stage; odd strides
+def test_channels_last_decoder_matches_channels_first(decoder_rates):
+    """In channels-last mode every decoder convolution reads and writes [B, T, C] memory (one copy, of
+    the latents), and the audio equals the channels-first decoder's within float rounding, padded
+    batches included. A CPU tokenizer uses it for the decoder only: the encoder and quantizer keep
+    their channels-first path (their codes must equal the reference's bit for bit)."""
+    from audiotok.layers import use_channels_last
+
+    def is_channels_last(x):  # [B, C, T] stored as [B, T, C]
+        return x.shape[1] > 1 and x.shape[2] > 1 and x.stride(1) == 1
+
+    config = DACConfig(encoder_dim=4, encoder_rates=[2, 4, 4, 4] if len(decoder_rates) > 2 else [3, 5],
+                       decoder_dim=64, decoder_rates=decoder_rates, n_codebooks=2, codebook_size=16, codebook_dim=2)
+    torch.manual_seed(0)
+    model = randomize_(DAC(config).fold_weight_norm().eval())
+    z = torch.randn(2, config.latent_dim, 9)
+    layouts = []
+    for module in model.decoder.modules():
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)) and module.out_channels > 1:
+            module.register_forward_hook(lambda m, inputs, out: layouts.append((is_channels_last(inputs[0]),
+                                                                                is_channels_last(out))))
+    with torch.inference_mode():
+        channels_first = model.decode(z.clone(), lengths=[9, 6])
+        assert not any(i or o for i, o in layouts)
+        layouts.clear()
+        use_channels_last(model.decoder)
+        channels_last = model.decode(z.clone(), lengths=[9, 6])
+    assert [o for _, o in layouts] == [True] * len(layouts)
+    assert [i for i, _ in layouts] == [False] + [True] * (len(layouts) - 1)  # one copy, at the input
+    assert channels_first.abs().mean() > 0.05
+    torch.testing.assert_close(channels_last, channels_first, rtol=0, atol=1e-5)
+    use_channels_last(model, False)
+    AudioTokenizer(model)
+    modes = {(name.split(".")[0], m.channels_last) for name, m in model.named_modules() if hasattr(m, "channels_last")}
+    assert modes == {("encoder", False), ("quantizer", False), ("decoder", True)}
