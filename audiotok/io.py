@@ -18,7 +18,6 @@ the input, and the same command run again once the storage works picks up where 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from collections.abc import Iterator
@@ -135,9 +134,3 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) 
         tmp.unlink(missing_ok=True)
         raise
 
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` with :func:`atomic_write`."""
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
