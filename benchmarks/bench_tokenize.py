@@ -13,7 +13,9 @@ on the same files, each stage alone in the main process and the whole job:
 * ``end to end``: ``audiotok.bulk.tokenize_dataset`` (reading, decoding and resampling in
   ``--num-workers`` DataLoader workers, encoding and writing in the main process), with the encoder's
   busy share of the wall time and its idle time between forward passes: what the job waits on when
-  the encoder is not busy (reading and decoding, padding, writing).
+  the encoder is not busy (reading and decoding, padding, writing);
+* ``steady state``: the end to end job from the end of its first encoder call to the end of its last
+  (start-up, the first pool and batch, and compilation left out), counting the audio of the later calls.
 
 Rates are in hours of audio per hour of wall time (and times real time); ``share`` is each stage's part
 of the stages' sum. The model is the bottleneck when ``encode`` is most of the sum and the end to end
@@ -69,17 +71,17 @@ def make_corpus(root: Path, minutes: float, file_seconds: float, seed: int = 0) 
         n += 1
 
 
-def encoder_calls(tok: AudioTokenizer, sync) -> list[tuple[float, float]]:
-    """Wrap ``tok.model.encode`` to record each call's ``(start, end)`` (device work synchronized at
-    the end: the loop waits for the codes right after anyway); returns the list it fills."""
-    calls: list[tuple[float, float]] = []
+def encoder_calls(tok: AudioTokenizer, sync) -> list[tuple[float, float, int]]:
+    """Wrap ``tok.model.encode`` to record each call's ``(start, end, samples given)`` (device work
+    synchronized at the end: the loop waits for the codes right after anyway); returns the list it fills."""
+    calls: list[tuple[float, float, int]] = []
     encode = tok.model.encode
 
-    def recorded(*args, **kwargs):
+    def recorded(audio, *args, **kwargs):
         start = time.perf_counter()
-        out = encode(*args, **kwargs)
+        out = encode(audio, *args, **kwargs)
         sync()
-        calls.append((start, time.perf_counter()))
+        calls.append((start, time.perf_counter(), audio.numel()))
         return out
 
     tok.model.encode = recorded
@@ -173,7 +175,7 @@ def main() -> None:
         assert summary.records == len(files) and summary.failures == 0, summary
         del tok.model.encode
         gaps = np.array([b[0] - a[1] for a, b in zip(calls, calls[1:])] or [0.0])
-        busy = sum(b - a for a, b in calls)
+        busy = sum(end - start for start, end, _ in calls)
 
     print(f"## bulk tokenization: {name} ({tok.sample_rate} Hz, {tok.n_codebooks} codebooks), {args.dtype}"
           f"{' compile' if args.compile else ''} on {args.device}")
@@ -191,6 +193,10 @@ def main() -> None:
           f"between calls: median {1e3 * np.median(gaps):.1f} ms, mean {1e3 * gaps.mean():.1f} ms, max "
           f"{1e3 * gaps.max():.1f} ms ({gaps.sum():.2f} s in all; the rest of the wall time is before the first call, "
           f"reading the first pool, and after the last, writing)")
+    if len(calls) > 1:  # the audio after the first call, over the time from its end to the last call's end
+        steady = (1 - calls[0][2] / sum(c[2] for c in calls)) * seconds / (calls[-1][1] - calls[0][1])
+        print(f"steady state (from the end of the first encoder call to the end of the last): {steady:.1f}x real "
+              f"time, {steady:.1f} h of audio per hour")
 
 
 if __name__ == "__main__":
