@@ -327,13 +327,14 @@ class CodeFile(_CodeInfo):
 
     @classmethod
     def from_encoded(cls, tokenizer: AudioTokenizer, encoded: EncodedAudio, index: int | Sequence[int] = 0,
-                     channels: int = 1) -> CodeFile:
+                     channels: int | None = None) -> CodeFile:
         """The codes of item ``index`` of ``encoded`` (cropped to its valid frames).
 
         ``encoded.codes`` is ``[B, K, F]`` (one coded channel per item) or ``[B, C, K, F]`` (channels
         coded one by one). With ``[B, K, F]``, ``index`` may also be a list of items of equal length,
         one per coded channel (for audio whose channels were encoded as a batch of clips).
-        ``channels`` is the channel count of the original audio file.
+        ``channels`` is the channel count of the original audio file (default: the number of items in
+        ``index`` when it lists several, else what ``encoded.channels`` records for the item, else 1).
         """
         tokenizer.check_encoded(encoded, allow_other_weights=True)
         tokenizer.identity.check_codes_of(encoded.codec, "EncodedAudio holds")  # the file names its writer: this one
@@ -351,6 +352,9 @@ class CodeFile(_CodeInfo):
             codes = encoded.codes[int(indices[0]), :, :, : frames.pop()]
         else:
             codes = encoded.codes[[int(i) for i in indices], :, : frames.pop()]
+        if channels is None:
+            known = encoded.channels is not None and len(indices) == 1
+            channels = int(encoded.channels[int(indices[0])]) if known else len(indices)  # type: ignore[index]
         config = tokenizer.config
         return cls(
             codes=codes, codec=tokenizer.identity, sample_rate=config.sample_rate, hop_length=config.hop_length,
@@ -364,7 +368,7 @@ class CodeFile(_CodeInfo):
 
         c, _, f = self.codes.shape
         return EncodedAudio(self.codes.clone(), torch.full((c,), f), torch.full((c,), self.num_samples),
-                            self.source_sample_rate, self.codec)
+                            self.source_sample_rate, self.codec, torch.full((c,), 1 if c > 1 else self.channels))
 
     # -- properties ------------------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ class EncodedAudio:
         sample_rate: rate of the audio that was encoded (before resampling to the model rate).
         codec: the model that wrote the codes (``None`` when unknown): :meth:`AudioTokenizer.decode`
             refuses codes of another model.
+        channels: ``[B]`` channel count of each input clip before any downmix (``None`` when unknown).
     """
 
     codes: torch.Tensor
@@ -79,6 +80,7 @@ class EncodedAudio:
     num_samples: torch.Tensor
     sample_rate: int
     codec: CodecIdentity | None = None
+    channels: torch.Tensor | None = None
 
     def to(self, device: str | torch.device) -> EncodedAudio:
         return dataclasses.replace(self, codes=self.codes.to(device))
@@ -96,9 +98,11 @@ class EncodePlan:
         items: the clips (one per coded channel) at the model rate, ``[T]`` float32 each.
         batches: the forward passes: segments of ``items`` (:func:`audiotok.segments.make_batches`).
         frames: code frames per item.
-        num_samples, sample_rate, channels: of the input clips, as :class:`EncodedAudio` has them.
+        num_samples, sample_rate: of the input clips, as :class:`EncodedAudio` has them.
+        channels: coded channels per clip (1 when ``mono``).
         n_quantizers: codebooks coded.
         mono: channels averaged (codes ``[B, K, F]``), else coded one by one (``[B, C, K, F]``).
+        input_channels: each input clip's channel count before any downmix.
         inputs: the passes' padded inputs made ahead (:meth:`AudioTokenizer.padded_inputs`), or ``None``.
     """
 
@@ -110,6 +114,7 @@ class EncodePlan:
     channels: int
     n_quantizers: int
     mono: bool
+    input_channels: list[int]
     inputs: list[tuple[torch.Tensor, list[int]]] | None = None
 
 
@@ -350,15 +355,15 @@ class AudioTokenizer:
         return out
 
     def _prepare(self, audio: audio_utils.AudioInput, sample_rate: int | list[int],
-                 mono: bool) -> tuple[list[np.ndarray], list[int], int, int]:
-        """-> (items ``[T]`` at the model rate, sample counts, the rate they count at, channels per clip).
+                 mono: bool) -> tuple[list[np.ndarray], list[int], int, list[int]]:
+        """-> (items ``[T]`` at the model rate, sample counts, the rate they count at, each clip's channels).
 
         ``sample_rate``: one rate, or one per clip; clips of mixed rates are counted at the model rate."""
         clips = audio_utils.split_clips(audio)
         rates = sample_rate if isinstance(sample_rate, list) else [sample_rate] * len(clips)
-        channels = {c.shape[0] for c in clips}
-        if not mono and len(channels) > 1:
-            raise ValueError(f"with mono=False every clip needs the same channel count, got {sorted(channels)}")
+        channels = [c.shape[0] for c in clips]
+        if not mono and len(set(channels)) > 1:
+            raise ValueError(f"with mono=False every clip needs the same channel count, got {sorted(set(channels))}")
         items: list[np.ndarray] = []
         resampled: list[int] = []
         for i, (clip, rate) in enumerate(zip(clips, rates)):
@@ -366,8 +371,8 @@ class AudioTokenizer:
             items.extend(clip)
             resampled.append(clip.shape[-1])
         if len(set(rates)) == 1:
-            return items, [c.shape[-1] for c in clips], rates[0], 1 if mono else channels.pop()
-        return items, resampled, self.sample_rate, 1 if mono else channels.pop()
+            return items, [c.shape[-1] for c in clips], rates[0], channels
+        return items, resampled, self.sample_rate, channels
 
     @torch.inference_mode()
     def encode(self, audio: audio_utils.AudioInput, sample_rate: int | None = None, n_quantizers: int | None = None,
@@ -423,7 +428,8 @@ class AudioTokenizer:
         chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
         frames = [self.num_frames(len(x)) for x in items]
         batches = make_batches(plan_segments(frames, chunk, context_frames(self.config)["encoder"]), max_frames)
-        plan = EncodePlan(items, batches, frames, num_samples, rate, channels, n_quantizers, mono)
+        plan = EncodePlan(items, batches, frames, num_samples, rate, 1 if mono else channels[0], n_quantizers, mono,
+                          channels)
         if pad:
             plan.inputs = list(self.padded_inputs(plan))
         return plan
@@ -461,7 +467,7 @@ class AudioTokenizer:
         if not plan.mono:
             codes = codes.reshape(len(plan.num_samples), plan.channels, *codes.shape[1:])
         return EncodedAudio(codes, torch.tensor(plan.frames[::plan.channels]), torch.tensor(plan.num_samples),
-                            plan.sample_rate, self.identity)
+                            plan.sample_rate, self.identity, torch.tensor(plan.input_channels))
 
     def encode_each(self, clips: list[np.ndarray], n_quantizers: int | None = None, *,
                     chunk_seconds: float | None = None,

@@ -8,6 +8,7 @@ import struct
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -307,6 +308,24 @@ def test_per_channel_items(tok):
     assert torch.equal(CodeFile.from_encoded(tok, per_channel, index=0, channels=2).codes, cf.codes)
     with pytest.raises(ValueError, match="single item"):
         CodeFile.from_encoded(tok, per_channel, index=[0, 0], channels=2)
+
+
+def test_channels_recorded_without_being_told(tmp_path, tok):
+    """The file records the source's channel count from the encoding: a stereo file mixed to mono,
+    coded per channel, or listed item by item, and a code file's own round trip."""
+    rng = np.random.default_rng(2)
+    stereo = rng.uniform(-0.5, 0.5, (2, 4000)).astype(np.float32)
+    sf.write(tmp_path / "stereo.wav", stereo.T, 44100, subtype="FLOAT")
+    mixed = tok.encode(tmp_path / "stereo.wav")
+    assert mixed.channels.tolist() == [2]
+    cf = CodeFile.from_encoded(tok, mixed)
+    assert (cf.shape[0], cf.channels) == (1, 2)
+    assert CodeFile.from_encoded(tok, cf.to_encoded()).channels == 2
+    assert CodeFile.from_encoded(tok, tok.encode(stereo, 44100, mono=False)).channels == 2
+    items = CodeFile.from_encoded(tok, tok.encode([stereo[0:1], stereo[1:2]], 44100), index=[0, 1])
+    assert (items.shape[0], items.channels) == (2, 2)
+    assert CodeFile.from_encoded(tok, items.to_encoded(), index=[0, 1]).channels == 2
+    assert CodeFile.from_encoded(tok, tok.encode([stereo, stereo[0]], 44100), index=1).channels == 1
 
 
 def test_wrong_hash_is_refused(tmp_path, tok):

@@ -149,9 +149,9 @@ def _encode_audio(tokenizer: AudioTokenizer, path: str | os.PathLike, audio: np.
         if per_channel and channels > 1:
             encoded = tokenizer.encode([audio[c: c + 1] for c in range(channels)], sample_rate, n_quantizers,
                                        progress=progress)
-            return CodeFile.from_encoded(tokenizer, encoded, list(range(channels)), channels)
+            return CodeFile.from_encoded(tokenizer, encoded, list(range(channels)))
         encoded = tokenizer.encode(audio, sample_rate, n_quantizers, progress=progress)
-        return CodeFile.from_encoded(tokenizer, encoded, 0, channels)
+        return CodeFile.from_encoded(tokenizer, encoded, 0)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
 
