@@ -13,7 +13,10 @@ on the same files, each stage alone in the main process and the whole job:
 * ``end to end``: ``audiotok.bulk.tokenize_dataset`` (reading, decoding and resampling in
   ``--num-workers`` DataLoader workers, encoding and writing in the main process), with the encoder's
   busy share of the wall time and its idle time between forward passes: what the job waits on when
-  the encoder is not busy (reading and decoding, padding, writing);
+  the encoder is not busy (reading and decoding, padding, writing; the shards of a pool are written
+  while the next is encoded). ``--store-latency`` makes each file written to the output wait first,
+  like an upload to an object store, and ``--part-records`` sets how many files a part (a shard
+  published, a done marker) has;
 * ``steady state``: the end to end job from the end of its first encoder call to the end of its last
   (start-up, the first pool and batch, and compilation left out), counting the audio of the later calls.
 
@@ -26,6 +29,7 @@ rate is close to ``encode``'s.
     python benchmarks/bench_tokenize.py --model descript/dac_44khz --device cuda --dtype bf16 --compile \\
         --minutes 60 --num-workers 8 --batch-seconds 600
     python benchmarks/bench_tokenize.py --preset 44khz                    # random weights, 44.1 kHz architecture
+    python benchmarks/bench_tokenize.py --preset tiny-44khz --part-records 2 --store-latency 0.2  # a remote store
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from audiotok.audio import AUDIO_EXTENSIONS, downmix, find_files, read_audio_byt
 from audiotok.bulk import DTYPES, BulkConfig, InputSpec, default_workers, tokenize_dataset  # noqa: E402
 from audiotok.codedataset import SHARD_WRITERS, dataset_metadata, record_key  # noqa: E402
 from audiotok.layers import use_fused_snake  # noqa: E402
+from audiotok.store import LocalStore  # noqa: E402
 
 RATES = (44100, 48000, 22050, 16000)
 
@@ -88,6 +93,18 @@ def encoder_calls(tok: AudioTokenizer, sync) -> list[tuple[float, float, int]]:
     return calls
 
 
+def slow_store(seconds: float) -> None:
+    """Make every file the job writes to its output (shards, job files) wait ``seconds`` first."""
+    def slowed(write):
+        def slow(self, *args):
+            time.sleep(seconds)
+            write(self, *args)
+        return slow
+
+    LocalStore.put_file = slowed(LocalStore.put_file)  # type: ignore[method-assign]
+    LocalStore.write_bytes = slowed(LocalStore.write_bytes)  # type: ignore[method-assign]
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -107,6 +124,9 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=default_workers(), help="default: audiotok.bulk.default_workers")
     p.add_argument("--batch-seconds", type=float, nargs="+", help="default per device")
     p.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"])
+    p.add_argument("--part-records", type=int, default=1000, help="files per part of the job")
+    p.add_argument("--store-latency", type=float, default=0.0,
+                   help="seconds each file written to the output waits first (an object store's upload)")
     p.add_argument("--threads", type=int, help="torch intra-op threads of the main process")
     args = p.parse_args()
     if args.threads:
@@ -169,7 +189,10 @@ def main() -> None:
         stages = sum(t for _, t in rows)
 
         cfg = BulkConfig(InputSpec("folder", str(corpus)), str(Path(tmp) / "out"), format=args.format,
-                         num_workers=args.num_workers, batch_seconds=batches[0], progress=False)
+                         num_workers=args.num_workers, batch_seconds=batches[0], part_records=args.part_records,
+                         progress=False)
+        if args.store_latency:
+            slow_store(args.store_latency)
         calls = encoder_calls(tok, sync)
         summary, end_to_end = timed(lambda: tokenize_dataset(cfg, tokenizer=tok))
         assert summary.records == len(files) and summary.failures == 0, summary
@@ -180,7 +203,8 @@ def main() -> None:
     print(f"## bulk tokenization: {name} ({tok.sample_rate} Hz, {tok.n_codebooks} codebooks), {args.dtype}"
           f"{' compile' if args.compile else ''} on {args.device}")
     print(f"{machine(device)}, torch {torch.__version__}; {len(files)} files, {seconds / 60:.1f} min of audio, "
-          f"{args.num_workers} DataLoader workers, {args.format}\n")
+          f"{args.num_workers} DataLoader workers, {args.format}, {args.part_records} files per part, "
+          f"store latency {args.store_latency:g} s\n")
     print("| stage                          | wall (s) | h audio / h |  x real | share |")
     print("|--------------------------------|----------|-------------|---------|-------|")
     for stage, t in rows:

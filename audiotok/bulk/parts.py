@@ -1,19 +1,28 @@
 """One process's work on a bulk job: claim parts (:mod:`audiotok.bulk.claims`), have the engine's
 readers read them, encode their records in pools (:mod:`audiotok.bulk.encode`) and write them with a
 part writer per part (:mod:`audiotok.bulk.writer`), until every part of the job is done. Both engines
-run it: in each torch process, in each Ray actor."""
+run it: in each torch process, in each Ray actor.
+
+The writing runs behind the encoding, in one thread (:class:`~audiotok.prefetch.WriteBehind`): the
+model encodes pool n + 1 while pool n's records are added to their shards and shards, progress files
+and done markers are published. The writes are those of a loop that would write each pool before
+encoding the next, in the same order, so the output is the same bytes; at most two pools are in
+writing at once. A part's claim is given back, and the part counted done, only once its done marker
+is written; a write that fails stops the writing and is raised in the loop, which fails as before."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
 
 from ..codedataset import dataset_metadata, record_key, sidecar_name
 from ..data.sources import DecodeError, SkipCounter
+from ..prefetch import WriteBehind
 from .claims import Claims, Scheduler
 from .encode import encode_items
 from .inputs import Bundle, Decoded, Failure
@@ -41,6 +50,9 @@ class PartReads(Protocol):
         """Stop the readers, parts unfinished."""
 
 
+#: A pool's writes, in order: a failure, or a record's ``(position, fields, codes)``, each with its part's writer.
+Rows = list[tuple[PartWriter, Failure | tuple[int, dict[str, Any], np.ndarray]]]
+
 #: ``reads(job, pool_seconds)``: the readers of an engine (bundles of about ``pool_seconds / (2 * workers)``).
 ReadsFactory = Callable[[Job, float], PartReads]
 
@@ -67,9 +79,10 @@ def work(job: Job, owner: str, offset: int, reads: ReadsFactory, progress: bool 
 
 class PartLoop:
     """The loop of :func:`work`, in named steps on its state: :meth:`fill` claims parts and hands them
-    to the readers, :meth:`add` pools the records read, :meth:`flush` encodes the pool and writes it
-    (finishing the parts read to their end), :meth:`renew` keeps the claims, :meth:`abort` gives the
-    parts back when the loop fails."""
+    to the readers, :meth:`add` pools the records read, :meth:`flush` encodes the pool and hands its
+    writes to the writer thread (finishing the parts read to their end), :meth:`finished` gives back
+    the parts whose done marker it wrote, :meth:`renew` keeps the claims, :meth:`abort` gives the parts
+    back when the loop fails."""
 
     def __init__(self, job: Job, scheduler: Scheduler, reads: PartReads, budgets: tuple[float, float | None, float],
                  stats: dict[str, Any], reasons: SkipCounter, progress: bool):
@@ -82,7 +95,9 @@ class PartLoop:
         self.metadata = dataset_metadata(tok.identity, tok.config, job.n_quantizers, config.mono)
         self.sidecar = config.layout == "sidecar"
         self.stats, self.reasons = stats, reasons
-        self.writers: dict[int, PartWriter] = {}  # claimed parts being read
+        self.writers: dict[int, PartWriter] = {}  # claimed parts being read, or written to their end
+        self.closing: set[int] = set()  # parts of writers read to their end: their done marker is being written
+        self.behind: WriteBehind[list[int]] = WriteBehind(depth=1)  # a pool written, one waiting
         self.dropped: set[int] = set()  # parts another process took over, read to their end and ignored
         self.pool: list[Decoded | Failure] = []
         self.pool_samples = 0
@@ -97,19 +112,23 @@ class PartLoop:
         """Claim parts, have the readers read them and encode them until every part of the job is done."""
         try:
             while True:
+                self.finished(self.behind.results())
                 self.fill()
-                if not self.writers and not self.dropped:
-                    if self.wait():
-                        continue
-                    break
+                if len(self.writers) == len(self.closing) and not self.dropped:  # nothing is being read
+                    if self.closing:
+                        self.finished(self.behind.results(wait=True))
+                    elif not self.wait():
+                        break
+                    continue
                 self.add(self.reads.next_bundle())
                 if self.pool_samples >= self.pool_samples_max or self.ends:
                     self.flush()
                 if self.claims.renew_due:
                     self.renew()
             self.reads.close()
-        except BaseException:
-            self.abort()
+            self.finished(self.behind.close())
+        except BaseException as e:
+            self.abort(e)
             raise
         finally:
             self.bar.close()
@@ -126,7 +145,7 @@ class PartLoop:
                 self.writers[part] = writer
                 self.reads.read(part, writer.position)
             self.offered = []
-        want = self.reads.workers + 1 - len(self.writers) - len(self.dropped)
+        want = self.reads.workers + 1 - len(self.writers) + len(self.closing) - len(self.dropped)
         if want > 0 and not self.offered and now >= self.next_claim:
             self.offered, self.offered_at = self.scheduler.propose(want, set(self.writers) | self.dropped), now
             if len(self.offered) < want:
@@ -154,13 +173,15 @@ class PartLoop:
     def renew(self) -> None:
         """Renew this process's claims; leave the parts another process took over."""
         for part in self.claims.renew(list(self.writers)):
+            if part in self.closing:
+                continue  # being finished: the files are those the process that took it over writes
             logger.warning("part %d was taken over by another process: leaving it", part)
-            self.writers.pop(part).abort()
+            self.finished(self.behind.submit(partial(_drop, self.writers.pop(part))))
             self.dropped.add(part)
 
     def flush(self) -> None:
-        """Encode the pool, write its records and failures in part and position order, and finish
-        the parts read to their end."""
+        """Encode the pool and hand its records and failures, in part and position order, and the
+        end of the parts read to their end, to the writer thread."""
         config, tok = self.job.config, self.job.tokenizer
         pool = [x for x in self.pool if x.part in self.writers]
         decoded = [x for x in pool if isinstance(x, Decoded)]
@@ -168,49 +189,49 @@ class PartLoop:
                                 config.mono) if decoded else [])
         by_item = {id(x): r for x, r in zip(decoded, results)}
         self.stats["loud"] += sum(float(x.audio.abs().max()) > 1.0 for x in decoded)
+        rows: Rows = []
         hours = 0.0
         for item in sorted(pool, key=lambda x: (x.part, x.position)):
             result = by_item[id(item)] if isinstance(item, Decoded) else item
             if isinstance(result, Failure):
-                self.write_failure(result)
+                self.count_failure(result)
+                rows.append((self.writers[item.part], result))
                 continue
             assert isinstance(item, Decoded)  # a Failure item is its own result
-            self.write_record(item, result)
+            rows.append((self.writers[item.part], (item.position, self.record_fields(item, result), result)))
+            self.stats["records"] += 1
+            self.stats["seconds"] += item.seconds
             hours += item.seconds / 3600
-        self.finish_ended()
-        self.pool, self.pool_samples = [], 0
+        ends = [(self.writers[part], end) for part, end in self.ends.items() if part in self.writers]
+        self.closing.update(w.part for w, _ in ends)
+        self.dropped -= set(self.ends)
+        if self.ends:
+            self.next_claim = 0.0
+        self.pool, self.pool_samples, self.ends = [], 0, {}
+        self.finished(self.behind.submit(partial(_write, rows, ends)))
         self.show_progress(hours)
 
-    def write_failure(self, failure: Failure) -> None:
-        self.writers[failure.part].add_failure(failure)
+    def count_failure(self, failure: Failure) -> None:
         self.reasons.add(DecodeError(failure.key, failure.reason, failure.detail))
         self.stats["failures"] += 1
 
-    def write_record(self, item: Decoded, codes: np.ndarray) -> None:
-        writer = self.writers[item.part]
-        sample = writer.sample_key(item.key) if self.sidecar else None
-        meta = {
+    def record_fields(self, item: Decoded, codes: np.ndarray) -> dict[str, Any]:
+        """The record's fields (:data:`~audiotok.codedataset.RECORD_FIELDS` and its kept ``metadata``)."""
+        sample = self.writers[item.part].sample_key(item.key) if self.sidecar else None
+        return {
             "key": sample if sample is not None else record_key(item.key, item.part, item.position),
             "source_key": item.key, "num_samples": item.num_samples, "sample_rate": item.sample_rate,
             "n_frames": int(codes.shape[-1]), "channels": item.channels, "model_id": self.job.tokenizer.model_id,
             "metadata": item.metadata,
         }
-        writer.add_record(item.position, meta, codes)
-        self.stats["records"] += 1
-        self.stats["seconds"] += item.seconds
 
-    def finish_ended(self) -> None:
-        """Finish the parts read to their end (publish their last shard and done marker, release the claim)."""
-        for part, end in self.ends.items():
-            if part in self.writers:
-                self.writers[part].finish(end)  # still held if this fails: the claim is released by abort
-                del self.writers[part]
-                self.claims.release(part)
-                self.scheduler.done.add(part)
-            self.dropped.discard(part)
-        if self.ends:
-            self.next_claim = 0.0
-        self.ends.clear()
+    def finished(self, done: list[list[int]]) -> None:
+        """The parts whose done marker the writer thread wrote (lists of them): give their claims back."""
+        for part in (p for parts in done for p in parts):
+            del self.writers[part]
+            self.closing.discard(part)
+            self.claims.release(part)
+            self.scheduler.done.add(part)
 
     def show_progress(self, hours: float) -> None:
         stats = self.stats
@@ -220,10 +241,15 @@ class PartLoop:
                                  refresh=False)
         self.bar.update(hours)
 
-    def abort(self) -> None:
-        """Stop the readers, drop the unfinished shards, and give the parts back at once (a killed
-        process's claims lapse)."""
+    def abort(self, error: BaseException) -> None:
+        """Stop the readers, let the writer thread end the writes handed to it (unless one failed),
+        drop the unfinished shards, and give the parts back at once (a killed process's claims lapse)."""
         self.reads.abort()
+        try:
+            self.behind.close()
+        except BaseException as e:  # noqa: BLE001 - the loop is failing with ``error`` already
+            if e is not error:
+                logger.warning("writing the output failed too: %s: %s", type(e).__name__, e)
         for w in self.writers.values():
             w.abort()
         for part in [*self.writers, *self.offered]:
@@ -231,6 +257,26 @@ class PartLoop:
                 self.claims.release(part)
             except OSError:
                 pass
+
+
+def _write(rows: Rows, ends: list[tuple[PartWriter, int]]) -> list[int]:
+    """In the writer thread: a pool's ``rows`` in order, then the parts of ``ends`` finished at their end
+    position (their last shard and done marker); returns those parts."""
+    for writer, row in rows:
+        if isinstance(row, Failure):
+            writer.add_failure(row)
+        else:
+            writer.add_record(*row)
+    for writer, end in ends:
+        writer.finish(end)
+    return [writer.part for writer, _ in ends]
+
+
+def _drop(writer: PartWriter) -> list[int]:
+    """In the writer thread, after the writes handed over before: drop the unfinished shard of a part
+    taken over by another process."""
+    writer.abort()
+    return []
 
 
 def _progress_bar(enabled: bool):
