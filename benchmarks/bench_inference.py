@@ -1,10 +1,11 @@
 """Inference speed and memory: audiotok against transformers.DacModel, side by side in one run.
 
 Same weights (random, full-size architecture unless --model is given), same inputs. Prints, for
-encode and decode at each batch size: best wall time, real-time factor (seconds of audio coded
-per second), peak memory growth during the call, and whether the codes equal the reference's.
-The implementations take turns (each round times every one once, after a warm-up round), so load
-that comes and goes on a shared machine falls on all of them alike.
+encode and decode at each batch size: median wall time over the rounds, real-time factor (seconds
+of audio coded per second), peak memory growth during the call, minor page faults per call (fresh
+memory the kernel zero-fills: load-independent, unlike time) and whether the codes equal the
+reference's. The implementations take turns (each round times every one once, after a warm-up
+round), so load that comes and goes on a shared machine falls on all of them alike.
 
     python benchmarks/bench_inference.py                      # CPU, 10 s of 44.1 kHz audio
     python benchmarks/bench_inference.py --device cuda --batch 1 16 --dtype bf16 --compile
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -36,38 +39,43 @@ ENCODE_GFLOP_PER_S = 61.0  # 44.1 kHz encoder, dac-spec.md
 DECODE_GFLOP_PER_S = 137.0
 
 
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def measure(fn, device: torch.device, clock=time.perf_counter):
-    """(seconds, peak bytes, result) of one call."""
+    """(seconds, peak bytes, minor page faults, result) of one call."""
     with PeakMemory(device) as mem:
+        faults = minor_faults()
         start = clock()
         result = fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = clock() - start
-    return seconds, mem.bytes, result
+    return seconds, mem.bytes, minor_faults() - faults, result
 
 
 def time_in_turns(setups: dict, device: torch.device, repeats: int, clock) -> dict:
     """``setups``: name -> a function that readies an implementation and returns its (encode, decode)
     calls. Each round readies and times every implementation in turn, after a warm-up round; returns
-    name -> ((best seconds, peak bytes, result) of encode, the same of decode)."""
-    best: dict = {}
+    name -> ((median seconds, peak bytes, median faults, result) of encode, the same of decode)."""
+    runs: dict = {}
     for round_ in range(repeats + 1):
         for name, setup in setups.items():
             for i, call in enumerate(setup()):
-                t, peak, result = measure(call, device, clock)
-                if round_ == 0:
-                    continue
-                previous = best.setdefault(name, [(float("inf"), 0, None)] * 2)[i]
-                best[name][i] = (min(t, previous[0]), max(peak, previous[1]), result)
-    return best
+                t, peak, faults, result = measure(call, device, clock)
+                if round_ > 0:
+                    runs.setdefault(name, ([], []))[i].append((t, peak, faults, result))
+    return {name: [(statistics.median(t for t, *_ in op), max(p for _, p, *_ in op),
+                    statistics.median(f for *_, f, _ in op), op[-1][-1]) for op in ops]
+            for name, ops in runs.items()}
 
 
-def row(name, op, batch, seconds, t, peak, codes_note, gflop_per_s):
+def row(name, op, batch, seconds, t, peak, faults, codes_note, gflop_per_s):
     rtf = batch * seconds / t
     tflops = gflop_per_s * batch * seconds / t / 1000
     print(f"| {name:<26} | {op:<6} | {batch:>5} | {t:8.3f} | {rtf:8.1f}x | {tflops:7.2f} | {peak / 2**20:9.0f} "
-          f"| {codes_note} |")
+          f"| {faults / 1000:8.0f} | {codes_note} |")
 
 
 def write_profiles(path: Path, reference, ours: AudioTokenizer, x: torch.Tensor, codes: torch.Tensor,
@@ -124,8 +132,9 @@ def main() -> None:
     print(f"## {ours.model_id} ({args.preset}), {seconds:.2f} s clips at {sr} Hz, {machine(device)}, "
           f"torch {torch.__version__}{', process CPU time' if args.cpu_time else ''}, load average "
           f"{os.getloadavg()[0]:.1f}\n")
-    print("| implementation             | op     | batch | time (s) |   x real | TFLOP/s | peak MiB | codes |")
-    print("|----------------------------|--------|-------|----------|----------|---------|----------|-------|")
+    print("| implementation             | op     | batch | time (s) |   x real | TFLOP/s | peak MiB "
+          "| faults k | codes |")
+    print("|----------------------------|--------|-------|----------|----------|---------|----------|----------|-------|")
     default_layout = device.type == "cpu"  # AudioTokenizer's choice: a channels-last decoder on CPU only
     layouts = [default_layout, not default_layout] if args.swap_layout else [default_layout]
     swapped = " dec cl" if not default_layout else " dec cf"
@@ -159,12 +168,12 @@ def main() -> None:
 
         setups = {"transformers fp32": reference_calls}
         setups.update({name: functools.partial(our_calls, *variant) for name, *variant in variants})
-        best = time_in_turns(setups, device, args.repeats, clock)
-        for name, ((t_enc, peak_enc, codes), (t_dec, peak_dec, _)) in best.items():
+        medians = time_in_turns(setups, device, args.repeats, clock)
+        for name, ((t_enc, peak_enc, faults_enc, codes), (t_dec, peak_dec, faults_dec, _)) in medians.items():
             same = (codes == ref_codes).float().mean().item()
             note = "ref" if name == "transformers fp32" else "identical" if same == 1.0 else f"{100 * same:.2f}% equal"
-            row(name, "encode", batch, seconds, t_enc, peak_enc, note, ENCODE_GFLOP_PER_S)
-            row(name, "decode", batch, seconds, t_dec, peak_dec, "", DECODE_GFLOP_PER_S)
+            row(name, "encode", batch, seconds, t_enc, peak_enc, faults_enc, note, ENCODE_GFLOP_PER_S)
+            row(name, "decode", batch, seconds, t_dec, peak_dec, faults_dec, "", DECODE_GFLOP_PER_S)
         ours.to(dtype=torch.float32)
         ours.model.load_state_dict(weights)
         use_fused_snake(ours.model, False)
@@ -177,7 +186,7 @@ def main() -> None:
         print("|-----------|----------|--------|----------------------------------------|")
         for length in args.long:
             x = make_audio(int(length * sr), seed=7)[0]
-            t, peak, _ = measure(lambda: ours.encode(x, sr, chunk_seconds=args.chunk, batch_seconds=args.chunk),
+            t, peak, _, _ = measure(lambda: ours.encode(x, sr, chunk_seconds=args.chunk, batch_seconds=args.chunk),
                                  device)
             print(f"| {length:9.0f} | {t:8.2f} | {length / t:6.1f} | {peak / 2**20:38.0f} |")
 

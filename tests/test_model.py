@@ -225,6 +225,37 @@ def test_fused_snake_matches_eager_forward_and_backward():
             torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_snake_writes_into_the_spent_buffer_without_autograd():
+    """Without autograd the compiled Snake writes into ``out`` when given, as eager Snake does (a
+    fresh buffer per call costs page faults), else into fresh memory of x's layout, in either layout."""
+    from audiotok.layers import Snake1d, snake, to_channels_last, use_fused_snake
+
+    layer = Snake1d(16)
+    use_fused_snake(layer)
+    with torch.no_grad():
+        layer.alpha.uniform_(0.5, 2.0)
+    for x in (torch.randn(2, 16, 8192), to_channels_last(torch.randn(2, 16, 8192))):  # 2^18: fused
+        with torch.inference_mode():
+            out = torch.empty_like(x)
+            y, fresh = layer(x, out=out), layer(x)
+        assert y.data_ptr() == out.data_ptr() and fresh.stride() == x.stride()
+        assert torch.equal(y, fresh)
+        torch.testing.assert_close(y, snake(x, layer.alpha.detach()), rtol=1e-5, atol=1e-5)
+
+
+def test_only_activations_large_enough_to_pay_run_the_compiled_snake(monkeypatch):
+    from audiotok import layers
+
+    calls = []
+    monkeypatch.setattr(layers, "fused_snake", lambda: lambda x, alpha, out=None: calls.append(x.numel()) or x)
+    layer = layers.Snake1d(16)
+    layers.use_fused_snake(layer)
+    small, large = torch.randn(1, 16, layers.FUSED_SNAKE_MIN_ELEMENTS // 16 - 1), torch.randn(2, 16, 8192)
+    with torch.inference_mode():
+        layer(small), layer(large)
+    assert calls == [large.numel()]
+
+
 def test_snake_inference_path_is_bit_identical_to_the_autograd_path():
     """Without autograd Snake works in place on one buffer; values equal the reference order bit for
     bit, and the input is left untouched."""

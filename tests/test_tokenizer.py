@@ -175,6 +175,17 @@ def test_bf16_decoder_keeps_exact_codes():
     assert mixed.model.decoder.conv1.weight.dtype == torch.float32
 
 
+def test_compiled_tokenizer_gives_the_eager_codes():
+    """``compile=True`` (fused Snake, writing into the spent buffers) encodes to eager mode's codes, and
+    decodes to its audio within float rounding (the decoder runs channels-last on CPU)."""
+    eager = random_tokenizer("tiny-24khz")
+    compiled = AudioTokenizer(random_tokenizer("tiny-24khz").model, compile=True)
+    x = make_audio(72000)  # the first encoder block's activations are large enough to be fused
+    enc = eager.encode(x, 24000)
+    assert torch.equal(compiled.encode(x, 24000).codes, enc.codes)
+    torch.testing.assert_close(compiled.decode(enc), eager.decode(enc), rtol=1e-4, atol=1e-5)
+
+
 def _chunks(codes: torch.Tensor, sizes: list[int]):
     start = 0
     for size in sizes:

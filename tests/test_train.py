@@ -350,11 +350,12 @@ def test_fused_snake_option_reaches_every_snake(audio_dir, tmp_path, monkeypatch
 
     calls = []
 
-    def counting(x, alpha):  # stands in for the compiled kernel (tested in test_model.py)
+    def counting(x, alpha, out=None):  # stands in for the compiled kernel (tested in test_model.py)
         calls.append(x.shape[1])
-        return audiotok.layers.snake(x, alpha)
+        return audiotok.layers.snake(x, alpha, out)
 
     monkeypatch.setattr(audiotok.layers, "fused_snake", lambda: counting)
+    monkeypatch.setattr(audiotok.layers, "FUSED_SNAKE_MIN_ELEMENTS", 0)  # every Snake, small ones included
     config = tiny_config(audio_dir, f"train.fused_snake={str(fused).lower()}", "loss.adversarial=0", "loss.feature=0",
                          "train.valid_every=1000", "train.save_every=1000")
     train(config, tmp_path / "run", max_steps=1, device="cpu")
