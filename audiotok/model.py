@@ -240,45 +240,29 @@ class DAC(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Receptive fields, for exact chunked encoding and decoding
-
-_Conv = tuple[int, int, int, int, bool]  # kernel, stride, padding, dilation, transposed
+# Receptive fields, for exact chunked encoding and decoding, read from the built convolutions
 
 
-def _res_units() -> list[_Conv]:
-    return [c for d in (1, 3, 9) for c in ((7, 1, 3 * d, d, False), (1, 1, 0, 1, False))]
-
-
-def _encoder_convs(config: DACConfig) -> list[_Conv]:
-    convs = [(7, 1, 3, 1, False)]
-    for s in config.encoder_rates:
-        convs += _res_units() + [(2 * s, s, math.ceil(s / 2), 1, False)]
-    return convs + [(3, 1, 1, 1, False)]
-
-
-def _decoder_convs(config: DACConfig) -> list[_Conv]:
-    convs = [(7, 1, 3, 1, False)]
-    for s in config.decoder_rates:
-        convs += [(2 * s, s, math.ceil(s / 2), 1, True)] + _res_units()
-    return convs + [(7, 1, 3, 1, False)]
-
-
-def _input_span(convs: list[_Conv], lo: int, hi: int) -> tuple[int, int]:
-    """Input positions that outputs ``lo..hi`` of a conv stack depend on (residual paths are
-    covered, as each unit's conv path spans its identity path)."""
-    for k, s, p, d, transposed in reversed(convs):
-        if transposed:  # output o receives input i when o = i * s - p + j, 0 <= j < k
-            lo, hi = -((-(lo + p - k + 1)) // s), (hi + p) // s
+def input_span(stack: nn.Module, lo: int, hi: int) -> tuple[int, int]:
+    """Input positions that outputs ``lo..hi`` of a conv stack (:class:`Encoder`, :class:`Decoder`)
+    depend on. The stack's convolutions apply in the order they are registered; residual paths are
+    covered, as each unit's conv path spans its identity path."""
+    convs = [m for m in stack.modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))]
+    for conv in reversed(convs):
+        assert not isinstance(conv.padding, str)  # built with integer padding
+        (k,), (s,), (d,), (p,) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+        if isinstance(conv, nn.ConvTranspose1d):  # output o receives input i when o = i * s - p + j * d, 0 <= j < k
+            lo, hi = -((-(lo + p - (k - 1) * d)) // s), (hi + p) // s
         else:
             lo, hi = lo * s - p, hi * s - p + (k - 1) * d
     return lo, hi
 
 
-def context_frames(config: DACConfig) -> dict[str, tuple[int, int]]:
+def context_frames(model: DAC) -> dict[str, tuple[int, int]]:
     """Frames of context (left, right) that the encoder and decoder need around a span of frames
     for its codes / samples to equal those of the whole signal."""
-    hop = config.hop_length
-    lo, hi = _input_span(_encoder_convs(config), 0, 0)  # samples feeding frame 0
+    hop = model.hop_length
+    lo, hi = input_span(model.encoder, 0, 0)  # samples feeding frame 0
     encoder = (-(lo // hop), -(-(hi - hop + 1) // hop))
-    lo, hi = _input_span(_decoder_convs(config), 0, hop - 1)  # frames feeding frame 0's samples
+    lo, hi = input_span(model.decoder, 0, hop - 1)  # frames feeding frame 0's samples
     return {"encoder": encoder, "decoder": (max(0, -lo), max(0, hi))}

@@ -428,7 +428,7 @@ class AudioTokenizer:
         items, num_samples, rate, channels = self._prepare(audio, rates, mono)
         chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
         frames = [self.num_frames(len(x)) for x in items]
-        batches = make_batches(plan_segments(frames, chunk, context_frames(self.config)["encoder"]), max_frames)
+        batches = make_batches(plan_segments(frames, chunk, context_frames(self.model)["encoder"]), max_frames)
         plan = EncodePlan(items, batches, frames, num_samples, rate, 1 if mono else channels[0], n_quantizers, mono,
                           channels)
         if pad:
@@ -609,7 +609,7 @@ class AudioTokenizer:
                      for n, f in zip(encoded.num_samples, encoded.lengths) for _ in range(channels)]
         chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
         audio = torch.zeros(len(frames), max(n_out))
-        segments = plan_segments(frames, chunk, context_frames(self.config)["decoder"])
+        segments = plan_segments(frames, chunk, context_frames(self.model)["decoder"])
         for group in _progress(make_batches(segments, max_frames), progress, "decoding", self.frame_rate):
             size = max(s.size for s in group)
             x = torch.zeros(len(group), codes.shape[1], size, dtype=torch.long)
@@ -631,7 +631,7 @@ class AudioTokenizer:
     def stream_latency_frames(self) -> int:
         """Frames :meth:`decode_stream` waits for after a frame before it can give that frame's audio:
         the decoder's right context (10 frames for every published rate structure)."""
-        return context_frames(self.config)["decoder"][1]
+        return context_frames(self.model)["decoder"][1]
 
     @property
     def stream_latency_ms(self) -> float:
@@ -661,7 +661,7 @@ class AudioTokenizer:
         """
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
-        left, right = context_frames(self.config)["decoder"]
+        left, right = context_frames(self.model)["decoder"]
         hop = self.hop_length
         buffer: torch.Tensor | None = None  # [B, K, n]: frames from `start` on, kept for context
         start = done = 0  # absolute indices: first buffered frame, first frame not yet decoded

@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import make_audio, random_tokenizer
 
-from audiotok.model import _encoder_convs, _input_span, context_frames
+from audiotok.config import DACConfig
+from audiotok.model import DAC, context_frames, input_span
 from audiotok.segments import make_batches, plan_segments
 
 INF = float("inf")
@@ -64,7 +65,7 @@ def test_each_forward_pass_is_bounded_by_the_chunk(tok, monkeypatch):
 
     monkeypatch.setattr(tok.model, "encode", spy)
     tok.encode(make_audio(int(5 * sr)), sr, chunk_seconds=0.5, batch_seconds=0.5)
-    left, right = context_frames(tok.config)["encoder"]
+    left, right = context_frames(tok.model)["encoder"]
     bound = (round(0.5 * tok.frame_rate) + left + right) * hop
     assert len(seen) > 5
     assert max(s[0] * s[-1] for s in seen) <= bound
@@ -87,19 +88,30 @@ def test_per_channel_coding(tok):
         tok.encode([stereo, stereo[0]], sr, mono=False)
 
 
-def test_receptive_field_is_exact():
-    """Samples just outside the computed span leave frame 0's latent unchanged; the edge ones change it."""
-    tok = random_tokenizer("tiny-44khz")
-    lo, hi = _input_span(_encoder_convs(tok.config), 0, 0)
-    hop = tok.hop_length
-    x = torch.from_numpy(make_audio(40 * hop, batch=1, seed=2))
-    frame = 20
+GEOMETRIES = [DACConfig.preset("tiny-24khz"),
+              DACConfig(encoder_dim=2, encoder_rates=[3, 1, 2], decoder_dim=8, decoder_rates=[1, 6], n_codebooks=2,
+                        codebook_size=8, codebook_dim=2)]
+
+
+@pytest.mark.parametrize("config", GEOMETRIES, ids=["tiny-24khz", "odd-and-unit-strides"])
+def test_receptive_field_is_exact(config):
+    """The spans read from the built convolutions, measured: an input just outside the span leaves
+    frame ``f``'s latent (encoder) or samples (decoder) unchanged; the span's edge inputs change them."""
+    model = DAC(config).double().eval()
+    hop, f = model.hop_length, 60  # frame f's inputs lie inside the 2f frames
+    x = torch.randn(1, 1, 2 * f * hop, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    z = torch.randn(1, config.latent_dim, 2 * f, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    cases = [(model.encoder, x, input_span(model.encoder, 0, 0), f * hop, slice(f, f + 1)),
+             (model.decoder, z, input_span(model.decoder, 0, hop - 1), f, slice(f * hop, (f + 1) * hop))]
+    assert all(0 <= at + lo and at + hi < inputs.shape[-1] for _, inputs, (lo, hi), at, _ in cases)
     with torch.inference_mode():
-        ref = tok.model.encoder(x)[..., frame]
-        for offset, changes in [(lo - 1, False), (lo, True), (hi, True), (hi + 1, False)]:
-            y = x.clone()
-            y[..., frame * hop + offset] += 100.0  # large: the edge sample reaches frame 0 through one tap only
-            assert (not torch.equal(tok.model.encoder(y)[..., frame], ref)) == changes, offset
+        for stack, inputs, (lo, hi), at, out in cases:
+            ref = stack(inputs)[..., out]
+            for offset, changes in [(lo - 1, False), (lo, True), (hi, True), (hi + 1, False)]:
+                y = inputs.clone()
+                y[..., at + offset] += 1.0
+                assert (not torch.equal(stack(y)[..., out], ref)) == changes, (type(stack).__name__, offset)
+    assert context_frames(model)["decoder"] == (-lo, hi)  # the decoder's span, in frames
 
 
 def test_segments_partition_every_item():
