@@ -9,6 +9,13 @@ three clips with ``.txt`` sidecars and an unreadable file: ``codes-tar`` mono in
 ``codes-tar`` (``CodePrior(...).save_pretrained``: ``prior-delay``). ``expected.json`` holds what that
 audiotok read from them: each code file's metadata and codes, each dataset's model, codebooks and
 records, the prior's codec, vocabulary and weight sums.
+
+Written by the commit that adds them, before the modules moved into subpackages: a codec training run
+(``train`` of ``recipes/configs/tiny.yml`` for 2 steps on two tones in ``corpus/``, without the GAN, with a
+smaller model: ``train-run``, its ``tensorboard/`` removed) and its state export (``export_state``:
+``train-state.safetensors``). ``expected.json`` holds (under ``training``) what that audiotok read from
+them and from the bundled ``default`` weights: steps, data positions, schedules, configurations, codec
+identities, weight and optimizer-moment sums.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audiotok import CodeDataset, CodeFile
+from audiotok import AudioTokenizer, CodeDataset, CodeFile
 from audiotok.codedataset import SHARD_WRITERS, Manifest
 from audiotok.store import LocalStore
 
@@ -98,3 +105,45 @@ def test_manifests_read_and_written_again_are_the_same(name):
     assert manifest.codec.to_dict() == {k: data[k] for k in ("model_id", "config_hash", "codes_fingerprint")}
     assert (manifest.records, manifest.n_quantizers, manifest.mono, manifest.metadata) == \
         (data["records"], data["n_quantizers"], data["mono"], tuple(data["metadata"]))
+
+
+def _sums(tensors):
+    return {k: round(float(v.double().sum()), 6) for k, v in tensors.items()}
+
+
+def _training_state(state):
+    """What ``expected.json`` records of a training state (see the module docstring), as JSON reads it."""
+    moments = {str(i): [round(float(e[n].double().sum()), 9) for n in ("exp_avg", "exp_avg_sq")] + [float(e["step"])]
+               for i, e in state["opt_g"]["state"].items()}
+    return json.loads(json.dumps({
+        "step": state["step"], "best": str(state["best"]), "data": state["data"], "sched_g": state["sched_g"],
+        "config": state["config"], "generator": _sums(state["generator"]), "moments": moments,
+        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state["opt_g"]["param_groups"]]}))
+
+
+def test_training_checkpoints_and_weights_read_the_same():
+    from audiotok.train.state import newest_checkpoint
+
+    want = EXPECTED["training"]
+    run = FIXTURES / "train-run"
+    folder, state = newest_checkpoint(run)
+    assert {"folder": folder.relative_to(run).as_posix(), **_training_state(state)} == want["checkpoint"]
+    model = AudioTokenizer.from_pretrained(run / "latest")
+    assert (model.identity.to_dict(), model.config.to_dict(), _sums(model.model.state_dict())) == \
+        (want["model"]["codec"], want["model"]["config"], want["model"]["weights"])
+    bundled = AudioTokenizer.from_pretrained("default")
+    assert (bundled.identity.to_dict(), bundled.config.to_dict()) == \
+        (want["bundled"]["codec"], want["bundled"]["config"])
+
+
+def test_state_exports_read_the_same_and_start_a_run(tmp_path):
+    from audiotok.train.config import TrainConfig
+    from audiotok.train.state import load_train_state, read_state_export
+    from audiotok.train.trainer import import_state
+
+    want = EXPECTED["training"]["export"]
+    state = read_state_export(FIXTURES / "train-state.safetensors")
+    assert _training_state(state) == want
+    started = load_train_state(import_state(FIXTURES / "train-state.safetensors", tmp_path / "run",
+                                            TrainConfig.from_dict(state["config"])))
+    assert _training_state(started) == want
