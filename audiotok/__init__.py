@@ -1,10 +1,10 @@
 """audiotok: audio to discrete tokens and back, with the Improved RVQGAN (DAC) codec."""
 
-from .codedataset import CodeDataset
-from .codefile import CodeFile
-from .config import PRESETS, DACConfig
+from .formats.codedataset import CodeDataset
+from .formats.codefile import CodeFile
 from .identity import CodecIdentity
-from .model import DAC
+from .nn.config import PRESETS, DACConfig
+from .nn.model import DAC
 from .tokenizer import AudioTokenizer, EncodedAudio
 
 __version__ = "0.1.0"

@@ -253,7 +253,7 @@ from collections.abc import Callable  # noqa: E402
 from contextlib import AbstractContextManager, contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .io import replace_durably, storage_errors, temp_path  # noqa: E402
+from .utils.io import replace_durably, storage_errors, temp_path  # noqa: E402
 
 #: File extensions :func:`save_audio` writes, and the libsndfile format and default subtype used.
 #: WAV is written as 16-bit PCM, what every player and tool takes (its quantization noise, about
@@ -488,9 +488,9 @@ def audio_writer(path: str | os.PathLike, sample_rate: int, channels: int,
 
     The format follows the extension (see :data:`AUDIO_WRITE_FORMATS`; ``subtype`` overrides the
     default); samples are clipped to [-1, 1] for PCM subtypes; NaN or Inf samples are a ``ValueError``.
-    The file is built at a temporary name beside ``path`` (:func:`audiotok.io.temp_path`) and moved to
+    The file is built at a temporary name beside ``path`` (:func:`audiotok.utils.io.temp_path`) and moved to
     ``path`` only when the block ends without an error: a writer that fails or is killed leaves no
-    partial file at ``path``. A failure of the storage (a full disk) is a :class:`audiotok.io.StorageError`.
+    partial file at ``path``. A failure of the storage (a full disk) is a :class:`audiotok.utils.io.StorageError`.
     """
     path = Path(path)
     ext = path.suffix.lower()

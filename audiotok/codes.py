@@ -51,7 +51,7 @@ def is_integer_dtype(dtype: torch.dtype | np.dtype) -> bool:
 
 def check_fingerprint(value: object, where: str) -> str | None:
     """``value`` unless it is neither ``None`` (not recorded) nor a
-    :func:`~audiotok.checkpoint.codes_fingerprint` (16 lowercase hex digits): then ``ValueError``
+    :func:`~audiotok.weights.checkpoint.codes_fingerprint` (16 lowercase hex digits): then ``ValueError``
     naming ``where`` (the field that held it)."""
     if value is not None and not (isinstance(value, str) and _FINGERPRINT.fullmatch(value)):
         raise ValueError(f"{where}={value!r} is not 16 lowercase hex digits")

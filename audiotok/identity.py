@@ -1,8 +1,8 @@
 """Which codec wrote some codes, and the one check that codes mean to a codec what they meant to it.
 
 Every carrier of codes records a :class:`CodecIdentity`: an encoded batch
-(:class:`~audiotok.tokenizer.EncodedAudio`), an ``.atok`` file (:mod:`audiotok.codefile`), a code
-dataset's manifest (:mod:`audiotok.codedataset`), a prior (:mod:`audiotok.lm.prior`) and a bulk
+(:class:`~audiotok.tokenizer.EncodedAudio`), an ``.atok`` file (:mod:`audiotok.formats.codefile`), a code
+dataset's manifest (:mod:`audiotok.formats.codedataset`), a prior (:mod:`audiotok.lm.prior`) and a bulk
 job's plan (:mod:`audiotok.bulk`). Each stores the identity's three fields under the same names
 (``model_id``, ``config_hash``, ``codes_fingerprint``); :meth:`CodecIdentity.from_dict` reads them
 back, :meth:`CodecIdentity.check_codes_of` compares two.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .codes import check_fingerprint
-from .config import DACConfig
+from .nn.config import DACConfig
 
 
 class CodecMismatch(ValueError):
@@ -30,7 +30,7 @@ class CodecIdentity:
         model_id: its name (informational: a reader never loads a model by it without the user's say-so).
         config_hash: :meth:`DACConfig.architecture_hash` of its configuration (16 lowercase hex digits):
             codes mean something only to a model of that architecture.
-        codes_fingerprint: :func:`~audiotok.checkpoint.codes_fingerprint` of its encoder and quantizer
+        codes_fingerprint: :func:`~audiotok.weights.checkpoint.codes_fingerprint` of its encoder and quantizer
             weights (16 lowercase hex digits): the same architecture with other weights has other
             codebooks. ``None`` where it was not recorded (files written before audiotok recorded it).
     """

@@ -3,7 +3,7 @@ wrappers around the optional ViSQOL, PESQ and STOI packages.
 
 Audio arguments are tensors or arrays ``[T]``, ``[C, T]`` or ``[B, C, T]`` with ``estimate`` (the
 decoded audio) and ``reference`` (the input) of the same shape. The spectral distances and SI-SDR
-use :mod:`audiotok.distances` (needs ``transformers`` for the mel filters); ViSQOL, PESQ and STOI
+use :mod:`audiotok.nn.distances` (needs ``transformers`` for the mel filters); ViSQOL, PESQ and STOI
 take one mono clip each and need ``pip install 'audiotok[eval]'`` (``visqol-python``, ``pesq``,
 ``pystoi``). Those packages are imported on first use only.
 """
@@ -124,21 +124,21 @@ def _pair(estimate: AudioLike, reference: AudioLike) -> tuple[torch.Tensor, torc
 
 @functools.lru_cache(maxsize=8)
 def _mel_loss(sample_rate: int, device: str) -> nn.Module:
-    from .distances import MelSpectrogramLoss
+    from .nn.distances import MelSpectrogramLoss
 
     return MelSpectrogramLoss(sample_rate).to(device)
 
 
 @functools.lru_cache(maxsize=4)
 def _stft_loss(device: str) -> nn.Module:
-    from .distances import MultiScaleSTFTLoss
+    from .nn.distances import MultiScaleSTFTLoss
 
     return MultiScaleSTFTLoss().to(device)
 
 
 @torch.no_grad()
 def mel_distance(estimate: AudioLike, reference: AudioLike, sample_rate: int) -> float:
-    """The paper's mel distance: :class:`~audiotok.distances.MelSpectrogramLoss` with the recipe's
+    """The paper's mel distance: :class:`~audiotok.nn.distances.MelSpectrogramLoss` with the recipe's
     defaults (7 scales, windows 32 to 2048, log10 mel L1, summed over scales). Lower is better.
     A batch gives the loss over the whole batch (the mean of the items' values when they have the
     same length)."""
@@ -148,7 +148,7 @@ def mel_distance(estimate: AudioLike, reference: AudioLike, sample_rate: int) ->
 
 @torch.no_grad()
 def stft_distance(estimate: AudioLike, reference: AudioLike, sample_rate: int | None = None) -> float:
-    """The paper's STFT distance: :class:`~audiotok.distances.MultiScaleSTFTLoss` with its
+    """The paper's STFT distance: :class:`~audiotok.nn.distances.MultiScaleSTFTLoss` with its
     defaults (windows 2048 and 512; log power L1 plus magnitude L1, summed). Lower is better.
     ``sample_rate`` is accepted for symmetry with :func:`mel_distance`; the loss does not use it."""
     x, y = _pair(estimate, reference)
@@ -157,9 +157,9 @@ def stft_distance(estimate: AudioLike, reference: AudioLike, sample_rate: int | 
 
 @torch.no_grad()
 def si_sdr(estimate: AudioLike, reference: AudioLike) -> float:
-    """Scale-invariant SDR in dB (:func:`audiotok.distances.si_sdr`), averaged over a batch.
+    """Scale-invariant SDR in dB (:func:`audiotok.nn.distances.si_sdr`), averaged over a batch.
     Higher is better."""
-    from .distances import si_sdr as si_sdr_items
+    from .nn.distances import si_sdr as si_sdr_items
 
     x, y = _pair(estimate, reference)
     return float(si_sdr_items(x, y).mean())

@@ -16,7 +16,16 @@ import numpy as np
 import torch
 
 from . import audio as audio_utils
-from .checkpoint import (
+from .codes import check_n_quantizers, is_integer_dtype
+from .identity import CodecIdentity
+from .nn.config import DACConfig
+from .nn.layers import use_channels_last, use_fused_snake
+from .nn.model import DAC, context_frames
+from .segments import Segment, make_batches, plan_segments
+from .utils.distributed import DistEnv
+from .utils.prefetch import prefetch
+from .utils.untrusted import shown
+from .weights.checkpoint import (
     Checkpoint,
     build_model,
     codes_fingerprint,
@@ -25,16 +34,7 @@ from .checkpoint import (
     save_original,
     save_transformers,
 )
-from .codes import check_n_quantizers, is_integer_dtype
-from .config import DACConfig
-from .distributed import DistEnv
-from .hub import names_bundled_model, resolve
-from .identity import CodecIdentity
-from .layers import use_channels_last, use_fused_snake
-from .model import DAC, context_frames
-from .prefetch import prefetch
-from .segments import Segment, make_batches, plan_segments
-from .untrusted import shown
+from .weights.hub import names_bundled_model, resolve
 
 logger = logging.getLogger("audiotok")
 
@@ -123,7 +123,7 @@ class AudioTokenizer:
 
     Weight norm is folded, the model is in eval mode and all work runs under ``torch.inference_mode``.
     ``codes_fingerprint`` identifies the weights the tokenizer was made with (see
-    :func:`~audiotok.checkpoint.codes_fingerprint`); it is recorded with every encoding and checked on
+    :func:`~audiotok.weights.checkpoint.codes_fingerprint`); it is recorded with every encoding and checked on
     decoding, where the fingerprints of ``decodes_codes_of`` pass too: the weights a model stored in
     fp16 or bf16 was rounded from, whose codes it decodes as they were meant (:meth:`check_codec`).
     """
@@ -214,7 +214,7 @@ class AudioTokenizer:
         the weights in ``torch.float16`` / ``"fp16"`` (half the size) or bf16 (default: as the model
         holds them); loading upcasts them. A copy whose rounded weights write other codes records this
         model's fingerprint in ``decodes_codes_of`` and decodes its codes (see
-        :func:`~audiotok.checkpoint.cast_weights`)."""
+        :func:`~audiotok.weights.checkpoint.cast_weights`)."""
         save_folder(self.checkpoint(model_id), folder, dtype)
 
     def export_transformers(self, folder: str | os.PathLike, model_id: str | None = None,
@@ -250,7 +250,7 @@ class AudioTokenizer:
            decoder_dtype: torch.dtype | None = None) -> AudioTokenizer:
         """Move the model to ``device`` and/or cast it to ``dtype`` (the decoder to ``decoder_dtype``
         if given, else to ``dtype``), in place. On CPU the decoder runs channels-last (faster there,
-        see :func:`~audiotok.layers.use_channels_last`)."""
+        see :func:`~audiotok.nn.layers.use_channels_last`)."""
         if dtype is not None:
             self.dtype, self.decoder_dtype = dtype, decoder_dtype
         elif decoder_dtype is not None:

@@ -32,7 +32,7 @@ from common import PeakMemory, machine, profile_summary  # noqa: E402
 from conftest import make_audio, random_tokenizer  # noqa: E402  (weights with realistic scale)
 
 from audiotok import AudioTokenizer  # noqa: E402
-from audiotok.layers import use_channels_last, use_fused_snake  # noqa: E402
+from audiotok.nn.layers import use_channels_last, use_fused_snake  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ENCODE_GFLOP_PER_S = 61.0  # 44.1 kHz encoder, dac-spec.md

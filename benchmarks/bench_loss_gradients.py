@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from audiotok.data import DataConfig  # noqa: E402
-from audiotok.distances import ComplexSTFTLoss, MelSpectrogramLoss  # noqa: E402
+from audiotok.nn.distances import ComplexSTFTLoss, MelSpectrogramLoss  # noqa: E402
 from audiotok.train.config import load_config  # noqa: E402
 from audiotok.train.trainer import build_generator  # noqa: E402
 

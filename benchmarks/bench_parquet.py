@@ -25,9 +25,9 @@ import torch
 
 from audiotok import AudioTokenizer, CodeDataset
 from audiotok.audio import load_audio
-from audiotok.codedataset import Manifest, ParquetShardWriter, ShardEntry, dataset_metadata
 from audiotok.data.config import read_manifest
-from audiotok.store import LocalStore
+from audiotok.formats.codedataset import Manifest, ParquetShardWriter, ShardEntry, dataset_metadata
+from audiotok.utils.store import LocalStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402

@@ -58,7 +58,7 @@ def pick_files(manifest: Path, split: str, minutes: float, seed: int) -> list[tu
 
 def tokenize(args, work: Path) -> None:
     from audiotok.bulk import BulkConfig, InputSpec, tokenize_dataset
-    from audiotok.hub import DEFAULT_MODEL_ID
+    from audiotok.weights.hub import DEFAULT_MODEL_ID
 
     for split, minutes in (("train", args.train_minutes), ("eval", args.eval_minutes)):
         out = work / "codes" / split

@@ -51,9 +51,9 @@ from conftest import random_tokenizer  # noqa: E402  (weights with realistic sca
 from audiotok import AudioTokenizer  # noqa: E402
 from audiotok.audio import AUDIO_EXTENSIONS, downmix, find_files, read_audio_bytes, resample  # noqa: E402
 from audiotok.bulk import DTYPES, BulkConfig, InputSpec, default_workers, tokenize_dataset  # noqa: E402
-from audiotok.codedataset import SHARD_WRITERS, dataset_metadata, record_key  # noqa: E402
-from audiotok.layers import use_fused_snake  # noqa: E402
-from audiotok.store import LocalStore  # noqa: E402
+from audiotok.formats.codedataset import SHARD_WRITERS, dataset_metadata, record_key  # noqa: E402
+from audiotok.nn.layers import use_fused_snake  # noqa: E402
+from audiotok.utils.store import LocalStore  # noqa: E402
 
 RATES = (44100, 48000, 22050, 16000)
 

@@ -14,7 +14,7 @@ The bundled model ships fp16 weights; to rerun the measurement of its model card
 float32 weights of an earlier release:
 
     git show 42df683:audiotok/pretrained/default/model.safetensors > /tmp/v03/model.safetensors
-    cp audiotok/pretrained/default/{config.json,README.md} /tmp/v03/
+    cp audiotok/weights/pretrained/default/{config.json,README.md} /tmp/v03/
     python benchmarks/bench_weights_dtype.py --model /tmp/v03 --data data/real-audio
 """
 
@@ -31,10 +31,10 @@ import torch
 
 from audiotok import AudioTokenizer
 from audiotok.audio import downmix, resample
-from audiotok.checkpoint import STORAGE_DTYPES, Checkpoint, build_model, load_checkpoint
 from audiotok.data.config import sources_from_manifest
-from audiotok.hub import resolve
 from audiotok.metrics import mel_distance
+from audiotok.weights.checkpoint import STORAGE_DTYPES, Checkpoint, build_model, load_checkpoint
+from audiotok.weights.hub import resolve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import candidates  # noqa: E402

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from audiotok import DACConfig
 from audiotok.lm.sampling import MIN_TEMPERATURE, check_sampling
-from audiotok.untrusted import number_arg, shown
+from audiotok.utils.untrusted import number_arg, shown
 
 #: Longest output (seconds): a day of audio.
 MAX_SECONDS = 86400.0
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         p.error(f"--prompt-seconds {prompt_seconds} is longer than the output (--seconds {args.seconds}), "
                 "which includes the prompt")
 
-    from audiotok.io import StorageError
+    from audiotok.utils.io import StorageError
 
     try:
         _sample(args, prompt_seconds)

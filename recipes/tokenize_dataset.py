@@ -22,7 +22,7 @@ command again resumes an interrupted job, with any number of processes, nodes an
 (a dead process's parts are taken over once its claims lapse, after --lease-seconds; at once on
 its own host), and does nothing for a finished one. --engine ray runs the same job on a Ray cluster
 (one actor per GPU, parts read by Ray tasks) with the same output; either engine resumes the other's
-job. The output format is described in audiotok/codedataset/; the work split in
+job. The output format is described in audiotok/formats/codedataset/; the work split in
 audiotok/bulk/__init__.py.
 
 Exit status: 0 when every record was tokenized; 1 when some records failed (unreadable, empty,
@@ -117,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_packages(args: argparse.Namespace) -> None:
     """Every package the job needs, before any work: a missing one is an ImportError naming the extra
     (or, for a URL, the package of its scheme)."""
-    from audiotok.urls import check_scheme
+    from audiotok.utils.urls import check_scheme
 
     for location in (*args.input, args.output):
         check_scheme(location)
@@ -135,8 +135,8 @@ EXIT_STORAGE = 4
 
 
 def main(argv=None) -> int:
-    from audiotok.io import StorageError
-    from audiotok.untrusted import shown
+    from audiotok.utils.io import StorageError
+    from audiotok.utils.untrusted import shown
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")

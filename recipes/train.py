@@ -27,7 +27,7 @@ from audiotok.train.config import load_config
 from audiotok.train.state import export_state
 from audiotok.train.stopping import TrainingInterrupted, duration_arg
 from audiotok.train.trainer import train
-from audiotok.untrusted import one_line
+from audiotok.utils.untrusted import one_line
 
 
 def main(argv: list[str] | None = None) -> int:

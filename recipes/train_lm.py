@@ -19,7 +19,7 @@ import sys
 from audiotok.lm.config import load_prior_config
 from audiotok.lm.trainer import train_prior
 from audiotok.train.stopping import TrainingInterrupted, duration_arg
-from audiotok.untrusted import number_arg, one_line
+from audiotok.utils.untrusted import number_arg, one_line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from audiotok import DAC, AudioTokenizer, DACConfig
-from audiotok.layers import Snake1d
+from audiotok.nn.layers import Snake1d
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import make_audio, random_tokenizer
 
-from audiotok.config import DACConfig
-from audiotok.model import DAC, context_frames, input_span
+from audiotok.nn.config import DACConfig
+from audiotok.nn.model import DAC, context_frames, input_span
 from audiotok.segments import make_batches, plan_segments
 
 INF = float("inf")

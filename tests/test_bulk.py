@@ -417,7 +417,7 @@ class Crash(Exception):
 @pytest.mark.parametrize("kind,where", [("folder", "mid-shard"), ("folder", "after-shard-publish"),
                                         ("webdataset", "mid-shard")])
 def test_kill_and_resume(corpus, model_dir, folder_job, tmp_path, monkeypatch, kind, where):
-    from audiotok.store import LocalStore
+    from audiotok.utils.store import LocalStore
 
     if kind == "folder":
         spec = InputSpec("folder", str(corpus))

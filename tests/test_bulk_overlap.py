@@ -19,7 +19,7 @@ from audiotok.bulk import BulkConfig, Decoded, InputSpec, prepare, tokenize_data
 from audiotok.bulk.claims import Claims
 from audiotok.bulk.writer import PartWriter
 from audiotok.data.sources import Record
-from audiotok.prefetch import WriteBehind, prefetch
+from audiotok.utils.prefetch import WriteBehind, prefetch
 
 #: How long the slowed steps take: long against a thread switch on a busy machine.
 SLOW = 0.1

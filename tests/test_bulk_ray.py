@@ -95,8 +95,8 @@ def test_webdataset_job_equals_the_torch_engines(corpus, model_dir, tmp_path, la
 
 def test_the_driver_shows_the_models_notice_once_and_the_actors_do_not(corpus, model_dir, tmp_path, caplog):
     from audiotok.bulk.ray_engine import actor_options
-    from audiotok.checkpoint import load_checkpoint, save_folder
     from audiotok.tokenizer import NOTICE_ENV
+    from audiotok.weights.checkpoint import load_checkpoint, save_folder
 
     noted = load_checkpoint(model_dir)
     noted.notice = f"a notice for {tmp_path.name}"

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from audiotok.store import FsspecStore, LocalStore, open_store
+from audiotok.utils.store import FsspecStore, LocalStore, open_store
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -163,7 +163,7 @@ def test_fsspec_store_cleans_staging_left_by_gone_processes(tmp_path, monkeypatc
     ("pipe:curl -s https://x/a.tar", None, False, "pipe:curl -s https://x/a.tar"),
 ])
 def test_urls_tell_paths_and_urls_apart(location, scheme, url, local):
-    from audiotok import urls
+    from audiotok.utils import urls
 
     assert (urls.scheme(location), urls.is_url(location), urls.local_path(location)) == (scheme, url, local)
 

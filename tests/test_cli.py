@@ -17,7 +17,7 @@ import torch
 
 from audiotok import AudioTokenizer, DACConfig, EncodedAudio
 from audiotok.cli import main
-from audiotok.codefile import CodeFile
+from audiotok.formats.codefile import CodeFile
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_decode_sample_rate_and_subtype(tmp_path, capsys, model_dir, tok, inputs
 
 
 def test_quiet_dtype_compile_options_and_default_device(tmp_path, capsys, model_dir, inputs):
-    from audiotok.distributed import rank_device
+    from audiotok.utils.distributed import rank_device
 
     assert rank_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
     args = ["encode", inputs["mono"], tmp_path / "m.atok", "--model", model_dir, "--dtype", "bf16"]
@@ -151,8 +151,8 @@ def test_quiet_dtype_compile_options_and_default_device(tmp_path, capsys, model_
 
 def test_the_notice_is_shown_once_when_the_model_encodes_apart_from_quiet(tmp_path, capsys, model_dir, inputs,
                                                                           monkeypatch):
-    from audiotok.checkpoint import load_checkpoint, save_folder
     from audiotok.tokenizer import NOTICE_ENV
+    from audiotok.weights.checkpoint import load_checkpoint, save_folder
 
     noted = load_checkpoint(model_dir)
     noted.notice = f"a test notice {tmp_path.name}"
@@ -393,9 +393,9 @@ def test_user_errors_exit_2_without_traceback(tmp_path, capsys, model_dir, input
 
 
 def test_missing_default_model_exits_2(tmp_path, capsys, inputs, monkeypatch):
-    import audiotok.hub
+    import audiotok.weights.hub
 
-    monkeypatch.setattr(audiotok.hub, "PRETRAINED_DIR", tmp_path / "empty")  # a build without the model
+    monkeypatch.setattr(audiotok.weights.hub, "PRETRAINED_DIR", tmp_path / "empty")  # a build without the model
     rc, _, err = run(capsys, "encode", tmp_path / "in" / "mono.wav", tmp_path / "x.atok")
     assert rc == 2 and "ships no default model" in err and "Traceback" not in err
     assert not (tmp_path / "x.atok").exists()

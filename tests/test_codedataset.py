@@ -1,4 +1,4 @@
-"""The code-dataset format package (audiotok.codedataset): writers as context managers, the typed
+"""The code-dataset format package (audiotok.formats.codedataset): writers as context managers, the typed
 manifest, the one reader through the store."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from audiotok import CodecIdentity, CodeDataset, DACConfig
-from audiotok.codedataset import SHARD_WRITERS, Manifest, ShardEntry, dataset_metadata, is_code_dataset
-from audiotok.store import LocalStore
+from audiotok.formats.codedataset import SHARD_WRITERS, Manifest, ShardEntry, dataset_metadata, is_code_dataset
+from audiotok.utils.store import LocalStore
 
 CONFIG = DACConfig.preset("tiny-16khz")  # 4 codebooks of 64 entries, hop 320
 CODEC = CodecIdentity("tiny", CONFIG.architecture_hash(), "0123456789abcdef")

@@ -1,4 +1,4 @@
-"""The ``.atok`` code file format (audiotok.codefile)."""
+"""The ``.atok`` code file format (audiotok.formats.codefile)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from audiotok import AudioTokenizer, CodecIdentity, DACConfig, EncodedAudio
-from audiotok.codefile import (
+from audiotok.formats.codefile import (
     FORMAT_NAME,
     CodeFile,
     pack_codes_10bit,
@@ -166,7 +166,7 @@ def test_failed_save_keeps_old_file_and_cleans_up(tmp_path, monkeypatch):
         assert os.path.dirname(src) == os.path.dirname(dst)  # the temp file is in the same folder
         raise OSError("disk full")
 
-    monkeypatch.setattr("audiotok.codefile.os.replace", broken_replace)
+    monkeypatch.setattr("audiotok.formats.codefile.os.replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         make_code_file(seed=2).save(out)
     assert out.read_bytes() == before

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from audiotok import AudioTokenizer, CodecIdentity, cli
-from audiotok.checkpoint import codes_fingerprint, load_checkpoint
-from audiotok.codefile import CodeFile
-from audiotok.hub import DEFAULT_MODEL_ID, PRETRAINED_DIR, SAME_CODES_AS
+from audiotok.formats.codefile import CodeFile
 from audiotok.metrics import codebook_utilization, mel_distance
+from audiotok.weights.checkpoint import codes_fingerprint, load_checkpoint
+from audiotok.weights.hub import DEFAULT_MODEL_ID, PRETRAINED_DIR, SAME_CODES_AS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "speech.flac"
 DATA = Path(__file__).resolve().parent / "data"

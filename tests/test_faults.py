@@ -96,7 +96,7 @@ def test_the_watchdog_thread_ends_a_worker_without_the_parent_death_signal():
     """What ends workers on macOS, where there is no PR_SET_PDEATHSIG."""
     proc = run_script("""
         import multiprocessing, os, time
-        from audiotok import workers
+        from audiotok.utils import workers
 
         def child(parent):
             workers._set_parent_death_signal = lambda: None
@@ -155,8 +155,8 @@ def enospc(*args, **kwargs):
 def test_a_failing_store_is_a_storage_error(tmp_path, monkeypatch):
     import fsspec
 
-    from audiotok.io import StorageError
-    from audiotok.store import FsspecStore, LocalStore
+    from audiotok.utils.io import StorageError
+    from audiotok.utils.store import FsspecStore, LocalStore
 
     local = LocalStore(tmp_path / "out")
     monkeypatch.setattr(os, "replace", enospc)
@@ -185,10 +185,10 @@ def test_the_bulk_recipe_exits_4_when_the_output_storage_fails(tmp_path, model_d
         import tokenize_dataset as recipe
     finally:
         sys.path.remove(str(REPO / "recipes"))
-    import audiotok.store
+    import audiotok.utils.store
 
     write_clips(tmp_path / "in", ["a.wav", "b.wav"])
-    monkeypatch.setattr(audiotok.store, "replace_durably", enospc)  # publishing a shard finds the disk full
+    monkeypatch.setattr(audiotok.utils.store, "replace_durably", enospc)  # publishing a shard finds the disk full
     args = ["--input", str(tmp_path / "in"), "--input-type", "folder", "--output", str(tmp_path / "out"),
             "--model", str(model_dir), "--device", "cpu", "--num-workers", "0", "--no-progress"]
     assert recipe.main(args) == 4
@@ -216,7 +216,7 @@ def test_a_device_that_cannot_run_is_exit_2(tmp_path, model_dir, capsys, device)
 def test_a_full_disk_stops_a_folder_encode_and_the_rerun_keeps_what_was_written(tmp_path, model_dir, capsys,
                                                                                  monkeypatch):
     from audiotok.cli.main import main
-    from audiotok.codefile import CodeFile
+    from audiotok.formats.codefile import CodeFile
 
     write_clips(tmp_path / "in", ["a.wav", "b.wav", "c.wav"])
     save, calls, full = CodeFile.save, [], [True]
@@ -375,7 +375,7 @@ def test_long_code_files_decode_piece_by_piece_as_whole_decoding(tmp_path, tok, 
 
     from audiotok.audio import resample
     from audiotok.cli.files import decode_path
-    from audiotok.codefile import CodeFile
+    from audiotok.formats.codefile import CodeFile
     from audiotok.tokenizer import DEFAULT_SECONDS, EncodedAudio
 
     monkeypatch.setitem(DEFAULT_SECONDS, "cpu", (2.0, 2.0))  # pieces of 172 frames: a long file, made short
@@ -414,8 +414,8 @@ def write_dataset(root: Path, tok, shards: dict[str, object], fmt: str = "webdat
     """A code dataset whose manifest names ``tok`` and lists ``shards`` (name -> the tokenizer that wrote it)."""
     import numpy as np
 
-    from audiotok.codedataset import SHARD_WRITERS, Manifest, ShardEntry, dataset_metadata
-    from audiotok.store import LocalStore
+    from audiotok.formats.codedataset import SHARD_WRITERS, Manifest, ShardEntry, dataset_metadata
+    from audiotok.utils.store import LocalStore
 
     entries = []
     for name, writer_tok in shards.items():

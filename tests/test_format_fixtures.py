@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 
 from audiotok import AudioTokenizer, CodeDataset, CodeFile
-from audiotok.codedataset import SHARD_WRITERS, Manifest
-from audiotok.store import LocalStore
+from audiotok.formats.codedataset import SHARD_WRITERS, Manifest
+from audiotok.utils.store import LocalStore
 
 FIXTURES = Path(__file__).parent / "data" / "format-fixtures"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())

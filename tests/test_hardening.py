@@ -21,13 +21,13 @@ import soundfile as sf
 import torch
 from conftest import make_audio, random_tokenizer
 
-import audiotok.hub
+import audiotok.weights.hub
 from audiotok import AudioTokenizer, CodecIdentity
 from audiotok.audio import load_audio
 from audiotok.cli import main
 from audiotok.cli.files import decode_path
-from audiotok.codefile import CodeFile
-from audiotok.untrusted import shown
+from audiotok.formats.codefile import CodeFile
+from audiotok.utils.untrusted import shown
 
 SR = 44100
 
@@ -250,7 +250,7 @@ def test_a_code_file_never_chooses_the_model(tmp_path, capsys, monkeypatch, tok,
         return real(cls, source, **kwargs)
 
     monkeypatch.setattr(AudioTokenizer, "from_pretrained", classmethod(recording))
-    monkeypatch.setattr(audiotok.hub, "_download", lambda repo: pytest.fail(f"downloaded {repo}"))
+    monkeypatch.setattr(audiotok.weights.hub, "_download", lambda repo: pytest.fail(f"downloaded {repo}"))
     rc, _, err = run(capsys, "decode", atok, tmp_path / "x.wav")
     assert rc == 2 and "bundled" in err and "--model" in err and "Traceback" not in err
     assert loaded == [None]  # the bundled model, never the file's model_id

@@ -9,7 +9,7 @@ from conftest import random_tokenizer
 
 from audiotok import AudioTokenizer
 from audiotok.cli.modelinfo import convert_model
-from audiotok.hub import DEFAULT_MODEL_ID, PRETRAINED_DIR, resolve
+from audiotok.weights.hub import DEFAULT_MODEL_ID, PRETRAINED_DIR, resolve
 
 REVISION = "b" * 40
 

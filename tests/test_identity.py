@@ -11,9 +11,9 @@ import pytest
 from conftest import random_tokenizer
 
 from audiotok import CodecIdentity, CodeDataset, CodeFile
-from audiotok.codedataset import Manifest, ShardEntry
+from audiotok.formats.codedataset import Manifest, ShardEntry
 from audiotok.identity import CodecMismatch
-from audiotok.store import LocalStore
+from audiotok.utils.store import LocalStore
 
 A, B, C = "0123456789abcdef", "fedcba9876543210", "00000000ffffffff"
 MESSAGE = re.compile(r"(?P<holds>.+) the codes of model '(?P<writer>[^']*)' \(config hash \w+, weights fingerprint "

@@ -12,8 +12,8 @@ import torch
 from conftest import make_audio, random_tokenizer, randomize_
 
 from audiotok import AudioTokenizer, DACConfig
-from audiotok.checkpoint import build_model, load_checkpoint, to_original_keys
-from audiotok.hub import DEFAULT_MODEL_ID, SAME_CODES_AS
+from audiotok.weights.checkpoint import build_model, load_checkpoint, to_original_keys
+from audiotok.weights.hub import DEFAULT_MODEL_ID, SAME_CODES_AS
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -203,7 +203,7 @@ def test_export_transformers_refuses_what_it_cannot_represent(tmp_path):
 
 
 def test_default_model_error_says_so(monkeypatch, tmp_path):
-    import audiotok.hub as hub
+    import audiotok.weights.hub as hub
 
     monkeypatch.setattr(hub, "PRETRAINED_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="ships no default model"):
@@ -213,7 +213,7 @@ def test_default_model_error_says_so(monkeypatch, tmp_path):
 def test_plain_weights_survive_the_trainable_weight_norm_round_trip():
     from conftest import random_tokenizer
 
-    from audiotok.checkpoint import fold_state_dict, load_weights
+    from audiotok.weights.checkpoint import fold_state_dict, load_weights
 
     plain = random_tokenizer(DACConfig.preset("tiny-44khz"), seed=3).model.state_dict()
     parametrized = load_weights(build_model(random_tokenizer(DACConfig.preset("tiny-44khz"), seed=4).checkpoint(),
@@ -254,8 +254,8 @@ def test_hub_id_offline_cached_and_not_cached(tmp_path, monkeypatch):
 
 
 def test_notice_is_saved_and_logged_once_per_process_when_the_model_encodes(tmp_path, caplog, monkeypatch):
-    from audiotok.checkpoint import save_folder
     from audiotok.tokenizer import NOTICE_ENV
+    from audiotok.weights.checkpoint import save_folder
 
     tok = random_tokenizer("tiny-16khz")
     checkpoint = tok.checkpoint()

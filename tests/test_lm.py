@@ -17,8 +17,7 @@ from conftest import random_tokenizer
 
 from audiotok import DACConfig
 from audiotok.bulk import ParquetShardWriter
-from audiotok.codedataset import FORMAT_VERSION
-from audiotok.distributed import DistEnv
+from audiotok.formats.codedataset import FORMAT_VERSION
 from audiotok.lm import (
     IGNORE_INDEX,
     CodebookPattern,
@@ -32,6 +31,7 @@ from audiotok.lm import (
     pad_to_length,
 )
 from audiotok.lm.stream import ExampleBatches
+from audiotok.utils.distributed import DistEnv
 
 PATTERNS = list(CodebookPattern)
 

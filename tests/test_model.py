@@ -7,7 +7,7 @@ import torch
 from conftest import randomize_
 
 from audiotok import DAC, AudioTokenizer, DACConfig
-from audiotok.config import PRESETS
+from audiotok.nn.config import PRESETS
 
 TINY = ["tiny-44khz", "tiny-24khz", "tiny-16khz"]
 
@@ -211,7 +211,7 @@ def test_codebook_lookup_is_nearest_normalized_code():
 
 def test_fused_snake_matches_eager_forward_and_backward():
     """The compiled Snake (one kernel, any shape) gives eager's values and gradients."""
-    from audiotok.layers import fused_snake, snake
+    from audiotok.nn.layers import fused_snake, snake
 
     for shape in [(2, 8, 37), (1, 16, 101)]:  # two shapes: one dynamic-shape kernel serves both
         x = torch.randn(*shape, requires_grad=True)
@@ -228,7 +228,7 @@ def test_fused_snake_matches_eager_forward_and_backward():
 def test_fused_snake_writes_into_the_spent_buffer_without_autograd():
     """Without autograd the compiled Snake writes into ``out`` when given, as eager Snake does (a
     fresh buffer per call costs page faults), else into fresh memory of x's layout, in either layout."""
-    from audiotok.layers import Snake1d, snake, to_channels_last, use_fused_snake
+    from audiotok.nn.layers import Snake1d, snake, to_channels_last, use_fused_snake
 
     layer = Snake1d(16)
     use_fused_snake(layer)
@@ -244,7 +244,7 @@ def test_fused_snake_writes_into_the_spent_buffer_without_autograd():
 
 
 def test_only_activations_large_enough_to_pay_run_the_compiled_snake(monkeypatch):
-    from audiotok import layers
+    from audiotok.nn import layers
 
     calls = []
     monkeypatch.setattr(layers, "fused_snake", lambda: lambda x, alpha, out=None: calls.append(x.numel()) or x)
@@ -259,7 +259,7 @@ def test_only_activations_large_enough_to_pay_run_the_compiled_snake(monkeypatch
 def test_snake_inference_path_is_bit_identical_to_the_autograd_path():
     """Without autograd Snake works in place on one buffer; values equal the reference order bit for
     bit, and the input is left untouched."""
-    from audiotok.layers import snake
+    from audiotok.nn.layers import snake
 
     x = torch.randn(2, 8, 1001) * 3
     alpha = torch.rand(1, 8, 1) + 0.05
@@ -294,8 +294,8 @@ def test_decoder_tail_stays_float32_under_autocast():
 
 def test_residual_unit_inference_path_is_bit_identical_to_the_autograd_path():
     """Without autograd a residual unit writes into its spent buffers, in either layout: the same bits."""
-    from audiotok.layers import fold_weight_norm, use_channels_last
-    from audiotok.model import ResidualUnit
+    from audiotok.nn.layers import fold_weight_norm, use_channels_last
+    from audiotok.nn.model import ResidualUnit
 
     torch.manual_seed(0)
     unit = fold_weight_norm(ResidualUnit(16, 3))
@@ -315,7 +315,7 @@ def test_channels_last_decoder_matches_channels_first(decoder_rates):
     the latents), and the audio equals the channels-first decoder's within float rounding, padded
     batches included. A CPU tokenizer uses it for the decoder only: the encoder and quantizer keep
     their channels-first path (their codes must equal the reference's bit for bit)."""
-    from audiotok.layers import use_channels_last
+    from audiotok.nn.layers import use_channels_last
 
     def is_channels_last(x):  # [B, C, T] stored as [B, T, C]
         return x.shape[1] > 1 and x.shape[2] > 1 and x.stride(1) == 1

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from audiotok import AudioTokenizer
 from audiotok.data.dataset import Excerpt
-from audiotok.distances import MelSpectrogramLoss, MultiScaleSTFTLoss
-from audiotok.model import DAC
+from audiotok.nn.distances import MelSpectrogramLoss, MultiScaleSTFTLoss
+from audiotok.nn.model import DAC
 from audiotok.train.config import load_config
 from audiotok.train.state import EXPORT_KEY
 from audiotok.train.trainer import train, validate
@@ -290,7 +290,7 @@ def test_bad_files_are_skipped(audio_dir, tmp_path):
 def test_finetune_from_a_pretrained_model(audio_dir, tmp_path):
     from conftest import random_tokenizer
 
-    from audiotok.config import DACConfig
+    from audiotok.nn.config import DACConfig
 
     source = random_tokenizer(DACConfig.preset("tiny-44khz"), seed=5)
     source.export_transformers(tmp_path / "hf")
@@ -306,7 +306,7 @@ def test_finetune_from_a_pretrained_model(audio_dir, tmp_path):
 def test_frozen_parts_keep_their_weights_and_codes(audio_dir, tmp_path):
     from conftest import random_tokenizer
 
-    from audiotok.config import DACConfig
+    from audiotok.nn.config import DACConfig
 
     source = random_tokenizer(DACConfig.preset("tiny-44khz"), seed=5)
     source.save_pretrained(tmp_path / "src")
@@ -346,20 +346,20 @@ def test_two_process_gloo_run(audio_dir, tmp_path):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_fused_snake_option_reaches_every_snake(audio_dir, tmp_path, monkeypatch, fused):
-    import audiotok.layers
+    import audiotok.nn.layers
 
     calls = []
 
     def counting(x, alpha, out=None):  # stands in for the compiled kernel (tested in test_model.py)
         calls.append(x.shape[1])
-        return audiotok.layers.snake(x, alpha, out)
+        return audiotok.nn.layers.snake(x, alpha, out)
 
-    monkeypatch.setattr(audiotok.layers, "fused_snake", lambda: counting)
-    monkeypatch.setattr(audiotok.layers, "FUSED_SNAKE_MIN_ELEMENTS", 0)  # every Snake, small ones included
+    monkeypatch.setattr(audiotok.nn.layers, "fused_snake", lambda: counting)
+    monkeypatch.setattr(audiotok.nn.layers, "FUSED_SNAKE_MIN_ELEMENTS", 0)  # every Snake, small ones included
     config = tiny_config(audio_dir, f"train.fused_snake={str(fused).lower()}", "loss.adversarial=0", "loss.feature=0",
                          "train.valid_every=1000", "train.save_every=1000")
     train(config, tmp_path / "run", max_steps=1, device="cpu")
-    n_snakes = sum(isinstance(m, audiotok.layers.Snake1d) for m in audiotok.DAC(config.model).modules())
+    n_snakes = sum(isinstance(m, audiotok.nn.layers.Snake1d) for m in audiotok.DAC(config.model).modules())
     assert len(calls) == (n_snakes if fused else 0)
 
 

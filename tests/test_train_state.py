@@ -9,8 +9,7 @@ import torch
 
 import audiotok.train.state as state_mod
 from audiotok import DACConfig
-from audiotok.checkpoint import Checkpoint, load_checkpoint, save_folder
-from audiotok.model import DAC
+from audiotok.nn.model import DAC
 from audiotok.train.state import (
     CODEC_RESUME_MAY_CHANGE,
     CODEC_RESUME_SETTINGS,
@@ -19,6 +18,7 @@ from audiotok.train.state import (
     newest_checkpoint,
     save_checkpoint,
 )
+from audiotok.weights.checkpoint import Checkpoint, load_checkpoint, save_folder
 
 
 class Crash(BaseException):

@@ -7,8 +7,8 @@ import time
 import pytest
 
 import audiotok.train.stopping as stopping
-from audiotok.distributed import DistEnv
 from audiotok.train.stopping import StopControl, TrainingInterrupted, parse_duration
+from audiotok.utils.distributed import DistEnv
 
 
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("9m", 540), ("1.5h", 5400), (" 2 d ", 172800),

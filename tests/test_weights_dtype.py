@@ -10,8 +10,8 @@ from conftest import make_audio, random_tokenizer
 from safetensors.torch import load_file, save_file
 
 from audiotok import AudioTokenizer, cli
-from audiotok.checkpoint import cast_weights, codes_fingerprint, load_checkpoint
-from audiotok.codefile import CodeFile
+from audiotok.formats.codefile import CodeFile
+from audiotok.weights.checkpoint import cast_weights, codes_fingerprint, load_checkpoint
 
 #: Decoding the same codes with weights stored in fp16 against the float32 original, on the tiny random
 #: model (measured 56 to 60 dB over seeds 0-3; bf16, with 8 bits of mantissa against fp16's 11, 39 to 42

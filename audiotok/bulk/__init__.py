@@ -7,12 +7,12 @@
     python recipes/tokenize_dataset.py --input corpus/ --input-type folder --output codes/ --engine ray
 
 Inputs and the output may be fsspec URLs (``s3://bucket/codes``, ``gs://``, ``hf://``, with
-``storage_options``): outputs go through :mod:`audiotok.store`, which uploads each file whole.
+``storage_options``): outputs go through :mod:`audiotok.utils.store`, which uploads each file whole.
 
 The output is a code dataset (shards and a manifest, plus a ``.bulk/`` folder of job files
 that readers ignore; it lets the job resume and must stay for "run again does nothing"); its format
-is specified and implemented in :mod:`audiotok.codedataset`. Every file operation on the output goes
-through a :class:`~audiotok.store.Store`, which guarantees atomic whole-file writes only (no
+is specified and implemented in :mod:`audiotok.formats.codedataset`. Every file operation on the output goes
+through a :class:`~audiotok.utils.store.Store`, which guarantees atomic whole-file writes only (no
 exclusive create, no compare-and-swap); the protocol below relies on nothing else.
 
 Work split
@@ -115,7 +115,7 @@ A sidecar part has one shard, so a part interrupted mid-way is read again from i
 Unreadable, empty, NaN, too-short records are skipped and listed in the manifest in either layout.
 """
 
-from ..codedataset import (
+from ..formats.codedataset import (
     FORMAT_NAME,
     FORMAT_VERSION,
     PARQUET_METADATA_KEY,

@@ -10,7 +10,7 @@ import socket
 import time
 from typing import Any
 
-from ..store import Store, process_gone
+from ..utils.store import Store, process_gone
 
 #: Folder (inside the output) for the plan, claims, per-part progress and done markers.
 STATE_DIR = ".bulk"

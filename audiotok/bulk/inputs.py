@@ -33,10 +33,10 @@ import torch
 from torch.utils.data import IterableDataset
 
 from ..audio import AUDIO_EXTENSIONS, audio_fault, to_model_rate
-from ..codedataset import check_metadata_fields
 from ..data.config import build_sources
 from ..data.sources import AudioSource, DecodeError, Record
-from ..urls import is_url, list_url, local_path
+from ..formats.codedataset import check_metadata_fields
+from ..utils.urls import is_url, list_url, local_path
 
 INPUT_TYPES = ("folder", "hf", "webdataset")
 
@@ -59,7 +59,7 @@ class InputSpec:
             ``text``, an id column), members (``webdataset``, e.g. ``txt``, ``json``) or sidecar file
             extensions (``folder``: ``clip.txt`` next to ``clip.wav`` for ``txt``).
         storage_options: options of the fsspec filesystem when ``path`` is a URL (``s3://``, ``gs://``,
-            ``hf://``: a folder, a saved dataset or tar shards there; see :mod:`audiotok.urls`);
+            ``hf://``: a folder, a saved dataset or tar shards there; see :mod:`audiotok.utils.urls`);
             credentials, so not written anywhere (not in :meth:`to_dict`, not in the repr).
     """
 

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from ..codedataset import PART_SHARD, SHARD_WRITERS, Manifest, ShardEntry, sidecar_name
 from ..codes import check_n_quantizers, check_uint16
 from ..data.sources import AudioSource
-from ..store import Store, open_store
+from ..formats.codedataset import PART_SHARD, SHARD_WRITERS, Manifest, ShardEntry, sidecar_name
 from ..tokenizer import DTYPES, AudioTokenizer
-from ..untrusted import check_number
+from ..utils.store import Store, open_store
+from ..utils.untrusted import check_number
 from .claims import STATE_DIR, state_path
 from .inputs import InputSpec, source_fingerprint
 from .writer import DONE_SHAPE
@@ -57,7 +57,7 @@ class BulkConfig:
     Attributes:
         input: what to read.
         output: output folder (shared by all processes; on several nodes, a shared filesystem), or an
-            fsspec URL such as ``s3://bucket/codes`` (:func:`audiotok.store.open_store`).
+            fsspec URL such as ``s3://bucket/codes`` (:func:`audiotok.utils.store.open_store`).
         model: anything :meth:`AudioTokenizer.from_pretrained` loads (default: the bundled model;
             ignored when a tokenizer is passed).
         format: ``webdataset`` (tar shards) or ``parquet``.
@@ -82,7 +82,7 @@ class BulkConfig:
             quarter of it while the part is worked on); then another process takes the part over.
         owner: this process's claim owner id (default ``{host}/{pid}/{random}``).
         storage_options: options of the fsspec filesystem of an ``output`` URL (credentials,
-            ``endpoint_url``; see :mod:`audiotok.urls`); not written anywhere.
+            ``endpoint_url``; see :mod:`audiotok.utils.urls`); not written anywhere.
         engine: ``torch`` (this process, one of any number working on the job) or ``ray`` (this
             process drives actors on a Ray cluster; see :mod:`audiotok.bulk.ray_engine`).
         ray_actors: encoding actors (ray; default: one per GPU of the cluster with a CUDA

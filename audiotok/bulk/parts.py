@@ -3,7 +3,7 @@ readers read them, encode their records in pools (:mod:`audiotok.bulk.encode`) a
 part writer per part (:mod:`audiotok.bulk.writer`), until every part of the job is done. Both engines
 run it: in each torch process, in each Ray actor.
 
-The writing runs behind the encoding, in one thread (:class:`~audiotok.prefetch.WriteBehind`): the
+The writing runs behind the encoding, in one thread (:class:`~audiotok.utils.prefetch.WriteBehind`): the
 model encodes pool n + 1 while pool n's records are added to their shards and shards, progress files
 and done markers are published. The writes are those of a loop that would write each pool before
 encoding the next, in the same order, so the output is the same bytes; at most two pools are in
@@ -20,9 +20,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..codedataset import dataset_metadata, record_key, sidecar_name
 from ..data.sources import DecodeError, SkipCounter
-from ..prefetch import WriteBehind
+from ..formats.codedataset import dataset_metadata, record_key, sidecar_name
+from ..utils.prefetch import WriteBehind
 from .claims import Claims, Scheduler
 from .encode import encode_items
 from .inputs import Bundle, Decoded, Failure
@@ -216,7 +216,7 @@ class PartLoop:
         self.stats["failures"] += 1
 
     def record_fields(self, item: Decoded, codes: np.ndarray) -> dict[str, Any]:
-        """The record's fields (:data:`~audiotok.codedataset.RECORD_FIELDS` and its kept ``metadata``)."""
+        """The record's fields (:data:`~audiotok.formats.codedataset.RECORD_FIELDS` and its kept ``metadata``)."""
         sample = self.writers[item.part].sample_key(item.key) if self.sidecar else None
         return {
             "key": sample if sample is not None else record_key(item.key, item.part, item.position),

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from ..data.sources import AudioSource
-from ..distributed import rank_device
-from ..io import StorageError
 from ..tokenizer import NOTICE_ENV
+from ..utils.distributed import rank_device
+from ..utils.io import StorageError
 from .claims import default_owner, done_parts
 from .inputs import Bundle, InputSpec, read_bundles
 from .job import BulkConfig, BulkSummary, Job, build_manifest, load_tokenizer, plan_job, summarize, write_manifest

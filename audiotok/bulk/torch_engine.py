@@ -14,9 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
-from ..distributed import DistEnv, init_process_group, rank_device, shutdown
 from ..tokenizer import AudioTokenizer
-from ..workers import worker_init
+from ..utils.distributed import DistEnv, init_process_group, rank_device, shutdown
+from ..utils.workers import worker_init
 from .claims import default_owner
 from .inputs import Bundle, PartReader, identity_collate
 from .job import BulkConfig, BulkSummary, Job, build_manifest, load_tokenizer, plan_job, summarize, write_manifest
@@ -67,7 +67,7 @@ def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: DistEnv, t0:
 class LoaderReads:
     """The torch engine's readers: ``max(1, num_workers)`` DataLoader workers (or the process
     itself with ``num_workers=0``), each reading whole parts (:class:`~audiotok.bulk.inputs.PartReader`);
-    they end with this process (:func:`audiotok.workers.die_with_parent`), even when it is killed."""
+    they end with this process (:func:`audiotok.utils.workers.die_with_parent`), even when it is killed."""
 
     def __init__(self, job: Job, pool_seconds: float):
         config = job.config

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from ..codedataset import SHARD_WRITERS, ShardWriter, TarShardWriter, part_shard_name
-from ..io import storage_errors
-from ..store import Store
+from ..formats.codedataset import SHARD_WRITERS, ShardWriter, TarShardWriter, part_shard_name
+from ..utils.io import storage_errors
+from ..utils.store import Store
 from .claims import state_path
 from .inputs import Failure
 
@@ -65,7 +65,7 @@ class PartWriter:
 
     def _building(self) -> AbstractContextManager[None]:
         """Errors of the file system while the shard is built at its staging path (a full disk) as
-        :class:`~audiotok.io.StorageError` naming the shard."""
+        :class:`~audiotok.utils.io.StorageError` naming the shard."""
         return storage_errors(f"{self.store.url}/{self.name}")
 
     def _open(self) -> ShardWriter:

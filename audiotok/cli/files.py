@@ -25,11 +25,11 @@ from ..audio import (
     load_audio,
     resample_blocks,
 )
-from ..codefile import SUFFIX, CodeFile, CodeHeader, DisagreeingFields, read_header
 from ..codes import check_10bit, check_n_quantizers
-from ..io import StorageError, check_writable, storage_errors
+from ..formats.codefile import SUFFIX, CodeFile, CodeHeader, DisagreeingFields, read_header
 from ..tokenizer import BAR_FORMAT, AudioTokenizer
-from ..untrusted import shown
+from ..utils.io import StorageError, check_writable, storage_errors
+from ..utils.untrusted import shown
 
 logger = logging.getLogger("audiotok")
 
@@ -173,7 +173,7 @@ def encode_path(tokenizer: ModelOrLoader, input: str | os.PathLike, output: str 
     written: ``FileNotFoundError`` or ``ValueError``, before the model loads). A single file that fails
     raises ``ValueError``. In a folder, files that fail (unreadable, empty, NaN) are logged, skipped
     and listed in the report; a folder without audio files is a ``ValueError``. An output that cannot
-    be written (a full disk) stops the run: a :class:`~audiotok.io.StorageError`. In a folder, outputs
+    be written (a full disk) stops the run: a :class:`~audiotok.utils.io.StorageError`. In a folder, outputs
     an earlier run wrote with the same model and settings, newer than their input, are kept
     (``report.kept``) unless ``overwrite``. ``progress``: show tqdm bars, over the files of a folder and
     over the chunks of each file (``None``: only on a terminal).
@@ -207,7 +207,7 @@ def encode_path(tokenizer: ModelOrLoader, input: str | os.PathLike, output: str 
 
 
 def _save(code_file: CodeFile, path: Path, pack_10bit: bool) -> None:
-    """Write ``code_file`` to ``path``; a failure of the storage is a :class:`~audiotok.io.StorageError`."""
+    """Write ``code_file`` to ``path``; a failure of the storage is a :class:`~audiotok.utils.io.StorageError`."""
     with storage_errors(path):
         code_file.save(path, pack_10bit)
 
@@ -351,7 +351,7 @@ def decode_path(input: str | os.PathLike, output: str | os.PathLike, tokenizer: 
     skipped and listed in the report (for a single file: ``ValueError``); a folder without code files is
     a ``ValueError``. Audio is decoded and written piece by piece (:func:`decoded_blocks`), at a
     temporary name moved into place when complete; an output that cannot be written stops the run
-    (:class:`~audiotok.io.StorageError`).
+    (:class:`~audiotok.utils.io.StorageError`).
     """
     start = time.perf_counter()
     src, out = Path(input), Path(output)

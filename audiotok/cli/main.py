@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from .. import __version__
-from ..io import StorageError
-from ..untrusted import number_arg, one_line, shown
+from ..utils.io import StorageError
+from ..utils.untrusted import number_arg, one_line, shown
 
 if TYPE_CHECKING:
     from ..tokenizer import AudioTokenizer
@@ -92,8 +92,8 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..audio import AUDIO_EXTENSIONS, AUDIO_SUBTYPES
-    from ..checkpoint import STORAGE_DTYPES
-    from ..hub import describe_names
+    from ..weights.checkpoint import STORAGE_DTYPES
+    from ..weights.hub import describe_names
     from .modelinfo import CONVERT_FORMATS
 
     parser = _Parser(
@@ -193,8 +193,8 @@ def _load_options(args: argparse.Namespace) -> dict:
 
 def _model_loader(args: argparse.Namespace) -> Callable[[], AudioTokenizer]:
     """What loads ``--model`` with the runtime options, called once the inputs and outputs passed their checks."""
-    from ..distributed import rank_device
     from ..tokenizer import AudioTokenizer
+    from ..utils.distributed import rank_device
 
     device = rank_device(args.device)
     return lambda: AudioTokenizer.from_pretrained(args.model, device=device, **_load_options(args))
@@ -211,8 +211,8 @@ def _finish(report: BatchReport, verb: str, single: bool, quiet: int) -> int:
 def _file_line(report: BatchReport, verb: str) -> str:
     """``encoded a.flac -> a.atok: 3.20 s of audio, 240 frames x 10 codebooks (7.50 kbps), Nx real time``
     for a run on one file (and its code file's ``x C channels`` when coded per channel)."""
-    from ..codefile import read_header
-    from ..config import bitrate
+    from ..formats.codefile import read_header
+    from ..nn.config import bitrate
 
     src, dst = report.done[0]
     header = read_header(dst if verb == "encoded" else src)
@@ -234,7 +234,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
-    from ..distributed import rank_device
+    from ..utils.distributed import rank_device
     from .files import decode_path
 
     loader = None if args.model is None else _model_loader(args)
@@ -245,9 +245,9 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from ..codedataset import is_code_dataset
-    from ..codefile import SUFFIX
-    from ..hub import describe_names
+    from ..formats.codedataset import is_code_dataset
+    from ..formats.codefile import SUFFIX
+    from ..weights.hub import describe_names
     from .modelinfo import code_dataset_info, code_file_info, model_info
 
     path = Path(args.source or "").expanduser()

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import detect_format, storage_dtype
-from ..codefile import CodeFile, read_header
-from ..hub import ALIASES, resolve
+from ..formats.codefile import CodeFile, read_header
 from ..tokenizer import AudioTokenizer
+from ..weights.checkpoint import detect_format, storage_dtype
+from ..weights.hub import ALIASES, resolve
 
 #: Checkpoint formats :func:`convert_model` writes.
 CONVERT_FORMATS = ("audiotok", "transformers", "original")
@@ -82,11 +82,11 @@ def code_file_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def code_dataset_info(path: str | os.PathLike, max_records: int = 2000) -> dict[str, Any]:
-    """What a language model will see in a code dataset (a folder or URL, :mod:`audiotok.codedataset`): its
+    """What a language model will see in a code dataset (a folder or URL, :mod:`audiotok.formats.codedataset`): its
     writer, size and token rate, and per codebook the distinct codes, the perplexity (``2 ** H``) and
     the entropy in bits of the code histogram over the first ``max_records`` records (every channel
     of a per-channel record counts)."""
-    from ..codedataset import CodeDataset
+    from ..formats.codedataset import CodeDataset
     from ..metrics import codebook_utilization
 
     if max_records < 1:
@@ -130,7 +130,7 @@ def convert_model(source: str | os.PathLike | None, dst: str | os.PathLike, to: 
     a ``.pth`` file. The copy keeps the source's model id (which code files it writes record) unless
     ``model_id`` is given. ``dtype`` (``"fp16"``, ``"bf16"``, ``"fp32"`` or a torch dtype): the
     precision the weights are stored in (default: float32, as loaded); see
-    :func:`~audiotok.checkpoint.cast_weights`.
+    :func:`~audiotok.weights.checkpoint.cast_weights`.
     """
     dtype = storage_dtype(dtype)
     if to not in CONVERT_FORMATS:

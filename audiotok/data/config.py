@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..config import check_keys
-from ..urls import is_url
+from ..nn.config import check_keys
+from ..utils.urls import is_url
 from .dataset import Excerpt, ExcerptDataset, SourceGroup, build_validation_set
 from .resident import ResidentAudio, ResidentBatches, available_cpus
 from .sources import (
@@ -98,7 +98,7 @@ def build_sources(spec: Mapping[str, Any]) -> list[AudioSource]:
       further keys go to ``load_dataset``)
     * ``{"type": "webdataset", "urls": ..., "audio_keys": [...], "size": ..., "storage_options": {...}}``
 
-    ``storage_options``: options of the fsspec filesystem of URL inputs (see :mod:`audiotok.urls`).
+    ``storage_options``: options of the fsspec filesystem of URL inputs (see :mod:`audiotok.utils.urls`).
     * ``{"type": "manifest", "path": ..., "split": "train", "group": "speech"}`` (``group``: one
       name or a list, of :data:`MANIFEST_GROUPS` values; ``path`` may be a glob over several
       manifest folders, such as the parts :func:`~audiotok.data.pack.pack_manifest` writes)

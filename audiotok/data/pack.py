@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..audio import downmix, resample
-from ..io import atomic_write
+from ..utils.io import atomic_write
 from .sources import DecodeError, SkipCounter, decode_file
 
 log = logging.getLogger("audiotok.data")

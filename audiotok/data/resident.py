@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from ..audio import audio_fault, downmix, resample
-from ..workers import die_with_parent
+from ..utils.workers import die_with_parent
 from .dataset import SourceGroup, mixture
 from .sources import AudioSource, DecodeError
 from .transforms import ABSOLUTE_GATE

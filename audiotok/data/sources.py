@@ -49,7 +49,7 @@ from ..audio import (
     read_audio_bytes,
     to_float_array,
 )
-from ..urls import glob_url, is_url, list_url, local_path, scheme, url_to_fs
+from ..utils.urls import glob_url, is_url, list_url, local_path, scheme, url_to_fs
 from .transforms import ArrayClip, Clip
 
 logger = logging.getLogger(__name__)
@@ -332,7 +332,7 @@ class AudioFolderSource(AudioFileSource):
 
 
 class URLFolderSource(AudioSource):
-    """The audio files under an fsspec URL (``s3://bucket/corpus``, see :mod:`audiotok.urls`),
+    """The audio files under an fsspec URL (``s3://bucket/corpus``, see :mod:`audiotok.utils.urls`),
     listed once as :class:`AudioFolderSource` lists a folder (recursive, sorted, hidden files left
     out, by extension); each file is read whole and decoded in memory. Keys are paths relative to
     ``root``; ``keep``: sidecar extensions, as :class:`AudioFolderSource`.
@@ -605,7 +605,7 @@ def expand_urls(urls: str | Iterable[str], storage_options: dict[str, Any] | Non
 class WebDatasetSource(AudioSource):
     """Tar shards in WebDataset layout (members ``KEY.EXT`` grouped by key): local paths, ``pipe:``
     and ``http(s)://`` opened by ``webdataset.gopen``, other URLs (``s3://``, ``gs://``, ``hf://``
-    ...) streamed with fsspec, made with ``storage_options`` (:mod:`audiotok.urls`).
+    ...) streamed with fsspec, made with ``storage_options`` (:mod:`audiotok.utils.urls`).
 
     The first member whose extension (last dotted part, lower case) is in ``audio_keys`` is
     decoded with soundfile. A sample without one is skipped as ``noaudio``; an unreadable shard

@@ -18,8 +18,8 @@ Patterns (:class:`CodebookPattern`) for codes ``[K, F]``:
 Needs ``pyarrow`` (the ``data`` extra) to read Parquet shards.
 """
 
-from ..codedataset import FORMAT_NAME as FORMAT
-from ..codedataset import FORMAT_VERSION, CodeDataset, CodeRecord
+from ..formats.codedataset import FORMAT_NAME as FORMAT
+from ..formats.codedataset import FORMAT_VERSION, CodeDataset, CodeRecord
 from ..identity import CodecIdentity
 from .dataset import LMTokenDataset
 from .packing import IGNORE_INDEX, pack_sequences, pad_to_length

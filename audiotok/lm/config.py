@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import check_keys
+from ..nn.config import check_keys
 from ..train.config import apply_overrides, read_config_dict, strict_section
-from ..untrusted import check_number
+from ..utils.untrusted import check_number
 from .prior import PriorConfig
 
 #: Longest training example (``train.seq_len``, steps).
@@ -23,7 +23,7 @@ MAX_SEQ_LEN = 1 << 20
 
 
 def _check_bounds(section: Any, name: str, **bounds: dict[str, float]) -> None:
-    """:func:`~audiotok.untrusted.check_number` on fields of a config section (integers where the field
+    """:func:`~audiotok.utils.untrusted.check_number` on fields of a config section (integers where the field
     is an ``int``), before anything is allocated."""
     types = typing.get_type_hints(type(section))
     for field_name, limits in bounds.items():

@@ -1,4 +1,4 @@
-"""Feeding code datasets (read by :class:`audiotok.codedataset.CodeDataset`) to a language model."""
+"""Feeding code datasets (read by :class:`audiotok.formats.codedataset.CodeDataset`) to a language model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..codedataset import CodeDataset, CodeRecord
+from ..formats.codedataset import CodeDataset, CodeRecord
 from .packing import pack_sequences
 from .patterns import CodebookPattern
 from .vocab import CodeVocabulary

@@ -21,7 +21,7 @@ A prior is saved as one folder::
     model.safetensors  the weights
     text_tokenizer/    the transformers tokenizer, for "kind": "transformers"
 
-The codec's ``config_hash`` and ``codes_fingerprint`` (the :func:`~audiotok.checkpoint.codes_fingerprint`
+The codec's ``config_hash`` and ``codes_fingerprint`` (the :func:`~audiotok.weights.checkpoint.codes_fingerprint`
 of the encoder and quantizer weights that wrote the training codes, from the code dataset's manifest)
 tie the prior to the codec whose codes it models: decoding its samples with another architecture, or
 with the same architecture and other weights, is refused (:meth:`CodePrior.check_codec`), and so is
@@ -46,16 +46,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LIMITS, DACConfig, check_keys
 from ..identity import CodecIdentity
-from ..untrusted import OptionalEntry, check_number, check_shape, read_json, shown
+from ..nn.config import LIMITS, DACConfig, check_keys
+from ..utils.untrusted import OptionalEntry, check_number, check_shape, read_json, shown
 from .packing import IGNORE_INDEX
 from .patterns import CodebookPattern
 from .text import MAX_TEXT_LEN, TextTokenizer
 from .vocab import CodeVocabulary
 
 if TYPE_CHECKING:
-    from ..codedataset import CodeDataset
+    from ..formats.codedataset import CodeDataset
 
 FORMAT = "audiotok-prior"
 FORMAT_VERSION = 1

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..untrusted import check_number
+from ..utils.untrusted import check_number
 from .patterns import CodebookPattern
 from .prior import CodePrior
 

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..codedataset import CodeDataset, CodeRecord
-from ..distributed import DistEnv, gather_objects
-from ..workers import stop_workers, worker_init
+from ..formats.codedataset import CodeDataset, CodeRecord
+from ..utils.distributed import DistEnv, gather_objects
+from ..utils.workers import stop_workers, worker_init
 
 Example = dict[str, torch.Tensor]
 T = TypeVar("T")
@@ -114,7 +114,7 @@ class ExampleBatches:
             readers = _Readers(self.codes, self.source, [self.seed, self.env.rank], self.window,
                                [list(p) for p in self.positions], self.next)
             # its own generator: starting the loader must not draw from torch's global RNG (dropout); workers
-            # end with this process and leave SIGTERM and SIGINT to it (audiotok.workers)
+            # end with this process and leave SIGTERM and SIGINT to it (audiotok.utils.workers)
             loader = DataLoader(readers, batch_size=None, num_workers=self.num_workers, generator=torch.Generator(),
                                 worker_init_fn=worker_init(ignore_stop_signals=True))
             self._items = iter(loader)

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..untrusted import check_number
+from ..utils.untrusted import check_number
 from .packing import pad_to_length
 from .patterns import CodebookPattern
 
 if TYPE_CHECKING:
-    from ..codedataset import CodeDataset, CodeRecord
+    from ..formats.codedataset import CodeDataset, CodeRecord
     from .vocab import CodeVocabulary
 
 BYTES = "bytes"

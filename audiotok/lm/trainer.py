@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..codedataset import CodeDataset
-from ..distributed import init_training
+from ..formats.codedataset import CodeDataset
 from ..train.harness import Run, stop_control
 from ..train.media import PRIOR_SAMPLES, PriorSamples, count
 from ..train.state import check_resumable
+from ..utils.distributed import init_training
 from .config import PriorTrainConfig
 from .dataset import LMTokenDataset
 from .prior import CodePrior, check_codes, prior_codec, read_prior_config

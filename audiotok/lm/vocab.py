@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from ..config import DACConfig
+from ..nn.config import DACConfig
 from .patterns import CodebookPattern, apply_pattern, as_int64, invert_pattern
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)

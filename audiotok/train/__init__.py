@@ -1,7 +1,7 @@
 """Training components: the Improved RVQGAN discriminator and the training losses (the spectral
-ones, shared with evaluation, live in :mod:`audiotok.distances` and are re-exported here)."""
+ones, shared with evaluation, live in :mod:`audiotok.nn.distances` and are re-exported here)."""
 
-from ..distances import (
+from ..nn.distances import (
     ComplexSTFTLoss,
     MelSpectrogram,
     MelSpectrogramLoss,

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ..config import DACConfig, check_keys
+from ..nn.config import DACConfig, check_keys
 from .discriminator import MPD_CHANNELS, MRD_CHANNELS, Discriminator
 
 
@@ -77,7 +77,7 @@ class LossConfig:
 
     Beyond the paper (both off by default): ``waveform`` weighs the L1 distance of the waveforms and
     ``complex_stft`` the multi-resolution power-law compressed complex STFT loss
-    (:class:`~audiotok.distances.ComplexSTFTLoss`: windows ``complex_stft_window_lengths``, compression
+    (:class:`~audiotok.nn.distances.ComplexSTFTLoss`: windows ``complex_stft_window_lengths``, compression
     ``complex_stft_pow``, compressed-magnitude term weighted ``complex_stft_mag_weight`` beside the
     complex term), the losses that see phase.
     """

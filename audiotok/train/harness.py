@@ -38,9 +38,9 @@ from typing import Any, Protocol
 import torch
 import yaml
 
-from ..distributed import DistEnv, barrier, shutdown
-from ..io import atomic_write
-from ..untrusted import check_number, shown
+from ..utils.distributed import DistEnv, barrier, shutdown
+from ..utils.io import atomic_write
+from ..utils.untrusted import check_number, shown
 from .media import stop_reason, summary_line, train_line, validation_line
 from .state import newest_checkpoint, save_checkpoint
 from .stopping import StopControl, parse_duration

@@ -1,4 +1,4 @@
-"""The least-squares GAN losses of the Improved RVQGAN (the spectral losses are in :mod:`audiotok.distances`)."""
+"""The least-squares GAN losses of the Improved RVQGAN (the spectral losses are in :mod:`audiotok.nn.distances`)."""
 
 from __future__ import annotations
 

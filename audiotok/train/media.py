@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..distances import MelSpectrogram
-from ..untrusted import shown
+from ..nn.distances import MelSpectrogram
+from ..utils.untrusted import shown
 
 if TYPE_CHECKING:
     from ..data.dataset import Excerpt
     from ..lm.prior import CodePrior
-    from ..model import DAC
+    from ..nn.model import DAC
     from .stopping import StopControl
 
 #: Validation excerpts logged per validation group (the first ones of the group).
@@ -71,7 +71,7 @@ def colourize(values: np.ndarray) -> np.ndarray:
 
 class MelImage:
     """Log-mel spectrograms drawn side by side, as an image for ``SummaryWriter.add_image(...,
-    dataformats="HWC")``: :class:`~audiotok.distances.MelSpectrogram` (window about 46 ms, hop a
+    dataformats="HWC")``: :class:`~audiotok.nn.distances.MelSpectrogram` (window about 46 ms, hop a
     quarter of it, ``n_mels`` bands), in dB, on one scale for all (the loudest cell at the top of the
     colour map, :data:`DB_RANGE` below it at the bottom), low frequencies at the bottom, a white
     column between spectrograms, every band ``scale`` pixels high."""

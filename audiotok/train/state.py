@@ -50,9 +50,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from ..checkpoint import weight_mismatches
-from ..io import atomic_write, fsync_dir, fsync_file
-from ..untrusted import parse_json
+from ..utils.io import atomic_write, fsync_dir, fsync_file
+from ..utils.untrusted import parse_json
+from ..weights.checkpoint import weight_mismatches
 
 log = logging.getLogger("audiotok.train")
 
@@ -179,7 +179,7 @@ def save_checkpoint(run: str | os.PathLike, state: dict[str, Any], write: Callab
                     milestone: bool = False) -> Path:
     """Save the checkpoint of step ``state["step"]`` and point ``latest`` (and ``best``, and a milestone
     link ``step_<N>`` when asked) at it; returns its folder. ``write(folder)`` writes the model's files
-    (e.g. :func:`~audiotok.checkpoint.save_folder`); the training state goes beside them as
+    (e.g. :func:`~audiotok.weights.checkpoint.save_folder`); the training state goes beside them as
     ``train_state.pt``. See the module docstring for the order of operations that makes this crash safe."""
     run = Path(run)
     step = int(state["step"])

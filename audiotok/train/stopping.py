@@ -51,7 +51,7 @@ from time import monotonic
 from types import FrameType, TracebackType
 from typing import Any
 
-from ..distributed import DistEnv, max_over_ranks
+from ..utils.distributed import DistEnv, max_over_ranks
 
 log = logging.getLogger("audiotok.train")
 

@@ -18,15 +18,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from ..checkpoint import Checkpoint, load_checkpoint, load_weights, save_folder
-from ..config import DACConfig
-from ..distances import ComplexSTFTLoss, MelSpectrogramLoss, MultiScaleSTFTLoss, si_sdr
-from ..distributed import barrier, init_training
-from ..hub import resolve
-from ..layers import use_fused_snake
 from ..metrics import codebook_utilization
-from ..model import DAC
-from ..workers import stop_workers, worker_init
+from ..nn.config import DACConfig
+from ..nn.distances import ComplexSTFTLoss, MelSpectrogramLoss, MultiScaleSTFTLoss, si_sdr
+from ..nn.layers import use_fused_snake
+from ..nn.model import DAC
+from ..utils.distributed import barrier, init_training
+from ..utils.workers import stop_workers, worker_init
+from ..weights.checkpoint import Checkpoint, load_checkpoint, load_weights, save_folder
+from ..weights.hub import resolve
 from .config import TrainConfig
 from .discriminator import Discriminator, FeatureMaps
 from .harness import Run, stop_control

@@ -1,4 +1,4 @@
-"""Parquet shards of a code dataset: the schema, the writer and the reader (see :mod:`audiotok.codedataset`)."""
+"""Parquet shards of a code dataset: the schema, the writer and the reader (see :mod:`audiotok.formats.codedataset`)."""
 
 from __future__ import annotations
 
@@ -9,23 +9,23 @@ from typing import IO, Any
 
 import numpy as np
 
-from ..untrusted import OptionalEntry, parse_json
+from ...utils.untrusted import OptionalEntry, parse_json
 from .records import RECORD_FIELDS, CodeRecord, ShardWriter, check_record, damaged
 
 #: Prefix of the Parquet columns that hold kept metadata: ``meta.{field}``.
 METADATA_COLUMN_PREFIX = "meta."
-#: The Parquet key-value metadata ``audiotok`` (:func:`~audiotok.codedataset.manifest.dataset_metadata`;
+#: The Parquet key-value metadata ``audiotok`` (:func:`~audiotok.formats.codedataset.manifest.dataset_metadata`;
 #: entries missing in older shards).
 PARQUET_METADATA_SHAPE = {k: OptionalEntry(v) for k, v in {
     "model_id": str, "config_hash": str, "codes_fingerprint": (str, type(None)), "sample_rate": int,
     "hop_length": int, "frame_rate": float, "n_quantizers": int, "codebook_size": int, "mono": bool}.items()}
 #: Key of the Parquet key-value metadata entry that holds
-#: :func:`~audiotok.codedataset.manifest.dataset_metadata` (JSON).
+#: :func:`~audiotok.formats.codedataset.manifest.dataset_metadata` (JSON).
 PARQUET_METADATA_KEY = "audiotok"
 
 
 def parquet_schema(mono: bool = True, metadata: dict[str, Any] | None = None, kept_fields: tuple[str, ...] = ()):
-    """Columns of a Parquet shard (see :mod:`audiotok.codedataset`): ``codes`` is a nested list of uint16,
+    """Columns of a Parquet shard (see :mod:`audiotok.formats.codedataset`): ``codes`` is a nested list of uint16,
     ``[K][F]`` (``mono``) or ``[C][K][F]``; ``metadata`` goes to the key-value metadata as JSON."""
     import pyarrow as pa
 
@@ -60,7 +60,7 @@ def nested_list_array(arrays: list[np.ndarray]):
 
 class ParquetShardWriter(ShardWriter):
     """Parquet: one row per record, written in row groups of ``row_group_records`` rows (or about
-    ``row_group_bytes`` of codes); ``metadata`` (:func:`~audiotok.codedataset.manifest.dataset_metadata`)
+    ``row_group_bytes`` of codes); ``metadata`` (:func:`~audiotok.formats.codedataset.manifest.dataset_metadata`)
     in the key-value metadata."""
 
     suffix = ".parquet"
@@ -152,7 +152,7 @@ def _pop_kept(row: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
 def read_parquet(path: str | os.PathLike, fileobj: IO[bytes] | None = None,
                  expected: dict[str, Any] | None = None) -> Iterator[CodeRecord]:
     """The records of the Parquet shard ``path`` (read from ``fileobj``, seekable, when given), each
-    checked (:func:`~audiotok.codedataset.records.check_record`), after the shard's own metadata."""
+    checked (:func:`~audiotok.formats.codedataset.records.check_record`), after the shard's own metadata."""
     import pyarrow as pa
 
     with damaged(path, (pa.ArrowException,)):

@@ -1,5 +1,5 @@
 """A code-dataset record: its fields, key and checks, and the base of the shard writers (see
-:mod:`audiotok.codedataset`)."""
+:mod:`audiotok.formats.codedataset`)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..audio import AUDIO_EXTENSIONS
-from ..codes import check_frames
-from ..io import replace_durably, temp_path
-from ..untrusted import OptionalEntry, check_number, check_shape
+from ...audio import AUDIO_EXTENSIONS
+from ...codes import check_frames
+from ...utils.io import replace_durably, temp_path
+from ...utils.untrusted import OptionalEntry, check_number, check_shape
 
 #: Per-record metadata fields, in the order they are written (WebDataset ``{key}.json``).
 RECORD_FIELDS = ("key", "source_key", "num_samples", "sample_rate", "n_frames", "channels", "model_id")
@@ -85,7 +85,7 @@ class CodeRecord:
 
 def check_record(record: CodeRecord, shard: str | os.PathLike, expected: dict[str, Any] | None) -> CodeRecord:
     """``record``, unless its codes or fields disagree with each other or with ``expected`` (the
-    :meth:`Manifest.shard_metadata <audiotok.codedataset.manifest.Manifest.shard_metadata>` of its dataset,
+    :meth:`Manifest.shard_metadata <audiotok.formats.codedataset.manifest.Manifest.shard_metadata>` of its dataset,
     when known): then ``ValueError`` naming the shard and record."""
     codes, meta, where = record.codes, record.meta, f"{shard}: record {record.key!r}"
     check_codes(codes, where)
@@ -126,11 +126,11 @@ def damaged(path: str | os.PathLike, errors: tuple[type[BaseException], ...]) ->
 
 class ShardWriter:
     """Base class: records are added to a temporary file; :meth:`close` moves it into place.
-    ``metadata`` (:func:`~audiotok.codedataset.manifest.dataset_metadata`) is stored where the shard type
+    ``metadata`` (:func:`~audiotok.formats.codedataset.manifest.dataset_metadata`) is stored where the shard type
     has room for it; ``kept_fields`` are the kept metadata fields every record carries (see
-    :mod:`audiotok.codedataset`). ``staged=True``: ``path`` is itself a staging file
-    (:meth:`audiotok.store.Store.staging_path`) written directly and left there by :meth:`close`, for
-    the caller to publish (:meth:`~audiotok.store.Store.put_file`).
+    :mod:`audiotok.formats.codedataset`). ``staged=True``: ``path`` is itself a staging file
+    (:meth:`audiotok.utils.store.Store.staging_path`) written directly and left there by :meth:`close`, for
+    the caller to publish (:meth:`~audiotok.utils.store.Store.put_file`).
 
     A context manager: the block closes the shard when it ends, or aborts it on an error::
 

@@ -1,5 +1,5 @@
 """The shards of a code dataset: their names, and the writer and reader of each shard type (see
-:mod:`audiotok.codedataset`)."""
+:mod:`audiotok.formats.codedataset`)."""
 
 from __future__ import annotations
 

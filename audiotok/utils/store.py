@@ -1,4 +1,4 @@
-"""Where a code dataset lives: every file operation on one, reading (:class:`audiotok.codedataset.CodeDataset`)
+"""Where a code dataset lives: every file operation on one, reading (:class:`audiotok.formats.codedataset.CodeDataset`)
 or writing (a bulk job, :mod:`audiotok.bulk`), goes through a :class:`Store`.
 
 A store is a root (a local folder, :class:`LocalStore`, or an fsspec URL such as ``s3://bucket/codes``,
@@ -10,7 +10,7 @@ relative to it. The guarantees a writer relies on:
 * a file is built locally at :meth:`Store.staging_path` and published with :meth:`Store.put_file`
   (on a local store that is a rename in the same folder, on an object store one upload);
 * a failure of the storage itself (a full disk, permission denied, an unreachable object store) is
-  an :class:`audiotok.io.StorageError` naming the file, whatever the store;
+  an :class:`audiotok.utils.io.StorageError` naming the file, whatever the store;
 * there is no exclusive create or compare-and-swap (object stores do not all have one): a job's
   correctness must not depend on it, only on outputs being deterministic, so that two processes
   writing the same name write the same content.
@@ -95,7 +95,7 @@ class Store:
         return ()
 
     def read_json(self, name: str, shape: Shape) -> Any:
-        """The JSON file ``name``, checked to have ``shape`` (:func:`audiotok.untrusted.parse_json`)."""
+        """The JSON file ``name``, checked to have ``shape`` (:func:`audiotok.utils.untrusted.parse_json`)."""
         return parse_json(self.read_bytes(name), f"{self.url}/{name}", shape)
 
     def write_json(self, name: str, obj: Any) -> None:
@@ -106,8 +106,8 @@ class Store:
 
 
 class LocalStore(Store):
-    """A folder on a local or shared filesystem; writes are durable (:mod:`audiotok.io`). An ``OSError``
-    of the file system (a full disk, permission denied) is a :class:`~audiotok.io.StorageError`."""
+    """A folder on a local or shared filesystem; writes are durable (:mod:`audiotok.utils.io`). An ``OSError``
+    of the file system (a full disk, permission denied) is a :class:`~audiotok.utils.io.StorageError`."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -172,7 +172,7 @@ class LocalStore(Store):
 
 class FsspecStore(Store):
     """A location of an fsspec filesystem (``s3://bucket/codes``, ``gs://...``, ``hf://...``; see
-    :mod:`audiotok.urls`): an object store, where a single upload is atomic.
+    :mod:`audiotok.utils.urls`): an object store, where a single upload is atomic.
 
     Files are built in a local staging folder (under ``TMPDIR``, removed with the store; a killed
     process's by :meth:`clean_staging` on the same machine) and uploaded whole by :meth:`put_file`;
@@ -183,7 +183,7 @@ class FsspecStore(Store):
     ``AbortIncompleteMultipartUpload`` drops them). On the Hugging Face hub every upload is a
     commit. Listings are read afresh on each call (fsspec's listing cache is cleared), since other
     processes write to the same location. Any error of the filesystem (a connection refused, a
-    timeout, a denied request: fsspec raises many types) is a :class:`~audiotok.io.StorageError`;
+    timeout, a denied request: fsspec raises many types) is a :class:`~audiotok.utils.io.StorageError`;
     ``FileNotFoundError`` stays what it is.
 
     Args:
@@ -219,7 +219,7 @@ class FsspecStore(Store):
         return f"{self.root}/{check_name(name)}"
 
     def _errors(self, name: str = "") -> AbstractContextManager[None]:
-        """Any error of the filesystem in the block as a :class:`~audiotok.io.StorageError` naming ``name``."""
+        """Any error of the filesystem in the block as a :class:`~audiotok.utils.io.StorageError` naming ``name``."""
         return storage_errors(f"{self.url}/{name}" if name else self.url, (Exception,))
 
     def exists(self, name: str) -> bool:

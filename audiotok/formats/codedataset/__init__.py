@@ -3,17 +3,17 @@
 This package is the format's only implementation; :mod:`audiotok.bulk` writes with it and every
 reader (:mod:`audiotok.lm`, the ``audiotok info`` command, users) reads with :class:`CodeDataset`:
 
-* :mod:`~audiotok.codedataset.manifest`: the typed manifest (:class:`Manifest`, the only place its
+* :mod:`~audiotok.formats.codedataset.manifest`: the typed manifest (:class:`Manifest`, the only place its
   file name is spelled) and the metadata every shard carries (:func:`dataset_metadata`);
-* :mod:`~audiotok.codedataset.records`: a record (:class:`CodeRecord`), its fields, keys and checks,
+* :mod:`~audiotok.formats.codedataset.records`: a record (:class:`CodeRecord`), its fields, keys and checks,
   and the base of the shard writers (context managers: a shard is published when the block ends, dropped
   on an error);
-* :mod:`~audiotok.codedataset.tar` and :mod:`~audiotok.codedataset.parquet`: one shard type each,
+* :mod:`~audiotok.formats.codedataset.tar` and :mod:`~audiotok.formats.codedataset.parquet`: one shard type each,
   writer and reader;
-* :mod:`~audiotok.codedataset.shards`: shard names, and the writer and reader of each shard type;
-* :mod:`~audiotok.codedataset.dataset`: :class:`CodeDataset`, the reader.
+* :mod:`~audiotok.formats.codedataset.shards`: shard names, and the writer and reader of each shard type;
+* :mod:`~audiotok.formats.codedataset.dataset`: :class:`CodeDataset`, the reader.
 
-Files are read and written through :mod:`audiotok.store` (a local folder or an fsspec URL).
+Files are read and written through :mod:`audiotok.utils.store` (a local folder or an fsspec URL).
 
 Format (``format_version`` 3)
 =============================
@@ -38,7 +38,7 @@ object store (``s3://bucket/codes``), read and written with fsspec.
 
 ``path`` is relative to the folder; ``frames`` is the sum of the records' ``n_frames``;
 ``audio_hours`` is the duration of the source audio of all records. ``codes_fingerprint`` is the
-:func:`audiotok.checkpoint.codes_fingerprint` of the encoder and quantizer weights that wrote the codes
+:func:`audiotok.weights.checkpoint.codes_fingerprint` of the encoder and quantizer weights that wrote the codes
 (16 lowercase hex digits): a model of the same architecture with another fingerprint has other
 codebooks, so readers refuse to pair the codes with it (:meth:`CodeDataset.check_codec`, priors;
 :class:`audiotok.identity.CodecIdentity`). Datasets written before audiotok recorded it have no
@@ -90,9 +90,9 @@ Readers check every record against the manifest (see :func:`read_shard`): its ``
 dropped into a dataset is refused; a shard listed twice in a manifest is refused; a truncated shard is
 an error naming it.
 
-Every shard is written to a temporary file and moved into place atomically (:func:`audiotok.io.replace_durably`;
-the bulk tokenizer builds it at :meth:`audiotok.store.Store.staging_path` and publishes it with
-:meth:`~audiotok.store.Store.put_file`), so a reader (or a resumed job) sees the whole file or none
+Every shard is written to a temporary file and moved into place atomically (:func:`audiotok.utils.io.replace_durably`;
+the bulk tokenizer builds it at :meth:`audiotok.utils.store.Store.staging_path` and publishes it with
+:meth:`~audiotok.utils.store.Store.put_file`), so a reader (or a resumed job) sees the whole file or none
 of it; ``manifest.json`` is written last.
 """
 

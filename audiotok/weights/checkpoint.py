@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .codes import check_fingerprint
-from .config import DACConfig
-from .model import DAC
-from .untrusted import OptionalEntry, check_shape, read_json
+from ..codes import check_fingerprint
+from ..nn.config import DACConfig
+from ..nn.model import DAC
+from ..utils.untrusted import OptionalEntry, check_shape, read_json
 
 FORMAT_NAME = "audiotok"
 FORMAT_VERSION = 1

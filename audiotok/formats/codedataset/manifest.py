@@ -1,5 +1,5 @@
 """A code dataset's manifest, typed: what the folder holds and which codec wrote it (see
-:mod:`audiotok.codedataset`)."""
+:mod:`audiotok.formats.codedataset`)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import DACConfig
-from ..identity import CodecIdentity
-from ..store import Store
-from ..untrusted import OptionalEntry, check_shape, parse_json
+from ...identity import CodecIdentity
+from ...nn.config import DACConfig
+from ...utils.store import Store
+from ...utils.untrusted import OptionalEntry, check_shape, parse_json
 
 FORMAT_NAME = "audiotok-code-dataset"
 FORMAT_VERSION = 3
 #: The manifest's file name in the dataset folder (written last: a folder without it is no dataset yet).
 MANIFEST_NAME = "manifest.json"
 
-#: The entries of the manifest a reader uses (see :mod:`audiotok.codedataset`; other entries are not read).
+#: The entries of the manifest a reader uses (see :mod:`audiotok.formats.codedataset`; other entries are not read).
 MANIFEST_SHAPE = {
     "format": str, "format_version": int, "model_id": str, "config": dict, "config_hash": str,
     "codes_fingerprint": OptionalEntry((str, type(None))), "hop_length": int, "frame_rate": float,
@@ -35,7 +35,7 @@ def dataset_metadata(codec: CodecIdentity, config: DACConfig, n_quantizers: int 
     """What a reader needs to interpret a shard's codes without the manifest: the model (``model_id``,
     ``config_hash``, ``codes_fingerprint``), the rates (``sample_rate``, ``hop_length``, ``frame_rate``)
     and the codes (``n_quantizers``, ``codebook_size``, ``mono``); stored in the shards
-    (:class:`~audiotok.codedataset.records.ShardWriter`). ``None``: a value the manifest does not record."""
+    (:class:`~audiotok.formats.codedataset.records.ShardWriter`). ``None``: a value the manifest does not record."""
     return {**codec.to_dict(), "sample_rate": config.sample_rate, "hop_length": config.hop_length,
             "frame_rate": config.frame_rate, "n_quantizers": n_quantizers, "codebook_size": config.codebook_size,
             "mono": mono}
@@ -52,7 +52,7 @@ class ShardEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A code dataset's manifest (:data:`MANIFEST_NAME`; the format is :mod:`audiotok.codedataset`).
+    """A code dataset's manifest (:data:`MANIFEST_NAME`; the format is :mod:`audiotok.formats.codedataset`).
 
     Attributes:
         codec: the model that wrote the codes; ``config`` its configuration (``hop_length`` and

@@ -1,5 +1,5 @@
 """Reading a code dataset: :class:`CodeDataset`, the one reader every caller uses (see
-:mod:`audiotok.codedataset`)."""
+:mod:`audiotok.formats.codedataset`)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import posixpath
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from ..config import DACConfig
-from ..identity import CodecIdentity
-from ..store import Store, open_store
-from ..untrusted import shown
+from ...identity import CodecIdentity
+from ...nn.config import DACConfig
+from ...utils.store import Store, open_store
+from ...utils.untrusted import shown
 from .manifest import MANIFEST_NAME, Manifest, ShardEntry
 from .records import CodeRecord
 from .shards import read_shard
 
 if TYPE_CHECKING:
-    from ..tokenizer import AudioTokenizer
+    from ...tokenizer import AudioTokenizer
 
 
 def is_code_dataset(location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> bool:
@@ -31,13 +31,13 @@ class CodeDataset:
     the manifest.
 
     Args:
-        path: the dataset folder, or its fsspec URL (``s3://bucket/codes``, see :mod:`audiotok.urls`;
+        path: the dataset folder, or its fsspec URL (``s3://bucket/codes``, see :mod:`audiotok.utils.urls`;
             shards are streamed from there).
         storage_options: options of the fsspec filesystem of a URL (credentials, ``endpoint_url`` ...).
 
     Attributes:
-        store: where the dataset is (:mod:`audiotok.store`).
-        manifest: its :class:`~audiotok.codedataset.manifest.Manifest`.
+        store: where the dataset is (:mod:`audiotok.utils.store`).
+        manifest: its :class:`~audiotok.formats.codedataset.manifest.Manifest`.
         shards: the shards this dataset reads (all, or one part after :meth:`split_by_rank`).
     """
 
@@ -79,7 +79,7 @@ class CodeDataset:
 
     @property
     def codes_fingerprint(self) -> str | None:
-        """The :func:`~audiotok.checkpoint.codes_fingerprint` of the weights that wrote the codes;
+        """The :func:`~audiotok.weights.checkpoint.codes_fingerprint` of the weights that wrote the codes;
         ``None`` for datasets written before the manifest recorded it."""
         return self.codec.codes_fingerprint
 

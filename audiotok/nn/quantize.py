@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codes import check_n_quantizers
+from ..codes import check_n_quantizers
 from .layers import wn_conv1d
 
 

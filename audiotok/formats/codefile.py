@@ -92,12 +92,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .codes import PACKED_10BIT_CODEBOOK_SIZE, check_10bit, check_frames, check_uint16, is_integer_dtype
-from .identity import CodecIdentity
-from .io import atomic_write
+from ..codes import PACKED_10BIT_CODEBOOK_SIZE, check_10bit, check_frames, check_uint16, is_integer_dtype
+from ..identity import CodecIdentity
+from ..utils.io import atomic_write
 
 if TYPE_CHECKING:
-    from .tokenizer import AudioTokenizer, EncodedAudio
+    from ..tokenizer import AudioTokenizer, EncodedAudio
 
 FORMAT_NAME = "audiotok-codes"
 FORMAT_VERSION = 1
@@ -194,7 +194,7 @@ class _CodeInfo:
         (:meth:`AudioTokenizer.check_codec <audiotok.tokenizer.AudioTokenizer.check_codec>`; when the
         file records their fingerprint); :class:`DisagreeingFields` if the file states rates or
         codebooks other than those of the model its ``config_hash`` names."""
-        from .tokenizer import ALLOW_OTHER_WEIGHTS
+        from ..tokenizer import ALLOW_OTHER_WEIGHTS
 
         tokenizer.check_codec(self.codec, "the file holds", allow_other_weights, ALLOW_OTHER_WEIGHTS)
         stated = {"sample_rate": (self.sample_rate, tokenizer.sample_rate),
@@ -364,7 +364,7 @@ class CodeFile(_CodeInfo):
 
     def to_encoded(self) -> EncodedAudio:
         """An :class:`~audiotok.tokenizer.EncodedAudio` with one batch item per coded channel."""
-        from .tokenizer import EncodedAudio
+        from ..tokenizer import EncodedAudio
 
         c, _, f = self.codes.shape
         return EncodedAudio(self.codes.clone(), torch.full((c,), f), torch.full((c,), self.num_samples),
@@ -403,7 +403,7 @@ class CodeFile(_CodeInfo):
         return save(tensors, metadata=self._metadata("10bit" if pack_10bit else "none"))
 
     def save(self, path: str | os.PathLike, pack_10bit: bool = False) -> Path:
-        """Write the file atomically (:func:`audiotok.io.atomic_write`).
+        """Write the file atomically (:func:`audiotok.utils.io.atomic_write`).
 
         Parent folders are created. A crash leaves either the old file or the new one, never a
         partial file at ``path``. Returns the path.

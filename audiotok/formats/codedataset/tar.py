@@ -1,4 +1,4 @@
-"""WebDataset tar shards of a code dataset: the writer and the reader (see :mod:`audiotok.codedataset`)."""
+"""WebDataset tar shards of a code dataset: the writer and the reader (see :mod:`audiotok.formats.codedataset`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from ..untrusted import parse_json
+from ...utils.untrusted import parse_json
 from .records import RECORD_FIELDS, CodeRecord, ShardWriter, check_record, damaged
 
 #: Tar member suffixes of a record: ``{key}.codes.npy``, ``{key}.meta.json`` (kept metadata, format 3)
@@ -75,7 +75,7 @@ def _split_member(name: str) -> tuple[str, str] | None:
 def read_tar(path: str | os.PathLike, fileobj: IO[bytes] | None = None,
              expected: dict[str, Any] | None = None) -> Iterator[CodeRecord]:
     """The records of the tar shard ``path`` (read from ``fileobj`` when given), each checked
-    (:func:`~audiotok.codedataset.records.check_record`)."""
+    (:func:`~audiotok.formats.codedataset.records.check_record`)."""
     with damaged(path, (tarfile.TarError, EOFError, zlib.error)):
         yield from _tar_records(path, fileobj, expected)
 

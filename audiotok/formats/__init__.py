@@ -1,0 +1,1 @@
+"""The files audiotok writes codes into: ``.atok`` code files and code datasets (manifest and shards)."""
