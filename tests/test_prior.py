@@ -143,8 +143,8 @@ def _audio_events(run):
 
 def test_prior_run_logs_decoded_samples_and_console_lines(codec_code_sets, codec_tok, tmp_path, caplog):
     pytest.importorskip("tensorboard")
+    from audiotok.lm.samples import PRIOR_SAMPLE_SECONDS
     from audiotok.lm.sampling import max_frames_for
-    from audiotok.train.media import PRIOR_SAMPLE_SECONDS
 
     run = tmp_path / "run"
     with caplog.at_level("INFO", logger="audiotok.lm"):

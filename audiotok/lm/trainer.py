@@ -10,7 +10,7 @@ for :data:`RESUME_MAY_CHANGE` (how long to train, how often to log, validate and
 whose training codes come from another codec (architecture or weights). The data continues from the
 position the checkpoint holds (:mod:`audiotok.lm.stream`). Only rank 0 logs, validates and writes: a
 console line per logged step and per validation, a closing summary, and at each validation two generated
-samples as audio in TensorBoard (:class:`~audiotok.train.media.PriorSamples`).
+samples as audio in TensorBoard (:class:`~audiotok.lm.samples.PriorSamples`).
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..formats.codedataset import CodeDataset
 from ..train.harness import Run, stop_control
-from ..train.media import PRIOR_SAMPLES, PriorSamples, count
+from ..train.media import count
 from ..train.state import check_resumable
 from ..utils.distributed import init_training
 from .config import PriorTrainConfig
 from .dataset import LMTokenDataset
 from .prior import CodePrior, check_codes, prior_codec, read_prior_config
+from .samples import PRIOR_SAMPLES, PriorSamples
 from .stream import ExampleBatches
 from .text import TextCodeDataset
 
@@ -105,7 +106,7 @@ def train_prior(config: PriorTrainConfig, save_path: str | Path, max_steps: int 
 class _PriorTask:
     """The prior's part of a run (a :class:`~audiotok.train.harness.Task`): the prior, its optimizer and
     data, built and resumed from ``run.found``, and its step. Rank 0 writes two generated samples as audio
-    in TensorBoard at each validation (:class:`~audiotok.train.media.PriorSamples`)."""
+    in TensorBoard at each validation (:class:`~audiotok.lm.samples.PriorSamples`)."""
 
     train_shown: Sequence[str] = ("loss",)
     validation_shown: Mapping[str, str] = {"loss": "{:.4f}"}

@@ -10,13 +10,7 @@ TensorBoard media (rank 0, at each validation; nothing when TensorBoard is not i
   ``val_audio/<group>/<i>/input``, does not change and is written once per launch, at its first
   validation. Cost: one more generator pass over these few excerpts; the paper's base config (3 groups
   of 5 s excerpts at 44.1 kHz) adds about 1.3 MB of audio to the event file per validation.
-- Prior (:class:`PriorSamples`): :data:`PRIOR_SAMPLES` samples of at most :data:`PRIOR_SAMPLE_SECONDS`
-  each (fewer when the backbone has fewer positions), ``samples/<i>`` (audio), generated with the
-  training seed (so successive validations are comparable) and decoded with the codec the code dataset
-  names, loaded offline. Cost: ``PRIOR_SAMPLES`` generations of up to ``PRIOR_SAMPLE_SECONDS * frame
-  rate`` frames (one backbone step per frame, per code for the flatten pattern, with a key-value cache)
-  and their decoding, on the training device (under torchrun the other ranks wait meanwhile, as they
-  do for the validation).
+- Prior: generated samples, ``samples/<i>`` (:mod:`audiotok.lm.samples`).
 
 Console lines (the ``logging`` module; :func:`train_line`, :func:`validation_line`, :func:`summary_line`) come
 from the run harness (:mod:`audiotok.train.harness`).
@@ -24,7 +18,6 @@ from the run harness (:mod:`audiotok.train.harness`).
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -33,11 +26,9 @@ import numpy as np
 import torch
 
 from ..nn.distances import MelSpectrogram
-from ..utils.untrusted import shown
 
 if TYPE_CHECKING:
     from ..data.dataset import Excerpt
-    from ..lm.prior import CodePrior
     from ..nn.model import DAC
     from .stopping import StopControl
 
@@ -45,9 +36,6 @@ if TYPE_CHECKING:
 EXCERPTS_PER_GROUP = 1
 #: Longest audio logged per excerpt or sample (seconds).
 MEDIA_SECONDS = 10.0
-#: Generated samples a prior run logs per validation, and their longest duration (seconds).
-PRIOR_SAMPLES = 2
-PRIOR_SAMPLE_SECONDS = 4.0
 #: The dynamic range (dB) of the spectrogram images: lower values are drawn as the bottom colour.
 DB_RANGE = 80.0
 
@@ -96,7 +84,7 @@ class MelImage:
         return np.repeat(np.concatenate(parts, axis=1), self.scale, axis=0)
 
 
-def _clip(audio: torch.Tensor, sample_rate: int) -> torch.Tensor:
+def clip_audio(audio: torch.Tensor, sample_rate: int) -> torch.Tensor:
     """``[..., N]`` -> float32 ``[n]`` on the CPU: the first :data:`MEDIA_SECONDS`, in [-1, 1]."""
     return audio.detach().float().cpu().reshape(-1)[: round(MEDIA_SECONDS * sample_rate)].clamp(-1, 1)
 
@@ -123,76 +111,13 @@ def write_reconstructions(writer: Any, generator: DAC, excerpts: Sequence[tuple[
         for name, excerpt in excerpts:
             x = excerpt.audio
             y = generator(x[None].to(device))[0][0]  # [1, N]
-            x, y = _clip(x, rate), _clip(y, rate)
+            x, y = clip_audio(x, rate), clip_audio(y, rate)
             if with_inputs:
                 writer.add_audio(f"val_audio/{name}/input", x, step, sample_rate=rate)
             writer.add_audio(f"val_audio/{name}/reconstruction", y, step, sample_rate=rate)
             writer.add_image(f"val_mel/{name}", mel_image(x, y), step, dataformats="HWC")
     finally:
         generator.train()
-
-
-class PriorSamples:
-    """Samples of a prior in training, decoded to audio for TensorBoard (``samples/<i>``).
-
-    The codec is the one the prior's codes came from (``prior.codec.model_id``), loaded offline (a
-    folder, the bundled model, or a hub model in the local cache) on first use; when it cannot be
-    loaded, or is not the codec of the prior's codes, a warning says so once and no audio is written.
-    A failure while sampling or decoding is a warning too, after which no more samples are written:
-    samples never stop training. Text-conditioned priors are given the texts of the first records of
-    ``texts`` (the validation records), one per sample.
-    """
-
-    def __init__(self, prior: CodePrior, seed: int, device: torch.device, texts: Sequence[str] = (),
-                 n: int = PRIOR_SAMPLES, seconds: float = PRIOR_SAMPLE_SECONDS,
-                 log: logging.Logger | None = None):
-        self.prior, self.seed, self.device, self.n = prior, seed, device, n
-        self.texts = list(texts)
-        self.max_frames = max(1, round(seconds * prior.codec_config.frame_rate))
-        self.log = log or logging.getLogger("audiotok.lm")
-        self.codec: Any = None
-        self.off = n < 1
-
-    def _load_codec(self) -> Any:
-        from ..tokenizer import AudioTokenizer
-
-        model_id = self.prior.codec.model_id
-        try:
-            codec = AudioTokenizer.from_pretrained(model_id, device=self.device, local_files_only=True)
-            self.prior.check_codec(codec)
-        except Exception as e:  # any reason: samples are optional
-            self.off = True
-            self.log.warning("no audio samples in TensorBoard: the codec %r does not load offline or is not "
-                             "the codec of these codes (%s)", shown(model_id), shown(e))
-            return None
-        return codec
-
-    def write(self, writer: Any, step: int) -> None:
-        """Generate, decode and write the samples of ``step`` (the prior is put in eval mode meanwhile)."""
-        from ..lm.sampling import generate, max_frames_for
-
-        if self.off:
-            return
-        if self.codec is None:
-            self.codec = self._load_codec()
-            if self.codec is None:
-                return
-        training = self.prior.training
-        self.prior.eval()
-        try:
-            frames = min(self.max_frames, max_frames_for(self.prior) or self.max_frames)
-            for i in range(self.n):
-                text = self.texts[i] if self.prior.text is not None and i < len(self.texts) else None
-                codes = generate(self.prior, 1, text=text, max_frames=max(frames, 1), seed=self.seed + i).codes[0]
-                audio = self.codec.decode(codes)  # [1, 1, T]
-                writer.add_audio(f"samples/{i}", _clip(audio, self.codec.sample_rate), step,
-                                 sample_rate=self.codec.sample_rate)
-        except Exception as e:
-            self.off = True
-            self.log.warning("sampling for TensorBoard failed at step %d, no more samples this run: %s", step,
-                             shown(e))
-        finally:
-            self.prior.train(training)
 
 
 # -- console lines ---------------------------------------------------------------------------------
