@@ -99,10 +99,9 @@ class EncodePlan:
         batches: the forward passes: segments of ``items`` (:func:`audiotok.segments.make_batches`).
         frames: code frames per item.
         num_samples, sample_rate: of the input clips, as :class:`EncodedAudio` has them.
-        channels: coded channels per clip (1 when ``mono``).
         n_quantizers: codebooks coded.
         mono: channels averaged (codes ``[B, K, F]``), else coded one by one (``[B, C, K, F]``).
-        input_channels: each input clip's channel count before any downmix.
+        input_channels: each input clip's channel count before any downmix (all equal unless ``mono``).
         inputs: the passes' padded inputs made ahead (:meth:`AudioTokenizer.padded_inputs`), or ``None``.
     """
 
@@ -111,11 +110,15 @@ class EncodePlan:
     frames: list[int]
     num_samples: list[int]
     sample_rate: int
-    channels: int
     n_quantizers: int
     mono: bool
     input_channels: list[int]
     inputs: list[tuple[torch.Tensor, list[int]]] | None = None
+
+    @property
+    def channels(self) -> int:
+        """Coded channels per clip: 1 when ``mono``, else the clips' channel count."""
+        return 1 if self.mono else self.input_channels[0]
 
 
 class AudioTokenizer:
@@ -165,8 +168,8 @@ class AudioTokenizer:
                 speed (code lookups, the decoder's last block and its output layer always run in
                 fp32: half precision there adds an audible noise floor).
             compile: fuse every Snake activation into one kernel with ``torch.compile``, writing
-                into the same spent buffers as eager mode (on CPU, 1.5 to 1.6x the speed of
-                ``transformers.DacModel`` for encoding and 1.7 to 1.9x for decoding; needs a C++
+                into the same spent buffers as eager mode (on CPU, 1.5 to 1.8x the speed of
+                ``transformers.DacModel`` for encoding and 1.7 to 2.0x for decoding; needs a C++
                 compiler, or Triton on CUDA; seconds to compile once per process). Results differ from
                 eager mode in the last float bits.
             decoder_dtype: the decoder's dtype when it should differ from ``dtype``: codes depend on
@@ -429,8 +432,7 @@ class AudioTokenizer:
         chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
         frames = [self.num_frames(len(x)) for x in items]
         batches = make_batches(plan_segments(frames, chunk, context_frames(self.model)["encoder"]), max_frames)
-        plan = EncodePlan(items, batches, frames, num_samples, rate, 1 if mono else channels[0], n_quantizers, mono,
-                          channels)
+        plan = EncodePlan(items, batches, frames, num_samples, rate, n_quantizers, mono, channels)
         if pad:
             plan.inputs = list(self.padded_inputs(plan))
         return plan
