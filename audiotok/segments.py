@@ -1,7 +1,7 @@
 """Planning exact chunked, length-bucketed batches over sequences of frames.
 
 A long item is cut into chunks of frames; each chunk is computed with enough context frames on
-both sides (the network's receptive field, see :func:`audiotok.nn.model.context_frames`) that the
+both sides (the network's receptive field, see :attr:`audiotok.nn.model.DAC.context_frames`) that the
 frames it keeps equal those of the whole sequence. Chunks and short items are then grouped,
 longest first, into padded batches under a frame budget.
 """

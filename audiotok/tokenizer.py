@@ -20,7 +20,7 @@ from .codes import check_n_quantizers, is_integer_dtype
 from .identity import CodecIdentity
 from .nn.config import DACConfig
 from .nn.layers import use_channels_last, use_fused_snake
-from .nn.model import DAC, context_frames
+from .nn.model import DAC
 from .segments import Segment, make_batches, plan_segments
 from .utils.distributed import DistEnv
 from .utils.prefetch import prefetch
@@ -431,7 +431,7 @@ class AudioTokenizer:
         items, num_samples, rate, channels = self._prepare(audio, rates, mono)
         chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
         frames = [self.num_frames(len(x)) for x in items]
-        batches = make_batches(plan_segments(frames, chunk, context_frames(self.model)["encoder"]), max_frames)
+        batches = make_batches(plan_segments(frames, chunk, self.model.context_frames["encoder"]), max_frames)
         plan = EncodePlan(items, batches, frames, num_samples, rate, n_quantizers, mono, channels)
         if pad:
             plan.inputs = list(self.padded_inputs(plan))
@@ -611,7 +611,7 @@ class AudioTokenizer:
                      for n, f in zip(encoded.num_samples, encoded.lengths) for _ in range(channels)]
         chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
         audio = torch.zeros(len(frames), max(n_out))
-        segments = plan_segments(frames, chunk, context_frames(self.model)["decoder"])
+        segments = plan_segments(frames, chunk, self.model.context_frames["decoder"])
         for group in _progress(make_batches(segments, max_frames), progress, "decoding", self.frame_rate):
             size = max(s.size for s in group)
             x = torch.zeros(len(group), codes.shape[1], size, dtype=torch.long)
@@ -633,7 +633,7 @@ class AudioTokenizer:
     def stream_latency_frames(self) -> int:
         """Frames :meth:`decode_stream` waits for after a frame before it can give that frame's audio:
         the decoder's right context (10 frames for every published rate structure)."""
-        return context_frames(self.model)["decoder"][1]
+        return self.model.context_frames["decoder"][1]
 
     @property
     def stream_latency_ms(self) -> float:
@@ -663,7 +663,7 @@ class AudioTokenizer:
         """
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
-        left, right = context_frames(self.model)["decoder"]
+        left, right = self.model.context_frames["decoder"]
         hop = self.hop_length
         buffer: torch.Tensor | None = None  # [B, K, n]: frames from `start` on, kept for context
         start = done = 0  # absolute indices: first buffered frame, first frame not yet decoded

@@ -6,7 +6,7 @@ import torch
 from conftest import make_audio, random_tokenizer
 
 from audiotok.nn.config import DACConfig
-from audiotok.nn.model import DAC, context_frames, input_span
+from audiotok.nn.model import DAC, input_span
 from audiotok.segments import make_batches, plan_segments
 
 INF = float("inf")
@@ -65,7 +65,7 @@ def test_each_forward_pass_is_bounded_by_the_chunk(tok, monkeypatch):
 
     monkeypatch.setattr(tok.model, "encode", spy)
     tok.encode(make_audio(int(5 * sr)), sr, chunk_seconds=0.5, batch_seconds=0.5)
-    left, right = context_frames(tok.model)["encoder"]
+    left, right = tok.model.context_frames["encoder"]
     bound = (round(0.5 * tok.frame_rate) + left + right) * hop
     assert len(seen) > 5
     assert max(s[0] * s[-1] for s in seen) <= bound
@@ -111,7 +111,7 @@ def test_receptive_field_is_exact(config):
                 y = inputs.clone()
                 y[..., at + offset] += 1.0
                 assert (not torch.equal(stack(y)[..., out], ref)) == changes, (type(stack).__name__, offset)
-    assert context_frames(model)["decoder"] == (-lo, hi)  # the decoder's span, in frames
+    assert model.context_frames["decoder"] == (-lo, hi)  # the decoder's span, in frames
 
 
 def test_segments_partition_every_item():

@@ -5,6 +5,7 @@ Module names follow ``transformers.DacModel`` so that folded weights load either
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -198,6 +199,17 @@ class DAC(nn.Module):
     def hop_length(self) -> int:
         return self.config.hop_length
 
+    @functools.cached_property
+    def context_frames(self) -> dict[str, tuple[int, int]]:
+        """Frames of context (left, right) that the encoder and decoder need around a span of frames
+        for its codes / samples to equal those of the whole signal (read from the built convolutions
+        once: a built model's geometry does not change)."""
+        hop = self.hop_length
+        lo, hi = input_span(self.encoder, 0, 0)  # samples feeding frame 0
+        encoder = (-(lo // hop), -(-(hi - hop + 1) // hop))
+        lo, hi = input_span(self.decoder, 0, hop - 1)  # frames feeding frame 0's samples
+        return {"encoder": encoder, "decoder": (max(0, -lo), max(0, hi))}
+
     @property
     def is_folded(self) -> bool:
         """True when weights are plain tensors (inference form), False while weight norm is trainable."""
@@ -256,13 +268,3 @@ def input_span(stack: nn.Module, lo: int, hi: int) -> tuple[int, int]:
         else:
             lo, hi = lo * s - p, hi * s - p + (k - 1) * d
     return lo, hi
-
-
-def context_frames(model: DAC) -> dict[str, tuple[int, int]]:
-    """Frames of context (left, right) that the encoder and decoder need around a span of frames
-    for its codes / samples to equal those of the whole signal."""
-    hop = model.hop_length
-    lo, hi = input_span(model.encoder, 0, 0)  # samples feeding frame 0
-    encoder = (-(lo // hop), -(-(hi - hop + 1) // hop))
-    lo, hi = input_span(model.decoder, 0, hop - 1)  # frames feeding frame 0's samples
-    return {"encoder": encoder, "decoder": (max(0, -lo), max(0, hi))}
