@@ -11,6 +11,7 @@ round), so load that comes and goes on a shared machine falls on all of them ali
     python benchmarks/bench_inference.py --device cuda --batch 1 16 --dtype bf16 --compile
     python benchmarks/bench_inference.py --long 60 120 240    # chunked encode: memory vs length
     python benchmarks/bench_inference.py --swap-layout --profile prof  # decoder layouts; profiler tables
+    python benchmarks/bench_inference.py --device cuda --batch 16 --cudnn-benchmark  # cuDNN autotuning too
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def time_in_turns(setups: dict, device: torch.device, repeats: int, clock) -> di
 def row(name, op, batch, seconds, t, peak, faults, codes_note, gflop_per_s):
     rtf = batch * seconds / t
     tflops = gflop_per_s * batch * seconds / t / 1000
-    print(f"| {name:<26} | {op:<6} | {batch:>5} | {t:8.3f} | {rtf:8.1f}x | {tflops:7.2f} | {peak / 2**20:9.0f} "
+    print(f"| {name:<32} | {op:<6} | {batch:>5} | {t:8.3f} | {rtf:8.1f}x | {tflops:7.2f} | {peak / 2**20:9.0f} "
           f"| {faults / 1000:8.0f} | {codes_note} |")
 
 
@@ -111,6 +112,9 @@ def main() -> None:
     p.add_argument("--swap-layout", action="store_true",
                    help="also run audiotok with the decoder in the other layout than the device's default "
                         "(channels-last on CPU, channels-first elsewhere)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="CUDA: also run both implementations with cuDNN autotuning (torch.backends.cudnn.benchmark: "
+                        "each input shape's convolution algorithms timed once, in the warm-up round)")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="write torch.profiler tables of one fp32 encode and decode per batch size, both "
                         "implementations, to DIR/profile_batch<B>.txt")
@@ -132,9 +136,9 @@ def main() -> None:
     print(f"## {ours.model_id} ({args.preset}), {seconds:.2f} s clips at {sr} Hz, {machine(device)}, "
           f"torch {torch.__version__}{', process CPU time' if args.cpu_time else ''}, load average "
           f"{os.getloadavg()[0]:.1f}\n")
-    print("| implementation             | op     | batch | time (s) |   x real | TFLOP/s | peak MiB "
+    print("| implementation                   | op     | batch | time (s) |   x real | TFLOP/s | peak MiB "
           "| faults k | codes |")
-    print("|----------------------------|--------|-------|----------|----------|---------|----------|----------|-------|")
+    print("|----------------------------------|--------|-------|----------|----------|---------|----------|----------|-------|")
     default_layout = device.type == "cpu"  # AudioTokenizer's choice: a channels-last decoder on CPU only
     layouts = [default_layout, not default_layout] if args.swap_layout else [default_layout]
     swapped = " dec cl" if not default_layout else " dec cf"
@@ -142,6 +146,7 @@ def main() -> None:
                 for cl in layouts for d in args.dtype]
     if args.compile:
         variants += [(f"audiotok {d} compile", DTYPES[d], True, default_layout) for d in args.dtype]
+    autotuned = [False, True] if args.cudnn_benchmark else [False]
     weights = {k: v.clone() for k, v in ours.model.state_dict().items()}  # fp32, restored after each cast
     for batch in args.batch:
         x = torch.from_numpy(make_audio(num_samples, batch=batch, seed=batch))
@@ -156,24 +161,30 @@ def main() -> None:
         def reference_decode():
             return reference.decode(audio_codes=ref_codes.to(device)).audio_values
 
-        def reference_calls():
+        def reference_calls(autotune):
+            torch.backends.cudnn.benchmark = autotune
             return reference_encode, reference_decode
 
-        def our_calls(dtype, compiled, channels_last):
+        def our_calls(dtype, compiled, channels_last, autotune):
+            torch.backends.cudnn.benchmark = autotune
             ours.to(dtype=dtype)
             ours.model.load_state_dict(weights)  # a cast to half precision and back rounds the weights
             use_fused_snake(ours.model, compiled)
             use_channels_last(ours.model.decoder, channels_last)
             return lambda: ours.encode(x, sr).codes, lambda: ours.decode(ref_codes)
 
-        setups = {"transformers fp32": reference_calls}
-        setups.update({name: functools.partial(our_calls, *variant) for name, *variant in variants})
+        setups = {}
+        for autotune in autotuned:
+            tag = " autotune" if autotune else ""
+            setups[f"transformers fp32{tag}"] = functools.partial(reference_calls, autotune)
+            setups.update({name + tag: functools.partial(our_calls, *variant, autotune) for name, *variant in variants})
         medians = time_in_turns(setups, device, args.repeats, clock)
         for name, ((t_enc, peak_enc, faults_enc, codes), (t_dec, peak_dec, faults_dec, _)) in medians.items():
             same = (codes == ref_codes).float().mean().item()
             note = "ref" if name == "transformers fp32" else "identical" if same == 1.0 else f"{100 * same:.2f}% equal"
             row(name, "encode", batch, seconds, t_enc, peak_enc, faults_enc, note, ENCODE_GFLOP_PER_S)
             row(name, "decode", batch, seconds, t_dec, peak_dec, faults_dec, "", DECODE_GFLOP_PER_S)
+        torch.backends.cudnn.benchmark = False
         ours.to(dtype=torch.float32)
         ours.model.load_state_dict(weights)
         use_fused_snake(ours.model, False)

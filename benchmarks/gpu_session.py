@@ -3,6 +3,7 @@ everything written to one folder.
 
 1. ``inference.md``: ``bench_inference.py`` on the device, fp32, bf16 and ``compile=True``, both decoder
    layouts, side by side with ``transformers.DacModel`` (batch 1 and 16, 10 s clips, 44.1 kHz model);
+   ``autotune.md``: the same at batch 16 with and without cuDNN autotuning (``--cudnn-benchmark``);
 2. ``profile.md`` and ``profile_batch16.txt``: ``torch.profiler`` tables of one fp32 encode and decode
    of each implementation (top ops by device and host time, device idle share, synchronizations);
 3. ``tokenize_44khz.md`` and ``tokenize_default.md``: ``bench_tokenize.py`` end to end in bf16 on a
@@ -38,13 +39,15 @@ NEEDED = ["torch", "transformers", "numpy", "safetensors", "yaml", "soundfile", 
 FULL = {
     "device": "cuda", "minutes": 120.0, "file_seconds": 30.0,
     "stages": [
-        ("inference", 165, ["bench_inference.py", "--batch", "1", "16", "--dtype", "fp32", "bf16", "--compile",
+        ("inference", 150, ["bench_inference.py", "--batch", "1", "16", "--dtype", "fp32", "bf16", "--compile",
                             "--swap-layout", "--repeats", "3"]),
+        ("autotune", 45, ["bench_inference.py", "--batch", "16", "--dtype", "fp32", "bf16", "--cudnn-benchmark",
+                          "--repeats", "3"]),
         ("profile", 60, ["bench_inference.py", "--batch", "16", "--dtype", "fp32", "--repeats", "1",
                          "--profile", "OUT"]),
         ("tokenize_44khz", 105, ["bench_tokenize.py", "--preset", "44khz", "--dtype", "bf16", "--folder", "CORPUS",
                                  "--num-workers", "15", "--batch-seconds", "600"]),
-        ("tokenize_default", 85, ["bench_tokenize.py", "--model", "default", "--dtype", "bf16", "--folder", "CORPUS",
+        ("tokenize_default", 70, ["bench_tokenize.py", "--model", "default", "--dtype", "bf16", "--folder", "CORPUS",
                                   "--num-workers", "15", "--batch-seconds", "600"]),
     ],
 }
@@ -53,6 +56,8 @@ DRY_RUN = {
     "stages": [
         ("inference", 240, ["bench_inference.py", "--preset", "tiny-44khz", "--seconds", "1", "--batch", "1",
                             "--dtype", "fp32", "bf16", "--compile", "--swap-layout", "--repeats", "1"]),
+        ("autotune", 120, ["bench_inference.py", "--preset", "tiny-44khz", "--seconds", "1", "--batch", "2",
+                           "--dtype", "fp32", "--cudnn-benchmark", "--repeats", "1"]),
         ("profile", 120, ["bench_inference.py", "--preset", "tiny-44khz", "--seconds", "1", "--batch", "2",
                           "--dtype", "fp32", "--repeats", "1", "--profile", "OUT"]),
         ("tokenize_44khz", 180, ["bench_tokenize.py", "--preset", "tiny-44khz", "--dtype", "bf16", "--folder",

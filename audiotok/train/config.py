@@ -123,13 +123,17 @@ class LoopConfig:
     ``fused_snake`` compiles each Snake into one Inductor kernel (forward and backward; needs a C++
     compiler on CPU, Triton on CUDA). ``freeze`` names generator parts (``encoder``, ``quantizer``,
     ``decoder``) left out of training: freezing the encoder and quantizer fine-tunes the decoder
-    alone, so the codes a model writes do not change.
+    alone, so the codes a model writes do not change. ``cudnn_benchmark`` (CUDA only) lets cuDNN time
+    its convolution algorithms once per input shape and keep the fastest
+    (``torch.backends.cudnn.benchmark``, PyTorch's advice for fixed-shape convolutional training: every
+    step has the same batch shape); the result is no longer bit-reproducible from run to run.
     """
 
     batch_size: int = 12
     num_iters: int = 250_000
     bf16: bool = False
     fused_snake: bool = False
+    cudnn_benchmark: bool = True
     seed: int = 0
     num_workers: int = 4
     log_every: int = 50

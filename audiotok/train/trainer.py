@@ -223,6 +223,8 @@ class _CodecTask:
         self.config, self.dev, self.batch_per_rank, self.name = config, dev, batch_per_rank, run.save_path.name
         env, loop, weights = run.env, config.train, config.loss
         torch.manual_seed(loop.seed)  # the same initial networks on every rank and every run
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = loop.cudnn_benchmark
         self.generator = build_generator(config, init_from).to(dev)
         use_fused_snake(self.generator, loop.fused_snake)
         self.trainable = trainable_parameters(self.generator, loop.freeze)
