@@ -223,6 +223,7 @@ class _CodecTask:
         self.config, self.dev, self.batch_per_rank, self.name = config, dev, batch_per_rank, run.save_path.name
         env, loop, weights = run.env, config.train, config.loss
         torch.manual_seed(loop.seed)  # the same initial networks on every rank and every run
+        self.cudnn_benchmark = torch.backends.cudnn.benchmark  # the process's setting, restored by close()
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = loop.cudnn_benchmark
         self.generator = build_generator(config, init_from).to(dev)
@@ -359,3 +360,4 @@ class _CodecTask:
 
     def close(self) -> None:
         stop_workers(self.batches)
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
