@@ -14,8 +14,9 @@ on the same files, each stage alone in the main process and the whole job:
   ``--num-workers`` DataLoader workers, encoding and writing in the main process), with the encoder's
   busy share of the wall time and its idle time between forward passes: what the job waits on when
   the encoder is not busy (reading and decoding, padding, writing; the shards of a pool are written
-  while the next is encoded). ``--store-latency`` makes each file written to the output wait first,
-  like an upload to an object store, and ``--part-records`` sets how many files a part (a shard
+  while the next is encoded). ``--store-latency`` makes each operation on the output (a file written,
+  read, deleted, checked or listed: shards and the job's claims, progress files and done markers) wait
+  first, like a round trip to an object store, and ``--part-records`` sets how many files a part (a shard
   published, a done marker) has;
 * ``steady state``: the end to end job from the end of its first encoder call to the end of its last
   (start-up, the first pool and batch, and compilation left out), counting the audio of the later calls.
@@ -94,15 +95,17 @@ def encoder_calls(tok: AudioTokenizer, sync) -> list[tuple[float, float, int]]:
 
 
 def slow_store(seconds: float) -> None:
-    """Make every file the job writes to its output (shards, job files) wait ``seconds`` first."""
-    def slowed(write):
+    """Make every operation of the job on its output's store (files written, read, deleted, checked,
+    listed: shards, claims, progress files, done markers) wait ``seconds`` first, as an object store's
+    round trip does."""
+    def slowed(operation):
         def slow(self, *args):
             time.sleep(seconds)
-            write(self, *args)
+            return operation(self, *args)
         return slow
 
-    LocalStore.put_file = slowed(LocalStore.put_file)  # type: ignore[method-assign]
-    LocalStore.write_bytes = slowed(LocalStore.write_bytes)  # type: ignore[method-assign]
+    for name in ("exists", "list", "read_bytes", "open", "write_bytes", "put_file", "delete"):
+        setattr(LocalStore, name, slowed(getattr(LocalStore, name)))
 
 
 def timed(fn):
@@ -126,7 +129,7 @@ def main() -> None:
     p.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"])
     p.add_argument("--part-records", type=int, default=1000, help="files per part of the job")
     p.add_argument("--store-latency", type=float, default=0.0,
-                   help="seconds each file written to the output waits first (an object store's upload)")
+                   help="seconds each operation on the output waits first (an object store's round trip)")
     p.add_argument("--threads", type=int, help="torch intra-op threads of the main process")
     args = p.parse_args()
     if args.threads:

@@ -16,10 +16,11 @@ import torch
 from conftest import make_audio
 
 from audiotok.bulk import BulkConfig, Decoded, InputSpec, prepare, tokenize_dataset
-from audiotok.bulk.claims import Claims
+from audiotok.bulk.parts import PartLoop
 from audiotok.bulk.writer import PartWriter
 from audiotok.data.sources import Record
 from audiotok.utils.prefetch import WriteBehind, prefetch
+from audiotok.utils.store import LocalStore
 
 #: How long the slowed steps take: long against a thread switch on a busy machine.
 SLOW = 0.1
@@ -111,10 +112,46 @@ def test_bulk_job_encodes_pool_n_plus_1_while_writing_pool_n(tiny_tokenizer, mon
         assert encoded[i + 1][0] < written[i][1], (i, encoded, written)
 
 
-class WriteNow:
-    """The writes run at once in the caller's thread: the bulk loop as it was before its writer thread."""
+def test_bulk_job_encodes_while_its_claims_are_written(tiny_tokenizer, monkeypatch, tmp_path):
+    """Claims on a slow store (offers, confirmations, renewals, releases: round trips to an object
+    store) are kept by the claims thread while the encoder runs: none runs in the encoder's thread
+    between its first and its last call, and some run during its calls."""
+    tok = tiny_tokenizer
+    clips_folder(tok, tmp_path / "in", 6)
+    cfg = BulkConfig(InputSpec("folder", str(tmp_path / "in")), str(tmp_path / "out"), num_workers=0,
+                     batch_seconds=0.25, pool_seconds=0.25, part_records=2, progress=False,
+                     lease_seconds=1.0)  # 3 parts, a pool per clip, renewals every 0.25 s
+    encoded: list[tuple[float, float]] = []
+    claimed: list[tuple[float, float, int]] = []  # each claim operation's (start, end, thread)
 
-    def __init__(self, depth: int = 1):
+    def slow_claims(operation):
+        def slow(self, name, *args):
+            if not name.startswith(".bulk/claims/"):
+                return operation(self, name, *args)
+            start = time.perf_counter()
+            time.sleep(SLOW)
+            out = operation(self, name, *args)
+            claimed.append((start, time.perf_counter(), threading.get_ident()))
+            return out
+        return slow
+
+    for name in ("exists", "read_bytes", "write_bytes", "delete"):
+        monkeypatch.setattr(LocalStore, name, slow_claims(getattr(LocalStore, name)))
+    monkeypatch.setattr(tok.model, "encode", slowed(tok.model.encode, SLOW, encoded))
+    summary = tokenize_dataset(cfg, tokenizer=tok)
+    assert summary.records == 6 and summary.failures == 0
+    first, last = encoded[0][0], encoded[-1][1]
+    meanwhile = [c for c in claimed if c[1] > first and c[0] < last]
+    assert len(meanwhile) >= 6  # offers and confirmations of the third part, releases, renewals
+    assert threading.get_ident() not in {thread for _, _, thread in meanwhile}
+    assert any(start < e_end and e_start < end for start, end, _ in meanwhile for e_start, e_end in encoded)
+
+
+class WriteNow:
+    """The calls run at once in the caller's thread: the bulk loop as it was before its writer and
+    claims threads."""
+
+    def __init__(self, depth: int = 1, name: str = ""):
         pass
 
     def submit(self, call):
@@ -125,6 +162,11 @@ class WriteNow:
 
     def close(self) -> list:
         return []
+
+
+def claims_now(depth: int = 1, name: str = "audiotok-write") -> WriteBehind | WriteNow:
+    """The writer thread as it is, the claims thread's steps run at once in the loop's thread."""
+    return WriteNow() if name == "audiotok-claims" else WriteBehind(depth, name)
 
 
 def output_files(out) -> dict[str, bytes]:
@@ -192,7 +234,9 @@ def test_a_part_taken_over_is_dropped_after_the_writes_handed_over(tiny_tokenize
     monkeypatch.setattr(tok.model, "encode", slowed(encode_then_lose_the_part, 0, encoded))
     monkeypatch.setattr(PartWriter, "add_record", slow_add_record)
     monkeypatch.setattr(PartWriter, "abort", logged_abort)
-    monkeypatch.setattr(Claims, "renew_due", property(lambda self: True))  # renewed after every bundle
+    monkeypatch.setattr(PartLoop, "renew_due", property(lambda self: True))  # renewed after every bundle
+    # claims kept in the loop's thread: the loss is seen at the renewal after the claim is taken
+    monkeypatch.setattr("audiotok.bulk.parts.WriteBehind", claims_now)
     got = run("out")
     assert "part 0 was taken over by another process" in caplog.text
     [(dropped, lost)] = [(i, w) for i, (what, w) in enumerate(events) if what == "abort"]

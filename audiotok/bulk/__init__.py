@@ -35,7 +35,10 @@ part's unfinished shard is dropped). A process that fails releases its claims; a
 lapse. Each process holds up to ``max(1, num_workers) + 1`` parts and hands them whole to its
 DataLoader workers (a worker reads one part at a time), so the output does not depend on the
 workers. A process ends when every part is done, waiting (and taking over lapsed claims) while
-other processes finish theirs.
+other processes finish theirs. The claim traffic (offers, re-reads, renewals, releases: round
+trips to the store) runs in a thread of its own beside the encoding (:mod:`audiotok.bulk.parts`),
+which offers claims on the next parts while earlier offers settle; the wait is counted from the
+claims' writing.
 
 At least once, same output. Without exclusive create two processes may both win a part (a claim
 written during another's wait, a lease that lapsed under a live but stalled process). That costs

@@ -1,5 +1,7 @@
 """Claims on a bulk job's parts, through its output's store: who works on which part, and which are
-done (the protocol is in :mod:`audiotok.bulk`'s docstring, "Work split")."""
+done (the protocol is in :mod:`audiotok.bulk`'s docstring, "Work split"). Each of these calls is a
+round trip to the store, or several: the part loop (:mod:`audiotok.bulk.parts`) makes them in its
+claims thread, off the encoding path."""
 
 from __future__ import annotations
 
@@ -39,13 +41,14 @@ class Claims:
     A claim is free when missing, expired, or held by a process of this host that no longer runs.
     :meth:`offer` writes claims; :meth:`won`, ``settle`` seconds later, re-reads them: the parts whose
     claim still names this owner are won (without exclusive create two processes may both win a
-    part, rarely; outputs are deterministic, so that costs work, not correctness).
+    part, rarely; outputs are deterministic, so that costs work, not correctness). ``held``: the parts
+    whose claim this owner wrote and may still hold (not released, not found to name another owner).
     """
 
     def __init__(self, store: Store, owner: str, lease: float):
         self.store, self.owner, self.lease = store, owner, lease
         self.settle = min(1.0, lease / 10)
-        self.renewed = time.time()
+        self.held: set[int] = set()
 
     def read(self, part: int) -> dict[str, Any] | None:
         try:
@@ -65,10 +68,13 @@ class Claims:
 
     def offer(self, parts: list[int]) -> None:
         for part in parts:
+            self.held.add(part)
             self._write(part)
 
     def won(self, parts: list[int]) -> list[int]:
-        return [p for p in parts if (self.read(p) or {}).get("owner") == self.owner]
+        won = [p for p in parts if (self.read(p) or {}).get("owner") == self.owner]
+        self.held -= set(parts) - set(won)
+        return won
 
     def renew(self, parts: list[int]) -> list[int]:
         """Renew the claims on ``parts``; returns those another owner has taken."""
@@ -78,17 +84,14 @@ class Claims:
                 self._write(part)
             else:
                 lost.append(part)
-        self.renewed = time.time()
+        self.held -= set(lost)
         return lost
-
-    @property
-    def renew_due(self) -> bool:
-        return time.time() - self.renewed >= self.lease / 4
 
     def release(self, part: int) -> None:
         """Delete this owner's claim on ``part`` (another owner's is left)."""
         if (self.read(part) or {}).get("owner") == self.owner:
             self.store.delete(state_path("claims", part))
+        self.held.discard(part)
 
 
 class Scheduler:
@@ -111,13 +114,14 @@ class Scheduler:
         return part in self.done
 
     def propose(self, want: int, busy: set[int]) -> list[int]:
-        """Offer claims on up to ``want`` free parts not in ``busy``; :meth:`confirm` them later."""
+        """Offer claims on up to ``want`` free parts, not held (:attr:`Claims.held`) nor in ``busy``;
+        :meth:`confirm` them later."""
         now, self.next_expiry = time.time(), None
         candidates: list[int] = []
         for part in self.order:
             if len(candidates) >= want:
                 break
-            if part in busy or self.is_done(part):
+            if part in busy or part in self.claims.held or self.is_done(part):
                 continue
             expires = self.claims.held_by_other(part, now)
             if expires is not None:
@@ -136,6 +140,12 @@ class Scheduler:
             else:
                 won.append(part)
         return won
+
+    def release(self, parts: list[int]) -> None:
+        """Give back the claims on ``parts``, whose done marker is written: they are done."""
+        for part in parts:
+            self.claims.release(part)
+            self.done.add(part)
 
     def wait(self) -> None:
         """Sleep until a claim of another process may have lapsed, or a part may be done (a few seconds)."""

@@ -8,7 +8,15 @@ model encodes pool n + 1 while pool n's records are added to their shards and sh
 and done markers are published. The writes are those of a loop that would write each pool before
 encoding the next, in the same order, so the output is the same bytes; at most two pools are in
 writing at once. A part's claim is given back, and the part counted done, only once its done marker
-is written; a write that fails stops the writing and is raised in the loop, which fails as before."""
+is written; a write that fails stops the writing and is raised in the loop, which fails as before.
+
+The claims (:mod:`audiotok.bulk.claims`: offers, confirmations once settled, renewals, releases; round
+trips to the store, slow on an object store) are kept by a second such thread: the loop hands it each
+step and goes on encoding; what a step brings back (parts won, to be read; parts another process took
+over, to be dropped) is taken up in the loop. The loop decides as before what to claim and when; the
+steps run one at a time in the order given, so a part is read only once its claim is won and it is
+not done, and given back only once its done marker is written. When the loop fails, it waits for the
+steps handed over and gives back every claim this process may still hold."""
 
 from __future__ import annotations
 
@@ -56,6 +64,9 @@ Rows = list[tuple[PartWriter, Failure | tuple[int, dict[str, Any], np.ndarray]]]
 #: ``reads(job, pool_seconds)``: the readers of an engine (bundles of about ``pool_seconds / (2 * workers)``).
 ReadsFactory = Callable[[Job, float], PartReads]
 
+#: What a step of the claims thread brings back: what the loop then does with its outcome, if anything.
+Then = Callable[[], None] | None
+
 
 def work(job: Job, owner: str, offset: int, reads: ReadsFactory, progress: bool = False) -> dict[str, Any]:
     """Claim parts of ``job`` as ``owner`` (trying them in order from ``offset``) and encode them,
@@ -82,7 +93,9 @@ class PartLoop:
     to the readers, :meth:`add` pools the records read, :meth:`flush` encodes the pool and hands its
     writes to the writer thread (finishing the parts read to their end), :meth:`finished` gives back
     the parts whose done marker it wrote, :meth:`renew` keeps the claims, :meth:`abort` gives the parts
-    back when the loop fails."""
+    back when the loop fails. The claim traffic runs in the claims thread (:meth:`ask`); the methods it
+    runs there (:meth:`offer`, :meth:`confirm`, :meth:`renewal`) touch only the scheduler and return
+    the loop's next step."""
 
     def __init__(self, job: Job, scheduler: Scheduler, reads: PartReads, budgets: tuple[float, float | None, float],
                  stats: dict[str, Any], reasons: SkipCounter, progress: bool):
@@ -98,13 +111,17 @@ class PartLoop:
         self.writers: dict[int, PartWriter] = {}  # claimed parts being read, or written to their end
         self.closing: set[int] = set()  # parts of writers read to their end: their done marker is being written
         self.behind: WriteBehind[list[int]] = WriteBehind(depth=1)  # a pool written, one waiting
+        # the claim steps: an offer or confirmation, a renewal and releases (the loop waits beyond those)
+        self.claiming: WriteBehind[Then] = WriteBehind(depth=4, name="audiotok-claims")
+        self.news: list[Then] = []  # what steps of the claims thread brought back, to take up in order
+        self.taking = 0  # parts asked for and not back yet: being offered, settling or confirmed
+        self.settling: list[tuple[list[int], float]] = []  # claims offered and when: confirmed ``claims.settle`` after
+        self.renew_at = time.time() + self.claims.lease / 4
         self.dropped: set[int] = set()  # parts another process took over, read to their end and ignored
         self.pool: list[Decoded | Failure] = []
         self.pool_samples = 0
         self.ends: dict[int, int] = {}  # parts read to their end in the pool: their end position
         self.next_claim = 0.0  # when to look for parts again after a scan found too few
-        self.offered: list[int] = []  # claims written, to be confirmed ``claims.settle`` seconds after ``offered_at``
-        self.offered_at = 0.0
         self.bar = _progress_bar(progress)
         self.started = time.perf_counter()
 
@@ -123,39 +140,75 @@ class PartLoop:
                 self.add(self.reads.next_bundle())
                 if self.pool_samples >= self.pool_samples_max or self.ends:
                     self.flush()
-                if self.claims.renew_due:
+                if self.renew_due:
                     self.renew()
             self.reads.close()
             self.finished(self.behind.close())
+            self.claiming.close()
         except BaseException as e:
             self.abort(e)
             raise
         finally:
             self.bar.close()
 
+    def ask(self, step: Callable[[], Then]) -> None:
+        """Hand ``step`` to the claims thread; what it brings back is taken up by :meth:`fill`."""
+        self.news += self.claiming.submit(step)
+
     def fill(self) -> None:
-        """Confirm offered claims that have settled (their parts go to the readers), offer new ones."""
-        config, now = self.job.config, time.time()
-        if self.offered and now >= self.offered_at + self.claims.settle:
-            for part in self.scheduler.confirm(self.offered):
-                url = self.job.parts[part].get("shard", "") if self.sidecar else ""
-                writer = PartWriter(self.scheduler.store, part, config.format, config.shard_records,
-                                    config.shard_frames, self.metadata, tuple(config.input.keep),
-                                    sidecar_name(url) if self.sidecar else None, url)
-                self.writers[part] = writer
-                self.reads.read(part, writer.position)
-            self.offered = []
-        want = self.reads.workers + 1 - len(self.writers) + len(self.closing) - len(self.dropped)
-        if want > 0 and not self.offered and now >= self.next_claim:
-            self.offered, self.offered_at = self.scheduler.propose(want, set(self.writers) | self.dropped), now
-            if len(self.offered) < want:
-                self.next_claim = now + min(self.claims.lease / 4, 5.0)
+        """Take up what the claims thread brought back (parts won go to the readers); have it confirm
+        offered claims that have settled, and offer new ones."""
+        news, self.news = self.news + self.claiming.results(), []
+        for then in news:
+            if then is not None:
+                then()
+        now = time.time()
+        while self.settling and now >= self.settling[0][1] + self.claims.settle:
+            self.ask(partial(self.confirm, self.settling.pop(0)[0]))
+        want = self.reads.workers + 1 - len(self.writers) + len(self.closing) - len(self.dropped) - self.taking
+        if want > 0 and now >= self.next_claim:
+            self.taking += want
+            self.ask(partial(self.offer, want, set(self.dropped)))
+
+    def offer(self, want: int, dropped: set[int]) -> Then:
+        """In the claims thread: offer claims on up to ``want`` free parts, not held nor ``dropped``."""
+        offered, at = self.scheduler.propose(want, dropped), time.time()
+
+        def then() -> None:
+            if len(offered) < want:
+                self.next_claim = at + min(self.claims.lease / 4, 5.0)
+            self.taking -= want - len(offered)
+            if offered:
+                self.settling.append((offered, at))
+
+        return then
+
+    def confirm(self, offered: list[int]) -> Then:
+        """In the claims thread: the writers of the ``offered`` parts won (their progress read), to be read."""
+        config = self.job.config
+        writers = []
+        for part in self.scheduler.confirm(offered):
+            url = self.job.parts[part].get("shard", "") if self.sidecar else ""
+            writers.append(PartWriter(self.scheduler.store, part, config.format, config.shard_records,
+                                      config.shard_frames, self.metadata, tuple(config.input.keep),
+                                      sidecar_name(url) if self.sidecar else None, url))
+
+        def then() -> None:
+            for writer in writers:
+                self.writers[writer.part] = writer
+                self.reads.read(writer.part, writer.position)
+            self.taking -= len(offered)
+
+        return then
 
     def wait(self) -> bool:
-        """Nothing is being read: wait for offered claims to settle, or for parts other processes hold.
+        """Nothing is being read: wait for claims being taken, or for parts other processes hold.
         ``False`` when every part of the job is done."""
-        if self.offered:
-            time.sleep(max(0.0, self.offered_at + self.claims.settle - time.time()))
+        if self.settling:
+            time.sleep(max(0.0, self.settling[0][1] + self.claims.settle - time.time()))
+            return True
+        self.news += self.claiming.results(wait=True)  # the claims thread is idle: the scheduler is ours
+        if any(self.news):  # parts won, or left
             return True
         if self.scheduler.refresh_done():
             return False
@@ -170,11 +223,26 @@ class PartLoop:
         if bundle.end is not None:
             self.ends[bundle.part] = bundle.end
 
+    @property
+    def renew_due(self) -> bool:
+        return time.time() >= self.renew_at
+
     def renew(self) -> None:
-        """Renew this process's claims; leave the parts another process took over."""
-        for part in self.claims.renew(list(self.writers)):
-            if part in self.closing:
-                continue  # being finished: the files are those the process that took it over writes
+        """Have this process's claims renewed (every quarter lease); the parts another process took
+        over are left."""
+        self.renew_at = time.time() + self.claims.lease / 4
+        self.ask(partial(self.renewal, list(self.writers)))
+
+    def renewal(self, parts: list[int]) -> Then:
+        """In the claims thread: renew the claims on ``parts``."""
+        lost = self.claims.renew(parts)
+        return partial(self.leave, lost) if lost else None
+
+    def leave(self, parts: list[int]) -> None:
+        """Leave the ``parts`` another process took over."""
+        for part in parts:
+            if part not in self.writers or part in self.closing:
+                continue  # done, or being finished: the files are those the process that took it over writes
             logger.warning("part %d was taken over by another process: leaving it", part)
             self.finished(self.behind.submit(partial(_drop, self.writers.pop(part))))
             self.dropped.add(part)
@@ -227,11 +295,12 @@ class PartLoop:
 
     def finished(self, done: list[list[int]]) -> None:
         """The parts whose done marker the writer thread wrote (lists of them): give their claims back."""
-        for part in (p for parts in done for p in parts):
+        parts = [p for ps in done for p in ps]
+        for part in parts:
             del self.writers[part]
             self.closing.discard(part)
-            self.claims.release(part)
-            self.scheduler.done.add(part)
+        if parts:
+            self.ask(partial(self.scheduler.release, parts))
 
     def show_progress(self, hours: float) -> None:
         stats = self.stats
@@ -242,17 +311,19 @@ class PartLoop:
         self.bar.update(hours)
 
     def abort(self, error: BaseException) -> None:
-        """Stop the readers, let the writer thread end the writes handed to it (unless one failed),
-        drop the unfinished shards, and give the parts back at once (a killed process's claims lapse)."""
+        """Stop the readers, let the writer and claims threads end the steps handed to them (unless one
+        failed), drop the unfinished shards, and give back every claim this process may hold at once
+        (a killed process's claims lapse)."""
         self.reads.abort()
-        try:
-            self.behind.close()
-        except BaseException as e:  # noqa: BLE001 - the loop is failing with ``error`` already
-            if e is not error:
-                logger.warning("writing the output failed too: %s: %s", type(e).__name__, e)
+        for thread, what in ((self.behind, "writing the output"), (self.claiming, "keeping the claims")):
+            try:
+                thread.close()
+            except BaseException as e:  # noqa: BLE001 - the loop is failing with ``error`` already
+                if e is not error:
+                    logger.warning("%s failed too: %s: %s", what, type(e).__name__, e)
         for w in self.writers.values():
             w.abort()
-        for part in [*self.writers, *self.offered]:
+        for part in sorted(self.claims.held):
             try:
                 self.claims.release(part)
             except OSError:
