@@ -19,7 +19,7 @@ from . import audio as audio_utils
 from .codes import check_n_quantizers, is_integer_dtype
 from .identity import CodecIdentity
 from .nn.config import DACConfig
-from .nn.layers import use_channels_last, use_fused_snake
+from .nn.layers import use_channels_last, use_fused_snake, warn_if_cpu_bf16_is_slow
 from .nn.model import DAC
 from .segments import Segment, make_batches, plan_segments
 from .utils.distributed import DistEnv
@@ -260,6 +260,8 @@ class AudioTokenizer:
             self.decoder_dtype = decoder_dtype
         if device is not None:
             self.device = torch.device(device)
+        if self.device.type == "cpu" and torch.bfloat16 in (self.dtype, self.decoder_dtype):
+            warn_if_cpu_bf16_is_slow("AudioTokenizer", "use dtype=torch.float32 on this machine")
         self.model.to(self.device, self.dtype)
         self.model.decoder.to(dtype=self.decoder_dtype or self.dtype)
         use_channels_last(self.model.decoder, self.device.type == "cpu")

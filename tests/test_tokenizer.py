@@ -175,6 +175,23 @@ def test_bf16_decoder_keeps_exact_codes():
     assert mixed.model.decoder.conv1.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("kernels", [False, True])
+def test_bf16_on_a_cpu_without_bf16_kernels_is_warned_once(kernels, monkeypatch, caplog):
+    from audiotok.nn import layers
+
+    assert isinstance(layers.cpu_has_bf16_kernels(), bool)  # this machine's answer
+    monkeypatch.setattr(layers, "cpu_has_bf16_kernels", lambda: kernels)
+    layers.warn_if_cpu_bf16_is_slow.cache_clear()
+    tok = random_tokenizer("tiny-24khz")
+    tok.to(dtype=torch.float32)
+    assert "bf16" not in caplog.text
+    tok.to(decoder_dtype=torch.bfloat16)
+    tok.to(dtype=torch.bfloat16)
+    warned = caplog.text.count("bf16 on this CPU runs convolutions without native kernels")
+    assert warned == (0 if kernels else 1) and ("torch.float32" in caplog.text) != kernels
+    layers.warn_if_cpu_bf16_is_slow.cache_clear()
+
+
 def test_compiled_tokenizer_gives_the_eager_codes():
     """``compile=True`` (fused Snake, writing into the spent buffers) encodes to eager mode's codes, and
     decodes to its audio within float rounding (the decoder runs channels-last on CPU)."""

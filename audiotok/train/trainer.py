@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from ..metrics import codebook_utilization
 from ..nn.config import DACConfig
 from ..nn.distances import ComplexSTFTLoss, MelSpectrogramLoss, MultiScaleSTFTLoss, si_sdr
-from ..nn.layers import use_fused_snake
+from ..nn.layers import use_fused_snake, warn_if_cpu_bf16_is_slow
 from ..nn.model import DAC
 from ..utils.distributed import barrier, init_training
 from ..utils.workers import stop_workers, worker_init
@@ -257,6 +257,8 @@ class _CodecTask:
         self.complex_loss = None if weights.complex_stft <= 0 else ComplexSTFTLoss(
             weights.complex_stft_window_lengths, weights.complex_stft_pow, weights.complex_stft_mag_weight).to(dev)
         self.autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=loop.bf16)
+        if loop.bf16 and dev.type == "cpu":
+            warn_if_cpu_bf16_is_slow("train.bf16", "set train.bf16=false on this machine")
 
         self.val_set = data_config.validation_set() if env.is_main and data_config.val_groups else []
         self.media_set = media_excerpts(self.val_set)  # the excerpts shown in TensorBoard
