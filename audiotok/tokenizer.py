@@ -21,7 +21,7 @@ from .identity import CodecIdentity
 from .nn.config import DACConfig
 from .nn.layers import use_channels_last, use_fused_snake, warn_if_cpu_bf16_is_slow
 from .nn.model import DAC
-from .segments import Segment, make_batches, plan_segments
+from .segments import Batch, ShapeGrid, make_batches, plan_segments
 from .utils.distributed import DistEnv
 from .utils.prefetch import prefetch
 from .utils.untrusted import shown
@@ -96,7 +96,8 @@ class EncodePlan:
 
     Attributes:
         items: the clips (one per coded channel) at the model rate, ``[T]`` float32 each.
-        batches: the forward passes: segments of ``items`` (:func:`audiotok.segments.make_batches`).
+        batches: the forward passes: segments of ``items`` and their padded length
+            (:meth:`AudioTokenizer.plan_batches`).
         frames: code frames per item.
         num_samples, sample_rate: of the input clips, as :class:`EncodedAudio` has them.
         n_quantizers: codebooks coded.
@@ -106,7 +107,7 @@ class EncodePlan:
     """
 
     items: list[np.ndarray]
-    batches: list[list[Segment]]
+    batches: list[Batch]
     frames: list[int]
     num_samples: list[int]
     sample_rate: int
@@ -129,6 +130,9 @@ class AudioTokenizer:
     :func:`~audiotok.weights.checkpoint.codes_fingerprint`); it is recorded with every encoding and checked on
     decoding, where the fingerprints of ``decodes_codes_of`` pass too: the weights a model stored in
     fp16 or bf16 was rounded from, whose codes it decodes as they were meant (:meth:`check_codec`).
+
+    ``buckets``: pad forward passes to a few fixed shapes (:meth:`plan_batches`); ``None`` (the
+    default): the device's default, :data:`DEFAULT_BUCKETS`. Codes are the same either way.
     """
 
     def __init__(self, model: DAC, model_id: str = "dac", device: str | torch.device | None = None,
@@ -145,6 +149,7 @@ class AudioTokenizer:
         self.dtype = dtype
         self.decoder_dtype = decoder_dtype
         self.device = torch.device(device or "cpu")
+        self.buckets: bool | None = None
         self.to()
 
     # -- construction and saving -------------------------------------------------------------
@@ -341,6 +346,38 @@ class AudioTokenizer:
         batch = max(1, round(min(batch_seconds, 1e9) * self.frame_rate))
         return chunk, batch
 
+    @property
+    def bucketed(self) -> bool:
+        """Whether forward passes are padded to fixed shapes: :attr:`buckets`, else the device's default."""
+        return DEFAULT_BUCKETS.get(self.device.type, False) if self.buckets is None else self.buckets
+
+    def plan_batches(self, frames: list[int], stack: str, chunk_seconds: float | None = None,
+                     batch_seconds: float | None = None, chunked: bool = True) -> list[Batch]:
+        """The forward passes of items of ``frames[i]`` frames through ``stack`` (``"encoder"`` or
+        ``"decoder"``) under :meth:`frame_budgets`: cut into chunks with the stack's context
+        (:func:`~audiotok.segments.plan_segments`; whole items unless ``chunked``) and grouped
+        (:func:`~audiotok.segments.make_batches`). When :attr:`bucketed`, passes are padded on a
+        :class:`~audiotok.segments.ShapeGrid` topped by the longest chunk with its context: a job sees
+        a few dozen input shapes whatever its lengths (cuDNN autotunes, and compiled kernels
+        specialize, once per shape) for about 5% more frames computed."""
+        chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
+        context = self.model.context_frames[stack]
+        grid = ShapeGrid(None if chunk is None else chunk + sum(context)) if self.bucketed else None
+        return make_batches(plan_segments(frames, chunk if chunked else None, context), max_frames, grid)
+
+    @contextlib.contextmanager
+    def autotuning(self) -> Iterator[None]:
+        """cuDNN autotuning (``torch.backends.cudnn.benchmark``) on inside the block when the model is
+        on CUDA and its passes are :attr:`bucketed` (few shapes, each timed once), the previous setting
+        restored after; what a bulk job runs under."""
+        previous = torch.backends.cudnn.benchmark
+        if self.device.type == "cuda" and self.bucketed:
+            torch.backends.cudnn.benchmark = True
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = previous
+
     def num_frames(self, num_samples: int) -> int:
         """Code frames of ``num_samples`` samples at :attr:`sample_rate`: ``ceil(num_samples / hop_length)``."""
         return -(-num_samples // self.hop_length)
@@ -431,23 +468,22 @@ class AudioTokenizer:
         n_quantizers = check_n_quantizers(n_quantizers, self.n_codebooks)
         audio, rates = audio_utils.unpack_records(audio, sample_rate)
         items, num_samples, rate, channels = self._prepare(audio, rates, mono)
-        chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
         frames = [self.num_frames(len(x)) for x in items]
-        batches = make_batches(plan_segments(frames, chunk, self.model.context_frames["encoder"]), max_frames)
+        batches = self.plan_batches(frames, "encoder", chunk_seconds, batch_seconds)
         plan = EncodePlan(items, batches, frames, num_samples, rate, n_quantizers, mono, channels)
         if pad:
             plan.inputs = list(self.padded_inputs(plan))
         return plan
 
     def padded_inputs(self, plan: EncodePlan) -> Iterator[tuple[torch.Tensor, list[int]]]:
-        """Each forward pass of ``plan``: its input ``[B, 1, T]`` float32, zero-padded (in pinned
-        memory when the model is on CUDA, so the copy to the device does not block), and each row's
-        length in samples."""
+        """Each forward pass of ``plan``: its input ``[B, 1, T]`` float32, zero-padded to the pass's
+        ``T = frames * hop_length`` (in pinned memory when the model is on CUDA, so the copy to the
+        device does not block), and each row's length in samples."""
         hop, pin = self.hop_length, self.device.type == "cuda"
         for batch in plan.batches:
-            lengths = [min(len(plan.items[s.item]), s.stop * hop) - s.start * hop for s in batch]
-            x = torch.zeros(len(batch), 1, max(lengths), pin_memory=pin)
-            for j, (s, n) in enumerate(zip(batch, lengths)):
+            lengths = [min(len(plan.items[s.item]), s.stop * hop) - s.start * hop for s in batch.segments]
+            x = torch.zeros(len(batch.segments), 1, batch.frames * hop, pin_memory=pin)
+            for j, (s, n) in enumerate(zip(batch.segments, lengths)):
                 x[j, 0, :n] = torch.from_numpy(plan.items[s.item][s.start * hop: s.start * hop + n])
             yield x, lengths
 
@@ -467,7 +503,7 @@ class AudioTokenizer:
                     raise ValueError("the encoder produced non-finite latents (NaN or Inf): the audio is far outside "
                                      "[-1, 1] or the model's weights are broken")
                 out = q.codes.cpu()
-                for j, s in enumerate(batch):
+                for j, s in enumerate(batch.segments):
                     codes[s.item, :, s.keep_start:s.keep_stop] = out[j, :, s.keep_start - s.start:s.keep_stop - s.start]
         if not plan.mono:
             codes = codes.reshape(len(plan.num_samples), plan.channels, *codes.shape[1:])
@@ -479,14 +515,15 @@ class AudioTokenizer:
                     batch_seconds: float | None = None) -> list[torch.Tensor | Exception]:
         """Codes ``[K, F]`` of each clip (``[T]`` float32 at :attr:`sample_rate`), or what encoding it raised.
 
-        Whole clips are grouped by the batch planner (:func:`audiotok.segments.make_batches` under
-        :meth:`frame_budgets`) and each group is encoded as :meth:`encode` runs it (exact padded and
-        chunked encoding), the next group planned and padded in a background thread while the model
-        runs the current one. A group that fails (out of memory, odd inputs) is retried clip by clip."""
+        Whole clips are grouped by the batch planner (:meth:`plan_batches`, unchunked: a group of clips
+        no longer than a chunk is one forward pass) and each group is encoded as :meth:`encode` runs it
+        (exact padded and chunked encoding), the next group planned and padded in a background thread
+        while the model runs the current one. A group that fails (out of memory, odd inputs) is
+        retried clip by clip."""
         results: dict[int, torch.Tensor | Exception] = {}
         frames = [self.num_frames(len(c)) for c in clips]
-        max_frames = self.frame_budgets(chunk_seconds, batch_seconds)[1]
-        groups = [[s.item for s in batch] for batch in make_batches(plan_segments(frames, None, (0, 0)), max_frames)]
+        batches = self.plan_batches(frames, "encoder", chunk_seconds, batch_seconds, chunked=False)
+        groups = [[s.item for s in batch.segments] for batch in batches]
 
         def plan(group: list[int]) -> EncodePlan:
             return self.plan_encode([clips[j] for j in group], self.sample_rate, n_quantizers,
@@ -585,7 +622,8 @@ class AudioTokenizer:
                 or a code tensor ``[K, F]``, ``[B, K, F]`` or ``[B, C, K, F]`` (all F frames decoded).
                 K may be fewer than :attr:`n_codebooks`: the first K codebooks are used.
             chunk_seconds, batch_seconds: as in :meth:`encode`; long code sequences are decoded in
-                chunks with context, equal to whole decoding within float rounding.
+                chunks with context, and passes padded as :meth:`encode` pads them (:meth:`plan_batches`),
+                equal to whole decoding within float rounding.
             progress: show a progress bar over the forward passes (seconds of audio).
             allow_other_weights: decode an :class:`EncodedAudio` written by a model with the same
                 architecture but other weights (refused by default, see :meth:`check_encoded`).
@@ -611,21 +649,19 @@ class AudioTokenizer:
             frames = [int(f) for f in encoded.lengths for _ in range(channels)]
             n_out = [self.decoded_samples(int(n), encoded.sample_rate, int(f))
                      for n, f in zip(encoded.num_samples, encoded.lengths) for _ in range(channels)]
-        chunk, max_frames = self.frame_budgets(chunk_seconds, batch_seconds)
         audio = torch.zeros(len(frames), max(n_out))
-        segments = plan_segments(frames, chunk, self.model.context_frames["decoder"])
-        for group in _progress(make_batches(segments, max_frames), progress, "decoding", self.frame_rate):
-            size = max(s.size for s in group)
-            x = torch.zeros(len(group), codes.shape[1], size, dtype=torch.long)
-            for j, s in enumerate(group):
+        batches = self.plan_batches(frames, "decoder", chunk_seconds, batch_seconds)
+        for group in _progress(batches, progress, "decoding", self.frame_rate):
+            x = torch.zeros(len(group.segments), codes.shape[1], group.frames, dtype=torch.long)
+            for j, s in enumerate(group.segments):
                 x[j, :, : s.size] = codes[s.item, :, s.start:s.stop]
-            lengths = [s.size for s in group]
-            out = self.model.decode_codes(x.to(self.device), None if min(lengths) == size else lengths)
+            lengths = [s.size for s in group.segments]
+            out = self.model.decode_codes(x.to(self.device), None if min(lengths) == group.frames else lengths)
             out = out[:, 0].float().cpu()
             if not torch.isfinite(out).all():
                 raise ValueError(f"the decoder of {self.model_id!r} produced non-finite audio (NaN or Inf): its "
                                  f"weights are broken")
-            for j, s in enumerate(group):
+            for j, s in enumerate(group.segments):
                 a, b = s.keep_start * hop, min(s.keep_stop * hop, n_out[s.item])
                 if b > a:
                     audio[s.item, a:b] = out[j, a - s.start * hop: b - s.start * hop]
@@ -696,18 +732,20 @@ class AudioTokenizer:
             yield piece(buffer, start + buffer.shape[-1])
 
 
-def _progress(batches: list, show: bool, desc: str, frame_rate: float):
-    """Yield ``batches`` (lists of segments), with a tqdm bar in seconds of audio kept when ``show``."""
+def _progress(batches: list[Batch], show: bool, desc: str, frame_rate: float) -> Iterator[Batch]:
+    """Yield ``batches``, with a tqdm bar in seconds of audio kept when ``show``."""
     if not show:
         yield from batches
         return
     from tqdm import tqdm
 
-    total = sum(s.keep_stop - s.keep_start for batch in batches for s in batch) / frame_rate
-    with tqdm(total=total, desc=desc, unit="s", leave=False, bar_format=BAR_FORMAT) as bar:
+    def seconds(batch: Batch) -> float:
+        return sum(s.keep_stop - s.keep_start for s in batch.segments) / frame_rate
+
+    with tqdm(total=sum(map(seconds, batches)), desc=desc, unit="s", leave=False, bar_format=BAR_FORMAT) as bar:
         for batch in batches:
             yield batch
-            bar.update(sum(s.keep_stop - s.keep_start for s in batch) / frame_rate)
+            bar.update(seconds(batch))
 
 
 #: The format of the progress bars over seconds of audio (encoding and decoding).
@@ -717,3 +755,7 @@ BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s of audio [
 #: On CPU small passes are fastest (activations stay in cache): 5 s runs 1.4x faster than 20 s
 #: (benchmarks/bench_tokenize.py).
 DEFAULT_SECONDS = {"cpu": (5.0, 5.0), "cuda": (60.0, 600.0), "mps": (20.0, 60.0)}
+#: Whether forward passes are padded to a few fixed shapes by default, per device type
+#: (:attr:`AudioTokenizer.buckets`): on CUDA, where every new shape is autotuned (cuDNN) and compiled
+#: again; not on CPU, where the padding is all they cost (benchmarks/README.md); MPS not measured.
+DEFAULT_BUCKETS = {"cpu": False, "cuda": True, "mps": False}

@@ -8,15 +8,18 @@ on the same files, each stage alone in the main process and the whole job:
 * ``decode``: the bytes to float32 samples (libsndfile);
 * ``resample``: downmix to mono and resample to the model's rate (soxr);
 * ``encode``: the model alone on the resampled clips, batches planned by the tokenizer
-  (``--batch-seconds`` may list several values: each is timed, the first is used elsewhere);
+  (``--batch-seconds`` may list several values, ``--buckets`` both ``on`` and ``off``: each is timed,
+  the first is used elsewhere);
 * ``write``: the codes into code shards (``--format``);
 * ``end to end``: ``audiotok.bulk.tokenize_dataset`` (reading, decoding and resampling in
   ``--num-workers`` DataLoader workers, encoding and writing in the main process), with the encoder's
   busy share of the wall time and its idle time between forward passes: what the job waits on when
   the encoder is not busy (reading and decoding, padding, writing; the shards of a pool are written
-  while the next is encoded). ``--store-latency`` makes each operation on the output (a file written,
-  read, deleted, checked or listed: shards and the job's claims, progress files and done markers) wait
-  first, like a round trip to an object store, and ``--part-records`` sets how many files a part (a shard
+  while the next is encoded), the distinct input shapes it ran, and its rate on calls of a shape it
+  had not run before (cuDNN autotuning, compiled kernels specializing) against shapes seen before.
+  ``--store-latency`` makes each operation on the output (a file written, read, deleted, checked or
+  listed: shards and the job's claims, progress files and done markers) wait first, like a round trip
+  to an object store, and ``--part-records`` sets how many files a part (a shard
   published, a done marker) has;
 * ``steady state``: the end to end job from the end of its first encoder call to the end of its last
   (start-up, the first pool and batch, and compilation left out), counting the audio of the later calls.
@@ -31,6 +34,7 @@ rate is close to ``encode``'s.
         --minutes 60 --num-workers 8 --batch-seconds 600
     python benchmarks/bench_tokenize.py --preset 44khz                    # random weights, 44.1 kHz architecture
     python benchmarks/bench_tokenize.py --preset tiny-44khz --part-records 2 --store-latency 0.2  # a remote store
+    python benchmarks/bench_tokenize.py --buckets off on       # shape buckets (default: per device) on and off
 """
 
 from __future__ import annotations
@@ -77,17 +81,18 @@ def make_corpus(root: Path, minutes: float, file_seconds: float, seed: int = 0) 
         n += 1
 
 
-def encoder_calls(tok: AudioTokenizer, sync) -> list[tuple[float, float, int]]:
-    """Wrap ``tok.model.encode`` to record each call's ``(start, end, samples given)`` (device work
-    synchronized at the end: the loop waits for the codes right after anyway); returns the list it fills."""
-    calls: list[tuple[float, float, int]] = []
+def encoder_calls(tok: AudioTokenizer, sync) -> list[tuple[float, float, int, tuple[int, ...]]]:
+    """Wrap ``tok.model.encode`` to record each call's ``(start, end, samples given, input shape)``
+    (device work synchronized at the end: the loop waits for the codes right after anyway); returns the
+    list it fills."""
+    calls: list[tuple[float, float, int, tuple[int, ...]]] = []
     encode = tok.model.encode
 
     def recorded(audio, *args, **kwargs):
         start = time.perf_counter()
         out = encode(audio, *args, **kwargs)
         sync()
-        calls.append((start, time.perf_counter(), audio.numel()))
+        calls.append((start, time.perf_counter(), audio.numel(), tuple(audio.shape)))
         return out
 
     tok.model.encode = recorded
@@ -126,6 +131,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--num-workers", type=int, default=default_workers(), help="default: audiotok.bulk.default_workers")
     p.add_argument("--batch-seconds", type=float, nargs="+", help="default per device")
+    p.add_argument("--buckets", nargs="+", choices=["on", "off"],
+                   help="pad forward passes to a few fixed shapes (AudioTokenizer.buckets; default per device)")
     p.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"])
     p.add_argument("--part-records", type=int, default=1000, help="files per part of the job")
     p.add_argument("--store-latency", type=float, default=0.0,
@@ -144,6 +151,7 @@ def main() -> None:
         tok = AudioTokenizer.from_pretrained(args.model, device, DTYPES[args.dtype], args.compile)
         name = tok.model_id
     batches = args.batch_seconds or [tok.resolve_seconds()[1]]
+    buckets = [b == "on" for b in args.buckets] if args.buckets else [tok.bucketed]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,13 +175,17 @@ def main() -> None:
         tok.encode(clips[0][: tok.sample_rate], tok.sample_rate)  # warm-up
         encode_rows = []
         for b in batches:
-            def encode(b=b):
-                enc = tok.encode(clips, tok.sample_rate, batch_seconds=b, chunk_seconds=min(b, 60.0))
-                sync()
-                return enc
-            enc, t = timed(encode)
-            encode_rows.append((f"encode, batch {b:g} s", t))
+            for bucketed in reversed(buckets):  # the first setting last: the one the job runs with
+                def encode(b=b):
+                    enc = tok.encode(clips, tok.sample_rate, batch_seconds=b, chunk_seconds=min(b, 60.0))
+                    sync()
+                    return enc
+                tok.buckets = bucketed
+                enc, t = timed(encode)
+                encode_rows.append((f"encode, batch {b:g} s{', buckets' if bucketed else ''}", t))
+        encode_rows[:len(buckets)] = encode_rows[len(buckets) - 1::-1]
         rows.append(encode_rows[0])
+        tok.buckets = buckets[0]
 
         metadata = dataset_metadata(tok.identity, tok.config, tok.n_codebooks, True)
 
@@ -201,10 +213,17 @@ def main() -> None:
         assert summary.records == len(files) and summary.failures == 0, summary
         del tok.model.encode
         gaps = np.array([b[0] - a[1] for a, b in zip(calls, calls[1:])] or [0.0])
-        busy = sum(end - start for start, end, _ in calls)
+        busy = sum(end - start for start, end, *_ in calls)
+        new: dict[tuple[int, ...], tuple[float, int]] = {}  # each shape's first call: (seconds, samples)
+        for start, end, samples, shape in calls:
+            new.setdefault(shape, (end - start, samples))
+        seen = [(end - start, samples) for start, end, samples, _ in calls]
+        seen_time, seen_samples = (sum(x) for x in zip(*seen)) if seen else (0.0, 0)
+        new_time, new_samples = (sum(x) for x in zip(*new.values())) if new else (0.0, 0)
+        seen_time, seen_samples = seen_time - new_time, seen_samples - new_samples
 
     print(f"## bulk tokenization: {name} ({tok.sample_rate} Hz, {tok.n_codebooks} codebooks), {args.dtype}"
-          f"{' compile' if args.compile else ''} on {args.device}")
+          f"{' compile' if args.compile else ''} on {args.device}, shape buckets {'on' if buckets[0] else 'off'}")
     print(f"{machine(device)}, torch {torch.__version__}; {len(files)} files, {seconds / 60:.1f} min of audio, "
           f"{args.num_workers} DataLoader workers, {args.format}, {args.part_records} files per part, "
           f"store latency {args.store_latency:g} s\n")
@@ -220,6 +239,10 @@ def main() -> None:
           f"between calls: median {1e3 * np.median(gaps):.1f} ms, mean {1e3 * gaps.mean():.1f} ms, max "
           f"{1e3 * gaps.max():.1f} ms ({gaps.sum():.2f} s in all; the rest of the wall time is before the first call, "
           f"reading the first pool, and after the last, writing)")
+    rate = tok.sample_rate
+    print(f"end to end: {len(new)} distinct encoder input shapes in {len(calls)} calls; calls of a new shape "
+          f"{new_samples / rate / max(new_time, 1e-9):.1f}x real time ({new_time:.2f} s), of a shape seen before "
+          f"{seen_samples / rate / max(seen_time, 1e-9):.1f}x ({seen_time:.2f} s)")
     if len(calls) > 1:  # the audio after the first call, over the time from its end to the last call's end
         steady = (1 - calls[0][2] / sum(c[2] for c in calls)) * seconds / (calls[-1][1] - calls[0][1])
         print(f"steady state (from the end of the first encoder call to the end of the last): {steady:.1f}x real "

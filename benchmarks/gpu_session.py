@@ -8,7 +8,8 @@ everything written to one folder.
    of each implementation (top ops by device and host time, device idle share, synchronizations);
 3. ``tokenize_44khz.md`` and ``tokenize_default.md``: ``bench_tokenize.py`` end to end in bf16 on a
    generated corpus of ``--minutes`` of audio, with its steady-state row and the device's idle time
-   between model calls, for the 44.1 kHz architecture (random weights) and the bundled model.
+   between model calls, for the 44.1 kHz architecture (random weights; its encode stage with shape
+   buckets on and off) and the bundled model.
 
 Each stage runs in a child process killed at its budget (its output so far is kept), so one slow stage
 cannot take the others' time; ``summary.md`` lists what each stage did. A dry run on CPU checks the
@@ -46,7 +47,7 @@ FULL = {
         ("profile", 60, ["bench_inference.py", "--batch", "16", "--dtype", "fp32", "--repeats", "1",
                          "--profile", "OUT"]),
         ("tokenize_44khz", 105, ["bench_tokenize.py", "--preset", "44khz", "--dtype", "bf16", "--folder", "CORPUS",
-                                 "--num-workers", "15", "--batch-seconds", "600"]),
+                                 "--num-workers", "15", "--batch-seconds", "600", "--buckets", "on", "off"]),
         ("tokenize_default", 70, ["bench_tokenize.py", "--model", "default", "--dtype", "bf16", "--folder", "CORPUS",
                                   "--num-workers", "15", "--batch-seconds", "600"]),
     ],
@@ -61,7 +62,8 @@ DRY_RUN = {
         ("profile", 120, ["bench_inference.py", "--preset", "tiny-44khz", "--seconds", "1", "--batch", "2",
                           "--dtype", "fp32", "--repeats", "1", "--profile", "OUT"]),
         ("tokenize_44khz", 180, ["bench_tokenize.py", "--preset", "tiny-44khz", "--dtype", "bf16", "--folder",
-                                 "CORPUS", "--num-workers", "2", "--batch-seconds", "10", "--threads", "1"]),
+                                 "CORPUS", "--num-workers", "2", "--batch-seconds", "10", "--threads", "1",
+                                 "--buckets", "on", "off"]),
         ("tokenize_default", 180, ["bench_tokenize.py", "--model", "default", "--dtype", "bf16", "--folder",
                                    "CORPUS", "--num-workers", "2", "--batch-seconds", "10", "--threads", "1"]),
     ],

@@ -7,7 +7,7 @@ from conftest import make_audio, random_tokenizer
 
 from audiotok.nn.config import DACConfig
 from audiotok.nn.model import DAC, input_span
-from audiotok.segments import make_batches, plan_segments
+from audiotok.segments import LENGTH_STEPS, SHORTEST, ShapeGrid, make_batches, plan_segments, round_up
 
 INF = float("inf")
 
@@ -127,11 +127,101 @@ def test_segments_partition_every_item():
                     assert s.start == max(0, s.keep_start - 3) and s.stop == min(n, s.keep_stop + 2)
                     assert chunk is None or s.keep_stop - s.keep_start <= chunk
         batches = make_batches(segments, 20)
-        assert sorted(map(id, segments)) == sorted(id(s) for b in batches for s in b)
+        assert sorted(map(id, segments)) == sorted(id(s) for b in batches for s in b.segments)
         for b in batches:
-            assert len(b) == 1 or len(b) * max(s.size for s in b) <= 20
+            assert b.frames == max(s.size for s in b.segments)
+            assert len(b.segments) == 1 or len(b.segments) * b.frames <= 20
     with pytest.raises(ValueError):
         plan_segments([5], 0, (1, 1))
+
+
+def test_round_up_steps_geometrically():
+    for steps in (1, 2, 8):
+        grid = sorted({round_up(n, steps) for n in range(1, 4097)})
+        for k in range(12):  # `steps` values per octave (every integer below 2 * steps)
+            assert len([g for g in grid if 2**k <= g < 2 ** (k + 1)]) == min(steps, 2**k)
+        for n in range(1, 4097):  # the smallest grid value not below n, less than n / steps above it
+            g = round_up(n, steps)
+            assert g == min(v for v in grid if v >= n) and g - n < n / steps
+    capped = ShapeGrid(longest=507)
+    assert [capped.length(n) for n in (1, SHORTEST, 17, 449, 480, 481, 507, 508, 600)] == [
+        SHORTEST, SHORTEST, 18, 480, 480, 507, 507, 512, 640]  # past `longest` (whole items): on the grid
+    assert ShapeGrid(None).length(5000) == round_up(5000, LENGTH_STEPS) == 5120
+
+
+def test_bucketed_batches_keep_the_budget_with_few_shapes():
+    """Many plans of random lengths (a bulk job's pools): every batch within the budget, padded to its
+    grid length, full or a power of two rows; the shapes stay few where unbucketed ones keep growing."""
+    rng = np.random.default_rng(0)
+    chunk, context, budget = 500, (3, 4), 5000
+    grid = ShapeGrid(chunk + sum(context))
+    shapes: dict[bool, set] = {True: set(), False: set()}
+    computed = {True: 0, False: 0}
+    for _ in range(300):
+        segments = plan_segments(rng.integers(1, 3000, rng.integers(1, 40)).tolist(), chunk, context)
+        for bucketed in (True, False):
+            batches = make_batches(segments, budget, grid if bucketed else None)
+            assert sorted(map(id, segments)) == sorted(id(s) for b in batches for s in b.segments)
+            for b in batches:
+                longest, rows = max(s.size for s in b.segments), len(b.segments)
+                assert b.frames == (grid.length(longest) if bucketed else longest)
+                assert rows * b.frames <= budget
+                if bucketed:
+                    assert rows in (budget // b.frames, 1 << (rows.bit_length() - 1))
+                shapes[bucketed].add((rows, b.frames))
+                computed[bucketed] += rows * b.frames
+    assert len(shapes[True]) < 150 < 350 < len(shapes[False])
+    assert computed[True] < 1.01 * computed[False]  # padding to the grid, less padding in split last batches
+
+
+def test_buckets_change_the_shapes_not_the_codes(tok, monkeypatch):
+    sr, hop = tok.sample_rate, tok.hop_length
+    clips = [make_audio(n, seed=i)[0] for i, n in enumerate([hop - 3, 5 * hop + 1, int(0.37 * sr), int(1.3 * sr) + 5,
+                                                            int(0.61 * sr)])]
+    stereo = make_audio(int(0.8 * sr) + 11, channels=2, seed=9)
+    stereo[1] *= -0.5
+    budgets = [(INF, INF), (0.25, 0.6), (0.5, 2.0)]
+    shapes, encode = [], tok.model.encode
+
+    def spy(x, *args, **kwargs):
+        shapes.append(tuple(x.shape))
+        return encode(x, *args, **kwargs)
+
+    monkeypatch.setattr(tok.model, "encode", spy)
+    runs = {}
+    for buckets in (False, True):
+        monkeypatch.setattr(tok, "buckets", buckets)
+        shapes.clear()
+        encoded = [tok.encode(clips, sr, chunk_seconds=c, batch_seconds=b) for c, b in budgets]
+        encoded.append(tok.encode(stereo, sr, mono=False, chunk_seconds=0.25, batch_seconds=0.6))
+        each = tok.encode_each(clips, chunk_seconds=0.25, batch_seconds=0.6)
+        decoded = [tok.decode(encoded[0], chunk_seconds=c, batch_seconds=b) for c, b in budgets]
+        decoded.append(tok.decode(encoded[-1], chunk_seconds=0.25, batch_seconds=0.6))
+        runs[buckets] = encoded, each, decoded, list(shapes)
+    for off, on in zip(runs[False][0], runs[True][0]):
+        assert torch.equal(off.codes, on.codes) and torch.equal(off.lengths, on.lengths)
+    assert all(torch.equal(off, on) for off, on in zip(runs[False][1], runs[True][1]))
+    for off, on in zip(runs[False][2], runs[True][2]):  # other conv widths: float rounding may differ
+        torch.testing.assert_close(on, off, rtol=0, atol=1e-5)
+    caps = {tok.frame_budgets(c)[0] + sum(tok.model.context_frames["encoder"]) for c in (0.25, 0.5)}
+    assert runs[False][3] != runs[True][3]
+    assert all(t % hop == 0 and (t // hop in caps or round_up(t // hop, LENGTH_STEPS) == t // hop >= SHORTEST)
+               for _, _, t in runs[True][3])
+
+
+def test_buckets_by_device_and_autotuning_restored(tok, monkeypatch):
+    assert not tok.bucketed  # CPU: only padding
+    monkeypatch.setattr(tok, "device", torch.device("cuda"))  # nothing runs: the defaults only
+    assert tok.bucketed
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with pytest.raises(RuntimeError, match="inside"):
+        with tok.autotuning():
+            assert torch.backends.cudnn.benchmark
+            raise RuntimeError("inside")
+    assert not torch.backends.cudnn.benchmark
+    monkeypatch.setattr(tok, "buckets", False)
+    with tok.autotuning():
+        assert not torch.backends.cudnn.benchmark and not tok.bucketed
 
 
 def test_bad_budgets(tok):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -22,6 +23,7 @@ import torch
 from audiotok import AudioTokenizer
 from audiotok.bulk import BulkConfig, InputSpec, record_key, safe_name, tokenize_dataset
 from audiotok.bulk.writer import PartWriter
+from audiotok.segments import LENGTH_STEPS, SHORTEST, round_up
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -359,6 +361,34 @@ def test_loud_records_are_counted_once_not_warned_per_clip(model_dir, tok, tmp_p
     _, records = read_output(out)
     with pytest.warns(UserWarning, match="peak amplitude"):
         check_against_direct(records, tok, lambda key: folder / key)
+
+
+def test_bucketed_job_writes_the_same_codes_autotuned(corpus, model_dir, tok, tmp_path, monkeypatch):
+    """A tokenizer with shape buckets (the CUDA default) writes the codes ``encode`` gives without them,
+    its passes on the grid, and the job runs under its autotuning (``cudnn.benchmark`` on CUDA)."""
+    bucketed = AudioTokenizer.from_pretrained(model_dir)
+    bucketed.buckets = True
+    shapes, encode, entered = [], bucketed.model.encode, []
+
+    def spy(x, *args, **kwargs):
+        shapes.append(x.shape[-1] // bucketed.hop_length)
+        return encode(x, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def autotuning():
+        entered.append(len(shapes))
+        yield
+        entered.append(len(shapes))
+
+    monkeypatch.setattr(bucketed.model, "encode", spy)
+    monkeypatch.setattr(bucketed, "autotuning", autotuning)
+    out = tmp_path / "out"
+    tokenize_dataset(config(InputSpec("folder", str(corpus)), out, model_dir, num_workers=0), tokenizer=bucketed)
+    _, records = read_output(out)
+    assert check_against_direct(records, tok, lambda k: corpus / k) == sorted(os.path.basename(f) for f in GOOD)
+    cap = bucketed.frame_budgets(0.5)[0] + sum(bucketed.model.context_frames["encoder"])
+    assert shapes and all(f == cap or f == round_up(f, LENGTH_STEPS) >= SHORTEST for f in shapes)
+    assert entered == [0, len(shapes)]  # every pass inside the block
 
 
 def _counting(decode, calls):

@@ -166,7 +166,8 @@ class _Encoder:
         self.job = plan_job(config, load_tokenizer(config, rank_device(config.device)))
 
     def work(self, offset: int) -> dict[str, Any]:
-        return work(self.job, default_owner(), offset, RayReads)
+        with self.job.tokenizer.autotuning():
+            return work(self.job, default_owner(), offset, RayReads)
 
 
 Encoder = ray.remote(_Encoder)

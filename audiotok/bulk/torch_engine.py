@@ -49,7 +49,8 @@ def _run(config: BulkConfig, tokenizer: AudioTokenizer | None, env: DistEnv, t0:
         logger.warning("%d parts for %d processes: some will have nothing to do", len(job.parts), env.world_size)
     owner = config.owner or default_owner()
     offset = env.rank * len(job.parts) // env.world_size if env.world_size > 1 else zlib.crc32(owner.encode())
-    stats = work(job, owner, offset, LoaderReads, config.progress and env.rank == 0)
+    with tokenizer.autotuning():  # bucketed shapes on CUDA: each timed once for the whole job
+        stats = work(job, owner, offset, LoaderReads, config.progress and env.rank == 0)
 
     run_stats: list[Any] = [stats]
     distributed = dist.is_available() and dist.is_initialized()
