@@ -19,6 +19,7 @@ import csv
 import logging
 
 from audiotok.data.pack import DEFAULT_KBPS, pack_manifest
+from audiotok.utils.workers import available_cpus
 
 
 def _bitrate(text: str) -> float | None:
@@ -45,10 +46,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--outside-root", action="store_true",
                    help="read files the manifest names outside its folder (absolute or ../ paths)")
+    p.add_argument("--workers", type=int, default=available_cpus(),
+                   help="processes decoding and coding files (default: every core; the parts are the same)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parts = pack_manifest(args.manifest, args.out, args.split, args.sample_rate, args.excerpt_seconds,
-                          args.part_mib, args.max_parts, args.seed, args.outside_root, args.bitrate)
+                          args.part_mib, args.max_parts, args.seed, args.outside_root, args.bitrate, args.workers)
     total_mib = total_hours = 0.0
     for part in parts:
         mib = sum(f.stat().st_size for f in part.rglob("*") if f.is_file()) / 2**20

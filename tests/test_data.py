@@ -502,6 +502,20 @@ def test_pack_manifest_into_opus_parts(tmp_path, caplog):
         spec = {"type": "manifest", "path": glob, "group": group}
         assert sum(len(source) for source in build_sources(spec)) == pieces
     assert len(pack_manifest(src, tmp_path / "one", excerpt_seconds=2.0, part_mib=budget, max_parts=1)) == 1
+    with caplog.at_level(logging.WARNING):  # in worker processes: the same parts
+        caplog.clear()
+        pack_manifest(src, tmp_path / "pooled", excerpt_seconds=2.0, part_mib=budget, seed=3, workers=2)
+        assert "bad.wav" in caplog.text
+        two = pack_manifest(src, tmp_path / "two", excerpt_seconds=2.0, part_mib=budget, seed=3, workers=2,
+                            max_parts=2)
+
+    def files(folder):  # manifests as written, Opus files decoded (each Ogg stream has a random serial number)
+        return {str(f.relative_to(folder)): sf.read(f)[0].tobytes() if f.suffix == ".opus" else f.read_bytes()
+                for f in sorted(folder.rglob("*")) if f.is_file()}
+
+    assert files(tmp_path / "pooled") == files(tmp_path / "packed")
+    assert [p.name for p in two] == ["part-000", "part-001"] and files(tmp_path / "two") == {
+        k: v for k, v in files(tmp_path / "packed").items() if k.split("/")[0] in ("part-000", "part-001")}
     with pytest.raises(ValueError, match="Opus"):
         pack_manifest(src, tmp_path / "x", sample_rate=44100)
     with pytest.raises(FileExistsError):

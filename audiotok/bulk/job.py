@@ -21,6 +21,7 @@ from ..formats.codedataset import PART_SHARD, SHARD_WRITERS, Manifest, ShardEntr
 from ..tokenizer import DTYPES, AudioTokenizer
 from ..utils.store import Store, open_store
 from ..utils.untrusted import check_number
+from ..utils.workers import available_cpus
 from .claims import STATE_DIR, state_path
 from .inputs import InputSpec, source_fingerprint
 from .writer import DONE_SHAPE
@@ -45,7 +46,7 @@ def default_workers() -> int:
     encoding and writing; at least 1, at most 16. Decoding and resampling run about 1,000 h of
     audio per hour on one core (benchmarks/README.md), so a GPU encoding several thousand needs
     several cores feeding it; beyond 16 the bundles held ahead only cost memory."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cpus()
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(16, cores // local - 1))
 

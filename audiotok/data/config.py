@@ -15,8 +15,9 @@ import torch
 
 from ..nn.config import check_keys
 from ..utils.urls import is_url
+from ..utils.workers import available_cpus
 from .dataset import Excerpt, ExcerptDataset, SourceGroup, build_validation_set
-from .resident import ResidentAudio, ResidentBatches, available_cpus
+from .resident import ResidentAudio, ResidentBatches
 from .sources import (
     AudioFileSource,
     AudioFolderSource,

@@ -15,9 +15,11 @@ MiB), against 22 minutes as 16-bit WAV and 3.7 hours at libopus's own default (a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
+import multiprocessing
 import os
 import random
 import re
@@ -28,6 +30,7 @@ import numpy as np
 
 from ..audio import downmix, resample
 from ..utils.io import atomic_write
+from ..utils.workers import die_with_parent
 from .sources import DecodeError, SkipCounter, decode_file
 
 log = logging.getLogger("audiotok.data")
@@ -96,22 +99,38 @@ class _Part:
             writer.writerows(self.rows)
 
 
-def _pieces(rows: list[dict[str, str]], root: Path, sample_rate: int, step: int,
-            skipped: SkipCounter) -> Iterator[tuple[dict[str, str], str, np.ndarray]]:
-    """``(row, name, piece [1, <= step])`` for the pieces of at least 1 s of each readable file."""
-    for row in rows:
-        try:
-            record = decode_file(row["path"], root / row["path"])
-        except DecodeError as e:
-            skipped.add(e)
-            continue
-        audio = resample(downmix(record.audio), record.sample_rate, sample_rate)
-        parts = Path(row["path"]).with_suffix("").parts
-        stem = "__".join(p for p in parts if p not in ("/", ".", ".."))  # one plain name, whatever the path
-        for i, start in enumerate(range(0, audio.shape[1], step)):
-            piece = audio[:, start:start + step]
-            if piece.shape[1] >= sample_rate:
-                yield row, f"{stem}-{i:04d}", piece
+#: A file to pack: ``(manifest row, root, sample_rate, samples per piece, kbps)``.
+PackTask = tuple[dict[str, str], Path, int, int, float | None]
+#: What packing a file gives: ``(name, Opus bytes, seconds)`` of each piece, or why it is skipped.
+Coded = list[tuple[str, bytes, float]] | DecodeError
+
+
+def _coded_pieces(task: PackTask) -> Coded:
+    """One manifest row ``(row, root, sample_rate, step, kbps)`` -> ``(name, Opus bytes, seconds)`` of
+    each piece of at least 1 s (of ``step`` samples, the last one shorter), or why the file is skipped.
+    A pool worker's task, run in the calling process too."""
+    row, root, sample_rate, step, kbps = task
+    try:
+        record = decode_file(row["path"], root / row["path"])
+    except DecodeError as e:
+        return e
+    audio = resample(downmix(record.audio), record.sample_rate, sample_rate)
+    parts = Path(row["path"]).with_suffix("").parts
+    stem = "__".join(p for p in parts if p not in ("/", ".", ".."))  # one plain name, whatever the path
+    return [(f"{stem}-{i:04d}", opus_bytes(piece, sample_rate, kbps), piece.shape[1] / sample_rate)
+            for i, start in enumerate(range(0, audio.shape[1], step))
+            if (piece := audio[:, start:start + step]).shape[1] >= sample_rate]
+
+
+@contextlib.contextmanager
+def _coded_files(tasks: list[PackTask], workers: int) -> Iterator[Iterator[Coded]]:
+    """:func:`_coded_pieces` of each task, in order: here, or in ``workers`` spawned processes
+    (terminated, with what they had left, when the block is left)."""
+    if workers <= 1:
+        yield map(_coded_pieces, tasks)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers, die_with_parent, (os.getpid(),)) as pool:
+        yield pool.imap(_coded_pieces, tasks, chunksize=2)
 
 
 def pack_manifest(
@@ -125,6 +144,7 @@ def pack_manifest(
     seed: int = 0,
     outside_root: bool = False,
     bitrate_kbps: float | None = DEFAULT_KBPS,
+    workers: int = 1,
 ) -> list[Path]:
     """Pack ``split`` of ``manifest`` (a ``manifest.csv`` or its folder) into ``out/part-NNN`` folders.
 
@@ -132,7 +152,9 @@ def pack_manifest(
     excerpts of ``excerpt_seconds`` (the last one of a file may be shorter; pieces under 1 s are
     dropped), coded as Opus at ``bitrate_kbps`` (VBR target, see :func:`opus_bytes`; ``None``:
     libopus's default, about 38 kbps). Unreadable files are skipped and logged. Stops after
-    ``max_parts`` parts when given. Returns the part folders written.
+    ``max_parts`` parts when given. Returns the part folders written. ``workers > 1``: files are
+    decoded and coded in that many spawned processes: the same parts (the same audio and manifests;
+    libsndfile gives each Ogg stream a random serial number, in one process or several).
 
     Parts are numbered in the order they fill, and the same manifest packed with the same settings
     (and libsndfile) gives the same parts: part ``k`` of a run with ``max_parts`` is part ``k`` of a run
@@ -168,22 +190,31 @@ def pack_manifest(
     parts: list[Path] = []
     part = None
     coded_bytes = coded_seconds = 0.0
-    for row, name, piece in _pieces(rows, root, sample_rate, int(excerpt_seconds * sample_rate), skipped):
-        data = opus_bytes(piece, sample_rate, bitrate_kbps)
-        coded_bytes, coded_seconds = coded_bytes + len(data), coded_seconds + piece.shape[1] / sample_rate
-        if part is not None and part.bytes + len(data) > budget:
-            part.close()
-            part = None
-            if max_parts is not None and len(parts) >= max_parts:
+    full = False  # max_parts parts written
+    tasks = [(row, root, sample_rate, int(excerpt_seconds * sample_rate), bitrate_kbps) for row in rows]
+    with _coded_files(tasks, workers) as coded:
+        for row, pieces in zip(rows, coded):
+            if isinstance(pieces, DecodeError):
+                skipped.add(pieces)
+                continue
+            for name, data, seconds in pieces:
+                coded_bytes, coded_seconds = coded_bytes + len(data), coded_seconds + seconds
+                if part is not None and part.bytes + len(data) > budget:
+                    part.close()
+                    part = None
+                    if max_parts is not None and len(parts) >= max_parts:
+                        full = True
+                        break
+                if part is None:
+                    part = _Part(out / f"part-{len(parts):03d}")
+                    parts.append(part.folder)
+                part.add(f"{split}/{row['category']}/{name}.opus", data, {
+                    "split": split, "category": row["category"], "source": row.get("source", ""),
+                    "license": row.get("license", ""), "sr": str(sample_rate), "channels": "1",
+                    "seconds": f"{seconds:.3f}", "format": "OGG", "subtype": "OPUS",
+                })
+            if full:
                 break
-        if part is None:
-            part = _Part(out / f"part-{len(parts):03d}")
-            parts.append(part.folder)
-        part.add(f"{split}/{row['category']}/{name}.opus", data, {
-            "split": split, "category": row["category"], "source": row.get("source", ""),
-            "license": row.get("license", ""), "sr": str(sample_rate), "channels": "1",
-            "seconds": f"{piece.shape[1] / sample_rate:.3f}", "format": "OGG", "subtype": "OPUS",
-        })
     if part is not None:
         part.close()
     kbps = coded_bytes * 8 / 1000 / max(coded_seconds, 1e-9)

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from ..audio import audio_fault, downmix, resample
-from ..utils.workers import die_with_parent
+from ..utils.workers import available_cpus, die_with_parent
 from .dataset import SourceGroup, mixture
 from .sources import AudioSource, DecodeError
 from .transforms import ABSOLUTE_GATE
@@ -140,11 +140,6 @@ def decode_sources(sources: Sequence[AudioSource], sample_rate: int, workers: in
     for (n, _), items in zip(tasks, results):
         out[n].extend(items)
     return out
-
-
-def available_cpus() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------------------------------------

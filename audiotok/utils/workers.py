@@ -55,6 +55,11 @@ def _watch(parent: int, poll: float) -> None:
     os._exit(_ORPHAN_EXIT)
 
 
+def available_cpus() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def die_with_parent(parent: int, poll: float = POLL_SECONDS) -> None:
     """Make this (worker) process end when the process ``parent`` ends: the parent death signal on
     Linux, and a watchdog thread everywhere. Ends at once if ``parent`` is already gone."""
