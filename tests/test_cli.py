@@ -137,8 +137,11 @@ def test_decode_sample_rate_and_subtype(tmp_path, capsys, model_dir, tok, inputs
         main(["decode", str(atok), str(out), "--sample-rate", "fast"])
 
 
-def test_quiet_dtype_compile_options_and_default_device(tmp_path, capsys, model_dir, inputs):
+def test_quiet_dtype_compile_options_and_default_device(tmp_path, capsys, model_dir, inputs, monkeypatch):
+    from audiotok.nn import layers
     from audiotok.utils.distributed import rank_device
+
+    monkeypatch.setattr(layers, "cpu_has_bf16_kernels", lambda: True)  # no slow-bf16 warning on any CPU
 
     assert rank_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
     args = ["encode", inputs["mono"], tmp_path / "m.atok", "--model", model_dir, "--dtype", "bf16"]
