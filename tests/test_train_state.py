@@ -306,3 +306,20 @@ def test_an_export_before_the_first_validation_is_json_and_reads_back_through_th
         with pytest.raises(ValueError, match=message) as e:
             read_state_export(path)
         assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value), name
+
+
+RUN_STATE = Path(__file__).resolve().parents[1] / "recipes" / "state" / "default-phase.safetensors"
+
+
+@pytest.mark.parametrize("config", ["default-phase-gpu.yml", "default-phase-cpu.yml"])
+def test_the_default_models_run_in_progress_resumes(config, tmp_path):
+    """The committed state of the default model's training run (recipes/state/) starts a run of either
+    of its configs at its step, its generator the default architecture with finite weights."""
+    from audiotok.train.config import load_config
+    from audiotok.train.state import read_state_export
+    from audiotok.train.trainer import import_state
+
+    state = read_state_export(RUN_STATE)
+    cfg = load_config(RUN_STATE.parents[1] / "configs" / config, [])
+    assert import_state(RUN_STATE, tmp_path / "run", cfg) == tmp_path / "run" / "checkpoints" / f"step_{state['step']}"
+    assert state["step"] > 0 and all(torch.isfinite(w).all() for w in state["generator"].values())
