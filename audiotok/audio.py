@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -54,18 +55,27 @@ def audio_fault(audio: np.ndarray) -> str | None:
     """The one audio validity check: ``"empty"`` when ``audio`` has no samples, ``"nonfinite"`` when
     any is NaN or Inf, else ``None``. :func:`check_samples` raises on it; readers that skip bad
     records keep the reason."""
-    if audio.size == 0:
-        return "empty"
-    if not np.isfinite(audio).all():
-        return "nonfinite"
-    return None
+    return _fault_and_peak(audio)[0]
 
 
-def check_samples(audio: np.ndarray, name: str) -> None:
-    """``ValueError`` naming ``audio`` (``name``) when :func:`audio_fault` finds a fault."""
-    fault = audio_fault(audio)
+def check_samples(audio: np.ndarray, name: str) -> float:
+    """``ValueError`` naming ``audio`` (``name``) when :func:`audio_fault` finds a fault; else the
+    peak amplitude (the largest absolute sample), found in the same pass."""
+    fault, peak = _fault_and_peak(audio)
     if fault is not None:
         raise ValueError(f"{name} {AUDIO_FAULTS[fault]} (shape {tuple(audio.shape)})")
+    return peak
+
+
+def _fault_and_peak(audio: np.ndarray) -> tuple[str | None, float]:
+    """:func:`audio_fault`'s reason and the peak amplitude, from one min and one max pass (NaN
+    propagates through both; no temporary array as ``isfinite`` or ``abs`` would make)."""
+    if audio.size == 0:
+        return "empty", 0.0
+    lo, hi = float(audio.min()), float(audio.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "nonfinite", math.nan
+    return None, max(-lo, hi)
 
 
 def split_clips(audio: AudioInput) -> list[np.ndarray]:
@@ -101,18 +111,17 @@ def split_clips(audio: AudioInput) -> list[np.ndarray]:
         if not clips:
             raise ValueError("audio has an empty batch dimension")
     for i, clip in enumerate(clips):
-        check_samples(clip, f"clip {i}")
+        peak = check_samples(clip, f"clip {i}")
         if clip.shape[0] > clip.shape[1]:
             raise ValueError(
                 f"clip {i} has shape {tuple(clip.shape)}: {clip.shape[0]} channels of {clip.shape[1]} samples. Audio "
                 f"is [C, T] (channels first); this looks like [T, C], as soundfile.read returns it: pass audio.T")
-        _warn_if_loud(clip, i)
+        _warn_if_loud(clip, i, peak)
     return clips
 
 
-def _warn_if_loud(clip: np.ndarray, index: int) -> None:
+def _warn_if_loud(clip: np.ndarray, index: int, peak: float) -> None:
     """Warn when the peak amplitude is above 1: the codec expects float audio in [-1, 1]."""
-    peak = float(np.abs(clip).max())
     if peak <= 1.0:
         return
     if peak <= 2.0**31 and np.array_equal(clip, np.round(clip)):

@@ -331,7 +331,10 @@ def test_invalid_audio_is_named_with_its_reason():
     from audiotok.audio import audio_fault, check_samples
     assert audio_fault(np.zeros((1, 0), np.float32)) == "empty"
     assert audio_fault(np.array([[0.0, np.inf]], np.float32)) == "nonfinite"
+    assert audio_fault(np.array([[0.5, -np.inf, 0.2]], np.float32)) == "nonfinite"  # caught by the min
+    assert audio_fault(np.array([[0.5, 0.1], [np.nan, -2.0]], np.float32)) == "nonfinite"
     assert audio_fault(np.zeros((2, 3), np.float32)) is None
+    assert check_samples(np.array([[0.25, -0.75], [0.5, 0.0]], np.float32), "x") == 0.75  # the peak, either sign
     with pytest.raises(ValueError, match=r"x.wav: audio contains NaN or Inf samples \(shape \(1, 2\)\)"):
         check_samples(np.array([[np.nan, 0.0]], np.float32), "x.wav: audio")
     check_samples(np.zeros((1, 3), np.float32), "fine")
