@@ -97,8 +97,8 @@ def cpu_has_bf16_kernels() -> bool:
 def warn_if_cpu_bf16_is_slow(what: str, instead: str) -> None:
     """Warn (once per ``what``) that bf16 on this CPU is slow, and what to do ``instead``: without
     AVX-512 (or Arm's bf16), oneDNN has no bf16 kernels and convolutions fall back to a reference path,
-    21-27x slower than fp32 for a ``[4, 64, 16000]`` kernel-7 Conv1d on one thread of a Zen 3 EPYC
-    (``benchmarks/bench_cpu_bf16.py``)."""
+    about 20x slower than fp32 for a ``[4, 64, 16000]`` kernel-7 Conv1d on one thread of a Zen 3 EPYC
+    (``benchmarks/bench_cpu_bf16.py``: 20.7x and 22.3x in two runs)."""
     if not cpu_has_bf16_kernels():
         logger.warning("%s: bf16 on this CPU runs convolutions without native kernels (no AVX-512), about "
                        "20x slower than fp32; %s", what, instead)
