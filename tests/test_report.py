@@ -32,6 +32,7 @@ from audiotok import DACConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_quality  # noqa: E402
 import plot_quality  # noqa: E402
+import plot_training  # noqa: E402
 import report  # noqa: E402
 
 SCRIPT_NAME = "speech/<script>alert('x & y')</script>.wav"
@@ -206,6 +207,28 @@ def test_report_plot(run: dict[str, Path], tmp_path: Path) -> None:
     assert (tmp_path / "again.png").read_bytes() == png
     with pytest.raises(ValueError, match="nothing|no metric"):
         report.quality_plot({"categories": {}}, {})
+
+
+def test_training_plot(run: dict[str, Path], tmp_path: Path) -> None:
+    """plot_training.py draws states from bench_quality JSON at their hours of audio seen (each model's
+    fullest depth), names a missing row, and refuses files that measured other excerpts."""
+    payload = json.loads(run["json"].read_text())
+    rows = [r for r in payload["all"]["rows"] if r["codec"] == "m44"]
+    assert {r["codebooks"] for r in rows} == {1, 4}
+    full = next(r for r in rows if r["codebooks"] == 4)
+    assert plot_training.mean(payload, "all", "si_sdr", "m44") == full["si_sdr"]["mean"]
+    assert plot_training.mean(payload, "speech", "pesq", "m44") is None  # not measured here
+    out = tmp_path / "training.png"
+    plot_training.main([str(out), "--point", "1", str(run["json"]), "m44",
+                        "--point", "2.5", str(run["json"]), MODEL_NAME])
+    assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(SystemExit, match="has no row 'm9'; its rows: m16<em>, m44(, opus)?$"):
+        plot_training.main([str(out), "--point", "1", str(run["json"]), "m9"])
+    payload["categories"]["music"]["per_file"].pop()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(payload))
+    with pytest.raises(SystemExit, match="different excerpts"):
+        plot_training.main([str(out), "--point", "1", str(run["json"]), "m44", "--point", "2", str(other), "m44"])
 
 
 def test_spectrograms_share_one_scale() -> None:
