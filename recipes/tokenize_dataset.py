@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JSON object of fsspec filesystem options for a URL --input")
     p.add_argument("--model", default=None,
                    help="audiotok / transformers folder, .pth file, hub id or alias (default: the bundled model, "
-                        "audiotok-24khz-v0.3, alias 'default')")
+                        "alias 'default'; `audiotok info` names it)")
     p.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"])
     p.add_argument("--layout", default="pooled", choices=["pooled", "sidecar"],
                    help="pooled: shards part-NNNNNN-NNNN; sidecar (webdataset input and format): one code shard "
