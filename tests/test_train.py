@@ -517,6 +517,59 @@ def test_a_run_moved_through_a_state_export_continues(audio_dir, straight, tmp_p
     assert light.stat().st_size < exported.stat().st_size / 2
 
 
+def _folded(config, weights) -> dict[str, torch.Tensor]:
+    """The plain weights a checkpoint's model files hold for generator ``weights`` (with weight norm)."""
+    model = DAC(config.model)
+    model.load_state_dict(weights)
+    return model.fold_weight_norm().state_dict()
+
+
+def test_the_weight_average_is_validated_saved_resumed_and_moved(audio_dir, straight, tmp_path, caplog):
+    """train.ema: after each step, average = decay * average + (1 - decay) * generator; the checkpoints'
+    model files are the average's, a resume continues it exactly, an export carries it only with moments."""
+    from audiotok.train.state import export_state, load_train_state
+
+    config = tiny_config(audio_dir, *RESUME, "train.ema=0.75")
+    run = tmp_path / "ema"
+    train(config, run, max_steps=2, device="cpu")
+    train(config, run, max_steps=STEPS, device="cpu")  # resumed at step 2
+    states = {step: load_train_state(run / name) for step, name in ((2, "step_2"), (3, "best"), (4, "latest"))}
+    plain = load_train_state(straight / "latest")  # the same run without the average: the same generator
+    for key, value in plain["generator"].items():
+        assert torch.equal(states[4]["generator"][key], value), key
+    for step in (3, 4):
+        before, now = states[step - 1]["ema"], states[step]
+        for key, value in now["ema"].items():
+            expected = 0.75 * before[key] + 0.25 * now["generator"][key]
+            torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=key)
+        assert any(not torch.equal(now["ema"][k], now["generator"][k]) for k in now["ema"])
+        files = load_file(run / ("best" if step == 3 else "latest") / "model.safetensors")
+        for key, value in _folded(config, now["ema"]).items():
+            torch.testing.assert_close(files[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    straight_ema = tmp_path / "straight-ema"
+    train(config, straight_ema, max_steps=STEPS, device="cpu")
+    for key, value in load_train_state(straight_ema / "latest")["ema"].items():
+        assert torch.equal(states[4]["ema"][key], value), key
+
+    # moved with moments, the average continues (rounded to float16); without, it restarts from the generator
+    full = export_state(run / "step_2", tmp_path / "full.safetensors")
+    train(config, tmp_path / "moved", max_steps=2, device="cpu", resume_from=full)  # loads it; no step left
+    moved = load_train_state(tmp_path / "moved" / "latest")
+    for key, value in states[2]["ema"].items():
+        assert torch.equal(moved["ema"][key], value.half().float()), key
+    light = export_state(run / "step_2", tmp_path / "light.safetensors", moments=False)
+    assert not any(k.startswith("ema/") for k in load_file(light)) and any(k.startswith("ema/") for k in load_file(full))
+    with caplog.at_level("INFO", logger="audiotok.train"):
+        train(config, tmp_path / "light", max_steps=3, device="cpu", resume_from=light)
+    assert "the weight average (train.ema=0.75) starts at step 2" in caplog.text
+    restarted = load_train_state(tmp_path / "light" / "latest")
+    for key, value in restarted["ema"].items():  # one step from the generator's weights at step 2
+        expected = 0.75 * states[2]["generator"][key].half().float() + 0.25 * restarted["generator"][key]
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=key)
+    with pytest.raises(ValueError, match=r"train\.ema: the average's decay must be in \[0, 1\)"):
+        tiny_config(audio_dir, "train.ema=1.0")
+
+
 def test_a_gan_run_exports_its_discriminator(audio_dir, tmp_path):
     from audiotok.train.state import export_state, load_train_state
 

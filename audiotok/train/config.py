@@ -127,6 +127,10 @@ class LoopConfig:
     its convolution algorithms once per input shape and keep the fastest
     (``torch.backends.cudnn.benchmark``, PyTorch's advice for fixed-shape convolutional training: every
     step has the same batch shape); the result is no longer bit-reproducible from run to run.
+    ``ema`` (0 < ema < 1; 0 turns it off) keeps an exponential moving average of the generator's weights,
+    updated after every step with this decay (0.999 weighs about the last 1,000 steps): validation, the
+    ``best`` checkpoint and every checkpoint's model files are then the average's, and the training state
+    holds it beside the generator (an export without moments leaves it out: it restarts from the generator).
     """
 
     batch_size: int = 12
@@ -141,8 +145,11 @@ class LoopConfig:
     save_every: int = 1000
     milestones: list[int] = field(default_factory=lambda: [10_000, 50_000, 100_000, 200_000])
     freeze: list[str] = field(default_factory=list)
+    ema: float = 0.0
 
     def __post_init__(self):
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"train.ema: the average's decay must be in [0, 1) (0: off), got {self.ema}")
         unknown = sorted(set(self.freeze) - set(GENERATOR_PARTS))
         if unknown:
             raise ValueError(f"train.freeze: unknown parts {unknown}; expected some of {list(GENERATOR_PARTS)}")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from ..metrics import codebook_utilization
@@ -125,7 +126,9 @@ def import_state(path: str | Path, save_path: str | Path, config: TrainConfig | 
     if not state["opt_g"]["state"]:
         log.info("%s has no optimizer moments: the optimizers restart (zero moments) at step %d; the learning "
                  "rate schedule continues", path, state["step"])
-    inference = Checkpoint(saved.model, state["generator"], Path(save_path).name)
+    if "ema" in state:
+        check_weights(state["ema"], generator.state_dict(), f"{path}: ema")
+    inference = Checkpoint(saved.model, state.get("ema", state["generator"]), Path(save_path).name)
     folder = save_checkpoint(save_path, state, lambda folder: save_folder(inference, folder))
     log.info("%s: started from %s at step %d", save_path, path, state["step"])
     return folder
@@ -210,7 +213,8 @@ def _check_resume(config: TrainConfig, found: tuple[Path, dict[str, Any]], init_
 class _CodecTask:
     """The codec's part of a run (a :class:`~audiotok.train.harness.Task`): the networks, optimizers and
     data, built and resumed from ``run.found``, and the GAN step. Rank 0 shows a few validation excerpts as
-    audio and mel images in TensorBoard at each validation (inputs once per launch)."""
+    audio and mel images in TensorBoard at each validation (inputs once per launch), and keeps the moving
+    average of the generator's weights when ``train.ema`` is on: it is what rank 0 validates and saves."""
 
     train_shown: Sequence[str] = MAIN_LOSSES
     validation_shown: Mapping[str, str] = {"mel_distance": "{:.4f}", "stft_distance": "{:.4f}", "si_sdr": "{:.2f} dB",
@@ -227,6 +231,12 @@ class _CodecTask:
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = loop.cudnn_benchmark
         self.generator = build_generator(config, init_from).to(dev)
+        self.average = None  # train.ema: a copy of the generator holding the average (eager Snakes)
+        if loop.ema > 0 and env.is_main:
+            self.average = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(loop.ema))
+            self.average.requires_grad_(False)
+        #: The weights rank 0 validates and writes as the checkpoints' model files.
+        self.inference: DAC = self.generator if self.average is None else self.average.module
         use_fused_snake(self.generator, loop.fused_snake)
         self.trainable = trainable_parameters(self.generator, loop.freeze)
         for part in loop.freeze:
@@ -282,6 +292,11 @@ class _CodecTask:
         self.generator.load_state_dict(state["generator"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.sched_g.load_state_dict(state["sched_g"])
+        if self.average is not None:  # continues the run's average, or starts one at the generator's weights
+            if "ema" not in state:
+                log.info("the weight average (train.ema=%s) starts at step %d", self.config.train.ema, state["step"])
+            self.average.module.load_state_dict(state.get("ema", state["generator"]))
+            self.average.n_averaged.fill_(1)
         if self.gan is not None and "discriminator" in state:
             self.gan.discriminator.load_state_dict(state["discriminator"])
             self.gan.opt.load_state_dict(state["opt_d"])
@@ -330,15 +345,17 @@ class _CodecTask:
         out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, config.optim.clip_generator)
         self.opt_g.step()
         self.sched_g.step()
+        if self.average is not None:
+            self.average.update_parameters(self.generator)
         if not logged:
             return {}
         return {**{k: float(v.detach()) for k, v in out.items()}, "lr": float(self.sched_g.get_last_lr()[0])}
 
     def validate(self, step: int, writer: Any) -> dict[str, float]:
-        val = validate(self.generator, self.val_set, self.mel_loss, self.stft_loss, self.dev)
+        val = validate(self.inference, self.val_set, self.mel_loss, self.stft_loss, self.dev)
         if writer is not None and self.media_set:
             self.mel_image = self.mel_image or MelImage(self.config.model.sample_rate)
-            write_reconstructions(writer, self.generator, self.media_set, step, self.mel_image, self.inputs_due,
+            write_reconstructions(writer, self.inference, self.media_set, step, self.mel_image, self.inputs_due,
                                   self.dev)
             self.inputs_due = False
         return val
@@ -352,13 +369,15 @@ class _CodecTask:
     def state(self) -> dict[str, Any]:
         state = {"generator": self.generator.state_dict(), "opt_g": self.opt_g.state_dict(),
                  "sched_g": self.sched_g.state_dict()}
+        if self.average is not None:
+            state["ema"] = self.average.module.state_dict()
         if self.gan is not None:
             state.update(discriminator=self.gan.discriminator.state_dict(), opt_d=self.gan.opt.state_dict(),
                          sched_d=self.gan.sched.state_dict())
         return state
 
     def write(self, folder: Path) -> None:
-        save_folder(Checkpoint(self.config.model, self.generator.state_dict(), self.name), folder)
+        save_folder(Checkpoint(self.config.model, self.inference.state_dict(), self.name), folder)
 
     def close(self) -> None:
         stop_workers(self.batches)
