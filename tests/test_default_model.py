@@ -18,16 +18,17 @@ from audiotok.weights.hub import DEFAULT_MODEL_ID, PRETRAINED_DIR, SAME_CODES_AS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "speech.flac"
 DATA = Path(__file__).resolve().parent / "data"
-#: The first 2 s of EXAMPLE encoded by the previous release (the same model with float32 weights), and
-#: that release's float32 decode of it (FLAC, 24-bit: 128 dB SNR).
-OLD_CODES, OLD_DECODED = DATA / "speech-2s-v0.3-fp32.atok", DATA / "speech-2s-v0.3-fp32-decoded.flac"
+#: The first 2 s of EXAMPLE encoded by the float32 weights the bundled fp16 ones were rounded from (the
+#: training checkpoint), and their float32 decode of it (FLAC, 24-bit: 128 dB SNR).
+FP32_CODES, FP32_DECODED = DATA / "speech-2s-v0.4-fp32.atok", DATA / "speech-2s-v0.4-fp32-decoded.flac"
+#: The same 2 s as the previous bundled model (audiotok-24khz-v0.3, float32 weights) coded them.
+V03_CODES = DATA / "speech-2s-v0.3-fp32.atok"
 
 #: The bundled weights are stored in fp16 and upcast on loading. Their fingerprint, and the one of the
-#: float32 weights they were rounded from (earlier releases), whose codes they decode.
-FINGERPRINT, FP32_FINGERPRINT = "fd050c14081aa716", "98443b3c04d63f4f"
+#: float32 weights they were rounded from, whose codes they decode.
+FINGERPRINT, FP32_FINGERPRINT = "c0815379760cbc5f", "b033934d5b962862"
 #: Decoding the same codes with the fp16-stored weights against the float32 ones: SNR in dB (measured
-#: 64.4 to 74.5 dB on examples/speech.flac and 19 eval-split files, 72.6 on OLD_CODES; bf16 storage
-#: measures 37 to 51 dB) and the largest sample difference on OLD_CODES (measured 1.9e-4, peak 0.39).
+#: 70.1 dB on FP32_CODES) and the largest sample difference on FP32_CODES (measured 1.9e-04).
 DECODE_SNR_DB, DECODE_MAX_ABS = 60.0, 1e-3
 
 
@@ -94,17 +95,17 @@ def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
     return 10 * math.log10(float((reference ** 2).sum()) / float(((reference - other) ** 2).sum()))
 
 
-def test_code_files_of_the_float32_release_decode_within_tolerance(tmp_path):
-    """Code files written by the previous release (float32 weights, fingerprint FP32_FINGERPRINT) decode
-    with the fp16-stored weights, by the API and the CLI, within DECODE_SNR_DB of that release's decode."""
-    old = CodeFile.load(OLD_CODES)
+def test_code_files_of_the_float32_weights_decode_within_tolerance(tmp_path):
+    """Code files written with the float32 weights (fingerprint FP32_FINGERPRINT) decode with the
+    fp16-stored weights, by the API and the CLI, within DECODE_SNR_DB of the float32 decode."""
+    old = CodeFile.load(FP32_CODES)
     assert (old.codec.model_id, old.codec.codes_fingerprint) == (DEFAULT_MODEL_ID, FP32_FINGERPRINT)
-    reference = torch.from_numpy(sf.read(OLD_DECODED, dtype="float32")[0])
+    reference = torch.from_numpy(sf.read(FP32_DECODED, dtype="float32")[0])
     tok = AudioTokenizer.from_pretrained()
     decoded = tok.decode(old.to_encoded())[0, 0]
     assert snr_db(reference, decoded) >= DECODE_SNR_DB, snr_db(reference, decoded)
     assert (reference - decoded).abs().max() <= DECODE_MAX_ABS
-    assert cli.main(["decode", str(OLD_CODES), str(tmp_path / "old.wav"), "--subtype", "FLOAT", "--no-progress"]) == 0
+    assert cli.main(["decode", str(FP32_CODES), str(tmp_path / "old.wav"), "--subtype", "FLOAT", "--no-progress"]) == 0
     wav = torch.from_numpy(sf.read(tmp_path / "old.wav", dtype="float32")[0])
     assert snr_db(reference, wav) >= DECODE_SNR_DB
     # Any other fingerprint is still refused: the bundled model does not decode every file of its id.
@@ -115,15 +116,28 @@ def test_code_files_of_the_float32_release_decode_within_tolerance(tmp_path):
         tok.decode(other.to_encoded())
 
 
-def test_default_model_writes_nearly_the_codes_of_the_float32_release():
-    """Rounding the encoder and quantizer to fp16 moves a few codes (99.7% identical over 20 clips, the
-    first codebook 99.9%), so the bundled model has a fingerprint of its own."""
+def test_default_model_writes_nearly_the_codes_of_the_float32_weights():
+    """Rounding the encoder and quantizer to fp16 moves a few codes (99.2% identical on this clip, the
+    first codebook 100.0%), so the bundled model has a fingerprint of its own."""
     audio, sr = sf.read(EXAMPLE, dtype="float32")
-    old = CodeFile.load(OLD_CODES)
+    old = CodeFile.load(FP32_CODES)
     enc = AudioTokenizer.from_pretrained().encode(audio[: 2 * sr], sr)
     assert enc.codec is not None and enc.codec.codes_fingerprint == FINGERPRINT
     same = enc.codes[0] == old.codes[0]
     assert same.float().mean() >= 0.99 and same[0].float().mean() >= 0.995, same.float().mean(-1)
+
+
+def test_code_files_of_the_previous_model_are_refused_with_what_to_do(tmp_path, capsys):
+    """v0.4 re-trained v0.3's encoder and quantizer: v0.3's codes mean other sounds to it. Decoding
+    them is refused, naming both models; asking for v0.3 by name says which build bundles it."""
+    old = CodeFile.load(V03_CODES)
+    assert old.codec.model_id == "audiotok-24khz-v0.3" and old.codec.model_id not in SAME_CODES_AS
+    with pytest.raises(ValueError, match="codes of model 'audiotok-24khz-v0.3'.*not those of model 'audiotok-24khz-v0.4'"):
+        AudioTokenizer.from_pretrained().decode(old.to_encoded())
+    assert cli.main(["decode", str(V03_CODES), str(tmp_path / "old.wav"), "--no-progress"]) == 2
+    assert "give the model that wrote the codes with --model" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="not the model this audiotok release bundles"):
+        AudioTokenizer.from_pretrained("audiotok-24khz-v0.3")
 
 
 def test_default_model_codes_carry_the_input():

@@ -15,13 +15,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_MODEL = "default"
 # The model_id the shipped model records (in its config.json and in every .atok file it writes).
-DEFAULT_MODEL_ID = "audiotok-24khz-v0.3"
+DEFAULT_MODEL_ID = "audiotok-24khz-v0.4"
 # Earlier bundled models whose code files the bundled model decodes as they were meant, with the
 # `checkpoint.codes_fingerprint` of the encoder and quantizer that wrote them, which the bundled model
-# lists in its `decodes_codes_of` (config.json): v0.3 fine-tuned v0.2's decoder alone, and the bundled
-# copy of v0.3 holds those weights rounded to fp16 (fingerprint fd050c14081aa716; 99.7% of its codes
-# are v0.2's, and it decodes v0.2's codes within 60 dB SNR of v0.3 in fp32: see the model card).
-SAME_CODES_AS = {"audiotok-24khz-v0.2": "98443b3c04d63f4f"}
+# lists in its `decodes_codes_of` (config.json). Empty: v0.4 re-trained the encoder and quantizer of
+# v0.3 (whose fp16 copy decoded v0.2's codes): their code files decode only with an audiotok build
+# that bundles them, or a model folder saved from one (`resolve` says so).
+SAME_CODES_AS: dict[str, str] = {}
 
 # Short names: ``default`` for the bundled model; the published Descript models on the Hugging Face
 # hub by their hub name and by the name of their ``DACConfig`` preset.
@@ -41,7 +41,7 @@ HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_do
 
 def describe_names() -> str:
     """The model names ``resolve`` takes besides paths and hub ids, for ``--help`` and ``info``:
-    ``default = audiotok-24khz-v0.3 (bundled), dac_44khz, 44khz = descript/dac_44khz, ...``."""
+    ``default = audiotok-24khz-v0.4 (bundled), dac_44khz, 44khz = descript/dac_44khz, ...``."""
     by_target: dict[str, list[str]] = {}
     for name, target in ALIASES.items():
         by_target.setdefault(target, []).append(name)
