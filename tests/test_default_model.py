@@ -132,7 +132,8 @@ def test_code_files_of_the_previous_model_are_refused_with_what_to_do(tmp_path, 
     them is refused, naming both models; asking for v0.3 by name says which build bundles it."""
     old = CodeFile.load(V03_CODES)
     assert old.codec.model_id == "audiotok-24khz-v0.3" and old.codec.model_id not in SAME_CODES_AS
-    with pytest.raises(ValueError, match="codes of model 'audiotok-24khz-v0.3'.*not those of model 'audiotok-24khz-v0.4'"):
+    refusal = "codes of model 'audiotok-24khz-v0.3'.*not those of model 'audiotok-24khz-v0.4'"
+    with pytest.raises(ValueError, match=refusal):
         AudioTokenizer.from_pretrained().decode(old.to_encoded())
     assert cli.main(["decode", str(V03_CODES), str(tmp_path / "old.wav"), "--no-progress"]) == 2
     assert "give the model that wrote the codes with --model" in capsys.readouterr().err

@@ -325,10 +325,10 @@ def export_state(run: str | os.PathLike, out: str | os.PathLike, moments: bool =
     is on) are stored in float16, optimizer moments in bfloat16, the rest as JSON metadata (see above).
     ``moments=False`` leaves the moments out, and the generator's moving average (``train.ema``): a run
     resumed from the file restarts its optimizers and its average (the learning rate schedule still
-    continues). The average adds 19 MB to an export with moments of the default architecture. For the shipped default architecture
-    (``recipes/configs/default.yml``: a 9.53M-parameter generator, a 42.5M-parameter discriminator) the
-    file is 57 MB with moments and 19 MB without for the generator alone (a GAN-free stage; its
-    ``train_state.pt`` is 115 MB), 313 MB and 104 MB with the discriminator (a GAN run; 625 MB).
+    continues). For the shipped default architecture (``recipes/configs/default.yml``: a 9.53M-parameter
+    generator, a 42.5M-parameter discriminator) the file is 57 MB with moments and 19 MB without for the
+    generator alone (a GAN-free stage; its ``train_state.pt`` is 115 MB), 313 MB and 104 MB with the
+    discriminator (a GAN run; 625 MB); the average adds 19 MB to an export with moments.
     :func:`read_state_export` reads it back.
     """
     folder, state = _export_source(Path(run))

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -236,7 +236,7 @@ class _CodecTask:
             self.average = AveragedModel(self.generator, multi_avg_fn=get_ema_multi_avg_fn(loop.ema))
             self.average.requires_grad_(False)
         #: The weights rank 0 validates and writes as the checkpoints' model files.
-        self.inference: DAC = self.generator if self.average is None else self.average.module
+        self.inference: DAC = self.generator if self.average is None else cast(DAC, self.average.module)
         use_fused_snake(self.generator, loop.fused_snake)
         self.trainable = trainable_parameters(self.generator, loop.freeze)
         for part in loop.freeze:
