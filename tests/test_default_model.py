@@ -19,7 +19,7 @@ from audiotok.weights.hub import DEFAULT_MODEL_ID, PRETRAINED_DIR, SAME_CODES_AS
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "speech.flac"
 DATA = Path(__file__).resolve().parent / "data"
 #: The first 2 s of EXAMPLE encoded by the float32 weights the bundled fp16 ones were rounded from (the
-#: training checkpoint), and their float32 decode of it (FLAC, 24-bit: 128 dB SNR).
+#: average of the training run's checkpoints), and their float32 decode of it (FLAC, 24-bit: 128 dB SNR).
 FP32_CODES, FP32_DECODED = DATA / "speech-2s-v0.4-fp32.atok", DATA / "speech-2s-v0.4-fp32-decoded.flac"
 #: The same 2 s as the previous bundled model (audiotok-24khz-v0.3, float32 weights) coded them.
 V03_CODES = DATA / "speech-2s-v0.3-fp32.atok"

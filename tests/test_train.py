@@ -517,17 +517,11 @@ def test_a_run_moved_through_a_state_export_continues(audio_dir, straight, tmp_p
     assert light.stat().st_size < exported.stat().st_size / 2
 
 
-def _folded(config, weights) -> dict[str, torch.Tensor]:
-    """The plain weights a checkpoint's model files hold for generator ``weights`` (with weight norm)."""
-    model = DAC(config.model)
-    model.load_state_dict(weights)
-    return model.fold_weight_norm().state_dict()
-
-
 def test_the_weight_average_is_validated_saved_resumed_and_moved(audio_dir, straight, tmp_path, caplog):
     """train.ema: after each step, average = decay * average + (1 - decay) * generator; the checkpoints'
     model files are the average's, a resume continues it exactly, an export carries it only with moments."""
     from audiotok.train.state import export_state, load_train_state
+    from audiotok.weights.checkpoint import fold_state_dict
 
     config = tiny_config(audio_dir, *RESUME, "train.ema=0.75")
     run = tmp_path / "ema"
@@ -544,7 +538,7 @@ def test_the_weight_average_is_validated_saved_resumed_and_moved(audio_dir, stra
             torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=key)
         assert any(not torch.equal(now["ema"][k], now["generator"][k]) for k in now["ema"])
         files = load_file(run / ("best" if step == 3 else "latest") / "model.safetensors")
-        for key, value in _folded(config, now["ema"]).items():
+        for key, value in fold_state_dict(now["ema"]).items():
             torch.testing.assert_close(files[key], value, rtol=1e-5, atol=1e-6, msg=key)
     straight_ema = tmp_path / "straight-ema"
     train(config, straight_ema, max_steps=STEPS, device="cpu")
