@@ -15,8 +15,8 @@ Written by the commit that adds them, before the modules moved into subpackages:
 smaller model: ``train-run``, its ``tensorboard/`` removed) and its state export (``export_state``:
 ``train-state.safetensors``). ``expected.json`` holds (under ``training``) what that audiotok read from
 them and from the bundled ``default`` weights: steps, data positions, schedules, configurations, codec
-identities, weight and optimizer-moment sums. The bundled model's identity there was changed by hand
-when the bundled model became ``audiotok-24khz-v0.4`` (a deliberate change; the rest is as written).
+identities, weight and optimizer-moment sums. The bundled model's identity there is changed by hand
+when a new bundled model ships (now ``audiotok-24khz-v0.5``: a deliberate change; the rest is as written).
 """
 
 from __future__ import annotations
