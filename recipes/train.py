@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="start --save-path from a state export (ignored once --save-path holds a checkpoint)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--time-limit", type=duration_arg, metavar="DURATION",
-                   help="stop and save in time to end within this long (seconds, or 90s, 9m, 1.5h); exit 0")
+                   help="stop and save in time to end within this long (seconds, or 90s, 9m, 1.5h, 2h30m); exit 0")
     p.add_argument("--export-state", metavar="FILE",
                    help="write the resumable state of --save-path's newest checkpoint to FILE and exit")
     p.add_argument("--no-moments", action="store_true",

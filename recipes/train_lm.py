@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="stop at this step (default: the config's num_iters)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--time-limit", type=duration_arg, metavar="DURATION",
-                   help="stop and save in time to end within this long (seconds, or 90s, 9m, 1.5h); exit 0")
+                   help="stop and save in time to end within this long (seconds, or 90s, 9m, 1.5h, 2h30m); exit 0")
     p.add_argument("overrides", nargs="*", help="config overrides such as train.batch_size=32")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

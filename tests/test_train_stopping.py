@@ -12,12 +12,14 @@ from audiotok.utils.distributed import DistEnv
 
 
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("9m", 540), ("1.5h", 5400), (" 2 d ", 172800),
-                                           (".5m", 30), (45, 45), (2.5, 2.5), ("10M", 600)])
+                                           (".5m", 30), (45, 45), (2.5, 2.5), ("10M", 600), ("2h30m", 9000),
+                                           ("1d 2h", 93600), ("1m30s", 90)])
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "abc", "9 minutes", "1h30m", "-5", "0", "0s", "inf", "1e3", True])
+@pytest.mark.parametrize("text", ["", "abc", "9 minutes", "1h30", "30 1h", "h30m", "-5", "0", "0s", "0h0m", "inf",
+                                  "1e3", True])
 def test_bad_durations(text):
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)

@@ -62,20 +62,26 @@ SAVE_BASE_S = 1.0  # the save estimate before any save is measured: this ...
 SAVE_BYTES_PER_S = 100e6  # ... plus the checkpoint's size at this rate
 
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)", re.IGNORECASE)
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+_DURATION = re.compile(rf"{_NUMBER}\s*([smhd]?)", re.IGNORECASE)
+_PARTS = re.compile(rf"(?:{_NUMBER}\s*[dhms]\s*)+", re.IGNORECASE)
 
 
 def parse_duration(value: str | float) -> float:
-    """Seconds in ``value``: a number of seconds, or a number with the unit ``s``, ``m``, ``h`` or ``d``
-    (``90``, ``90s``, ``9m``, ``1.5h``). ``ValueError`` for anything else and for zero."""
+    """Seconds in ``value``: a number of seconds, or numbers each with the unit ``s``, ``m``, ``h`` or ``d``
+    (``90``, ``90s``, ``9m``, ``1.5h``, ``2h30m``). ``ValueError`` for anything else and for zero."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
-        match = _DURATION.fullmatch(str(value).strip())
-        if match is None:
-            raise ValueError(f"invalid duration {value!r}: expected seconds or a number with s, m, h or d, "
-                             "such as 90s, 9m or 1.5h")
-        seconds = float(match[1]) * _UNITS[match[2].lower()]
+        text = str(value).strip()
+        match = _DURATION.fullmatch(text)
+        if match is not None:
+            seconds = float(match[1]) * _UNITS[match[2].lower()]
+        elif _PARTS.fullmatch(text):
+            seconds = sum(float(number) * _UNITS[unit.lower()] for number, unit in _DURATION.findall(text))
+        else:
+            raise ValueError(f"invalid duration {value!r}: expected seconds or numbers with s, m, h or d, "
+                             "such as 90s, 9m, 1.5h or 2h30m")
     if not 0 < seconds < float("inf"):
         raise ValueError(f"invalid duration {value!r}: it must be positive")
     return seconds
