@@ -16,7 +16,7 @@ smaller model: ``train-run``, its ``tensorboard/`` removed) and its state export
 ``train-state.safetensors``). ``expected.json`` holds (under ``training``) what that audiotok read from
 them and from the bundled ``default`` weights: steps, data positions, schedules, configurations, codec
 identities, weight and optimizer-moment sums. The bundled model's identity there is changed by hand
-when a new bundled model ships (now ``audiotok-24khz-v0.5``: a deliberate change; the rest is as written).
+when a new bundled model ships (now ``audiotok-24khz-v0.6``: a deliberate change; the rest is as written).
 """
 
 from __future__ import annotations

@@ -15,13 +15,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 DEFAULT_MODEL = "default"
 # The model_id the shipped model records (in its config.json and in every .atok file it writes).
-DEFAULT_MODEL_ID = "audiotok-24khz-v0.5"
+DEFAULT_MODEL_ID = "audiotok-24khz-v0.6"
 # Earlier bundled models whose code files the bundled model decodes as they were meant, with the
 # `checkpoint.codes_fingerprint` of the encoder and quantizer that wrote them, which the bundled model
-# lists in its `decodes_codes_of` (config.json). Empty: v0.5 trained the encoder and quantizer further
-# than v0.4, and v0.4 re-trained those of v0.3 (whose fp16 copy decoded v0.2's codes): their code files
-# decode only with an audiotok build that bundles them, or a model folder saved from one (`resolve` says
-# so).
+# lists in its `decodes_codes_of` (config.json). Empty: v0.6 and v0.5 each trained the encoder and
+# quantizer further than the model before, and v0.4 re-trained those of v0.3 (whose fp16 copy decoded
+# v0.2's codes): their code files decode only with an audiotok build that bundles them, or a model
+# folder saved from one (`resolve` says so).
 SAME_CODES_AS: dict[str, str] = {}
 
 # Short names: ``default`` for the bundled model; the published Descript models on the Hugging Face
@@ -42,7 +42,7 @@ HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_do
 
 def describe_names() -> str:
     """The model names ``resolve`` takes besides paths and hub ids, for ``--help`` and ``info``:
-    ``default = audiotok-24khz-v0.5 (bundled), dac_44khz, 44khz = descript/dac_44khz, ...``."""
+    ``default = audiotok-24khz-v0.6 (bundled), dac_44khz, 44khz = descript/dac_44khz, ...``."""
     by_target: dict[str, list[str]] = {}
     for name, target in ALIASES.items():
         by_target.setdefault(target, []).append(name)
