@@ -25,7 +25,7 @@ import sys
 
 from audiotok.train.config import load_config
 from audiotok.train.state import export_state
-from audiotok.train.stopping import TrainingInterrupted, duration_arg
+from audiotok.train.stopping import TrainingInterrupted, add_time_limit_argument
 from audiotok.train.trainer import train
 from audiotok.utils.untrusted import one_line
 
@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--resume-from", metavar="FILE",
                        help="start --save-path from a state export (ignored once --save-path holds a checkpoint)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--time-limit", type=duration_arg, metavar="DURATION",
-                   help="stop and save in time to end within this long (seconds, or 90s, 9m, 1.5h, 2h30m); exit 0")
+    add_time_limit_argument(p)
     p.add_argument("--export-state", metavar="FILE",
                    help="write the resumable state of --save-path's newest checkpoint to FILE and exit")
     p.add_argument("--no-moments", action="store_true",

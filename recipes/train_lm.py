@@ -18,7 +18,7 @@ import sys
 
 from audiotok.lm.config import load_prior_config
 from audiotok.lm.trainer import train_prior
-from audiotok.train.stopping import TrainingInterrupted, duration_arg
+from audiotok.train.stopping import TrainingInterrupted, add_time_limit_argument
 from audiotok.utils.untrusted import number_arg, one_line
 
 
@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=number_arg(integer=True, minimum=1),
                    help="stop at this step (default: the config's num_iters)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--time-limit", type=duration_arg, metavar="DURATION",
-                   help="stop and save in time to end within this long (seconds, or 90s, 9m, 1.5h, 2h30m); exit 0")
+    add_time_limit_argument(p)
     p.add_argument("overrides", nargs="*", help="config overrides such as train.batch_size=32")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -61,10 +61,10 @@ STEP_WINDOW = 20  # the step estimate is the longest of this many last steps
 SAVE_BASE_S = 1.0  # the save estimate before any save is measured: this ...
 SAVE_BYTES_PER_S = 100e6  # ... plus the checkpoint's size at this rate
 
-_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
-_DURATION = re.compile(rf"{_NUMBER}\s*([smhd]?)", re.IGNORECASE)
-_PARTS = re.compile(rf"(?:{_NUMBER}\s*[dhms]\s*)+", re.IGNORECASE)
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+_PART = re.compile(rf"({_NUMBER.pattern})\s*([smhd])\s*", re.IGNORECASE)
+_PARTS = re.compile(rf"(?:{_PART.pattern})+", re.IGNORECASE)
 
 
 def parse_duration(value: str | float) -> float:
@@ -74,11 +74,10 @@ def parse_duration(value: str | float) -> float:
         seconds = float(value)
     else:
         text = str(value).strip()
-        match = _DURATION.fullmatch(text)
-        if match is not None:
-            seconds = float(match[1]) * _UNITS[match[2].lower()]
+        if _NUMBER.fullmatch(text):
+            seconds = float(text)
         elif _PARTS.fullmatch(text):
-            seconds = sum(float(number) * _UNITS[unit.lower()] for number, unit in _DURATION.findall(text))
+            seconds = sum(float(number) * _UNITS[unit.lower()] for number, unit in _PART.findall(text))
         else:
             raise ValueError(f"invalid duration {value!r}: expected seconds or numbers with s, m, h or d, "
                              "such as 90s, 9m, 1.5h or 2h30m")
@@ -93,6 +92,14 @@ def duration_arg(text: str) -> float:
         return parse_duration(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_time_limit_argument(parser: argparse.ArgumentParser) -> None:
+    """``--time-limit DURATION`` (seconds, as :func:`parse_duration` reads it), the option of every training
+    recipe."""
+    parser.add_argument("--time-limit", type=duration_arg, metavar="DURATION",
+                        help="stop and save in time to end within this long (seconds, or 90s, 9m, 1.5h, 2h30m); "
+                             "exit 0")
 
 
 class TrainingInterrupted(Exception):
