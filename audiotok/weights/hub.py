@@ -42,7 +42,7 @@ HUB_ARGUMENTS = ("revision", "cache_dir", "token", "local_files_only", "force_do
 
 def describe_names() -> str:
     """The model names ``resolve`` takes besides paths and hub ids, for ``--help`` and ``info``:
-    ``default = audiotok-24khz-v0.6 (bundled), dac_44khz, 44khz = descript/dac_44khz, ...``."""
+    ``default = <DEFAULT_MODEL_ID> (bundled), dac_44khz, 44khz = descript/dac_44khz, ...``."""
     by_target: dict[str, list[str]] = {}
     for name, target in ALIASES.items():
         by_target.setdefault(target, []).append(name)
